@@ -1,0 +1,119 @@
+"""Load a model and its tokenizer from an HF directory or a GGUF file.
+
+Parameters are created on the meta device and filled one tensor at a time from
+memory-mapped files, already cast to the target dtype and device, so peak
+memory stays near the model's size in that dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rarefy.config import ModelConfig
+from rarefy.errors import RarefyError
+from rarefy.models.default_model import default_model_path
+from rarefy.models.llama import DecoderLM
+from rarefy.tokenizer import Tokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: DecoderLM
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    source: str
+    checkpoint_format: str  # "hf" or "gguf"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RarefyError("CUDA was asked for, but no CUDA device is available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise RarefyError(f"unsupported device '{device}' (use cpu or cuda)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise RarefyError(f"unsupported dtype '{dtype}' (use fp32, bf16 or fp16)")
+    return DTYPES[dtype]
+
+
+def is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def open_checkpoint(path: str):
+    """Returns (format, config, checkpoint) where checkpoint has tensor_names() and load()."""
+    if os.path.isdir(path):
+        from rarefy.models.safetensors_dir import SafetensorsCheckpoint
+        return "hf", ModelConfig.from_hf_dir(path), SafetensorsCheckpoint(path)
+    if not os.path.exists(path):
+        raise RarefyError(f"model not found: {path}")
+    if not is_gguf(path):
+        raise RarefyError(f"{path} is neither an HF checkpoint directory nor a GGUF file")
+    from rarefy.models.gguf_file import GGUFCheckpoint
+    ckpt = GGUFCheckpoint(path)
+    return "gguf", ModelConfig.from_hf(ckpt.config_dict), ckpt
+
+
+def load_model(path: str | None = None, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = "auto", with_tokenizer: bool = True,
+               progress: bool = False) -> LoadedModel:
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = str(path) if path is not None else default_model_path()
+    fmt, cfg, ckpt = open_checkpoint(path)
+
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    expected = dict(model.named_parameters())  # tied weights appear once
+    available = set(ckpt.tensor_names())
+    missing = [n for n in expected if n not in available]
+    if missing:
+        raise RarefyError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    names = list(expected)
+    if progress:
+        from tqdm import tqdm
+        names = tqdm(names, desc="loading", unit="tensor", leave=False)
+    for name in names:
+        t = ckpt.load(name, dt)
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise RarefyError(f"tensor {name} has shape {tuple(t.shape)}, "
+                              f"config expects {tuple(expected[name].shape)}")
+        _set_parameter(model, name, t.to(dev))
+    model.tie_weights()
+    model.rotary.build(dev)
+    model.eval()
+
+    tokenizer = load_tokenizer(path, fmt, cfg, ckpt) if with_tokenizer else None
+    return LoadedModel(model, cfg, tokenizer, path, fmt)
+
+
+def load_tokenizer(path: str, fmt: str, cfg: ModelConfig, ckpt) -> Tokenizer:
+    if fmt == "hf":
+        return Tokenizer.from_hf_dir(path, eos_token_ids=cfg.eos_token_ids)
+    from tokenizers import Tokenizer as HFTokenizer
+    eos = ckpt.eos_token_id
+    return Tokenizer(HFTokenizer.from_str(ckpt.tokenizer_json()), bos_token_id=ckpt.bos_token_id,
+                     eos_token_ids=cfg.eos_token_ids or (() if eos is None else (eos,)),
+                     add_bos=ckpt.add_bos_token, chat_template=ckpt.chat_template)
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, leaf, nn.Parameter(value, requires_grad=False))
