@@ -1,0 +1,191 @@
+"""rarefy's command line: generate, chat, eval ppl, info."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from rarefy.errors import RarefyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="rarefy: make LLMs sparse and low-bit, then run them fast.")
+eval_app = typer.Typer(no_args_is_help=True, help="Quality evaluations.")
+app.add_typer(eval_app, name="eval")
+
+MODEL_HELP = "HF checkpoint directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)"
+ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
+DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on cpu, bf16 on cuda), fp32, bf16, fp16")
+JsonOpt = typer.Option(False, "--json", help="print one JSON object as the last line of stdout")
+
+
+def user_errors(fn):
+    """Turn RarefyError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RarefyError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+    return wrapper
+
+
+def _load(model, device, dtype):
+    from rarefy.models.loader import load_model
+    loaded = load_model(model, device=device, dtype=dtype, progress=sys.stderr.isatty())
+    if loaded.tokenizer is None:
+        raise RarefyError("this checkpoint has no tokenizer")
+    return loaded
+
+
+def _emit_json(obj: dict) -> None:
+    typer.echo(json.dumps(obj))
+
+
+@app.command()
+@user_errors
+def generate(
+    prompts: list[str] = typer.Argument(..., help="one or more prompts, generated together as a batch"),
+    model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="tokens to generate"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap each prompt in the model's chat template"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past EOS"),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="run decode eagerly on CUDA"),
+    as_json: bool = JsonOpt,
+):
+    """Generate text; tokens stream to the terminal as they come."""
+    from rarefy.engine.generate import Generator
+    from rarefy.layers.sampler import SamplingParams
+
+    if any(not p.strip() for p in prompts):
+        raise RarefyError("empty prompt: give some text to continue")
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
+    loaded = _load(model, device, dtype)
+    tk = loaded.tokenizer
+    texts = [tk.apply_chat_template([{"role": "user", "content": p}]) if chat else p
+             for p in prompts]
+    ids = [tk.encode(t) for t in texts]
+    gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph)
+    streaming = len(prompts) == 1 and not as_json
+
+    def on_text(row, delta):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    completions, stats = gen.generate(ids, params, on_text if streaming else None)
+    if streaming:
+        sys.stdout.write("\n")
+    elif not as_json:
+        for p, c in zip(prompts, completions):
+            typer.echo(f"--- {p!r}\n{c.text}")
+    typer.echo(f"[{sum(stats.prompt_tokens)} prompt tokens, ttft {stats.ttft_s * 1000:.1f} ms, "
+               f"decode {stats.decode_tok_s:.1f} tok/s per sequence"
+               + (f", {stats.throughput_tok_s:.1f} tok/s total" if len(prompts) > 1 else "")
+               + (f", warm-up {stats.warmup_s:.2f} s" if stats.warmup_s > 0.001 else "") + "]",
+               err=True)
+    if as_json:
+        one = len(prompts) == 1
+        _emit_json({
+            "text": completions[0].text if one else [c.text for c in completions],
+            "token_ids": completions[0].token_ids if one else [c.token_ids for c in completions],
+            "finish_reason": completions[0].finish_reason if one
+            else [c.finish_reason for c in completions],
+            "prompt_tokens": stats.prompt_tokens[0] if one else stats.prompt_tokens,
+            "ttft_s": stats.ttft_s, "decode_tok_s": stats.decode_tok_s,
+            "throughput_tok_s": stats.throughput_tok_s, "warmup_s": stats.warmup_s,
+            "device": str(loaded.model.device), "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        })
+
+
+@eval_app.command("ppl")
+@user_errors
+def eval_ppl(
+    text: str = typer.Option(..., "--text", help="UTF-8 text file to score"),
+    model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+    ctx: int = typer.Option(512, "--ctx", help="tokens per chunk"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="score only the first N chunks"),
+    score_second_half: bool = typer.Option(False, "--score-second-half",
+                                           help="score only the second half of each chunk"),
+    batch_size: int = typer.Option(1, "--batch-size", help="chunks per forward pass"),
+    as_json: bool = JsonOpt,
+):
+    """Perplexity over non-overlapping chunks of a text file."""
+    from rarefy.eval.perplexity import perplexity
+
+    if batch_size < 1:
+        raise RarefyError("--batch-size must be at least 1")
+    body = _read_text(text)
+    loaded = _load(model, device, dtype)
+    ids = loaded.tokenizer.encode(body, add_special_tokens=False)
+    res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,
+                     score_second_half=score_second_half, batch_size=batch_size,
+                     progress=not as_json or sys.stderr.isatty())
+    if as_json:
+        _emit_json(res.as_dict())
+    else:
+        typer.echo(f"perplexity {res.ppl:.4f} ± {res.stderr:.4f} over {res.tokens} tokens "
+                   f"({res.chunks} chunks of {res.ctx})")
+
+
+def _read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise RarefyError(f"text file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            body = f.read()
+    except UnicodeDecodeError:
+        raise RarefyError(f"{path} is not UTF-8 text") from None
+    if not body.strip():
+        raise RarefyError(f"{path} is empty")
+    return body
+
+
+@app.command()
+@user_errors
+def info(model: Optional[str] = ModelOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt):
+    """Architecture, parameter counts and bytes per component."""
+    from rarefy.models.info import describe, format_description
+    desc = describe(model, dtype)
+    if as_json:
+        _emit_json(desc)
+    else:
+        typer.echo(format_description(desc))
+
+
+@app.command()
+@user_errors
+def chat(
+    model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.7, "--temperature", "-t"),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+):
+    """Interactive chat with the model's chat template (/reset clears, /exit quits)."""
+    from rarefy.engine.chat import run_chat
+    from rarefy.layers.sampler import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    run_chat(_load(model, device, dtype), params, system)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

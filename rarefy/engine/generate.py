@@ -1,0 +1,200 @@
+"""Batch generation over a static KV cache: prefill, then one-token decode steps.
+
+Several prompts run together as one static batch; finished rows keep
+computing (their outputs are ignored) so shapes never change, which is what
+lets the decode step run as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from rarefy.errors import RarefyError
+from rarefy.kv.cache import StaticKVCache
+from rarefy.layers.sampler import SamplingParams, sample
+from rarefy.models.llama import DecoderLM
+from rarefy.tokenizer import Tokenizer
+
+CACHE_BUCKET = 256  # cache lengths are rounded up so graphs are reused across calls
+
+
+@dataclass
+class Completion:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: list[int]
+    ttft_s: float  # prefill + first token, measured after warm-up
+    decode_s: float
+    decode_tokens: int  # tokens produced by decode steps, all rows together
+    warmup_s: float  # CUDA-graph capture and kernel compilation, not in the figures above
+
+    @property
+    def decode_steps(self) -> int:
+        return self.decode_tokens // max(1, len(self.prompt_tokens))
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second of one sequence (steps per second)."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def throughput_tok_s(self) -> float:
+        """Tokens per second over the whole batch."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Generator:
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None, use_cuda_graph: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.device
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self._cache: StaticKVCache | None = None
+        self._graph = None
+
+    def _cache_for(self, batch: int, needed: int):
+        """Reuse the cache (and its graph) when the batch matches and it is long enough."""
+        cfg = self.model.config
+        c = self._cache
+        if c is None or c.batch != batch or c.max_seq < needed:
+            size = min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, cfg.max_position_embeddings)
+            self._cache = self._graph = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._cache = StaticKVCache(cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim,
+                                        self.model.dtype, self.device)
+        return self._cache
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 on_text: Callable[[int, str], None] | None = None):
+        """prompts: token id lists. Returns (completions, stats).
+
+        on_text(row, delta) is called with newly decoded text as it arrives.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RarefyError("empty prompt: give at least one token of text")
+        cfg = self.model.config
+        lens = [len(p) for p in prompts]
+        needed = max(lens) + params.max_tokens
+        if needed > cfg.max_position_embeddings:
+            raise RarefyError(
+                f"prompt ({max(lens)} tokens) plus --max-tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {cfg.max_position_embeddings} tokens")
+        B, dev = len(prompts), self.device
+        cache = self._cache_for(B, needed)
+
+        t0 = time.perf_counter()
+        if self.use_cuda_graph and self._graph is None:
+            from rarefy.engine.cuda_graph import GraphedDecodeStep
+            self._graph = GraphedDecodeStep(self.model, cache, B)
+            self._sync()
+        warmup_s = time.perf_counter() - t0
+
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=dev).manual_seed(params.seed)
+        ids = torch.zeros(B, max(lens), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        ids = ids.to(dev)
+        last = torch.tensor(lens, device=dev) - 1
+
+        self._sync()
+        t0 = time.perf_counter()
+        logits = self.model(ids, None, cache, kv_len=max(lens), last_index=last)
+        tokens = sample(logits, params, gen)
+        tok_list = tokens.tolist()
+        ttft = time.perf_counter() - t0
+
+        stream = _TextStreamer(self.tokenizer, params, B, on_text)
+        stream.push(tok_list)
+        positions = torch.tensor(lens, device=dev).unsqueeze(1)
+        decode_tokens = 0
+        t0 = time.perf_counter()
+        for step in range(1, params.max_tokens):
+            if stream.all_done:
+                break
+            step_ids = tokens.unsqueeze(1)
+            if self._graph is not None:
+                logits = self._graph(step_ids, positions)
+            else:
+                kv_len = max(lens) + step
+                logits = self.model(step_ids, positions, cache, kv_len=kv_len)[:, -1]
+            tokens = sample(logits, params, gen)
+            positions = positions + 1
+            stream.push(tokens.tolist())
+            decode_tokens += B
+        decode_s = time.perf_counter() - t0
+        completions = stream.finish()
+        return completions, GenerationStats(lens, ttft, decode_s, decode_tokens, warmup_s)
+
+
+class _TextStreamer:
+    """Tracks each row's tokens, EOS and stop strings, and emits text deltas."""
+
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, batch: int, on_text):
+        self.tk, self.params, self.on_text = tokenizer, params, on_text
+        self.rows = [Completion() for _ in range(batch)]
+        self._emitted = [0] * batch
+        self.eos = set() if params.ignore_eos or tokenizer is None else set(tokenizer.eos_token_ids)
+
+    @property
+    def all_done(self) -> bool:
+        return all(r.finish_reason is not None for r in self.rows)
+
+    def push(self, tokens: list[int]) -> None:
+        for i, tok in enumerate(tokens):
+            row = self.rows[i]
+            if row.finish_reason is not None:
+                continue
+            row.token_ids.append(tok)
+            if tok in self.eos:
+                row.finish_reason = "stop"
+            elif len(row.token_ids) >= self.params.max_tokens:
+                row.finish_reason = "length"
+            if self.tk is not None:
+                self._update_text(i, row)
+
+    def _update_text(self, i: int, row: Completion) -> None:
+        text = self.tk.decode(row.token_ids)
+        for s in self.params.stop:
+            cut = text.find(s)
+            if cut != -1:
+                text, row.finish_reason = text[:cut], "stop"
+        row.text = text
+        # Hold back an incomplete UTF-8 sequence, and any tail that could still
+        # grow into a stop string, until the row finishes.
+        visible = len(text)
+        if row.finish_reason is None:
+            if text.endswith("\ufffd"):
+                visible = len(text.rstrip("\ufffd"))
+            for s in self.params.stop:
+                for k in range(min(len(s) - 1, visible), 0, -1):
+                    if text[:visible].endswith(s[:k]):
+                        visible -= k
+                        break
+        if self.on_text is not None and visible > self._emitted[i]:
+            self.on_text(i, text[self._emitted[i]:visible])
+        self._emitted[i] = max(self._emitted[i], visible)
+
+    def finish(self) -> list[Completion]:
+        for i, row in enumerate(self.rows):
+            if row.finish_reason is None:
+                row.finish_reason = "length"
+            if self.on_text is not None and len(row.text) > self._emitted[i]:
+                self.on_text(i, row.text[self._emitted[i]:])
+                self._emitted[i] = len(row.text)
+        return self.rows

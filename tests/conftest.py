@@ -1,0 +1,73 @@
+"""Shared fixtures: small random checkpoints written with transformers' save_pretrained."""
+
+import os
+
+import pytest
+import torch
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+WIKITEXT_VALID = os.path.abspath(os.path.join(SHARED_DATA, "wikitext-2", "valid.txt"))
+
+VOCAB = 320
+
+
+def _hf_config(kind: str):
+    import transformers as tf
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                bos_token_id=1, eos_token_id=2)
+    if kind == "llama3":
+        return tf.LlamaForCausalLM, tf.LlamaConfig(
+            **base, rope_theta=500000.0, rope_scaling={
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if kind == "llama_tied":
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**base, tie_word_embeddings=True)
+    if kind == "mistral":
+        return tf.MistralForCausalLM, tf.MistralConfig(**base)
+    if kind == "qwen2":
+        return tf.Qwen2ForCausalLM, tf.Qwen2Config(**base, tie_word_embeddings=True)
+    if kind == "qwen3":
+        return tf.Qwen3ForCausalLM, tf.Qwen3Config(**base, head_dim=32)
+    raise ValueError(kind)
+
+
+ARCHS = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"]
+
+
+def make_random_checkpoint(kind: str, path, seed: int = 0):
+    """Write a random HF checkpoint; returns the transformers model (fp32, eval)."""
+    cls, cfg = _hf_config(kind)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the default init so logits are not flat
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(str(path))
+    return model
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def random_checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, make_random_checkpoint(request.param, path)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path():
+    from rarefy.models.default_model import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    from rarefy.models.loader import load_model
+    return load_model(None, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_embedded_model(embedded_model_path):
+    """transformers' own reading of the embedded GGUF: the reference model."""
+    import transformers as tf
+    d, f = os.path.split(embedded_model_path)
+    return tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
