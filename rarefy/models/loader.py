@@ -78,29 +78,49 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
     path = str(path) if path is not None else default_model_path()
     fmt, cfg, ckpt = open_checkpoint(path)
 
+    model = build_model(cfg, ckpt, dev, dt, progress, source=path)
+    tokenizer = load_tokenizer(path, fmt, cfg, ckpt) if with_tokenizer else None
+    return LoadedModel(model, cfg, tokenizer, path, fmt)
+
+
+def build_model(cfg: ModelConfig, ckpt, device: torch.device, dtype: torch.dtype,
+                progress: bool = False, source: str = "checkpoint") -> DecoderLM:
+    """A DecoderLM whose parameters are streamed from `ckpt` (anything with
+    tensor_names() and load(name, dtype)), one tensor at a time."""
     with torch.device("meta"):
         model = DecoderLM(cfg)
     expected = dict(model.named_parameters())  # tied weights appear once
     available = set(ckpt.tensor_names())
     missing = [n for n in expected if n not in available]
     if missing:
-        raise RarefyError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+        raise RarefyError(f"{source} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     names = list(expected)
     if progress:
         from tqdm import tqdm
         names = tqdm(names, desc="loading", unit="tensor", leave=False)
     for name in names:
-        t = ckpt.load(name, dt)
+        t = ckpt.load(name, dtype)
         if tuple(t.shape) != tuple(expected[name].shape):
             raise RarefyError(f"tensor {name} has shape {tuple(t.shape)}, "
                               f"config expects {tuple(expected[name].shape)}")
-        _set_parameter(model, name, t.to(dev))
+        _set_parameter(model, name, t.to(device))
+        del t
     model.tie_weights()
-    model.rotary.build(dev)
-    model.eval()
+    model.rotary.build(device)
+    return model.eval()
 
-    tokenizer = load_tokenizer(path, fmt, cfg, ckpt) if with_tokenizer else None
-    return LoadedModel(model, cfg, tokenizer, path, fmt)
+
+class StateDictCheckpoint:
+    """An in-memory state dict seen as a checkpoint (benchmarks, tests)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def tensor_names(self) -> list[str]:
+        return list(self.tensors)
+
+    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.tensors[name].to(dtype)
 
 
 def load_tokenizer(path: str, fmt: str, cfg: ModelConfig, ckpt) -> Tokenizer:
