@@ -71,3 +71,33 @@ def hf_embedded_model(embedded_model_path):
     import transformers as tf
     d, f = os.path.split(embedded_model_path)
     return tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+
+
+def write_tiny_tokenizer(path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE trained on a few sentences, with <s> = 1 and </s> = 2."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The quick brown fox jumps over the lazy dog.", "Sparse models run fast.",
+            "Perplexity measures how surprised a model is by text."] * 20
+    tk.train_from_iterator(text, trainer)
+    tk.save(str(path / "tokenizer.json"))
+    with open(path / "tokenizer_config.json", "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                   "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                                    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"},
+                  f)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random Llama checkpoint with a working tokenizer: fast end-to-end CLI runs."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_random_checkpoint("llama3", path)
+    write_tiny_tokenizer(path)
+    return path
