@@ -257,16 +257,18 @@ def test_llama3_rope_scaling_roundtrip():
 # -- bad input ---------------------------------------------------------------------------
 
 
-def _write_tiny_gguf(path, arch="llama", tensors=None):
+def _write_tiny_gguf(path, arch="llama", tensors=None, hidden=8, rope_theta=None):
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
     writer.add_context_length(32)
-    writer.add_embedding_length(8)
+    writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(16)
     writer.add_head_count(2)
     writer.add_head_count_kv(1)
     writer.add_layer_norm_rms_eps(1e-5)
-    for name, array in (tensors or {"token_embd.weight": np.zeros((16, 8), np.float32)}).items():
+    if rope_theta is not None:
+        writer.add_rope_freq_base(rope_theta)
+    for name, array in (tensors or {"token_embd.weight": np.zeros((16, hidden), np.float32)}).items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -284,15 +286,58 @@ def test_tiny_gguf_roundtrip(tmp_path):
         ckpt.tokenizer_json()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_only_llama_qk_is_permuted(tmp_path, arch):
+    # 2 heads of dim 4 for q, 1 kv head for k; rows numbered so the permutation shows.
+    q = np.repeat(np.arange(8, dtype=np.float32)[:, None], 8, axis=1)
+    k = q[:4].copy()
+    tensors = {
+        "token_embd.weight": np.zeros((16, 8), np.float32),
+        "blk.0.attn_q.weight": q,
+        "blk.0.attn_k.weight": k,
+        "blk.0.attn_q.bias": q[:, 0].copy(),
+    }
+    ckpt = GGUFCheckpoint(_write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, tensors=tensors))
+    q_rows = ckpt.load("model.layers.0.self_attn.q_proj.weight", torch.float32)[:, 0].tolist()
+    k_rows = ckpt.load("model.layers.0.self_attn.k_proj.weight", torch.float32)[:, 0].tolist()
+    q_bias = ckpt.load("model.layers.0.self_attn.q_proj.bias", torch.float32).tolist()
+    if arch == "llama":  # stored per head as (x0, y0, x1, y1); HF wants (x0, x1, y0, y1)
+        assert q_rows == q_bias == [0, 2, 1, 3, 4, 6, 5, 7] and k_rows == [0, 2, 1, 3]
+    else:
+        assert q_rows == q_bias == list(range(8)) and k_rows == list(range(4))
+    assert ckpt.config_dict["model_type"] == arch
+    assert ckpt.config_dict["attention_bias"] is True
+
+
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
+    # rope_freqs.weight as llama.cpp writes it for Llama 3.2 (factor 32, low 1, high 4, 8k).
+    inv_freq = 500000.0 ** (-np.arange(0, 64, 2) / 64)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = np.clip((8192 / wavelen - 1.0) / (4.0 - 1.0), 0.0, 1.0)
+    factors = (1.0 / ((1 - smooth) / 32.0 + smooth)).astype(np.float32)
+    tensors = {"token_embd.weight": np.zeros((16, 128), np.float32), "rope_freqs.weight": factors}
+    ckpt = GGUFCheckpoint(_write_tiny_gguf(tmp_path / "l3.gguf", tensors=tensors, hidden=128, rope_theta=500000.0))
+    assert ckpt.config_dict["rope_scaling"] == {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert ckpt.tensor_names() == ["model.embed_tokens.weight"]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(RarefyError, match="not found"):
         GGUFCheckpoint(tmp_path / "nope.gguf")
+    with pytest.raises(RarefyError):
+        GGUFCheckpoint(tmp_path)  # a directory
 
 
 def test_random_bytes(tmp_path):
     path = tmp_path / "random.gguf"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(RarefyError, match="not a readable GGUF"):
+    with pytest.raises(RarefyError, match="not a GGUF file"):
         GGUFCheckpoint(path)
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
@@ -304,7 +349,7 @@ def test_truncated_head(tmp_path):
     path = tmp_path / "head.gguf"
     with open(MODEL_PATH, "rb") as src:
         path.write_bytes(src.read(1 << 20))
-    with pytest.raises(RarefyError, match="not a readable GGUF"):
+    with pytest.raises(RarefyError, match="truncated or corrupt"):
         GGUFCheckpoint(path)
 
 
@@ -313,7 +358,7 @@ def test_truncated_tail(tmp_path):
     path = tmp_path / "tail.gguf"
     with open(MODEL_PATH, "rb") as src:
         path.write_bytes(src.read(os.path.getsize(MODEL_PATH) - 4096))
-    with pytest.raises(RarefyError):
+    with pytest.raises(RarefyError, match="truncated or corrupt"):
         GGUFCheckpoint(path)
 
 
