@@ -53,10 +53,16 @@ class GenerationStats:
 
 
 class Generator:
-    def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None, use_cuda_graph: bool = True):
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None, use_cuda_graph: bool = True,
+                 compile: bool = False):
+        """On CUDA the decode step is captured as a graph (use_cuda_graph), after
+        torch.compile fuses its small kernels (compile; slower warm-up)."""
         self.model, self.tokenizer = model, tokenizer
         self.device = model.device
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self.compile = compile and self.use_cuda_graph
+        if self.device.type == "cuda":
+            model.fuse_projections()
         self._cache: StaticKVCache | None = None
         self._graph = None
 
@@ -99,7 +105,7 @@ class Generator:
         t0 = time.perf_counter()
         if self.use_cuda_graph and self._graph is None:
             from rarefy.engine.cuda_graph import GraphedDecodeStep
-            self._graph = GraphedDecodeStep(self.model, cache, B)
+            self._graph = GraphedDecodeStep(self.model, cache, B, compile=self.compile)
             self._sync()
         warmup_s = time.perf_counter() - t0
 

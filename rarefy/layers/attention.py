@@ -32,6 +32,8 @@ class Attention(nn.Module):
 
     def fuse_projections(self) -> None:
         """Replace q/k/v with one stacked projection (dense layers only)."""
+        if self.qkv_proj is not None:
+            return
         if all(isinstance(m, DenseLinear) for m in (self.q_proj, self.k_proj, self.v_proj)):
             self.qkv_proj = fuse_dense([self.q_proj, self.k_proj, self.v_proj])
             del self.q_proj, self.k_proj, self.v_proj

@@ -7,11 +7,17 @@ and keep `in_features` / `out_features` attributes.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# "rarefy": decode-sized CUDA matmuls go to rarefy's GEMV kernel; "torch": always
+# torch's matmul (cuBLAS). Benchmarks flip it to compare the two in one run.
+GEMV_BACKEND = os.environ.get("RAREFY_GEMV", "rarefy")
 
 
 class DenseLinear(nn.Module):
@@ -28,7 +34,7 @@ class DenseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda and GEMV_BACKEND == "rarefy":
             from rarefy.kernels.gemv import gemv
             return gemv(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(
                 *x.shape[:-1], self.out_features)

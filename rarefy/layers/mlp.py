@@ -18,6 +18,8 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
+        if self.gate_up_proj is not None:
+            return
         if isinstance(self.gate_proj, DenseLinear) and isinstance(self.up_proj, DenseLinear):
             self.gate_up_proj = fuse_dense([self.gate_proj, self.up_proj])
             del self.gate_proj, self.up_proj
