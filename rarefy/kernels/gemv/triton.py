@@ -36,7 +36,7 @@ their own).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -281,6 +281,50 @@ def _fit_config(cfg: GemvConfig, M: int, N: int, K: int) -> GemvConfig:
     return replace(cfg, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    grid: tuple
+    k_per_split: int
+    split: int
+    ws_elems: int
+    counters: int
+    meta: dict = field(hash=False, compare=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(M: int, N: int, K: int, config: GemvConfig, ieee: bool, has_bias: bool) -> _Plan:
+    """Everything about a launch that depends only on shapes and config
+    (cached: the Python launch path is on the critical path of eager decode)."""
+    cfg = _fit_config(config, M, N, K)
+    n_tiles = -(-N // cfg.block_n)
+    m_tiles = -(-M // cfg.block_m)
+    # Each split covers whole BLOCK_K steps; recount so that none is empty.
+    k_per_split = -(-(-(-K // cfg.block_k)) // cfg.split_k) * cfg.block_k
+    split = -(-K // k_per_split)
+    meta = dict(
+        HAS_BIAS=has_bias,
+        USE_DOT=cfg.use_dot,
+        IEEE=ieee,
+        EVEN_K=K % k_per_split == 0,
+        SPLIT=split > 1,
+        PREFETCH=cfg.prefetch,
+        FOLD=cfg.fold,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return _Plan(
+        grid=(n_tiles, split, m_tiles),
+        k_per_split=k_per_split,
+        split=split,
+        ws_elems=split * m_tiles * n_tiles * cfg.block_m * cfg.block_n,
+        counters=m_tiles * n_tiles,
+        meta=meta,
+    )
+
+
 # --------------------------------------------------------------------------
 # Workspace (split-K partials + arrival counters), cached per device
 # --------------------------------------------------------------------------
@@ -392,40 +436,22 @@ def gemv_triton(
     if config is None:
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 132
         config = pick_config(M, N, K, x.dtype, sms)
-    cfg = _fit_config(config, M, N, K)
+    plan = _plan(M, N, K, config, x.dtype == torch.float32, bias is not None)
 
-    n_tiles = triton.cdiv(N, cfg.block_n)
-    m_tiles = triton.cdiv(M, cfg.block_m)
-    # Each split covers whole BLOCK_K steps; recount so that none is empty.
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg.block_k), cfg.split_k) * cfg.block_k
-    split = triton.cdiv(K, k_per_split)
-    if split > 1:
+    if plan.split > 1:
         ws = workspace if workspace is not None else _workspace_for(x.device)
-        ws.ensure(split * m_tiles * n_tiles * cfg.block_m * cfg.block_n, m_tiles * n_tiles)
+        ws.ensure(plan.ws_elems, plan.counters)
         ws_buf, cnt_buf = ws.partials, ws.counters
     else:
         ws_buf = cnt_buf = out  # unused
-    even_k = K % k_per_split == 0
-
-    grid = (n_tiles, split, m_tiles)
-    launch = _gemv_kernel.warmup if compile_only else _gemv_kernel[grid]
-    launch(
+    args = (
         x, w, bias if bias is not None else out, out, ws_buf, cnt_buf,
         M, N, K,
         x.stride(0), w.stride(0), out.stride(0),
-        k_per_split, split,
-        HAS_BIAS=bias is not None,
-        USE_DOT=cfg.use_dot,
-        IEEE=x.dtype == torch.float32,
-        EVEN_K=even_k,
-        SPLIT=split > 1,
-        PREFETCH=cfg.prefetch,
-        FOLD=cfg.fold,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **({"grid": grid} if compile_only else {}),
+        plan.k_per_split, plan.split,
     )
+    if compile_only:
+        _gemv_kernel.warmup(*args, grid=plan.grid, **plan.meta)
+    else:
+        _gemv_kernel[plan.grid](*args, **plan.meta)
     return out
