@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rarefy.kernels.gemv import gemv
+
 
 # "rarefy": decode-sized CUDA matmuls go to rarefy's GEMV kernel; "torch": always
 # torch's matmul (cuBLAS). Benchmarks flip it to compare the two in one run.
@@ -35,7 +37,6 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and GEMV_BACKEND == "rarefy":
-            from rarefy.kernels.gemv import gemv
             return gemv(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(
                 *x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

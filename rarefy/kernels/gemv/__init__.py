@@ -40,13 +40,14 @@ MAX_M = 32
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+# Decided once at import: torch.compile must not trace the import machinery.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when Triton is importable and a CUDA device is visible."""
-    if importlib.util.find_spec("triton") is None:
-        return False
     try:
-        return torch.cuda.is_available()
+        return _HAS_TRITON and torch.cuda.is_available()
     except Exception:  # pragma: no cover - broken CUDA setups
         return False
 
@@ -56,6 +57,18 @@ def _triton_impl():
     from .triton import gemv_triton
 
     return gemv_triton
+
+
+# A custom op, so torch.compile treats the Triton launcher (plan caches,
+# workspaces) as one opaque call instead of tracing into it.
+@torch.library.custom_op("rarefy::gemv_triton", mutates_args=())
+def _gemv_op(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _triton_impl()(x2, w, bias)
+
+
+@_gemv_op.register_fake
+def _(x2, w, bias):
+    return x2.new_empty(x2.shape[0], w.shape[0])
 
 
 def _use_triton(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -70,7 +83,7 @@ def _use_triton(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
         and x2.shape[1] > 0
         and w.stride(1) == 1
         and (bias is None or (bias.device == x2.device and bias.shape == (w.shape[0],)))
-        and triton_available()
+        and _HAS_TRITON
     )
 
 
@@ -88,6 +101,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     if x.dim() >= 1 and x.numel() > 0:
         x2 = x.reshape(-1, x.shape[-1])
         if _use_triton(x2, w, bias):
-            out = _triton_impl()(x2, w, bias)
+            out = _gemv_op(x2, w, bias)
             return out.reshape(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, bias)
