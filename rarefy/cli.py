@@ -22,6 +22,8 @@ ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
 DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on cpu, bf16 on cuda), fp32, bf16, fp16")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object as the last line of stdout")
+NoCompileOpt = typer.Option(False, "--no-compile",
+                            help="on CUDA, skip torch.compile of the decode step (faster warm-up, slower decode)")
 
 
 def user_errors(fn):
@@ -65,6 +67,7 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="wrap each prompt in the model's chat template"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past EOS"),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="run decode eagerly on CUDA"),
+    no_compile: bool = NoCompileOpt,
     as_json: bool = JsonOpt,
 ):
     """Generate text; tokens stream to the terminal as they come."""
@@ -80,7 +83,7 @@ def generate(
     texts = [tk.apply_chat_template([{"role": "user", "content": p}]) if chat else p
              for p in prompts]
     ids = [tk.encode(t) for t in texts]
-    gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph)
+    gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph, compile=not no_compile)
     streaming = len(prompts) == 1 and not as_json
 
     def on_text(row, delta):
@@ -175,12 +178,13 @@ def chat(
     temperature: float = typer.Option(0.7, "--temperature", "-t"),
     top_p: float = typer.Option(0.9, "--top-p"),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    no_compile: bool = NoCompileOpt,
 ):
     """Interactive chat with the model's chat template (/reset clears, /exit quits)."""
     from rarefy.engine.chat import run_chat
     from rarefy.layers.sampler import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-    run_chat(_load(model, device, dtype), params, system)
+    run_chat(_load(model, device, dtype), params, system, compile=not no_compile)
 
 
 def main():

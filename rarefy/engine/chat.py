@@ -9,12 +9,12 @@ from rarefy.errors import RarefyError
 from rarefy.layers.sampler import SamplingParams
 
 
-def run_chat(loaded, params: SamplingParams, system: str | None = None,
+def run_chat(loaded, params: SamplingParams, system: str | None = None, compile: bool = False,
              read=input, write=sys.stdout.write) -> None:
     tk = loaded.tokenizer
     if not tk.chat_template:
         raise RarefyError("this model has no chat template")
-    gen = Generator(loaded.model, tk)
+    gen = Generator(loaded.model, tk, compile=compile)
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     write("chat with the model: /reset starts over, /exit or Ctrl-D quits\n")

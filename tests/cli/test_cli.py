@@ -125,3 +125,27 @@ def test_missing_tensor(tiny_model_dir, tmp_path):
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, other / "model.safetensors")
     assert_user_error(run("generate", "--model", other, "hi"), "lacks")
+
+
+def test_chat_loop(tiny_model_dir):
+    from rarefy.engine.chat import run_chat
+    from rarefy.layers.sampler import SamplingParams
+    from rarefy.models.loader import load_model
+    lm = load_model(tiny_model_dir)
+    said = iter(["hello there", "", "/reset", "again", "/exit", "never read"])
+    out = []
+    run_chat(lm, SamplingParams(max_tokens=5, ignore_eos=True), system="be brief",
+             read=lambda prompt: next(said), write=out.append)
+    text = "".join(out)
+    assert text.count("tok/s]") == 2  # two answered turns; blank line and /reset answer nothing
+    assert next(said) == "never read"  # /exit stopped the loop
+
+
+def test_chat_ends_on_eof(tiny_model_dir):
+    from rarefy.engine.chat import run_chat
+    from rarefy.layers.sampler import SamplingParams
+    from rarefy.models.loader import load_model
+
+    def eof(prompt):
+        raise EOFError
+    run_chat(load_model(tiny_model_dir), SamplingParams(max_tokens=3), read=eof, write=lambda s: None)
