@@ -1,0 +1,123 @@
+"""fp16-weight GEMV for CPU decode (C++ extension, built on first use).
+
+Batch-1 decode on a CPU is bound by the bytes of weight streamed from DRAM. torch's bf16/fp16
+matmuls on CPU take as long as fp32 ones, so they do not cash in on the halved bytes. This
+kernel keeps the weight in fp16 (half the bytes of fp32, 8x finer rounding than bf16), widens
+it to fp32 in registers and accumulates in fp32 (AVX-512F / AVX2+F16C / scalar, picked at
+run time), parallel over output features with torch's thread pool.
+
+The C++ source is compiled once with ``torch.utils.cpp_extension.load`` and cached in torch's
+extensions directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later
+processes only load the cached library. It is registered as ``torch.ops.rarefy_gemv.gemv_f16``.
+
+    from rarefy.kernels.gemv_cpu import available, gemv_f16
+    if available():
+        y = gemv_f16(x, w16, bias)      # x fp32 [..., K], w16 fp16 [N, K] -> fp32 [..., N]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import torch
+
+from .ref import gemv_f16_ref
+
+__all__ = ["gemv_f16", "gemv_f16_ref", "available", "warm_up", "build_seconds", "best_isa", "ISA_NAMES"]
+
+log = logging.getLogger(__name__)
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_f16.cpp")
+_NAME = "rarefy_gemv_f16"
+ISA_NAMES = {0: "scalar", 1: "avx2+f16c", 2: "avx512f"}
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "op": None, "error": None, "seconds": None}
+
+
+def _load():
+    """Build (or load the cached build of) the extension; returns the op or None."""
+    if _state["tried"]:
+        return _state["op"]
+    with _lock:
+        if _state["tried"]:
+            return _state["op"]
+        t0 = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load
+
+            load(
+                name=_NAME,
+                sources=[_SRC],
+                extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+            _state["op"] = torch.ops.rarefy_gemv.gemv_f16.default
+        except Exception as e:  # no compiler, no ninja, bad toolchain, ...
+            _state["error"] = f"{type(e).__name__}: {e}"
+            log.warning("rarefy.kernels.gemv_cpu unavailable, build failed: %s", _state["error"])
+        _state["seconds"] = time.perf_counter() - t0
+        _state["tried"] = True
+        return _state["op"]
+
+
+def available() -> bool:
+    """True if the extension builds/loads on this machine. Never raises; logs the reason once."""
+    try:
+        return _load() is not None
+    except Exception as e:  # pragma: no cover - _load already catches
+        if not _state["tried"]:
+            _state.update(tried=True, error=repr(e))
+            log.warning("rarefy.kernels.gemv_cpu unavailable: %r", e)
+        return False
+
+
+def warm_up() -> bool:
+    """Build/load the extension now (instead of on the first call). Returns ``available()``."""
+    return available()
+
+
+def build_seconds() -> float | None:
+    """Seconds the first ``_load`` took in this process (compile or cache load); None if not tried."""
+    return _state["seconds"]
+
+
+def best_isa() -> int:
+    """Fastest code path on this CPU: 2 = AVX-512F, 1 = AVX2+FMA+F16C, 0 = scalar."""
+    if not available():
+        raise RuntimeError(f"gemv_f16 extension unavailable: {_state['error']}")
+    return int(torch.ops.rarefy_gemv.best_isa())
+
+
+def gemv_f16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, isa: int = -1) -> torch.Tensor:
+    """``y = x @ w.float().T (+ bias)`` with fp16 weights and fp32 math.
+
+    Args:
+        x: float32, shape ``[..., K]``, CPU. Any strides (copied to contiguous if needed).
+        w: float16 (``torch.half``), shape ``[N, K]`` (``nn.Linear.weight`` layout), CPU,
+            contiguous (not copied: a weight copy per call would defeat the point).
+        bias: optional float32 ``[N]``, CPU, contiguous.
+        isa: code path; -1 picks the best (see ``best_isa``). Lower values force the
+            AVX2 (1) or scalar (0) path, for tests.
+
+    Returns:
+        float32 tensor of shape ``[..., N]`` (newly allocated).
+
+    Made for small M (number of rows of x, 1..8): each weight row is read from memory once
+    per call and reused from L1 for all rows of x, in tiles of 4. For large M (prefill) a
+    GEMM such as ``F.linear`` on fp32 weights is faster.
+
+    Raises RuntimeError if the extension is unavailable; TypeError/ValueError on bad dtypes,
+    shapes or layouts. Not differentiable (inference only).
+    """
+    op = _state["op"] or _load()
+    if op is None:
+        raise RuntimeError(f"gemv_f16 extension unavailable: {_state['error']}")
+    # The op takes x [..., K] contiguous and returns [..., N]: no reshapes here (decode calls
+    # this per layer per token, and Python-side tensor ops cost microseconds each).
+    return op(x if x.is_contiguous() else x.contiguous(), w, bias, isa)
