@@ -50,53 +50,71 @@ def hf_decode_rate(hf, ids, new_tokens):
     return (new_tokens - 1) / ((t2 - t1) - (t1 - t0)), t1 - t0, out[0, ids.shape[1]:].tolist()
 
 
+def wikitext_ppl(model, tokenizer, chunks: int) -> float:
+    from rarefy.eval.perplexity import perplexity
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
+    with open(path, encoding="utf-8") as f:
+        ids = tokenizer.encode(f.read(), add_special_tokens=False)
+    return perplexity(model, ids, ctx=512, max_chunks=chunks).ppl
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ppl-chunks", type=int, default=8)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import transformers as tf
 
-    lm = load_model(None, dtype=torch.float32)
-    prompt = lm.tokenizer.encode(PROMPT)
-    gen = Generator(lm.model, lm.tokenizer)
+    engines = {"rarefy fp32": load_model(None, dtype="fp32"),
+               "rarefy fp16w (default)": load_model(None, dtype="fp16w")}
+    tk = engines["rarefy fp32"].tokenizer
+    prompt = tk.encode(PROMPT)
+    gens = {k: Generator(v.model, v.tokenizer) for k, v in engines.items()}
     params = SamplingParams(max_tokens=a.new_tokens, ignore_eos=True)
-    d, f = os.path.split(lm.source)
+    d, f = os.path.split(engines["rarefy fp32"].source)
     hf = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
 
-    gen.generate([prompt], params)  # warm-up both
+    for g in gens.values():  # warm-up
+        g.generate([prompt], params)
     hf_decode_rate(hf, ids, 8)
-    ours, theirs, ttft_ours, ttft_theirs = [], [], [], []
-    same = True
-    for i in range(a.repeats):
-        (c,), s = gen.generate([prompt], params)
-        ours.append(s.decode_tok_s)
-        ttft_ours.append(s.ttft_s)
-        rate, prefill, hf_ids = hf_decode_rate(hf, ids, a.new_tokens)
-        theirs.append(rate)
-        ttft_theirs.append(prefill)
-        same &= hf_ids == c.token_ids
-        print(f"run {i}: rarefy {ours[-1]:.1f} tok/s, transformers {theirs[-1]:.1f} tok/s", flush=True)
+    rates = {k: [] for k in [*gens, "transformers fp32"]}
+    ttft = {k: [] for k in rates}
+    tokens = {}
+    for i in range(a.repeats):  # alternate engines so load drift hits all of them
+        for k, g in gens.items():
+            (c,), s = g.generate([prompt], params)
+            rates[k].append(s.decode_tok_s)
+            ttft[k].append(s.ttft_s)
+            tokens[k] = c.token_ids
+        rate, prefill, tokens["transformers fp32"] = hf_decode_rate(hf, ids, a.new_tokens)
+        rates["transformers fp32"].append(rate)
+        ttft["transformers fp32"].append(prefill)
+        print(f"run {i}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
 
-    r, t = statistics.median(ours), statistics.median(theirs)
+    ppl = {k: wikitext_ppl(v.model, v.tokenizer, a.ppl_chunks) for k, v in engines.items()}
+    base = statistics.median(rates["transformers fp32"])
+    ref_tokens = tokens["transformers fp32"]
     lines = [
         f"date: {datetime.date.today()}; device: {cpu_name()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {tf.__version__}",
-        f"model: embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), batch 1, "
-        f"{len(prompt)}-token prompt, {a.new_tokens} new tokens, greedy; median of {a.repeats} alternating runs",
-        f"quality: greedy tokens identical to transformers: {same}",
+        f"model: embedded SmolLM2-135M-Instruct (Q4_1 GGUF), batch 1, {len(prompt)}-token prompt, "
+        f"{a.new_tokens} new tokens, greedy; median of {a.repeats} alternating runs; "
+        f"quality: WikiText-2 valid perplexity, first {a.ppl_chunks} chunks of 512, and greedy tokens "
+        f"equal to transformers'",
         "",
-        "| engine | decode tok/s | TTFT ms | runs (tok/s) |",
-        "| --- | --- | --- | --- |",
-        f"| rarefy fp32 | {r:.1f} | {statistics.median(ttft_ours) * 1000:.0f} | "
-        f"{', '.join(f'{x:.1f}' for x in ours)} |",
-        f"| transformers generate fp32 | {t:.1f} | {statistics.median(ttft_theirs) * 1000:.0f} | "
-        f"{', '.join(f'{x:.1f}' for x in theirs)} |",
-        "",
-        f"rarefy / transformers: {r / t:.2f}x (target >= 1.5x)",
+        "| engine | decode tok/s | vs transformers | TTFT ms | ppl | same greedy tokens | runs (tok/s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    for k, v in rates.items():
+        r = statistics.median(v)
+        same = sum(x == y for x, y in zip(tokens[k], ref_tokens))
+        lines.append(f"| {k} | {r:.1f} | {r / base:.2f}x | {statistics.median(ttft[k]) * 1000:.0f} | "
+                     f"{ppl.get(k, float('nan')):.4f} | {same}/{len(ref_tokens)} | "
+                     f"{', '.join(f'{x:.1f}' for x in v)} |")
+    lines += ["", "Target: rarefy >= 1.5x transformers (fp32) decode tok/s."]
     table = "\n".join(lines)
     print("\n" + table)
     if a.out:

@@ -20,7 +20,8 @@ app.add_typer(eval_app, name="eval")
 MODEL_HELP = "HF checkpoint directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)"
 ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
 DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32 on cpu, bf16 on cuda), fp32, bf16, fp16")
+DtypeOpt = typer.Option("auto", "--dtype",
+                        help="auto (fp16w on cpu, bf16 on cuda), fp32, fp16w (fp32 compute, fp16 weights; cpu), bf16, fp16")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object as the last line of stdout")
 NoCompileOpt = typer.Option(False, "--no-compile",
                             help="on CUDA, skip torch.compile of the decode step (faster warm-up, slower decode)")
@@ -160,7 +161,9 @@ def _read_text(path: str) -> str:
 
 @app.command()
 @user_errors
-def info(model: Optional[str] = ModelOpt, dtype: str = DtypeOpt, as_json: bool = JsonOpt):
+def info(model: Optional[str] = ModelOpt,
+         dtype: str = typer.Option("bf16", "--dtype", help="dtype to count bytes in: fp32, fp16w, bf16, fp16"),
+         as_json: bool = JsonOpt):
     """Architecture, parameter counts and bytes per component."""
     from rarefy.models.info import describe, format_description
     desc = describe(model, dtype)

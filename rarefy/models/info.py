@@ -40,17 +40,19 @@ def stored_bytes(dtype_name: str, numel: int) -> int | None:
         return None
 
 
-def describe(path: str | None, dtype: str = "auto") -> dict:
+def describe(path: str | None, dtype: str = "bf16") -> dict:
     path = path or default_model_path()
     fmt, cfg, ckpt = open_checkpoint(path)
     dt = resolve_dtype(dtype, torch.device("cpu"))
+    half_linears = dtype == "fp16w"  # linear weights stored as fp16, the rest fp32
     with torch.device("meta"):
         model = DecoderLM(cfg)
     comps = defaultdict(lambda: {"params": 0, "bytes": 0, "stored_bytes": 0, "stored_dtypes": set()})
     for name, p in model.named_parameters():
         c = comps[component_of(name)]
         c["params"] += p.numel()
-        c["bytes"] += p.numel() * dt.itemsize
+        itemsize = 2 if half_linears and p.dim() == 2 and "embed_tokens" not in name else dt.itemsize
+        c["bytes"] += p.numel() * itemsize
         stored = ckpt.tensor_dtype_name(name) if name in set(ckpt.tensor_names()) else "missing"
         c["stored_dtypes"].add(stored)
         c["stored_bytes"] += stored_bytes(stored, p.numel()) or 0
@@ -64,7 +66,7 @@ def describe(path: str | None, dtype: str = "auto") -> dict:
             "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
             "num_kv_heads", "head_dim", "max_position_embeddings", "rope_theta",
             "tie_word_embeddings", "attention_bias", "qk_norm")} | {"rope_scaling": cfg.rope_scaling},
-        "dtype": str(dt).removeprefix("torch."),
+        "dtype": dtype if dtype == "fp16w" else str(dt).removeprefix("torch."),
         "params": sum(v["params"] for v in components.values()),
         "bytes": sum(v["bytes"] for v in components.values()),
         "stored_bytes": sum(v["stored_bytes"] for v in components.values()),

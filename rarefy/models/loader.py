@@ -19,7 +19,8 @@ from rarefy.models.default_model import default_model_path
 from rarefy.models.llama import DecoderLM
 from rarefy.tokenizer import Tokenizer
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+# "fp16w": fp32 compute with fp16-stored linear weights (CPU decode kernel).
+DTYPES = {"fp16w": torch.float32, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
@@ -47,8 +48,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise RarefyError(f"unsupported dtype '{dtype}' (use fp32, bf16 or fp16)")
+        raise RarefyError(f"unsupported dtype '{dtype}' (use auto, fp32, fp16w, bf16 or fp16)")
     return DTYPES[dtype]
+
+
+def wants_half_weights(dtype: str | torch.dtype | None, device: torch.device) -> bool:
+    """fp16-stored weights: asked for with "fp16w", or the CPU default when the kernel builds."""
+    if dtype == "fp16w":
+        if device.type != "cpu":
+            raise RarefyError("--dtype fp16w is a CPU mode; use bf16 or fp16 on CUDA")
+        from rarefy.kernels.gemv_cpu import available
+        if not available():
+            raise RarefyError("--dtype fp16w needs rarefy's C++ CPU kernel, which could not be "
+                              "built here (is a C++ compiler installed?)")
+        return True
+    if dtype in (None, "auto") and device.type == "cpu":
+        from rarefy.kernels.gemv_cpu import available
+        return available()
+    return False
 
 
 def is_gguf(path: str) -> bool:
@@ -79,6 +96,9 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
     fmt, cfg, ckpt = open_checkpoint(path)
 
     model = build_model(cfg, ckpt, dev, dt, progress, source=path)
+    if wants_half_weights(dtype, dev):
+        from rarefy.layers.half_weight_linear import use_half_weights
+        use_half_weights(model)
     tokenizer = load_tokenizer(path, fmt, cfg, ckpt) if with_tokenizer else None
     return LoadedModel(model, cfg, tokenizer, path, fmt)
 
