@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,22 +20,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rarefy.bench.machine import cpu_name  # noqa: E402
+
 from rarefy.engine.generate import Generator  # noqa: E402
 from rarefy.layers.sampler import SamplingParams  # noqa: E402
 from rarefy.models.loader import load_model  # noqa: E402
 
 PROMPT = "The history of the city of Paris begins in the"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 @torch.inference_mode()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rarefy.bench.machine import cpu_name  # noqa: E402
 
 from rarefy.kernels import gemv_cpu  # noqa: E402
 
@@ -36,17 +37,6 @@ SHAPES = [  # (N, K, what)
     (49152, 576, "lm_head"),
 ]
 DATE = "2026-11-22"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_flags() -> str:
