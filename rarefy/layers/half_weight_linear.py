@@ -51,6 +51,11 @@ class HalfWeightLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, weight=fp16"
 
 
+def is_projection_weight(name: str) -> bool:
+    """HF names of the weights that HalfWeightLinear stores in fp16."""
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
 def use_half_weights(model: nn.Module) -> int:
     """Swap every dense projection (lm_head included) for a HalfWeightLinear; returns the count."""
     return replace_linears(model, lambda name, m: HalfWeightLinear.from_dense(m))

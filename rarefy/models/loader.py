@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -95,18 +96,24 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
     path = str(path) if path is not None else default_model_path()
     fmt, cfg, ckpt = open_checkpoint(path)
 
-    model = build_model(cfg, ckpt, dev, dt, progress, source=path)
     if wants_half_weights(dtype, dev):
-        from rarefy.layers.half_weight_linear import use_half_weights
+        from rarefy.layers.half_weight_linear import is_projection_weight, use_half_weights
+        # projections are read straight into fp16, so no fp32 copy of them ever exists
+        model = build_model(cfg, ckpt, dev, dt, progress, source=path,
+                            dtype_of=lambda n: torch.float16 if is_projection_weight(n) else dt)
         use_half_weights(model)
+    else:
+        model = build_model(cfg, ckpt, dev, dt, progress, source=path)
     tokenizer = load_tokenizer(path, fmt, cfg, ckpt) if with_tokenizer else None
     return LoadedModel(model, cfg, tokenizer, path, fmt)
 
 
 def build_model(cfg: ModelConfig, ckpt, device: torch.device, dtype: torch.dtype,
-                progress: bool = False, source: str = "checkpoint") -> DecoderLM:
+                progress: bool = False, source: str = "checkpoint",
+                dtype_of: Callable[[str], torch.dtype] | None = None) -> DecoderLM:
     """A DecoderLM whose parameters are streamed from `ckpt` (anything with
-    tensor_names() and load(name, dtype)), one tensor at a time."""
+    tensor_names() and load(name, dtype)), one tensor at a time; `dtype_of(name)`
+    overrides `dtype` per tensor."""
     with torch.device("meta"):
         model = DecoderLM(cfg)
     expected = dict(model.named_parameters())  # tied weights appear once
@@ -119,7 +126,7 @@ def build_model(cfg: ModelConfig, ckpt, device: torch.device, dtype: torch.dtype
         from tqdm import tqdm
         names = tqdm(names, desc="loading", unit="tensor", leave=False)
     for name in names:
-        t = ckpt.load(name, dtype)
+        t = ckpt.load(name, dtype_of(name) if dtype_of else dtype)
         if tuple(t.shape) != tuple(expected[name].shape):
             raise RarefyError(f"tensor {name} has shape {tuple(t.shape)}, "
                               f"config expects {tuple(expected[name].shape)}")

@@ -28,10 +28,11 @@ def peak_growth(model: str, dtype: str) -> dict:
 
 
 @pytest.mark.slow
-def test_gguf_load_peak_rss():
+@pytest.mark.parametrize("dtype", ["fp32", "fp16w"])
+def test_gguf_load_peak_rss(dtype):
     from rarefy.models.default_model import default_model_path
     import os
-    r = peak_growth("-", "fp32")
+    r = peak_growth("-", dtype)
     # the model, the mapped file's pages, and a few copies of the tensor being dequantized
     budget = r["size"] + os.path.getsize(default_model_path()) + 3 * r["largest"]
     assert r["grew"] < budget, r
