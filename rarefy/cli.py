@@ -2,57 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import sys
 from typing import Optional
 
 import typer
 
+from rarefy.cli_common import (DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, NoCompileOpt, emit_json,
+                               load_for_cli, user_errors)
 from rarefy.errors import RarefyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rarefy: make LLMs sparse and low-bit, then run them fast.")
 eval_app = typer.Typer(no_args_is_help=True, help="Quality evaluations.")
 app.add_typer(eval_app, name="eval")
-
-MODEL_HELP = "HF checkpoint directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)"
-ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
-DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda")
-DtypeOpt = typer.Option("auto", "--dtype",
-                        help="auto (fp16w on cpu, bf16 on cuda), fp32, fp16w (fp32 compute, fp16 weights; cpu), bf16, fp16")
-JsonOpt = typer.Option(False, "--json", help="print one JSON object as the last line of stdout")
-NoCompileOpt = typer.Option(False, "--no-compile",
-                            help="on CUDA, skip torch.compile of the decode step (faster warm-up, slower decode)")
-
-
-def user_errors(fn):
-    """Turn RarefyError (and Ctrl-C) into one line on stderr and a non-zero exit."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RarefyError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
-    return wrapper
-
-
-def _load(model, device, dtype):
-    from rarefy.models.loader import load_model
-    loaded = load_model(model, device=device, dtype=dtype, progress=sys.stderr.isatty())
-    if loaded.tokenizer is None:
-        raise RarefyError("this checkpoint has no tokenizer")
-    return loaded
-
-
-def _emit_json(obj: dict) -> None:
-    typer.echo(json.dumps(obj))
-
 
 @app.command()
 @user_errors
@@ -79,7 +42,7 @@ def generate(
         raise RarefyError("empty prompt: give some text to continue")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
-    loaded = _load(model, device, dtype)
+    loaded = load_for_cli(model, device, dtype)
     tk = loaded.tokenizer
     texts = [tk.apply_chat_template([{"role": "user", "content": p}]) if chat else p
              for p in prompts]
@@ -104,7 +67,7 @@ def generate(
                err=True)
     if as_json:
         one = len(prompts) == 1
-        _emit_json({
+        emit_json({
             "text": completions[0].text if one else [c.text for c in completions],
             "token_ids": completions[0].token_ids if one else [c.token_ids for c in completions],
             "finish_reason": completions[0].finish_reason if one
@@ -134,13 +97,13 @@ def eval_ppl(
     if batch_size < 1:
         raise RarefyError("--batch-size must be at least 1")
     body = _read_text(text)
-    loaded = _load(model, device, dtype)
+    loaded = load_for_cli(model, device, dtype)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,
                      score_second_half=score_second_half, batch_size=batch_size,
                      progress=not as_json or sys.stderr.isatty())
     if as_json:
-        _emit_json(res.as_dict())
+        emit_json(res.as_dict())
     else:
         typer.echo(f"perplexity {res.ppl:.4f} ± {res.stderr:.4f} over {res.tokens} tokens "
                    f"({res.chunks} chunks of {res.ctx})")
@@ -168,7 +131,7 @@ def info(model: Optional[str] = ModelOpt,
     from rarefy.models.info import describe, format_description
     desc = describe(model, dtype)
     if as_json:
-        _emit_json(desc)
+        emit_json(desc)
     else:
         typer.echo(format_description(desc))
 
@@ -187,7 +150,7 @@ def chat(
     from rarefy.engine.chat import run_chat
     from rarefy.layers.sampler import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-    run_chat(_load(model, device, dtype), params, system, compile=not no_compile)
+    run_chat(load_for_cli(model, device, dtype), params, system, compile=not no_compile)
 
 
 def main():

@@ -1,0 +1,53 @@
+"""Pieces every rarefy command shares: option definitions, error handling, JSON output.
+
+Command modules import from here (not from rarefy.cli), so a new command is a new
+module plus one registration line in rarefy/cli.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import typer
+
+from rarefy.errors import RarefyError
+
+MODEL_HELP = "HF checkpoint directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)"
+ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
+DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda")
+DtypeOpt = typer.Option("auto", "--dtype",
+                        help="auto (fp16w on cpu, bf16 on cuda), fp32, fp16w (fp32 compute, fp16 weights; cpu), bf16, fp16")
+JsonOpt = typer.Option(False, "--json", help="print one JSON object as the last line of stdout")
+NoCompileOpt = typer.Option(False, "--no-compile",
+                            help="on CUDA, skip torch.compile of the decode step (faster warm-up, slower decode)")
+
+
+def user_errors(fn):
+    """Turn RarefyError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RarefyError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+    return wrapper
+
+
+def load_for_cli(model, device, dtype):
+    """Load a model with its tokenizer, with a progress bar on a terminal."""
+    from rarefy.models.loader import load_model
+    loaded = load_model(model, device=device, dtype=dtype, progress=sys.stderr.isatty())
+    if loaded.tokenizer is None:
+        raise RarefyError("this checkpoint has no tokenizer")
+    return loaded
+
+
+def emit_json(obj: dict) -> None:
+    """One JSON object on one line: the last line of stdout."""
+    typer.echo(json.dumps(obj))
