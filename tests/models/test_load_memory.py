@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from tests.conftest import make_random_checkpoint
 
 PROBE = r"""
 import json, resource, sys, torch
