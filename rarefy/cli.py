@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
 import typer
 
 from rarefy.cli_common import (DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, NoCompileOpt, emit_json,
-                               load_for_cli, user_errors)
+                               load_for_cli, read_text_file, user_errors)
 from rarefy.errors import RarefyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rarefy: make LLMs sparse and low-bit, then run them fast.")
 eval_app = typer.Typer(no_args_is_help=True, help="Quality evaluations.")
 app.add_typer(eval_app, name="eval")
+
+
+def _register_commands() -> None:
+    """Commands that live in their own modules (rarefy/commands/)."""
+    from rarefy.commands.experiment import experiment_app
+    app.add_typer(experiment_app, name="experiment")
 
 @app.command()
 @user_errors
@@ -96,7 +101,7 @@ def eval_ppl(
 
     if batch_size < 1:
         raise RarefyError("--batch-size must be at least 1")
-    body = _read_text(text)
+    body = read_text_file(text)
     loaded = load_for_cli(model, device, dtype)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,
@@ -107,19 +112,6 @@ def eval_ppl(
     else:
         typer.echo(f"perplexity {res.ppl:.4f} ± {res.stderr:.4f} over {res.tokens} tokens "
                    f"({res.chunks} chunks of {res.ctx})")
-
-
-def _read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        raise RarefyError(f"text file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            body = f.read()
-    except UnicodeDecodeError:
-        raise RarefyError(f"{path} is not UTF-8 text") from None
-    if not body.strip():
-        raise RarefyError(f"{path} is empty")
-    return body
 
 
 @app.command()
@@ -151,6 +143,9 @@ def chat(
     from rarefy.layers.sampler import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     run_chat(load_for_cli(model, device, dtype), params, system, compile=not no_compile)
+
+
+_register_commands()
 
 
 def main():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import typer
@@ -51,3 +52,17 @@ def load_for_cli(model, device, dtype):
 def emit_json(obj: dict) -> None:
     """One JSON object on one line: the last line of stdout."""
     typer.echo(json.dumps(obj))
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file's contents; missing, non-UTF-8 or empty files are user errors."""
+    if not os.path.isfile(path):
+        raise RarefyError(f"text file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            body = f.read()
+    except UnicodeDecodeError:
+        raise RarefyError(f"{path} is not UTF-8 text") from None
+    if not body.strip():
+        raise RarefyError(f"{path} is empty")
+    return body
