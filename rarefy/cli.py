@@ -20,7 +20,9 @@ app.add_typer(eval_app, name="eval")
 def _register_commands() -> None:
     """Commands that live in their own modules (rarefy/commands/)."""
     from rarefy.commands.experiment import experiment_app
+    from rarefy.commands.prune import prune
     app.add_typer(experiment_app, name="experiment")
+    app.command("prune")(prune)
 
 @app.command()
 @user_errors

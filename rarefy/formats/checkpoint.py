@@ -122,6 +122,13 @@ def save_pruned(model, out_dir: str | os.PathLike, *, source_path: str | os.Path
 
 # -- destination -----------------------------------------------------------------------
 
+def check_destination(out_dir: str | os.PathLike, source_path: str | os.PathLike | None,
+                      overwrite: bool = False) -> None:
+    """What save_pruned refuses, checked up front (before a long prune), same rules."""
+    source = Path(source_path).expanduser().resolve() if source_path is not None else None
+    _check_destination(Path(out_dir).expanduser().resolve(), source, overwrite)
+
+
 def _check_destination(out: Path, source: Path | None, overwrite: bool) -> None:
     """Refuse before anything is written: the source, a directory holding the source,
     a file, or a non-empty directory without `overwrite`."""
