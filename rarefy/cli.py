@@ -19,10 +19,12 @@ app.add_typer(eval_app, name="eval")
 
 def _register_commands() -> None:
     """Commands that live in their own modules (rarefy/commands/)."""
+    from rarefy.commands.analyze import analyze
     from rarefy.commands.experiment import experiment_app
     from rarefy.commands.prune import prune
-    app.add_typer(experiment_app, name="experiment")
+    app.command("analyze")(analyze)
     app.command("prune")(prune)
+    app.add_typer(experiment_app, name="experiment")
 
 @app.command()
 @user_errors
