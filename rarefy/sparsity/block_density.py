@@ -212,12 +212,15 @@ def scan_chunk16(x: torch.Tensor, row0: int, hist: torch.Tensor, grid: "BlockGri
                    _ptr(sketcher.row_sign) if acc is not None else None,
                    _ptr(sketcher.slab_shift) if acc is not None else None, row0)
         return
-    key = x.view(torch.int16) & 0x7FFF
-    hist += torch.bincount(key.view(-1), minlength=BINS)
-    if grid is not None:
-        grid.add_chunk(row0, key, key.view(x.dtype).float())
-    if acc is not None:
-        sketcher.add_rows(acc, row0, x.float())
+    step = max(4, (1 << 16) // max(x.shape[1], 1) // 4 * 4)  # small pieces: small temporaries
+    for r in range(0, x.shape[0], step):
+        xs = x[r:r + step]
+        key = xs.view(torch.int16) & 0x7FFF
+        hist += torch.bincount(key.view(-1), minlength=BINS)
+        if grid is not None:
+            grid.add_chunk(row0 + r, key, key.view(x.dtype).float())
+        if acc is not None:
+            sketcher.add_rows(acc, row0 + r, xs.float())
 
 
 def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
