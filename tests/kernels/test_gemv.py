@@ -9,7 +9,6 @@ CUDA-graph capture and split-K determinism.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -20,6 +19,7 @@ if not torch.cuda.is_available():
 
 import rarefy.kernels.gemv as gemv_pkg  # noqa: E402
 from rarefy.kernels.gemv import gemv, gemv_ref, triton_available  # noqa: E402
+from triton_interp import kernel_module  # noqa: E402  (tests/kernels is on sys.path)
 
 triton = pytest.importorskip("triton")
 
@@ -27,44 +27,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def _numpy_int_shim() -> None:
-    """Triton 3.6's interpreter turns loop bounds into Python ints with
-    ``int(array_of_shape_[1])``, which NumPy >= 2.4 rejects. Patch that one
-    conversion (interpreter only; compiled kernels are unaffected)."""
-    import numpy as np
-
-    try:
-        int(np.array([1]))
-        return
-    except TypeError:
-        pass
-    import triton.runtime.interpreter as interp
-
-    orig = interp._patch_lang_tensor
-    if getattr(orig, "_rarefy_shim", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    patched._rarefy_shim = True
-    interp._patch_lang_tensor = patched
-
-
 @pytest.fixture(scope="module")
 def tri():
     """The Triton kernel module, interpreted when there is no GPU."""
-    mod = importlib.import_module("rarefy.kernels.gemv.triton")
-    if not CUDA:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(mod._gemv_kernel, InterpretedFunction):
-            # Imported elsewhere before TRITON_INTERPRET was set: re-decorate.
-            os.environ["TRITON_INTERPRET"] = "1"
-            mod = importlib.reload(mod)
-        _numpy_int_shim()
-    return mod
+    return kernel_module("rarefy.kernels.gemv.triton", "_gemv_kernel")
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

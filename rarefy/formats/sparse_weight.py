@@ -1,0 +1,255 @@
+"""In-memory formats for pruned weight matrices, laid out for sparse GEMV/GEMM kernels.
+
+All three hold a weight ``W`` of shape ``[N, K]`` (``nn.Linear`` layout, row n = output n)
+and rebuild it exactly with ``to_dense()``. "Nonzero" means ``value != 0``.
+
+TiledBitmap (unstructured)
+    bitmask       int32 [N, Kw]        Kw = ceil(K/32); bit j of word w <-> column 32w + j
+    values        dtype [nnz]          the nonzeros, row-major order
+    tile_offsets  int32 [N, T]         T = ceil(Kw*32 / tile_k): index in ``values`` of the
+                                       first nonzero of each tile of ``tile_k`` columns
+    Bytes per weight at density d: d*itemsize + 1/8 (+ 4/tile_k). bf16 at 50%: 1.125 B vs 2.
+    The tile offsets let a kernel start anywhere on a tile boundary (split-K) without a
+    prefix scan over the row; inside a tile the offset of column c is a popcount of the
+    bits before it.
+
+NMSparse (n:m, e.g. 2:4, 4:8)
+    bitmask       int32 [N, Kw]        which columns hold a stored value
+    values        dtype [N, Kg*n]      Kg = Kw*32/m groups; exactly n values per group
+    A group with fewer than n nonzeros stores explicit zeros at its first free columns,
+    so every group has n set bits and value offsets are implicit (no offset table):
+    index of column c = (c // m) * n + popcount(bits of c's group below c).
+
+BlockSparse (BSR, square blocks of b = 16/32/64)
+    row_ptr       int32 [Nb + 1]       Nb = ceil(N/b); blocks of block-row i are
+                                       row_ptr[i] .. row_ptr[i+1]-1
+    col_idx       int32 [nblocks]      block column of each stored block
+    blocks        dtype [nblocks, b, b] the dense blocks, row-major inside
+    A block is stored when any of its weights is nonzero.
+
+Build them with ``TiledBitmap.from_dense(w)`` etc. (on CPU or CUDA; the result lives on
+``w``'s device), move them with ``.to(device)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from rarefy.errors import RarefyError
+
+WORD = 32
+DEFAULT_TILE_K = 512
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pack_words(mask: torch.Tensor) -> torch.Tensor:
+    """bool [N, Kw*32] -> int32 [N, Kw]; bit j of word w = column 32w + j (two's complement)."""
+    n, k = mask.shape
+    bits = mask.view(n, k // WORD, WORD).to(torch.int64)
+    shifts = torch.arange(WORD, device=mask.device, dtype=torch.int64)
+    words = (bits << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack_words(words: torch.Tensor) -> torch.Tensor:
+    """int32 [N, Kw] -> bool [N, Kw*32]."""
+    shifts = torch.arange(WORD, device=words.device, dtype=torch.int64)
+    bits = (words.to(torch.int64)[..., None] >> shifts) & 1
+    return bits.view(words.shape[0], -1).bool()
+
+
+def _pad_cols(w: torch.Tensor, k: int) -> torch.Tensor:
+    if w.shape[1] == k:
+        return w
+    return torch.nn.functional.pad(w, (0, k - w.shape[1]))
+
+
+def _check_2d(w: torch.Tensor, what: str) -> None:
+    if w.dim() != 2:
+        raise RarefyError(f"{what} takes a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if not w.dtype.is_floating_point:
+        raise RarefyError(f"{what} takes a floating-point weight, got {w.dtype}")
+
+
+class _SparseWeight:
+    """Shared helpers: device moves, byte counts, density."""
+
+    shape: tuple[int, int]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        """Copy to `device`; `dtype` converts the stored values (metadata is untouched)."""
+        changes = {}
+        for name, t in self.tensors().items():
+            if dtype is not None and t.dtype.is_floating_point:
+                t = t.to(dtype)
+            changes[name] = t.to(device) if device is not None else t
+        return replace(self, **changes)
+
+    def clone(self):
+        return replace(self, **{name: t.clone() for name, t in self.tensors().items()})
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors().values())).device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a kernel streams: every stored tensor, metadata included."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+
+@dataclass(frozen=True)
+class TiledBitmap(_SparseWeight):
+    shape: tuple[int, int]
+    tile_k: int
+    bitmask: torch.Tensor
+    values: torch.Tensor
+    tile_offsets: torch.Tensor
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, tile_k: int = DEFAULT_TILE_K) -> "TiledBitmap":
+        _check_2d(w, "TiledBitmap")
+        if tile_k <= 0 or tile_k % WORD:
+            raise RarefyError(f"tile_k must be a positive multiple of {WORD}, got {tile_k}")
+        n, k = w.shape
+        kw = _ceil(k, WORD)
+        wp = _pad_cols(w.detach().contiguous(), kw * WORD)
+        mask = wp != 0
+        values = wp[mask]  # row-major order
+        tiles = _ceil(kw * WORD, tile_k)
+        per_tile = _pad_cols(mask, tiles * tile_k).view(n, tiles, tile_k).sum(-1, dtype=torch.int64).view(-1)
+        if values.numel() >= 2**31:
+            raise RarefyError(f"TiledBitmap: {values.numel()} nonzeros exceed int32 offsets")
+        offsets = (torch.cumsum(per_tile, 0) - per_tile).to(torch.int32).view(n, tiles)
+        return cls((n, k), tile_k, _pack_words(mask), values.contiguous(), offsets)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def mask(self) -> torch.Tensor:
+        return _unpack_words(self.bitmask)[:, : self.shape[1]]
+
+    def to_dense(self) -> torch.Tensor:
+        n, k = self.shape
+        mask = _unpack_words(self.bitmask)
+        dense = torch.zeros(mask.shape, dtype=self.values.dtype, device=self.values.device)
+        dense[mask] = self.values
+        return dense[:, :k].contiguous()
+
+
+@dataclass(frozen=True)
+class NMSparse(_SparseWeight):
+    shape: tuple[int, int]
+    n: int
+    m: int
+    bitmask: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, n: int, m: int) -> "NMSparse":
+        _check_2d(w, "NMSparse")
+        if not (0 < n < m) or WORD % m:
+            raise RarefyError(f"n:m needs 0 < n < m and m dividing {WORD}, got {n}:{m}")
+        rows, k = w.shape
+        kw = _ceil(k, WORD)
+        wp = _pad_cols(w.detach().contiguous(), kw * WORD)
+        groups = wp.view(rows, -1, m)
+        nonzero = groups != 0
+        per_group = nonzero.sum(-1)
+        if int(per_group.max()) > n if per_group.numel() else False:
+            bad = int((per_group > n).sum())
+            raise RarefyError(f"weight is not {n}:{m} sparse: {bad} groups of {m} hold more than {n} nonzeros")
+        # Keep every nonzero, then fill up to n with the first zero columns: rank each
+        # column with nonzeros first (stable), take the first n, restore column order.
+        order = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :n]
+        chosen = torch.sort(order, dim=-1).values
+        keep = torch.zeros_like(nonzero).scatter_(-1, chosen, True)
+        values = torch.gather(groups, -1, chosen).reshape(rows, -1)
+        return cls((rows, k), n, m, _pack_words(keep.view(rows, -1)), values.contiguous())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        return int((self.values != 0).sum())
+
+    def to_dense(self) -> torch.Tensor:
+        rows, k = self.shape
+        keep = _unpack_words(self.bitmask)
+        dense = torch.zeros(keep.shape, dtype=self.values.dtype, device=self.values.device)
+        dense[keep] = self.values.reshape(-1)
+        return dense[:, :k].contiguous()
+
+
+@dataclass(frozen=True)
+class BlockSparse(_SparseWeight):
+    shape: tuple[int, int]
+    block: int
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    blocks: torch.Tensor
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, block: int) -> "BlockSparse":
+        _check_2d(w, "BlockSparse")
+        if block <= 0:
+            raise RarefyError(f"block size must be positive, got {block}")
+        rows, k = w.shape
+        nb, kb = _ceil(rows, block), _ceil(k, block)
+        wp = torch.nn.functional.pad(w.detach(), (0, kb * block - k, 0, nb * block - rows))
+        tiles = wp.view(nb, block, kb, block).transpose(1, 2)  # [nb, kb, b, b]
+        keep = (tiles != 0).flatten(2).any(-1)  # [nb, kb]
+        counts = keep.sum(-1, dtype=torch.int64)
+        row_ptr = torch.zeros(nb + 1, dtype=torch.int64, device=w.device)
+        row_ptr[1:] = torch.cumsum(counts, 0)
+        where = keep.nonzero()  # row-major: block-row, then block column
+        blocks = tiles[where[:, 0], where[:, 1]].contiguous()
+        return cls((rows, k), block, row_ptr.to(torch.int32), where[:, 1].to(torch.int32).contiguous(), blocks)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks.dtype
+
+    @property
+    def nnz(self) -> int:
+        return int((self.blocks != 0).sum())
+
+    @property
+    def num_blocks(self) -> int:
+        return self.col_idx.numel()
+
+    def to_dense(self) -> torch.Tensor:
+        rows, k = self.shape
+        b = self.block
+        nb, kb = _ceil(rows, b), _ceil(k, b)
+        tiles = torch.zeros(nb, kb, b, b, dtype=self.blocks.dtype, device=self.blocks.device)
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        block_rows = torch.repeat_interleave(torch.arange(nb, device=counts.device), counts)
+        tiles[block_rows, self.col_idx.to(torch.int64)] = self.blocks
+        return tiles.transpose(1, 2).reshape(nb * b, kb * b)[:rows, :k].contiguous()
+
+
+SparseWeight = TiledBitmap | NMSparse | BlockSparse
