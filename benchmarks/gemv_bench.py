@@ -37,6 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+# The timing helpers live in rarefy.bench.gpu_timing (shared with `rarefy bench kernels`).
+from rarefy.bench.gpu_timing import L2_BYTES, n_buffers
+from rarefy.bench.gpu_timing import copy_bandwidth_tbs as _copy_bandwidth_tbs
+from rarefy.bench.gpu_timing import do_bench_us as _do_bench_us
+from rarefy.bench.gpu_timing import graph_time_us as _graph_time_us
+
 # (name, N, K). Llama-3-8B: hidden 4096, 32 q / 8 kv heads of 128, MLP 14336,
 # vocab 128256. Qwen-27B-ish: hidden 5120, MLP 17408; its attention shapes are
 # stand-ins (q 5120 + k/v 1024 each, o 5120x5120).
@@ -54,7 +60,6 @@ SHAPES = [
 ]
 MS = [1, 8, 32]
 PEAK_TBS = 3.0  # measured device-to-device copy bandwidth of the H100 (read + write)
-L2_BYTES = 50 * 2**20
 
 
 def _candidates(M: int, K: int):
@@ -87,76 +92,7 @@ def _bytes(M, N, K, elem=2):
 
 
 def _n_buffers(N, K, elem=2):
-    return max(2, math.ceil(4 * L2_BYTES / (N * K * elem)))
-
-
-def _graph_time_us(launch, nbuf, device):
-    """Median per-launch time of back-to-back launches replayed from a graph."""
-    reps = max(2 * nbuf, 16)
-    s = torch.cuda.Stream(device)
-    s.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(s):
-        for i in range(nbuf):
-            launch(i)
-    torch.cuda.current_stream(device).wait_stream(s)
-    torch.cuda.synchronize(device)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for r in range(reps):
-            launch(r % nbuf)
-    g.replay()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(7):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    del g
-    return statistics.median(times)
-
-
-def _do_bench_us(launch, nbuf, clean_l2=False):
-    """``triton.testing.do_bench`` median (µs) while rotating weight buffers.
-
-    do_bench empties L2 before every call by zero-filling a 256 MB buffer,
-    which leaves L2 full of dirty lines that the timed kernel then has to
-    write back (up to 50 MB of extra DRAM traffic). With ``clean_l2`` that
-    flush is swapped for a read of the same buffer: L2 is still emptied of
-    the weights and the GPU stays ahead of the CPU, but nothing is left to
-    write back.
-    """
-    import triton.runtime
-    import triton.testing
-
-    state = {"i": 0}
-
-    def fn():
-        launch(state["i"] % nbuf)
-        state["i"] += 1
-
-    drv = triton.runtime.driver.active
-    if not clean_l2:
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-    sink = torch.empty((), dtype=torch.int32, device="cuda")
-    drv.clear_cache = lambda cache: torch.amax(cache, out=sink)
-    try:
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-    finally:
-        del drv.clear_cache
-
-
-def _copy_bandwidth_tbs(device):
-    import triton.testing
-
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    return 2 * 2**30 / (ms * 1e-3) / 1e12
+    return n_buffers(N * K * elem, L2_BYTES)
 
 
 class Case:

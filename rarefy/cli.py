@@ -20,11 +20,13 @@ app.add_typer(eval_app, name="eval")
 def _register_commands() -> None:
     """Commands that live in their own modules (rarefy/commands/)."""
     from rarefy.commands.analyze import analyze
+    from rarefy.commands.bench import bench_app
     from rarefy.commands.experiment import experiment_app
     from rarefy.commands.prune import prune
     app.command("analyze")(analyze)
     app.command("prune")(prune)
     app.add_typer(experiment_app, name="experiment")
+    app.add_typer(bench_app, name="bench")
 
 @app.command()
 @user_errors

@@ -25,6 +25,8 @@ BlockSparse (BSR, square blocks of b = 16/32/64)
                                        row_ptr[i] .. row_ptr[i+1]-1
     col_idx       int32 [nblocks]      block column of each stored block
     blocks        dtype [nblocks, b, b] the dense blocks, row-major inside
+    order         int32 [Nb]           block-rows by stored blocks, most first: the kernel's
+                                       launch order (an LPT schedule; the compiler may reorder)
     A block is stored when any of its weights is nonzero.
 
 Build them with ``TiledBitmap.from_dense(w)`` etc. (on CPU or CUDA; the result lives on
@@ -211,6 +213,7 @@ class BlockSparse(_SparseWeight):
     row_ptr: torch.Tensor
     col_idx: torch.Tensor
     blocks: torch.Tensor
+    order: torch.Tensor
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, block: int) -> "BlockSparse":
@@ -227,7 +230,8 @@ class BlockSparse(_SparseWeight):
         row_ptr[1:] = torch.cumsum(counts, 0)
         where = keep.nonzero()  # row-major: block-row, then block column
         blocks = tiles[where[:, 0], where[:, 1]].contiguous()
-        return cls((rows, k), block, row_ptr.to(torch.int32), where[:, 1].to(torch.int32).contiguous(), blocks)
+        order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+        return cls((rows, k), block, row_ptr.to(torch.int32), where[:, 1].to(torch.int32).contiguous(), blocks, order)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -41,9 +41,8 @@ def _cuda(x2: torch.Tensor, w: SparseWeight, bias, config) -> torch.Tensor:
         from .triton_bitmap import bitmap_matmul_triton
         return bitmap_matmul_triton(x2, w.bitmask, w.values, w.shape[0], nm=(w.n, w.m), bias=bias, config=config)
     from .triton_bsr import bsr_matmul_triton
-    order = getattr(config, "order", None)
-    return bsr_matmul_triton(x2, w.row_ptr, w.col_idx, w.blocks, w.shape[0], bias=bias, order=order,
-                             config=getattr(config, "kernel", config))
+    return bsr_matmul_triton(x2, w.row_ptr, w.col_idx, w.blocks, w.shape[0], bias=bias, order=w.order,
+                             config=config)
 
 
 def _cpu(x2: torch.Tensor, w: SparseWeight, bias) -> torch.Tensor:

@@ -72,7 +72,7 @@ def _bitmap_kernel(
     NM_N: tl.constexpr, NM_M: tl.constexpr,  # NM_M == 0: bitmap with tile offsets
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,  # EVEN: N % BLOCK_N == 0 and Kw % (BLOCK_K/32) == 0
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
-    INTERP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INTERP: tl.constexpr,
 ):
     G: tl.constexpr = BLOCK_K // 32
     pid_n = tl.program_id(0)
@@ -115,31 +115,34 @@ def _bitmap_kernel(
             words = tl.load(wrow[:, None] + wi[None, :], mask=row_ok[:, None] & (wi < Kw)[None, :], other=0)
         w3 = words[:, :, None]
         bit = (w3 & bit3) != 0
+        # Only set bits load (a predicated gather: measured faster on an H100 than loading
+        # every column's neighbour and selecting, 50 vs 65 µs at 14336x4096).
         if NM_M == 0:
             cnt = _popc(words, INTERP)
             word_base = tl.cumsum(cnt, axis=1) - cnt  # exclusive prefix over the step's words
-            wv = tl.load(vrow[:, None, None] + (word_base[:, :, None] + _popc(w3 & low3, INTERP)), mask=bit, other=0.0)
+            wv = tl.load(vrow[:, None, None] + (word_base[:, :, None] + _popc(w3 & low3, INTERP)),
+                         mask=bit, other=0.0).to(tl.float32)
             vrow += tl.sum(cnt, axis=1)
         else:
-            wv = tl.load(vrow[:, None, None] + (grp_slot3 + _popc((w3 >> grp_shift3) & grp_low3, INTERP)),
-                         mask=bit, other=0.0)
+            rank = _popc((w3 >> grp_shift3) & grp_low3, INTERP)
+            wv = tl.load(vrow[:, None, None] + (grp_slot3 + rank), mask=bit, other=0.0).to(tl.float32)
             vrow += STEP_VALS
         cols = k0 + g[:, None] * 32 + j[None, :]  # [G, 32]
         if USE_DOT:
             c1 = tl.reshape(cols, [BLOCK_K])
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + c1[None, :],
                          mask=m_ok[:, None] & (c1 < K)[None, :], other=0.0)
-            acc = tl.dot(tl.reshape(wv, [BLOCK_N, BLOCK_K]).to(xt.dtype), tl.trans(xt), acc)
+            acc = tl.dot(tl.reshape(wv, [BLOCK_N, BLOCK_K]).to(DOT_DTYPE), tl.trans(xt.to(DOT_DTYPE)), acc)
         elif BLOCK_M == 1:
             if EVEN:
                 xv = tl.load(x_ptr + pid_m * stride_xm + cols)
             else:
                 xv = tl.load(x_ptr + pid_m * stride_xm + cols, mask=cols < K, other=0.0)
-            acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :, :]
+            acc += wv * xv.to(tl.float32)[None, :, :]
         else:  # a few x rows: FMA, reduced every step
             xt = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + cols[None, :, :],
                          mask=m_ok[:, None, None] & (cols < K)[None, :, :], other=0.0).to(tl.float32)
-            prod = wv.to(tl.float32)[:, None, :, :] * xt[None, :, :, :]
+            prod = wv[:, None, :, :] * xt[None, :, :, :]
             acc += tl.sum(tl.sum(prod, axis=3), axis=2)
 
     if USE_DOT or BLOCK_M > 1:
@@ -179,8 +182,10 @@ def bitmap_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.T
         raise ValueError(f"block_k must be a power of two >= 32, got {config.block_k}")
     if config.use_dot and (config.block_m < 16 or config.block_n < 16):
         raise ValueError("use_dot needs block_m >= 16 and block_n >= 16")
+    out_dtype = x.dtype
+    dot_dtype = tl.float32 if x.dtype == torch.float32 else (tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    y = torch.empty(m_rows, n, device=x.device, dtype=x.dtype)
+    y = torch.empty(m_rows, n, device=x.device, dtype=out_dtype)
     if m_rows == 0 or n == 0:
         return y
     if nm is None:
@@ -195,7 +200,7 @@ def bitmap_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.T
         m_rows, n, k, kw, t, vals_per_row, triton.cdiv(kw * 32, config.block_k), x.stride(0), y.stride(0),
         NM_N=nm_n, NM_M=nm_m, HAS_BIAS=bias is not None,
         EVEN=n % config.block_n == 0 and kw % (config.block_k // 32) == 0 and k == kw * 32,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_M=config.block_m, USE_DOT=config.use_dot,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_M=config.block_m, USE_DOT=config.use_dot, DOT_DTYPE=dot_dtype,
         INTERP=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

@@ -8,7 +8,7 @@ time: the blocks are contiguous b*b runs, so the weight stream is as sequential 
 matrix's, and only the x segments under them are read. Block-rows hold different numbers
 of blocks; ``order`` (the compiler's schedule) lists block-rows longest first, so the
 heavy ones start early and the short ones fill the tail (an LPT schedule).
-M == 1 multiplies in registers; M > 1 uses tl.dot on [b, UNROLL*b] x [UNROLL*b, BLOCK_M].
+M == 1 multiplies in registers; M > 1 uses tl.dot on [b, b] x [b, BLOCK_M] per block.
 A block-row alone is too little work to keep the GPU's memory system busy when there are
 few block-rows (4096 rows / b=32 = 128 programs for 132 SMs), so ``split`` programs share
 a block-row and add their fp32 partial sums atomically (order-dependent rounding in the
@@ -45,31 +45,30 @@ def _bsr_kernel(
     pid_m = tl.program_id(1)
     start = tl.load(row_ptr + br)
     end = tl.load(row_ptr + br + 1)
-    u = tl.arange(0, UNROLL)
     r = tl.arange(0, B)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     if BLOCK_M == 1:
-        acc = tl.zeros([UNROLL, B, B], dtype=tl.float32)
+        acc = tl.zeros([B, B], dtype=tl.float32)
     else:
         acc = tl.zeros([B, BLOCK_M], dtype=tl.float32)
-    for i in range(start + part * UNROLL, end, UNROLL * SPLIT):
-        ids = i + u
-        ok = ids < end
-        cols = tl.load(col_ptr + ids, mask=ok, other=0)
-        blk = tl.load(blk_ptr + ids.to(tl.int64)[:, None, None] * (B * B) + r[None, :, None] * B + r[None, None, :],
-                      mask=ok[:, None, None], other=0.0)  # [U, B(rows), B(cols)]
-        xc = cols[:, None] * B + r[None, :]  # [U, B] input columns under each block
-        if BLOCK_M == 1:
-            xs = tl.load(x_ptr + pid_m * stride_xm + xc, mask=ok[:, None] & (xc < K), other=0.0)
-            acc += blk.to(tl.float32) * xs.to(tl.float32)[:, None, :]
-        else:
-            xs = tl.load(x_ptr + offs_m[None, None, :] * stride_xm + xc[:, :, None],
-                         mask=ok[:, None, None] & (xc < K)[:, :, None] & m_ok[None, None, :], other=0.0)
-            w2 = tl.reshape(tl.permute(blk, (1, 0, 2)), [B, UNROLL * B]).to(xs.dtype)
-            acc = tl.dot(w2, tl.reshape(xs, [UNROLL * B, BLOCK_M]), acc)
+    blk_off = r[:, None] * B + r[None, :]  # a block is B rows of B contiguous values
+    for i0 in range(start + part * UNROLL, end, UNROLL * SPLIT):
+        for u in tl.static_range(UNROLL):  # UNROLL independent block loads in flight
+            i = i0 + u
+            ok = i < end
+            col = tl.load(col_ptr + i, mask=ok, other=0)
+            blk = tl.load(blk_ptr + i.to(tl.int64) * (B * B) + blk_off, mask=ok, other=0.0)
+            xc = col * B + r
+            if BLOCK_M == 1:
+                xs = tl.load(x_ptr + pid_m * stride_xm + xc, mask=ok & (xc < K), other=0.0)
+                acc += blk.to(tl.float32) * xs.to(tl.float32)[None, :]
+            else:
+                xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + xc[:, None],
+                             mask=ok & (xc < K)[:, None] & m_ok[None, :], other=0.0)
+                acc = tl.dot(blk.to(xs.dtype), xs, acc)
     if BLOCK_M == 1:
-        res = tl.sum(tl.sum(acc, axis=2), axis=0)[:, None]  # [B, 1]
+        res = tl.sum(acc, axis=1)[:, None]  # [B, 1]
     else:
         res = acc
     rows = br * B + r
