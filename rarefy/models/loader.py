@@ -90,7 +90,13 @@ def open_checkpoint(path: str):
 
 def load_model(path: str | None = None, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", with_tokenizer: bool = True,
-               progress: bool = False) -> LoadedModel:
+               progress: bool = False, sparse: str = "auto") -> LoadedModel:
+    """Load a checkpoint (HF directory, rarefy-pruned directory or GGUF file; None = the
+    embedded model). ``sparse``: "auto" runs the projections of a checkpoint written by
+    ``rarefy prune`` through SparseLinear (compiled and autotuned per matrix, dense where
+    sparse measured slower), "on" does so for any checkpoint, "off" never."""
+    if sparse not in ("auto", "on", "off"):
+        raise RarefyError(f"sparse must be auto, on or off, got {sparse!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = str(path) if path is not None else default_model_path()
@@ -104,8 +110,18 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
         use_half_weights(model)
     else:
         model = build_model(cfg, ckpt, dev, dt, progress, source=path)
+    if sparse == "on" or (sparse == "auto" and is_pruned_checkpoint(path)):
+        from rarefy.layers.sparse_linear import use_sparse_weights
+        use_sparse_weights(model, progress=progress)
     tokenizer = load_tokenizer(path, fmt, cfg, ckpt) if with_tokenizer else None
     return LoadedModel(model, cfg, tokenizer, path, fmt)
+
+
+def is_pruned_checkpoint(path: str) -> bool:
+    """Whether `path` was written by ``rarefy prune`` with compressed (sparse) weights."""
+    from rarefy.models.safetensors_dir import read_rarefy_metadata
+    meta = read_rarefy_metadata(path)
+    return bool(meta) and meta.get("weights_format") == "sparse-bitmask"
 
 
 def build_model(cfg: ModelConfig, ckpt, device: torch.device, dtype: torch.dtype,

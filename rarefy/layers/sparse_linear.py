@@ -1,0 +1,80 @@
+"""SparseLinear: a pruned projection run by the sparse compiler's chosen kernel.
+
+``use_sparse_weights(model)`` compiles every projection whose weight is sparse enough
+(rarefy.sparse_compiler.compile_matrix: format, config and schedule per matrix, autotuned
+on this device and cached on disk) and swaps in a SparseLinear where the measured sparse
+kernel beats the dense one; where it does not, the dense layer stays (per-layer fallback).
+On CUDA the q/k/v and gate/up projections are fused first, so each fused matrix is
+compiled as one. The load path calls it for checkpoints written by ``rarefy prune``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rarefy.layers.half_weight_linear import HalfWeightLinear
+from rarefy.layers.linear import DenseLinear
+
+# Below this fraction of zeros no format saves enough bytes to pay for its metadata.
+MIN_SPARSITY = 0.25
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W^T + b with W held by a CompiledMatrix (TiledBitmap / NMSparse / BlockSparse)."""
+
+    def __init__(self, compiled, bias: torch.Tensor | None):
+        super().__init__()
+        self.compiled = compiled
+        self.out_features, self.in_features = compiled.shape
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or x.dtype == torch.float32:
+            return self.compiled(x, self.bias)
+        return self.compiled(x.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        p = self.compiled.plan
+        return (f"in={self.in_features}, out={self.out_features}, format={p.format}{p.param}, "
+                f"density={self.compiled.stats.density:.3f}")
+
+
+def weight_sparsity(w: torch.Tensor) -> float:
+    return 1.0 - float((w != 0).sum()) / max(1, w.numel())
+
+
+def use_sparse_weights(model: nn.Module, batch_sizes=(1,), autotune: bool = True, cache_dir=None,
+                       min_sparsity: float = MIN_SPARSITY, progress: bool = False) -> list[dict]:
+    """Swap sparse-enough projections for SparseLinear; returns one report dict per compiled matrix
+    (those that stayed dense included, with ``"kept": "dense"``)."""
+    from rarefy.sparse_compiler import compile_matrix
+
+    if next(model.parameters()).is_cuda and hasattr(model, "fuse_projections"):
+        model.fuse_projections()
+    todo = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (DenseLinear, HalfWeightLinear)) and weight_sparsity(m.weight) >= min_sparsity]
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="compiling sparse layers", unit="matrix", leave=False)
+    reports: list[dict] = []
+    chosen: dict[str, nn.Module] = {}
+    for name, mod in todo:
+        cm = compile_matrix(mod.weight.detach(), batch_sizes=batch_sizes, cache_dir=cache_dir,
+                            autotune=autotune, name=name)
+        rep = cm.report
+        if cm.plan.format != "dense":
+            chosen[name] = SparseLinear(cm, None if mod.bias is None else mod.bias.detach())
+        else:
+            rep["kept"] = "dense"
+        reports.append(rep)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    for name, new in chosen.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return reports

@@ -1,0 +1,266 @@
+"""Compile one pruned matrix: analyse its pattern, pick format + launch config, autotune, cache.
+
+    cm = compile_matrix(w, batch_sizes=(1, 8), cache_dir=None, autotune=True, name="q_proj")
+    y = cm(x)              # x [M, K] -> [M, N]
+    cm.plan.format         # "bitmap" | "nm" | "bsr" | "dense"
+    cm.report              # what was chosen, predicted (bytes) and measured speed-ups
+
+The candidates are every format the pattern allows (tiled bitmap always; n:m when every
+group holds at most n nonzeros; BSR at b = 16/32/64 when the stored blocks cut the bytes by
+a quarter or more) plus dense. Each candidate's kernel is specialised through Triton
+constexprs (tile sizes, n:m, block size, unroll, split, EVEN shapes without bounds checks)
+and, for BSR, a per-matrix launch order (longest block-rows first). With ``autotune`` every
+(format, config) is timed on this device for each batch size and the fastest wins, dense
+included: a matrix where sparse is slower stays dense. The plan is cached on disk as JSON,
+keyed by the pattern hash, shape, dtype, device and batch sizes, so a second compile of the
+same pattern (in any process) skips the search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rarefy.formats.sparse_weight import BlockSparse, NMSparse, TiledBitmap
+from rarefy.kernels.sparse_matmul import sparse_matmul, triton_supports
+from rarefy.kernels.sparse_matmul.triton_bitmap import BitmapConfig
+from rarefy.kernels.sparse_matmul.triton_bsr import BsrConfig
+
+from .pattern import analyze_pattern, pattern_hash
+
+# Bump when kernels or candidate lists change: old cache entries then miss.
+KERNEL_VERSION = 1
+MAX_BSR_FILL = 0.75
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAREFY_COMPILE_CACHE", Path.home() / ".cache" / "rarefy" / "compile"))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from rarefy.bench.machine import cpu_name
+    return f"cpu:{cpu_name()}:threads={torch.get_num_threads()}"
+
+
+@dataclass
+class Plan:
+    format: str  # "bitmap" | "nm" | "bsr" | "dense"
+    param: list = field(default_factory=list)  # nm: [n, m]; bsr: [b]; bitmap: [tile_k]
+    configs: dict = field(default_factory=dict)  # str(batch) -> kernel config dict (GPU)
+    measured_us: dict = field(default_factory=dict)  # str(batch) -> µs of the chosen kernel
+    dense_us: dict = field(default_factory=dict)  # str(batch) -> µs of the dense baseline
+    predicted_speedup: float = 1.0  # dense bytes / chosen format's bytes
+    candidates: list = field(default_factory=list)  # every (format, batch, config, µs) tried
+
+
+def encode(w: torch.Tensor, fmt: str, param) -> object:
+    if fmt == "bitmap":
+        return TiledBitmap.from_dense(w, *param)
+    if fmt == "nm":
+        return NMSparse.from_dense(w, *param)
+    if fmt == "bsr":
+        return BlockSparse.from_dense(w, *param)
+    return w
+
+
+def _candidate_formats(stats, w: torch.Tensor) -> list[tuple[str, list]]:
+    cands = [("dense", [])]
+    if stats.density < 0.95:
+        cands.append(("bitmap", [512]))
+    for n, m in stats.nm:
+        cands.append(("nm", [n, m]))
+    if w.is_cuda:  # the CPU kernel handles the bitmap layouts only
+        for b, fill in stats.block_fill.items():
+            if fill <= MAX_BSR_FILL:
+                cands.append(("bsr", [b]))
+    return cands
+
+
+def _configs(fmt: str, m: int, device: torch.device) -> list:
+    """Launch configs worth timing (from sweeps on an H100, docs/results/sparse-kernels.md)."""
+    if device.type != "cuda" or fmt == "dense":
+        return [None]
+    if fmt == "bsr":
+        bm = 1 if m == 1 else (16 if m <= 16 else 32)
+        return [BsrConfig(unroll=u, block_m=bm, split=s, num_warps=nw)
+                for u, s, nw in ((2, 8, 4), (4, 8, 4), (2, 4, 2), (4, 1, 4), (2, 1, 2))]
+    if m == 1:
+        return [BitmapConfig(bn, bk, 1, num_warps=nw) for bn, bk, nw in
+                ((2, 512, 1), (1, 1024, 1), (2, 256, 1), (4, 512, 2))]
+    if m <= 8:
+        bm = 1 << (m - 1).bit_length()
+        return [BitmapConfig(bn, bk, bm, num_warps=nw) for bn, bk, nw in ((2, 256, 2), (4, 256, 4), (1, 512, 2))] \
+            + [BitmapConfig(32, 128, 16, use_dot=True, num_warps=4)]
+    bm = 16 if m <= 16 else 32
+    return [BitmapConfig(bn, bk, bm, use_dot=True, num_warps=nw) for bn, bk, nw in ((32, 128, 4), (16, 128, 4))]
+
+
+def dense_matmul(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """The dense path a DenseLinear/HalfWeightLinear would take for this weight."""
+    if x.is_cuda:
+        from rarefy.kernels.gemv import gemv
+        return gemv(x, w, bias)
+    if w.dtype == torch.float16 and x.dtype == torch.float32:
+        from rarefy.kernels import gemv_cpu
+        if gemv_cpu.available():
+            return gemv_cpu.gemv_f16(x, w, bias)
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+def time_us(fn, device: torch.device, reps: int = 20) -> float:
+    """Median µs of fn(). CUDA: triton's do_bench (L2 flushed before each call, so a matrix
+    that fits in L2 is not timed from it); CPU: wall clock."""
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=5, rep=max(10, reps), return_mode="median")) * 1000
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _cache_key(phash: str, w: torch.Tensor, batch_sizes, x_dtype) -> str:
+    text = json.dumps([KERNEL_VERSION, phash, list(w.shape), str(w.dtype), str(x_dtype),
+                       device_name(w.device), sorted(batch_sizes)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _x_dtype(w: torch.Tensor) -> torch.dtype:
+    # CPU decode runs fp32 activations against fp16/bf16-stored weights
+    return w.dtype if w.is_cuda else torch.float32
+
+
+def _search(w: torch.Tensor, stats, batch_sizes, autotune: bool) -> Plan:
+    cands = _candidate_formats(stats, w)
+    dense_bytes = w.numel() * w.element_size()
+    encoded = {(f, tuple(p)): encode(w, f, p) for f, p in cands}
+    best: dict[int, tuple] = {}
+    plan = Plan(format="dense")
+    tried = []
+    xd = _x_dtype(w)
+    for m in batch_sizes:
+        x = torch.randn(m, w.shape[1], device=w.device, dtype=xd)
+        dense_t = time_us(lambda: dense_matmul(x, w), w.device) if autotune else None
+        plan.dense_us[str(m)] = dense_t
+        for (fmt, param), sw in encoded.items():
+            if fmt != "dense" and not triton_supports(sw) and w.is_cuda:
+                continue
+            for cfg in _configs(fmt, m, w.device):
+                if not autotune:
+                    t = (sw.nbytes if fmt != "dense" else dense_bytes) / 1e6  # bytes as a proxy
+                elif fmt == "dense":
+                    t = dense_t
+                else:
+                    try:
+                        t = time_us(lambda: sparse_matmul(x, sw, config=cfg), w.device)
+                    except Exception as e:  # a config that does not compile on this device
+                        tried.append({"format": fmt, "param": param, "batch": m, "config": _cfg_dict(cfg),
+                                      "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                        continue
+                tried.append({"format": fmt, "param": param, "batch": m, "config": _cfg_dict(cfg),
+                              "us" if autotune else "mb": t})
+                best.setdefault(m, {})
+                key = (fmt, param)
+                if key not in best[m] or t < best[m][key][0]:
+                    best[m][key] = (t, cfg)
+    # one format for all batch sizes (the weights are stored once): least total time
+    totals = {}
+    for m, per in best.items():
+        for key, (t, _) in per.items():
+            totals[key] = totals.get(key, 0.0) + t / (best[m][("dense", ())][0] or 1.0)
+    fmt, param = min(totals, key=totals.get) if totals else ("dense", ())
+    plan.format, plan.param = fmt, list(param)
+    chosen = encoded[(fmt, tuple(param))]
+    plan.predicted_speedup = dense_bytes / (chosen.nbytes if fmt != "dense" else dense_bytes)
+    for m in batch_sizes:
+        t, cfg = best[m][(fmt, tuple(param))]
+        plan.configs[str(m)] = _cfg_dict(cfg)
+        plan.measured_us[str(m)] = t if autotune else None
+    plan.candidates = tried
+    return plan
+
+
+def _cfg_dict(cfg) -> dict | None:
+    if cfg is None:
+        return None
+    return {"kind": type(cfg).__name__, **asdict(cfg)}
+
+
+def _cfg_from(d: dict | None):
+    if not d:
+        return None
+    d = dict(d)
+    kind = d.pop("kind")
+    return {"BitmapConfig": BitmapConfig, "BsrConfig": BsrConfig}[kind](**d)
+
+
+class CompiledMatrix:
+    """A weight in its chosen format with its per-batch launch configs; call it like F.linear."""
+
+    def __init__(self, w: torch.Tensor, plan: Plan, stats, phash: str, name: str, cache_hit: bool):
+        self.plan, self.stats, self.pattern_hash, self.name, self.cache_hit = plan, stats, phash, name, cache_hit
+        self.weight = encode(w, plan.format, plan.param)
+        self.shape = tuple(w.shape)
+        self._configs = sorted((int(m), _cfg_from(c)) for m, c in plan.configs.items())
+
+    def config_for(self, m: int):
+        for bm, cfg in self._configs:
+            if m <= bm:
+                return cfg
+        return None  # larger than every tuned batch: the kernel's own default
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.plan.format == "dense":
+            x2 = x.reshape(-1, x.shape[-1])
+            return dense_matmul(x2, self.weight, bias).view(*x.shape[:-1], self.shape[0])
+        m = x.numel() // x.shape[-1]
+        return sparse_matmul(x, self.weight, bias, config=self.config_for(m))
+
+    @property
+    def report(self) -> dict:
+        p = self.plan
+        speedups = {m: (p.dense_us[m] / p.measured_us[m]) if p.dense_us.get(m) and p.measured_us.get(m) else None
+                    for m in p.measured_us}
+        return {"name": self.name, "shape": list(self.shape), "format": p.format, "param": p.param,
+                "configs": p.configs, "predicted_speedup": round(p.predicted_speedup, 3),
+                "measured_us": p.measured_us, "dense_us": p.dense_us, "measured_speedup": speedups,
+                "density": round(self.stats.density, 4), "pattern": self.stats.to_dict(),
+                "pattern_hash": self.pattern_hash, "cache_hit": self.cache_hit}
+
+
+def compile_matrix(w: torch.Tensor, batch_sizes=(1,), cache_dir: str | os.PathLike | None = None,
+                   autotune: bool = True, name: str = "") -> CompiledMatrix:
+    """Compile dense-with-zeros weight ``w`` [N, K] (on its device) for the given batch sizes."""
+    if w.dim() != 2:
+        raise ValueError(f"compile_matrix takes a 2-D weight, got {tuple(w.shape)}")
+    batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+    stats = analyze_pattern(w)
+    phash = pattern_hash(w)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / f"{_cache_key(phash, w, batch_sizes, _x_dtype(w))}.json"
+    if autotune and path.is_file():
+        try:
+            plan = Plan(**json.loads(path.read_text()))
+            return CompiledMatrix(w, plan, stats, phash, name, cache_hit=True)
+        except (ValueError, TypeError, KeyError):
+            pass  # damaged or older entry: search again and overwrite it
+    plan = _search(w, stats, batch_sizes, autotune)
+    if autotune:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(plan)))
+        os.replace(tmp, path)
+    return CompiledMatrix(w, plan, stats, phash, name, cache_hit=False)
