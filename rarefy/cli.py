@@ -21,10 +21,12 @@ def _register_commands() -> None:
     """Commands that live in their own modules (rarefy/commands/)."""
     from rarefy.commands.analyze import analyze
     from rarefy.commands.bench import bench_app
+    from rarefy.commands.compile import compile_model
     from rarefy.commands.experiment import experiment_app
     from rarefy.commands.prune import prune
     app.command("analyze")(analyze)
     app.command("prune")(prune)
+    app.command("compile")(compile_model)
     app.add_typer(experiment_app, name="experiment")
     app.add_typer(bench_app, name="bench")
 

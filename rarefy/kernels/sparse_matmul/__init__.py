@@ -51,10 +51,15 @@ def _cpu(x2: torch.Tensor, w: SparseWeight, bias) -> torch.Tensor:
         if sparse_cpu.available():
             if isinstance(w, TiledBitmap):
                 row_start = w.tile_offsets[:, 0].contiguous()
+                k = w.shape[1]
             else:
                 per_row = w.values.shape[-1]
                 row_start = torch.arange(w.shape[0], dtype=torch.int32) * per_row
-            y = sparse_cpu.bitmap_matmul(x2.float(), w.bitmask, w.values.reshape(-1), row_start, w.shape[1],
+                # n:m keeps exactly n stored slots per group, so groups in the padding past K
+                # hold explicit zeros there: give the kernel a zero-padded x to match
+                k = w.bitmask.shape[1] * 32
+                x2 = F.pad(x2, (0, k - x2.shape[1]))
+            y = sparse_cpu.bitmap_matmul(x2.float(), w.bitmask, w.values.reshape(-1), row_start, k,
                                          bias=None if bias is None else bias.float())
             return y.to(x2.dtype)
     return F.linear(x2, w.to_dense().to(x2.dtype), bias)
