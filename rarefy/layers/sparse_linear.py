@@ -10,6 +10,9 @@ compiled as one. The load path calls it for checkpoints written by ``rarefy prun
 
 from __future__ import annotations
 
+import weakref
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -20,6 +23,22 @@ from rarefy.layers.linear import DenseLinear
 MIN_SPARSITY = 0.25
 
 
+# torch.compile must not trace into the Triton launches (inductor recompiles user kernels
+# and cannot build their libdevice calls): each SparseLinear's matmul is one opaque custom
+# op, found through this registry by an integer key (a constant for the compiler).
+_REGISTRY: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # freed with its layer
+
+
+@torch.library.custom_op("rarefy::sparse_linear", mutates_args=())
+def _sparse_linear_op(x: torch.Tensor, key: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _REGISTRY[key](x, bias)
+
+
+@_sparse_linear_op.register_fake
+def _(x, key, bias):
+    return x.new_empty(*x.shape[:-1], _REGISTRY[key].shape[0])
+
+
 class SparseLinear(nn.Module):
     """y = x @ W^T + b with W held by a CompiledMatrix (TiledBitmap / NMSparse / BlockSparse)."""
 
@@ -28,9 +47,13 @@ class SparseLinear(nn.Module):
         self.compiled = compiled
         self.out_features, self.in_features = compiled.shape
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._key = id(compiled)
+        _REGISTRY[self._key] = compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or x.dtype == torch.float32:
+        if x.is_cuda:
+            return torch.ops.rarefy.sparse_linear(x, self._key, self.bias)
+        if x.dtype == torch.float32:
             return self.compiled(x, self.bias)
         return self.compiled(x.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
 
