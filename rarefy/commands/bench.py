@@ -1,0 +1,97 @@
+"""`rarefy bench ...`: kernel benchmarks.
+
+    rarefy bench kernels --quick                     # GPU: Llama-3-8B shapes, batches 1 and 8
+    rarefy bench kernels --out kernels.md --json     # GPU: the full sweep (5.7 min on an H100)
+    rarefy bench kernels --device cpu                # CPU: SmolLM2-135M shapes, batches 1 and 4
+
+Registered in rarefy/cli.py as ``app.add_typer(bench_app, name="bench")``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Optional
+
+import typer
+
+from rarefy.cli_common import JsonOpt, emit_json, user_errors
+from rarefy.errors import RarefyError
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels against dense and torch.sparse baselines.")
+
+
+@bench_app.command("kernels")
+@user_errors
+def kernels(
+    device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when visible)"),
+    as_json: bool = JsonOpt,
+    out: Optional[str] = typer.Option(None, "--out", help="write the results as markdown to this file"),
+    shapes: Optional[str] = typer.Option(
+        None, "--shapes", help="comma list of NxK (e.g. 4096x4096) or sets llama3-8b, qwen3.5-27b, smollm2 "
+        "(default: GPU llama3-8b + qwen3.5-27b, CPU smollm2)"),
+    patterns: Optional[str] = typer.Option(
+        None, "--patterns", help="comma list: unstructured % (50), n:m (2:4), blocks bB@S (b16@50: 16x16 blocks, "
+        "50% of blocks removed); default: 50,70,75,90,2:4,4:8 and b16/b32/b64 at 50% and 75%"),
+    batches: Optional[str] = typer.Option(None, "--batches", help="comma list of batch sizes M "
+                                          "(default: GPU 1,2,4,8,16,32; CPU 1,4)"),
+    quick: bool = typer.Option(False, "--quick", help="GPU: Llama-3-8B shapes, batches 1 and 8; CPU: batch 1"),
+    methods: Optional[str] = typer.Option(
+        None, "--methods", help="only these (comma list): dense, rarefy_dense, csr, semi24, sparse_matmul, rarefy "
+        "(CPU also dense_fp32, csr_fp32)"),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32"),
+    max_minutes: Optional[float] = typer.Option(
+        None, "--max-minutes", help="stop timing after this long; later rows say 'skipped' "
+        "(default: 7.5 on GPU, none on CPU; 0 = no limit)"),
+    samples: int = typer.Option(5, "--samples", help="timed graph replays (GPU) or bursts (CPU) per row; median"),
+    threads: int = typer.Option(0, "--threads", help="CPU: torch threads (0: torch's default)"),
+):
+    """Sparse kernels vs cuBLAS / torch.sparse / rarefy dense: µs, bytes, TB/s, speed-ups; every row checked first."""
+    import torch
+
+    from rarefy.bench import kernels as kb
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise RarefyError(f"--device must be cuda, cpu or auto, got {device}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RarefyError("--device cuda: no CUDA device is visible (use --device cpu)")
+    if dtype not in kb.DTYPES:
+        raise RarefyError(f"--dtype must be one of {', '.join(kb.DTYPES)}, got {dtype}")
+    if samples < 1:
+        raise RarefyError("--samples must be at least 1")
+    if threads < 0:
+        raise RarefyError("--threads must not be negative")
+    if threads:
+        torch.set_num_threads(threads)
+    if max_minutes is None:
+        max_minutes = 7.5 if device == "cuda" else 0
+    if max_minutes < 0:
+        raise RarefyError("--max-minutes must not be negative")
+
+    cfg = kb.default_config(device, quick, dtype=kb.DTYPES[dtype], samples=samples,
+                            max_seconds=max_minutes * 60 if max_minutes else None,
+                            command="rarefy " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "rarefy bench kernels")
+    if shapes is not None:
+        cfg.shapes = kb.parse_shapes(shapes)
+    if patterns is not None:
+        cfg.patterns = kb.parse_patterns(patterns)
+    if batches is not None:
+        cfg.batches = kb.parse_batches(batches)
+    if methods is not None:
+        cfg.methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+        if not cfg.methods:
+            raise RarefyError("--methods: give at least one method")
+
+    result = kb.run_bench(cfg, progress=kb._stderr_progress)  # one line per row on stderr as it is measured
+    typer.echo(kb.format_table(result))
+    if out:
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(kb.format_markdown(result))
+        except OSError as e:
+            raise RarefyError(f"cannot write --out {out}: {e.strerror or e}") from None
+        typer.echo(f"wrote {out}", err=True)
+    if as_json:
+        emit_json(result)
