@@ -74,9 +74,11 @@ def graph_us(launch, nbuf, reps=3, calls=20):
 
 def bitmap_configs(m):
     if m == 1:
-        for bn, bk, nw in itertools.product((1, 2, 4, 8), (256, 512, 1024), (1, 2, 4)):
+        for bn, bk, nw in itertools.product((1, 2, 4), (256, 512, 1024), (1, 2, 4)):
             if bn * bk // (32 * nw) >= 4:
-                yield BitmapConfig(block_n=bn, block_k=bk, block_m=1, num_warps=nw)
+                yield BitmapConfig(block_n=bn, block_k=bk, block_m=1, num_warps=nw, flat=True)
+        for bn, bk, nw in ((2, 512, 1), (1, 1024, 1), (2, 256, 1)):
+            yield BitmapConfig(block_n=bn, block_k=bk, block_m=1, num_warps=nw)
     else:
         bm = triton.next_power_of_2(m)
         if bm <= 8:

@@ -47,6 +47,7 @@ class BitmapConfig:
     block_k: int = 256
     block_m: int = 1
     use_dot: bool = False
+    flat: bool = False  # M == 1 only: the 2-D column-per-lane kernel
     num_warps: int = 4
     num_stages: int = 2
 
@@ -155,6 +156,60 @@ def _bitmap_kernel(
     tl.store(ptrs, res.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
 
 
+@triton.jit
+def _bitmap2d_kernel(
+    x_ptr, mask_ptr, val_ptr, off_ptr, b_ptr, y_ptr,
+    M, N, K, Kw, T, VALS_PER_ROW, N_STEPS,
+    stride_xm, stride_ym,
+    NM_N: tl.constexpr, NM_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr,
+):
+    """M == 1 variant on a 2-D [BLOCK_N, BLOCK_K] tile whose columns run along the lanes,
+    so a warp's value gathers fall in one or two cache lines. A column's rank among the
+    step's set bits comes from a running scan of the bits (bitmap) or its group (n:m)."""
+    pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows_c = tl.where(row_ok, rows, 0)
+    c = tl.arange(0, BLOCK_K)
+    sh = (c % 32)[None, :]
+    if NM_M == 0:
+        vrow = val_ptr + tl.load(off_ptr + rows_c.to(tl.int64) * T, mask=row_ok, other=0).to(tl.int64)
+    else:
+        grp_shift = (c % 32 - c % NM_M)[None, :]
+        grp_low = ((1 << (c % NM_M)) - 1)[None, :]
+        slot = (c // NM_M * NM_N)[None, :]
+        STEP_VALS: tl.constexpr = BLOCK_K // NM_M * NM_N
+        vrow = val_ptr + rows_c.to(tl.int64) * VALS_PER_ROW
+    wrow = mask_ptr + rows_c.to(tl.int64) * Kw
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for step in range(0, N_STEPS):
+        k0 = step * BLOCK_K
+        cols = k0 + c
+        if EVEN:
+            words = tl.load(wrow[:, None] + (cols // 32)[None, :])
+            xv = tl.load(x_ptr + cols)
+        else:
+            words = tl.load(wrow[:, None] + (cols // 32)[None, :],
+                            mask=row_ok[:, None] & (cols < Kw * 32)[None, :], other=0)
+            xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+        bit = (words >> sh) & 1
+        if NM_M == 0:
+            incl = tl.cumsum(bit, axis=1)
+            wv = tl.load(vrow[:, None] + (incl - bit), mask=bit != 0, other=0.0)
+            vrow += tl.sum(bit, axis=1)
+        else:
+            rank = _popc((words >> grp_shift) & grp_low, INTERP)
+            wv = tl.load(vrow[:, None] + (slot + rank), mask=bit != 0, other=0.0)
+            vrow += STEP_VALS
+        acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+    res = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        res += tl.load(b_ptr + rows_c, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, res.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
 def default_config(n: int, k: int, m: int) -> BitmapConfig:
     """A config that is reasonable before autotuning (the compiler measures better ones)."""
     block_k = 256
@@ -194,6 +249,16 @@ def bitmap_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.T
     else:
         off, t, vals_per_row = bitmask, 1, values.shape[-1]
         nm_n, nm_m = nm
+    even = n % config.block_n == 0 and kw % (config.block_k // 32) == 0 and k == kw * 32
+    n_steps = triton.cdiv(kw * 32, config.block_k)
+    if config.flat and m_rows == 1:
+        _bitmap2d_kernel[(triton.cdiv(n, config.block_n),)](
+            x, bitmask, values, off, bias if bias is not None else x, y,
+            m_rows, n, k, kw, t, vals_per_row, n_steps, x.stride(0), y.stride(0),
+            NM_N=nm_n, NM_M=nm_m, HAS_BIAS=bias is not None, EVEN=even,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, INTERP=INTERPRET,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return y
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m_rows, config.block_m))
     _bitmap_kernel[grid](
         x, bitmask, values, off, bias if bias is not None else x, y,
