@@ -31,7 +31,7 @@ L2_BYTES = 50 * 2**20
 def make_weight(n, k, pattern, gen):
     w = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.float32)
     kind, arg = pattern
-    if kind == "unstructured":
+    if kind in ("unstructured", "unstructured_w"):
         w = w * unstructured_mask(w.abs(), arg)
     elif kind == "nm":
         w = w * nm_mask(w.abs(), *arg)
@@ -45,6 +45,8 @@ def encode(w, pattern):
     kind, arg = pattern
     if kind == "unstructured":
         return TiledBitmap.from_dense(w)
+    if kind == "unstructured_w":
+        return TiledBitmap.from_dense(w, word_offsets=True)
     if kind == "nm":
         return NMSparse.from_dense(w, *arg)
     return BlockSparse.from_dense(w, arg[0])
@@ -106,7 +108,8 @@ def main():
     ap.add_argument("--top", type=int, default=3)
     args = ap.parse_args()
     pats = {"u50": ("unstructured", 0.5), "u70": ("unstructured", 0.7), "u75": ("unstructured", 0.75),
-            "u90": ("unstructured", 0.9), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8)),
+            "u90": ("unstructured", 0.9),
+            "w50": ("unstructured_w", 0.5), "w75": ("unstructured_w", 0.75), "w90": ("unstructured_w", 0.9), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8)),
             "b16": ("block", (16, 0.5)), "b32": ("block", (32, 0.5)), "b64": ("block", (64, 0.5))}
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

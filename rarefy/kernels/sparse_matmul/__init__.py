@@ -36,7 +36,7 @@ def _cuda(x2: torch.Tensor, w: SparseWeight, bias, config) -> torch.Tensor:
     if isinstance(w, TiledBitmap):
         from .triton_bitmap import bitmap_matmul_triton
         return bitmap_matmul_triton(x2, w.bitmask, w.values, w.shape[0], tile_offsets=w.tile_offsets,
-                                    bias=bias, config=config)
+                                    word_offsets=w.word_offsets, bias=bias, config=config)
     if isinstance(w, NMSparse):
         from .triton_bitmap import bitmap_matmul_triton
         return bitmap_matmul_triton(x2, w.bitmask, w.values, w.shape[0], nm=(w.n, w.m), bias=bias, config=config)

@@ -161,13 +161,15 @@ def _bitmap2d_kernel(
     x_ptr, mask_ptr, val_ptr, off_ptr, b_ptr, y_ptr,
     M, N, K, Kw, T, VALS_PER_ROW, N_STEPS,
     stride_xm, stride_ym,
+    woff_ptr,
     NM_N: tl.constexpr, NM_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, WORD_OFFSETS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr,
 ):
     """M == 1 variant on a 2-D [BLOCK_N, BLOCK_K] tile whose columns run along the lanes,
     so a warp's value gathers fall in one or two cache lines. A column's rank among the
-    step's set bits comes from a running scan of the bits (bitmap) or its group (n:m)."""
+    step's set bits comes from a running scan of the bits, or (WORD_OFFSETS) from the
+    stored offset of its word plus a popcount, or from its group (n:m)."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -176,6 +178,9 @@ def _bitmap2d_kernel(
     sh = (c % 32)[None, :]
     if NM_M == 0:
         vrow = val_ptr + tl.load(off_ptr + rows_c.to(tl.int64) * T, mask=row_ok, other=0).to(tl.int64)
+        if WORD_OFFSETS:
+            low = ((tl.full([BLOCK_K], 1, tl.int64) << (c % 32)) - 1).to(tl.int32)[None, :]
+            worow = woff_ptr + rows_c.to(tl.int64) * Kw
     else:
         grp_shift = (c % 32 - c % NM_M)[None, :]
         grp_low = ((1 << (c % NM_M)) - 1)[None, :]
@@ -195,7 +200,14 @@ def _bitmap2d_kernel(
                             mask=row_ok[:, None] & (cols < Kw * 32)[None, :], other=0)
             xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
         bit = (words >> sh) & 1
-        if NM_M == 0:
+        if NM_M == 0 and WORD_OFFSETS:
+            if EVEN:
+                wo = tl.load(worow[:, None] + (cols // 32)[None, :]).to(tl.int32)
+            else:
+                wo = tl.load(worow[:, None] + (cols // 32)[None, :],
+                             mask=row_ok[:, None] & (cols < Kw * 32)[None, :], other=0).to(tl.int32)
+            wv = tl.load(vrow[:, None] + (wo + _popc(words & low, INTERP)), mask=bit != 0, other=0.0)
+        elif NM_M == 0:
             incl = tl.cumsum(bit, axis=1)
             wv = tl.load(vrow[:, None] + (incl - bit), mask=bit != 0, other=0.0)
             vrow += tl.sum(bit, axis=1)
@@ -221,7 +233,7 @@ def default_config(n: int, k: int, m: int) -> BitmapConfig:
 
 
 def bitmap_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, n: int,
-                         *, tile_offsets: torch.Tensor | None = None,
+                         *, tile_offsets: torch.Tensor | None = None, word_offsets: torch.Tensor | None = None,
                          nm: tuple[int, int] | None = None, bias: torch.Tensor | None = None,
                          config: BitmapConfig | None = None) -> torch.Tensor:
     """x [M, K] @ W.T (+ bias) with W in bitmap form; returns [M, N] in x.dtype.
@@ -255,7 +267,9 @@ def bitmap_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.T
         _bitmap2d_kernel[(triton.cdiv(n, config.block_n),)](
             x, bitmask, values, off, bias if bias is not None else x, y,
             m_rows, n, k, kw, t, vals_per_row, n_steps, x.stride(0), y.stride(0),
+            word_offsets if word_offsets is not None else bitmask,
             NM_N=nm_n, NM_M=nm_m, HAS_BIAS=bias is not None, EVEN=even,
+            WORD_OFFSETS=word_offsets is not None and nm is None,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, INTERP=INTERPRET,
             num_warps=config.num_warps, num_stages=config.num_stages)
         return y
