@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from rarefy.formats.sparse_weight import BlockSparse, NMSparse, TiledBitmap
+from rarefy.formats.sparse_weight import BlockSparse, DeltaSparse, NMSparse, TiledBitmap
 from rarefy.kernels.gemv import gemv
 from rarefy.kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref
 from rarefy.kernels.sparse_matmul.triton_bitmap import BitmapConfig
 from rarefy.kernels.sparse_matmul.triton_bsr import BsrConfig
+from rarefy.kernels.sparse_matmul.triton_delta import DeltaConfig
 from rarefy.sparsity.masks import block_mask, nm_mask, unstructured_mask
 
 L2_BYTES = 50 * 2**20
@@ -31,7 +32,7 @@ L2_BYTES = 50 * 2**20
 def make_weight(n, k, pattern, gen):
     w = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.float32)
     kind, arg = pattern
-    if kind in ("unstructured", "unstructured_w"):
+    if kind in ("unstructured", "unstructured_w", "delta"):
         w = w * unstructured_mask(w.abs(), arg)
     elif kind == "nm":
         w = w * nm_mask(w.abs(), *arg)
@@ -47,6 +48,8 @@ def encode(w, pattern):
         return TiledBitmap.from_dense(w)
     if kind == "unstructured_w":
         return TiledBitmap.from_dense(w, word_offsets=True)
+    if kind == "delta":
+        return DeltaSparse.from_dense(w)
     if kind == "nm":
         return NMSparse.from_dense(w, *arg)
     return BlockSparse.from_dense(w, arg[0])
@@ -90,6 +93,13 @@ def bitmap_configs(m):
             yield BitmapConfig(block_n=bn, block_k=bk, block_m=max(16, bm), use_dot=True, num_warps=nw)
 
 
+def delta_configs(m):
+    bm = 1 if m == 1 else min(8, triton.next_power_of_2(m))
+    for bn, bv, nw in itertools.product((1, 2, 4), (256, 512, 1024), (1, 2, 4)):
+        if bn * bv // (32 * nw) >= 4:
+            yield DeltaConfig(block_n=bn, block_v=bv, block_m=bm, num_warps=nw)
+
+
 def bsr_configs(m, b, n_block_rows):
     for u, nw, split in itertools.product((2, 4, 8), (2, 4), (1, 2, 4, 8)):
         if u * b <= 256 and n_block_rows * split <= 8192:
@@ -109,6 +119,7 @@ def main():
     args = ap.parse_args()
     pats = {"u50": ("unstructured", 0.5), "u70": ("unstructured", 0.7), "u75": ("unstructured", 0.75),
             "u90": ("unstructured", 0.9),
+            "d50": ("delta", 0.5), "d75": ("delta", 0.75), "d90": ("delta", 0.9),
             "w50": ("unstructured_w", 0.5), "w75": ("unstructured_w", 0.75), "w90": ("unstructured_w", 0.9), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8)),
             "b16": ("block", (16, 0.5)), "b32": ("block", (32, 0.5)), "b64": ("block", (64, 0.5))}
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -128,7 +139,12 @@ def main():
                 ref = sparse_matmul_ref(x, sw)
                 t_cublas = graph_us(lambda i: F.linear(x, dws[i]), len(dws))
                 t_dense = graph_us(lambda i: gemv(x, dws[i]), len(dws))
-                cands = list(bsr_configs(m, sw.block, sw.row_ptr.numel() - 1) if isinstance(sw, BlockSparse) else bitmap_configs(m))
+                if isinstance(sw, BlockSparse):
+                    cands = list(bsr_configs(m, sw.block, sw.row_ptr.numel() - 1))
+                elif isinstance(sw, DeltaSparse):
+                    cands = list(delta_configs(m))
+                else:
+                    cands = list(bitmap_configs(m))
                 results = []
                 for cfg in cands:
                     try:

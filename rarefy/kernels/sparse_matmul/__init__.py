@@ -1,11 +1,11 @@
 """Sparse matmul for decode: ``y = x @ W.T + bias`` with W in a pruned format.
 
 ``sparse_matmul(x, w, bias=None, config=None)``
-    x: [..., K] activations; w: TiledBitmap | NMSparse | BlockSparse of shape [N, K]
+    x: [..., K] activations; w: TiledBitmap | NMSparse | BlockSparse | DeltaSparse of shape [N, K]
     (rarefy.formats.sparse_weight); bias: [N] or None. Returns [..., N] in x.dtype.
 
     CUDA: the Triton kernels (triton_bitmap for TiledBitmap/NMSparse, triton_bsr for
-    BlockSparse with b in 16/32/64), x and the values of one dtype. `config` is a
+    BlockSparse with b in 16/32/64, triton_delta for DeltaSparse), x and the values of one dtype. `config` is a
     BitmapConfig / BsrConfig (the compiler's autotuned choice); None picks a default.
     CPU: rarefy's C++ kernel (rarefy.kernels.sparse_cpu) for the bitmap formats when it
     builds, fp32 math; otherwise (and for BlockSparse) densify-and-matmul in torch.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rarefy.formats.sparse_weight import BlockSparse, NMSparse, SparseWeight, TiledBitmap
+from rarefy.formats.sparse_weight import BlockSparse, DeltaSparse, NMSparse, SparseWeight, TiledBitmap
 
 from .ref import sparse_matmul_ref
 
@@ -40,6 +40,9 @@ def _cuda(x2: torch.Tensor, w: SparseWeight, bias, config) -> torch.Tensor:
     if isinstance(w, NMSparse):
         from .triton_bitmap import bitmap_matmul_triton
         return bitmap_matmul_triton(x2, w.bitmask, w.values, w.shape[0], nm=(w.n, w.m), bias=bias, config=config)
+    if isinstance(w, DeltaSparse):
+        from .triton_delta import delta_matmul_triton
+        return delta_matmul_triton(x2, w.row_ptr, w.values, w.gaps, w.shape[0], bias=bias, config=config)
     from .triton_bsr import bsr_matmul_triton
     return bsr_matmul_triton(x2, w.row_ptr, w.col_idx, w.blocks, w.shape[0], bias=bias, order=w.order,
                              config=config)
