@@ -95,8 +95,8 @@ def bitmap_configs(m):
 
 def delta_configs(m):
     bm = 1 if m == 1 else min(8, triton.next_power_of_2(m))
-    for bn, bv, nw in itertools.product((1, 2, 4), (256, 512, 1024), (1, 2, 4)):
-        if bn * bv // (32 * nw) >= 4:
+    for bn, bv, nw in itertools.product((1, 2, 4, 8), (64, 128, 256, 512), (1, 2, 4)):
+        if bn * bv // (32 * nw) >= 2:
             yield DeltaConfig(block_n=bn, block_v=bv, block_m=bm, num_warps=nw)
 
 
