@@ -5,6 +5,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU every Triton kernel runs under the interpreter. Set it before any test
+# module imports rarefy: @triton.jit reads it when a kernel module is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 WIKITEXT_VALID = os.path.abspath(os.path.join(SHARED_DATA, "wikitext-2", "valid.txt"))
 

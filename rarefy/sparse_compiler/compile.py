@@ -2,12 +2,13 @@
 
     cm = compile_matrix(w, batch_sizes=(1, 8), cache_dir=None, autotune=True, name="q_proj")
     y = cm(x)              # x [M, K] -> [M, N]
-    cm.plan.format         # "bitmap" | "nm" | "bsr" | "dense"
+    cm.plan.format         # "bitmap" | "nm" | "bsr" | "delta" | "dense"
     cm.report              # what was chosen, predicted (bytes) and measured speed-ups
 
 The candidates are every format the pattern allows (tiled bitmap always; n:m when every
-group holds at most n nonzeros; BSR at b = 16/32/64 when the stored blocks cut the bytes by
-a quarter or more) plus dense. Each candidate's kernel is specialised through Triton
+group holds at most n nonzeros; on GPU, values with 4-bit column gaps below 60% density
+and BSR at b = 16/32/64 when the stored blocks cut the bytes by a quarter or more) plus
+dense. Each candidate's kernel is specialised through Triton
 constexprs (tile sizes, n:m, block size, unroll, split, EVEN shapes without bounds checks)
 and, for BSR, a per-matrix launch order (longest block-rows first). With ``autotune`` every
 (format, config) is timed on this device for each batch size and the fastest wins, dense
@@ -29,15 +30,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rarefy.formats.sparse_weight import BlockSparse, NMSparse, TiledBitmap
+from rarefy.formats.sparse_weight import BlockSparse, DeltaSparse, NMSparse, TiledBitmap
 from rarefy.kernels.sparse_matmul import sparse_matmul, triton_supports
 from rarefy.kernels.sparse_matmul.triton_bitmap import BitmapConfig
 from rarefy.kernels.sparse_matmul.triton_bsr import BsrConfig
+from rarefy.kernels.sparse_matmul.triton_delta import DeltaConfig
 
 from .pattern import analyze_pattern, pattern_hash
 
 # Bump when kernels or candidate lists change: old cache entries then miss.
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 MAX_BSR_FILL = 0.75
 
 
@@ -54,7 +56,7 @@ def device_name(device: torch.device) -> str:
 
 @dataclass
 class Plan:
-    format: str  # "bitmap" | "nm" | "bsr" | "dense"
+    format: str  # "bitmap" | "nm" | "bsr" | "delta" | "dense"
     param: list = field(default_factory=list)  # nm: [n, m]; bsr: [b]; bitmap: [tile_k]
     configs: dict = field(default_factory=dict)  # str(batch) -> kernel config dict (GPU)
     measured_us: dict = field(default_factory=dict)  # str(batch) -> µs of the chosen kernel
@@ -70,6 +72,8 @@ def encode(w: torch.Tensor, fmt: str, param) -> object:
         return NMSparse.from_dense(w, *param)
     if fmt == "bsr":
         return BlockSparse.from_dense(w, *param)
+    if fmt == "delta":
+        return DeltaSparse.from_dense(w)
     return w
 
 
@@ -80,6 +84,8 @@ def _candidate_formats(stats, w: torch.Tensor) -> list[tuple[str, list]]:
     for n, m in stats.nm:
         cands.append(("nm", [n, m]))
     if w.is_cuda:  # the CPU kernel handles the bitmap layouts only
+        if stats.density < 0.6:
+            cands.append(("delta", []))
         for b, fill in stats.block_fill.items():
             if fill <= MAX_BSR_FILL:
                 cands.append(("bsr", [b]))
@@ -90,6 +96,12 @@ def _configs(fmt: str, m: int, device: torch.device) -> list:
     """Launch configs worth timing (from sweeps on an H100, docs/results/sparse-kernels.md)."""
     if device.type != "cuda" or fmt == "dense":
         return [None]
+    if fmt == "delta":
+        bm = 1 if m == 1 else min(8, 1 << (m - 1).bit_length())
+        if m == 1:
+            return [DeltaConfig(bn, bv, 1, num_warps=nw) for bn, bv, nw in
+                    ((2, 256, 2), (1, 512, 1), (4, 64, 1), (1, 256, 1))]
+        return [DeltaConfig(bn, 256, bm, num_warps=1) for bn in (1, 2)]
     if fmt == "bsr":
         bm = 1 if m == 1 else (16 if m <= 16 else 32)
         return [BsrConfig(unroll=u, block_m=bm, split=s, num_warps=nw)
@@ -241,7 +253,7 @@ def _cfg_from(d: dict | None):
         return None
     d = dict(d)
     kind = d.pop("kind")
-    return {"BitmapConfig": BitmapConfig, "BsrConfig": BsrConfig}[kind](**d)
+    return {"BitmapConfig": BitmapConfig, "BsrConfig": BsrConfig, "DeltaConfig": DeltaConfig}[kind](**d)
 
 
 class CompiledMatrix:

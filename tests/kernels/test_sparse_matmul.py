@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from rarefy.errors import RarefyError  # noqa: E402
-from rarefy.formats.sparse_weight import BlockSparse, NMSparse, TiledBitmap  # noqa: E402
+from rarefy.formats.sparse_weight import BlockSparse, DeltaSparse, NMSparse, TiledBitmap  # noqa: E402
 from rarefy.kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref  # noqa: E402
 from rarefy.sparsity.masks import nm_mask  # noqa: E402
 from triton_interp import CUDA, kernel_module  # noqa: E402
@@ -58,8 +58,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 def test_formats_round_trip(n, k, sparsity):
     gen = torch.Generator().manual_seed(n * 1000 + k)
     w = random_sparse(n, k, sparsity, gen)
-    for fmt in (TiledBitmap.from_dense(w, 64), TiledBitmap.from_dense(w), BlockSparse.from_dense(w, 16),
-                BlockSparse.from_dense(w, 3)):
+    for fmt in (TiledBitmap.from_dense(w, 64), TiledBitmap.from_dense(w, word_offsets=True),
+                BlockSparse.from_dense(w, 16), BlockSparse.from_dense(w, 3), DeltaSparse.from_dense(w)):
         assert torch.equal(fmt.to_dense(), w)
         assert fmt.nnz == int((w != 0).sum())
     wn = nm_weight(n, k, 2, 4, gen)
@@ -131,6 +131,32 @@ def test_bsr_kernel(kern, b, m, split):
     assert rel_err(y.cpu(), sparse_matmul_ref(x, sw.to("cpu"), bias)) < TOL[torch.float32]
 
 
+def test_delta_long_gaps_and_bytes():
+    """Runs of more than 15 zero columns are bridged by zero entries; bytes are 2.5 per entry."""
+    w = torch.zeros(3, 200)
+    w[0, [0, 16, 17, 150, 199]] = 1.0
+    w[2, 199] = 2.0
+    d = DeltaSparse.from_dense(w)
+    assert torch.equal(d.to_dense(), w)
+    assert d.row_ptr.tolist()[1] % 16 == 0 and d.row_ptr[1] == d.row_ptr[2]  # empty row 1
+    gen = torch.Generator().manual_seed(0)
+    d50 = DeltaSparse.from_dense(random_sparse(64, 4096, 0.5, gen, torch.bfloat16, edge=False))
+    assert 0.62 < d50.nbytes / d50.dense_nbytes < 0.64
+
+
+@pytest.mark.parametrize("n,k,sparsity", [(7, 45, 0.5), (33, 300, 0.9), (16, 1000, 0.99), (5, 64, 0.0)])
+@pytest.mark.parametrize("m,bm", [(1, 1), (3, 4), (5, 8)])
+def test_delta_kernel(n, k, sparsity, m, bm):
+    delta = kernel_module("rarefy.kernels.sparse_matmul.triton_delta", "_delta_kernel")
+    gen = torch.Generator().manual_seed(n + m)
+    w = random_sparse(n, k, sparsity, gen)
+    x, b = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    d = DeltaSparse.from_dense(w).to(DEV)
+    y = delta.delta_matmul_triton(x.to(DEV), d.row_ptr, d.values, d.gaps, n, bias=b.to(DEV),
+                                  config=delta.DeltaConfig(2, 64, bm, num_warps=1))
+    assert rel_err(y.cpu(), sparse_matmul_ref(x, d.to("cpu"), b)) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_bitmap_kernel_half(kern, dtype):
     from rarefy.kernels.sparse_matmul.triton_bitmap import BitmapConfig
@@ -166,6 +192,7 @@ def test_kernels_full_shapes_bf16(shape):
     w = torch.randn(n, k, device="cuda")
     x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
     cases = [TiledBitmap.from_dense((w * unstructured_mask(w.abs(), 0.7)).bfloat16()),
+             DeltaSparse.from_dense((w * unstructured_mask(w.abs(), 0.5)).bfloat16()),
              NMSparse.from_dense((w * nm_mask(w.abs(), 2, 4)).bfloat16(), 2, 4),
              BlockSparse.from_dense((w * block_mask(w.abs(), 0.5, 32, 32)).bfloat16(), 32)]
     for sw in cases:

@@ -8,7 +8,7 @@
     BlockSparse with b in 16/32/64, triton_delta for DeltaSparse), x and the values of one dtype. `config` is a
     BitmapConfig / BsrConfig (the compiler's autotuned choice); None picks a default.
     CPU: rarefy's C++ kernel (rarefy.kernels.sparse_cpu) for the bitmap formats when it
-    builds, fp32 math; otherwise (and for BlockSparse) densify-and-matmul in torch.
+    builds, fp32 math; otherwise (and for BlockSparse, DeltaSparse) densify-and-matmul in torch.
 
 ``sparse_matmul_ref(x, w, bias)``: float64 reference for tests.
 """
