@@ -12,7 +12,9 @@ dense. Each candidate's kernel is specialised through Triton
 constexprs (tile sizes, n:m, block size, unroll, split, EVEN shapes without bounds checks)
 and, for BSR, a per-matrix launch order (longest block-rows first). With ``autotune`` every
 (format, config) is timed on this device for each batch size and the fastest wins, dense
-included: a matrix where sparse is slower stays dense. The plan is cached on disk as JSON,
+included: a matrix where sparse is slower stays dense. The smallest batch size (decode)
+chooses the format; calls with more than PREFILL_ROWS rows on the GPU run a dense GEMM on
+the rebuilt weight. The plan is cached on disk as JSON,
 keyed by the pattern hash, shape, dtype, device and batch sizes, so a second compile of the
 same pattern (in any process) skips the search.
 """
@@ -39,7 +41,8 @@ from rarefy.kernels.sparse_matmul.triton_delta import DeltaConfig
 from .pattern import analyze_pattern, pattern_hash
 
 # Bump when kernels or candidate lists change: old cache entries then miss.
-KERNEL_VERSION = 3
+KERNEL_VERSION = 4
+PREFILL_ROWS = 64
 MAX_BSR_FILL = 0.75
 
 
@@ -225,12 +228,10 @@ def _search(w: torch.Tensor, stats, batch_sizes, autotune: bool) -> Plan:
                 key = (fmt, param)
                 if key not in best[m] or t < best[m][key][0]:
                     best[m][key] = (t, cfg)
-    # one format for all batch sizes (the weights are stored once): least total time
-    totals = {}
-    for m, per in best.items():
-        for key, (t, _) in per.items():
-            totals[key] = totals.get(key, 0.0) + t / (best[m][("dense", ())][0] or 1.0)
-    fmt, param = min(totals, key=totals.get) if totals else ("dense", ())
+    # One format serves every batch size (the weight is stored once); the smallest batch
+    # (decode) decides, the others only get their best config for that format.
+    primary = best[min(best)] if best else {}
+    fmt, param = min(primary, key=lambda key: primary[key][0]) if primary else ("dense", ())
     plan.format, plan.param = fmt, list(param)
     chosen = encoded[(fmt, tuple(param))]
     plan.predicted_speedup = dense_bytes / (chosen.nbytes if fmt != "dense" else dense_bytes)
@@ -276,6 +277,10 @@ class CompiledMatrix:
             x2 = x.reshape(-1, x.shape[-1])
             return dense_matmul(x2, self.weight, bias).view(*x.shape[:-1], self.shape[0])
         m = x.numel() // x.shape[-1]
+        if x.is_cuda and m > PREFILL_ROWS:
+            # prefill-sized: the decode kernels are not built for it; a dense GEMM on the
+            # rebuilt weight is (the rebuild costs about one weight copy)
+            return F.linear(x, self.weight.to_dense().to(x.dtype), bias)
         return sparse_matmul(x, self.weight, bias, config=self.config_for(m))
 
     @property
