@@ -39,6 +39,7 @@ PATTERNS = {
     "dense": None,
     "u50": lambda w: w * unstructured_mask(w.abs().float(), 0.5),
     "u75": lambda w: w * unstructured_mask(w.abs().float(), 0.75),
+    "u90": lambda w: w * unstructured_mask(w.abs().float(), 0.9),
     "2:4": lambda w: w * nm_mask(w.abs().float(), 2, 4),
     "b32": lambda w: w * block_mask(w.abs().float(), 0.5, 32, 32),
 }
