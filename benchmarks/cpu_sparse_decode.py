@@ -48,11 +48,18 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-autotune", action="store_true",
+                    help="sparse wherever it saves bytes, without timing each matrix")
     a = ap.parse_args()
     rows = []
     outs = {}
     for mode in ("off", "on", "off", "on"):  # interleaved: load drift hits both alike
-        loaded = load_model(a.model, sparse=mode)
+        if mode == "on" and a.no_autotune:
+            from rarefy.layers.sparse_linear import use_sparse_weights
+            loaded = load_model(a.model, sparse="off")
+            use_sparse_weights(loaded.model, autotune=False)
+        else:
+            loaded = load_model(a.model, sparse=mode)
         n_sparse = sum(isinstance(m, SparseLinear) for m in loaded.model.modules())
         r, out = rate(loaded, a.tokens, a.repeats)
         outs[mode] = out
@@ -64,7 +71,7 @@ def main():
     load = os.getloadavg()[0]
     lines = [f"# CPU sparse decode ({datetime.date.today().isoformat()})", "",
              f"{cpu_name()}, {torch.get_num_threads()} threads, load average {load:.2f} at the end; "
-             f"model {a.model}; batch 1, greedy, {a.tokens} new tokens, median of {a.repeats} per load, "
+             f"model {a.model}; autotune {'off' if a.no_autotune else 'on'}; batch 1, greedy, {a.tokens} new tokens, median of {a.repeats} per load, "
              "two loads each, interleaved", "",
              "| run | SparseLinear layers | tok/s |", "| --- | --- | --- |"]
     lines += [f"| {'sparse' if m == 'on' else 'dense'} | {n} | {r:.1f} |" for m, n, r in rows]
