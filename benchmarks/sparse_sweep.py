@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from rarefy.kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref
 from rarefy.kernels.sparse_matmul.triton_bitmap import BitmapConfig
 from rarefy.kernels.sparse_matmul.triton_bsr import BsrConfig
 from rarefy.kernels.sparse_matmul.triton_delta import DeltaConfig
+from rarefy.sparse_compiler.compile import time_us
 from rarefy.sparsity.masks import block_mask, nm_mask, unstructured_mask
 
 L2_BYTES = 50 * 2**20
@@ -55,26 +55,9 @@ def encode(w, pattern):
     return BlockSparse.from_dense(w, arg[0])
 
 
-def graph_us(launch, nbuf, reps=3, calls=20):
+def graph_us(launch, nbuf):
     """Median µs per call of `launch(i)` (i cycles over nbuf weight copies) replayed in a graph."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        for i in range(nbuf):
-            launch(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in range(calls):
-            launch(c % nbuf)
-    times = []
-    for _ in range(reps + 1):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(times[1:])
+    return time_us([lambda i=i: launch(i) for i in range(nbuf)], torch.device("cuda"))
 
 
 def bitmap_configs(m):

@@ -17,73 +17,41 @@ processes only load the cached library. It is registered as ``torch.ops.rarefy_g
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-import time
 
 import torch
+
+from rarefy.kernels.cpp_op import CppOp
 
 from .ref import gemv_f16_ref
 
 __all__ = ["gemv_f16", "gemv_f16_ref", "available", "warm_up", "build_seconds", "best_isa", "ISA_NAMES"]
 
-log = logging.getLogger(__name__)
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_f16.cpp")
 _NAME = "rarefy_gemv_f16"
 ISA_NAMES = {0: "scalar", 1: "avx2+f16c", 2: "avx512f"}
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "op": None, "error": None, "seconds": None}
+_ext = CppOp(_NAME, _SRC, "rarefy_gemv", "gemv_f16", "rarefy.kernels.gemv_cpu")
+_state = _ext.state  # tried / op / error / seconds
 
 
 def _load():
-    """Build (or load the cached build of) the extension; returns the op or None."""
-    if _state["tried"]:
-        return _state["op"]
-    with _lock:
-        if _state["tried"]:
-            return _state["op"]
-        t0 = time.perf_counter()
-        try:
-            from torch.utils.cpp_extension import load
-
-            load(
-                name=_NAME,
-                sources=[_SRC],
-                extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
-            _state["op"] = torch.ops.rarefy_gemv.gemv_f16.default
-        except Exception as e:  # no compiler, no ninja, bad toolchain, ...
-            _state["error"] = f"{type(e).__name__}: {e}"
-            log.warning("rarefy.kernels.gemv_cpu unavailable, build failed: %s", _state["error"])
-        _state["seconds"] = time.perf_counter() - t0
-        _state["tried"] = True
-        return _state["op"]
+    return _ext.load()
 
 
 def available() -> bool:
     """True if the extension builds/loads on this machine. Never raises; logs the reason once."""
-    try:
-        return _load() is not None
-    except Exception as e:  # pragma: no cover - _load already catches
-        if not _state["tried"]:
-            _state.update(tried=True, error=repr(e))
-            log.warning("rarefy.kernels.gemv_cpu unavailable: %r", e)
-        return False
+    return _ext.available()
 
 
 def warm_up() -> bool:
     """Build/load the extension now (instead of on the first call). Returns ``available()``."""
-    return available()
+    return _ext.available()
 
 
 def build_seconds() -> float | None:
-    """Seconds the first ``_load`` took in this process (compile or cache load); None if not tried."""
+    """Seconds the first load took in this process (compile or cache load); None if not tried."""
     return _state["seconds"]
 
 
@@ -115,9 +83,7 @@ def gemv_f16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     Raises RuntimeError if the extension is unavailable; TypeError/ValueError on bad dtypes,
     shapes or layouts. Not differentiable (inference only).
     """
-    op = _state["op"] or _load()
-    if op is None:
-        raise RuntimeError(f"gemv_f16 extension unavailable: {_state['error']}")
+    op = _ext.require()
     # The op takes x [..., K] contiguous and returns [..., N]: no reshapes here (decode calls
     # this per layer per token, and Python-side tensor ops cost microseconds each).
     return op(x if x.is_contiguous() else x.contiguous(), w, bias, isa)

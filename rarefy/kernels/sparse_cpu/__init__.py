@@ -28,68 +28,42 @@ registered as ``torch.ops.rarefy_sparse.bitmap_matmul``.
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-import time
 
 import torch
+
+from rarefy.kernels.cpp_op import CppOp
 
 from .ref import bitmap_args, bitmap_matmul_ref, densify, unpack_bitmask
 
 __all__ = ["available", "bitmap_matmul", "bitmap_matmul_ref", "bitmap_args", "densify", "unpack_bitmask",
            "warm_up", "build_seconds", "best_isa", "ISA_NAMES"]
 
-log = logging.getLogger(__name__)
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bitmap_matmul.cpp")
 _NAME = "rarefy_sparse_bitmap"
 ISA_NAMES = {0: "scalar", 1: "avx512", 2: "avx512+vbmi2"}
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "op": None, "error": None, "seconds": None}
+_ext = CppOp(_NAME, _SRC, "rarefy_sparse", "bitmap_matmul", "rarefy.kernels.sparse_cpu")
+_state = _ext.state  # tried / op / error / seconds
 
 
 def _load():
-    """Build (or load the cached build of) the extension; returns the op or None."""
-    if _state["tried"]:
-        return _state["op"]
-    with _lock:
-        if _state["tried"]:
-            return _state["op"]
-        t0 = time.perf_counter()
-        try:
-            from torch.utils.cpp_extension import load
-
-            load(name=_NAME, sources=[_SRC], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                 is_python_module=False, verbose=False)
-            _state["op"] = torch.ops.rarefy_sparse.bitmap_matmul.default
-        except Exception as e:  # no compiler, no ninja, bad toolchain, ...
-            _state["error"] = f"{type(e).__name__}: {e}"
-            log.warning("rarefy.kernels.sparse_cpu unavailable, build failed: %s", _state["error"])
-        _state["seconds"] = time.perf_counter() - t0
-        _state["tried"] = True
-        return _state["op"]
+    return _ext.load()
 
 
 def available() -> bool:
     """True if the extension builds/loads on this machine. Never raises; logs the reason once."""
-    try:
-        return _load() is not None
-    except Exception as e:  # pragma: no cover - _load already catches
-        if not _state["tried"]:
-            _state.update(tried=True, error=repr(e))
-            log.warning("rarefy.kernels.sparse_cpu unavailable: %r", e)
-        return False
+    return _ext.available()
 
 
 def warm_up() -> bool:
     """Build/load the extension now (instead of on the first call). Returns ``available()``."""
-    return available()
+    return _ext.available()
 
 
 def build_seconds() -> float | None:
-    """Seconds the first ``_load`` took in this process (compile or cache load); None if not tried."""
+    """Seconds the first load took in this process (compile or cache load); None if not tried."""
     return _state["seconds"]
 
 
@@ -124,7 +98,5 @@ def bitmap_matmul(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
     extension is unavailable; TypeError / ValueError on bad dtypes, shapes, layouts or
     metadata. Inference only (no autograd).
     """
-    op = _state["op"] or _load()
-    if op is None:
-        raise RuntimeError(f"bitmap_matmul extension unavailable: {_state['error']}")
+    op = _ext.require()
     return op(x if x.is_contiguous() else x.contiguous(), bitmask, values, row_start, k, bias, isa)
