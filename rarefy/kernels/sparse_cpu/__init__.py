@@ -48,18 +48,10 @@ _ext = CppOp(_NAME, _SRC, "rarefy_sparse", "bitmap_matmul", "rarefy.kernels.spar
 _state = _ext.state  # tried / op / error / seconds
 
 
-def _load():
-    return _ext.load()
-
-
-def available() -> bool:
-    """True if the extension builds/loads on this machine. Never raises; logs the reason once."""
-    return _ext.available()
-
-
-def warm_up() -> bool:
-    """Build/load the extension now (instead of on the first call). Returns ``available()``."""
-    return _ext.available()
+# available(): builds/loads on this machine (never raises; logs why not, once);
+# warm_up(): the same, now rather than on the first call.
+_load = _ext.load
+available = warm_up = _ext.available
 
 
 def build_seconds() -> float | None:
