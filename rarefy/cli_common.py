@@ -40,10 +40,11 @@ def user_errors(fn):
     return wrapper
 
 
-def load_for_cli(model, device, dtype):
-    """Load a model with its tokenizer, with a progress bar on a terminal."""
+def load_for_cli(model, device, dtype, sparse: str = "auto"):
+    """Load a model with its tokenizer, with a progress bar on a terminal. A checkpoint
+    written by `rarefy prune` runs through SparseLinear unless `sparse` is "off"."""
     from rarefy.models.loader import load_model
-    loaded = load_model(model, device=device, dtype=dtype, progress=sys.stderr.isatty())
+    loaded = load_model(model, device=device, dtype=dtype, progress=sys.stderr.isatty(), sparse=sparse)
     if loaded.tokenizer is None:
         raise RarefyError("this checkpoint has no tokenizer")
     return loaded

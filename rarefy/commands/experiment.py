@@ -42,7 +42,7 @@ def share_layers_cmd(
     from rarefy.sparsity.share_layers import share_layers
 
     body = read_text_file(text or default_eval_text())
-    loaded = load_for_cli(model, device, "fp32")
+    loaded = load_for_cli(model, device, "fp32", sparse="off")
     n_layers = len(loaded.model.model.layers)
     if not 0 <= start < end < n_layers:  # check before the slow baseline run
         raise RarefyError(f"need 0 <= --start < --end < {n_layers} (the model has {n_layers} layers)")

@@ -46,7 +46,7 @@ def prune(
         raise RarefyError(f"calibration file not found: {calib}")
     if save_dtype is not None and save_dtype not in DTYPES:
         raise RarefyError(f"unsupported --save-dtype '{save_dtype}' (use fp32, bf16 or fp16)")
-    loaded = load_for_cli(source, device, "fp32")  # statistics and updates in fp32
+    loaded = load_for_cli(source, device, "fp32", sparse="off")  # statistics and updates in fp32
     report = prune_model(loaded.model, loaded.tokenizer, method, sparsity=sparsity, pattern=pattern,
                          block=block, calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                          dampening=dampening, blocksize=blocksize, skip=tuple(skip),

@@ -90,11 +90,12 @@ def open_checkpoint(path: str):
 
 def load_model(path: str | None = None, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", with_tokenizer: bool = True,
-               progress: bool = False, sparse: str = "auto") -> LoadedModel:
+               progress: bool = False, sparse: str = "off") -> LoadedModel:
     """Load a checkpoint (HF directory, rarefy-pruned directory or GGUF file; None = the
-    embedded model). ``sparse``: "auto" runs the projections of a checkpoint written by
+    embedded model). ``sparse``: "off" (the default here; the CLI passes "auto") keeps every
+    layer dense; "auto" runs the projections of a checkpoint written by
     ``rarefy prune`` through SparseLinear (compiled and autotuned per matrix, dense where
-    sparse measured slower), "on" does so for any checkpoint, "off" never."""
+    sparse measured slower); "on" does so for any checkpoint."""
     if sparse not in ("auto", "on", "off"):
         raise RarefyError(f"sparse must be auto, on or off, got {sparse!r}")
     dev = resolve_device(device)

@@ -72,3 +72,32 @@ def test_out_equal_to_input_is_refused(tiny_model_dir):
     assert r.exit_code == 1 and "input" in r.output
     assert {p.name: p.stat().st_mtime_ns for p in tiny_model_dir.iterdir()} == before
     assert torch.isfinite(load_model(tiny_model_dir, dtype="fp32").model(torch.tensor([[1, 2]]))).all()
+
+
+def test_generate_runs_pruned_checkpoint_sparse(tiny_model_dir, tmp_path, monkeypatch):
+    """A `rarefy prune` checkpoint loads through SparseLinear in the CLI (autotuned; here the
+    timing is replaced so every matrix goes sparse), and `rarefy compile` reports on it."""
+    import rarefy.sparse_compiler.compile as comp
+    from rarefy.cli_common import load_for_cli
+    from rarefy.layers.sparse_linear import SparseLinear
+
+    monkeypatch.setenv("RAREFY_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(comp, "time_us", lambda fns, dev, reps=20: 5.0 if "dense_matmul" in fns[0].__code__.co_names
+                        else 1.0)
+    out = tmp_path / "pruned"
+    assert run("prune", "--model", tiny_model_dir, "--method", "magnitude", "--sparsity", "0.5",
+               "--out", out).exit_code == 0
+    loaded = load_for_cli(str(out), "cpu", "fp32")
+    assert sum(isinstance(m, SparseLinear) for m in loaded.model.modules()) == 2 * 7
+    dense = load_model(out, dtype="fp32").model
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids), dense(ids), atol=1e-4, rtol=1e-4)
+    r = run("generate", "--model", out, "--max-tokens", 4, "hello")
+    assert r.exit_code == 0, r.output
+    rep = tmp_path / "report"
+    r = run("compile", "--model", out, "--out", rep, "--batches", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["sparse_layers"] == 14
+    assert "format" in (rep / "report.md").read_text()
+    assert run("compile", "--model", out, "--out", rep).exit_code != 0  # not empty: refused
