@@ -115,6 +115,15 @@ class _SparseWeight:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        """Stored values that are not zero (the zeros n:m and delta store as fillers do not count)."""
+        return int((self.values != 0).sum())
+
+    @property
     def density(self) -> float:
         return self.nnz / max(1, self.shape[0] * self.shape[1])
 
@@ -199,14 +208,6 @@ class NMSparse(_SparseWeight):
         keep = torch.zeros_like(nonzero).scatter_(-1, chosen, True)
         values = torch.gather(groups, -1, chosen).reshape(rows, -1)
         return cls((rows, k), n, m, _pack_words(keep.view(rows, -1)), values.contiguous())
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def nnz(self) -> int:
-        return int((self.values != 0).sum())
 
     def to_dense(self) -> torch.Tensor:
         rows, k = self.shape
@@ -328,14 +329,6 @@ class DeltaSparse(_SparseWeight):
         g[pos] = ent_gap
         gaps = (g[0::2] | (g[1::2] << GAP_BITS)).to(torch.uint8)
         return cls((n, k), row_ptr.to(torch.int32), values, gaps.contiguous())
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def nnz(self) -> int:
-        return int((self.values != 0).sum())
 
     def columns(self) -> torch.Tensor:
         """int64 [T]: the column of every entry (padding entries may exceed K)."""
