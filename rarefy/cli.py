@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from rarefy.cli_common import (DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, NoCompileOpt, emit_json,
+from rarefy.cli_common import (DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, NoCompileOpt, SparseOpt, emit_json,
                                load_for_cli, read_text_file, user_errors)
 from rarefy.errors import RarefyError
 
@@ -45,6 +45,7 @@ def generate(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past EOS"),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="run decode eagerly on CUDA"),
     no_compile: bool = NoCompileOpt,
+    sparse: str = SparseOpt,
     as_json: bool = JsonOpt,
 ):
     """Generate text; tokens stream to the terminal as they come."""
@@ -55,7 +56,7 @@ def generate(
         raise RarefyError("empty prompt: give some text to continue")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
-    loaded = load_for_cli(model, device, dtype)
+    loaded = load_for_cli(model, device, dtype, sparse)
     tk = loaded.tokenizer
     texts = [tk.apply_chat_template([{"role": "user", "content": p}]) if chat else p
              for p in prompts]
@@ -102,6 +103,7 @@ def eval_ppl(
     score_second_half: bool = typer.Option(False, "--score-second-half",
                                            help="score only the second half of each chunk"),
     batch_size: int = typer.Option(1, "--batch-size", help="chunks per forward pass"),
+    sparse: str = SparseOpt,
     as_json: bool = JsonOpt,
 ):
     """Perplexity over non-overlapping chunks of a text file."""
@@ -110,7 +112,7 @@ def eval_ppl(
     if batch_size < 1:
         raise RarefyError("--batch-size must be at least 1")
     body = read_text_file(text)
-    loaded = load_for_cli(model, device, dtype)
+    loaded = load_for_cli(model, device, dtype, sparse)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,
                      score_second_half=score_second_half, batch_size=batch_size,
@@ -145,12 +147,13 @@ def chat(
     top_p: float = typer.Option(0.9, "--top-p"),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     no_compile: bool = NoCompileOpt,
+    sparse: str = SparseOpt,
 ):
     """Interactive chat with the model's chat template (/reset clears, /exit quits)."""
     from rarefy.engine.chat import run_chat
     from rarefy.layers.sampler import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-    run_chat(load_for_cli(model, device, dtype), params, system, compile=not no_compile)
+    run_chat(load_for_cli(model, device, dtype, sparse), params, system, compile=not no_compile)
 
 
 _register_commands()

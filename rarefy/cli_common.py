@@ -20,6 +20,10 @@ ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
 DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype",
                         help="auto (fp16w on cpu, bf16 on cuda), fp32, fp16w (fp32 compute, fp16 weights; cpu), bf16, fp16")
+SparseOpt = typer.Option("auto", "--sparse",
+                         help="auto: a `rarefy prune` checkpoint runs through SparseLinear (dense where "
+                              "sparse measured slower); on: any checkpoint, autotuned; force: every sparse "
+                              "projection sparse, untimed; off: dense")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object as the last line of stdout")
 NoCompileOpt = typer.Option(False, "--no-compile",
                             help="on CUDA, skip torch.compile of the decode step (faster warm-up, slower decode)")

@@ -95,9 +95,10 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
     embedded model). ``sparse``: "off" (the default here; the CLI passes "auto") keeps every
     layer dense; "auto" runs the projections of a checkpoint written by
     ``rarefy prune`` through SparseLinear (compiled and autotuned per matrix, dense where
-    sparse measured slower); "on" does so for any checkpoint."""
-    if sparse not in ("auto", "on", "off"):
-        raise RarefyError(f"sparse must be auto, on or off, got {sparse!r}")
+    sparse measured slower); "on" does so for any checkpoint; "force" makes every sparse
+    enough projection sparse without timing (fewest bytes wins)."""
+    if sparse not in ("auto", "on", "force", "off"):
+        raise RarefyError(f"--sparse must be auto, on, force or off, got {sparse!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = str(path) if path is not None else default_model_path()
@@ -111,9 +112,9 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
         use_half_weights(model)
     else:
         model = build_model(cfg, ckpt, dev, dt, progress, source=path)
-    if sparse == "on" or (sparse == "auto" and is_pruned_checkpoint(path)):
+    if sparse in ("on", "force") or (sparse == "auto" and is_pruned_checkpoint(path)):
         from rarefy.layers.sparse_linear import use_sparse_weights
-        use_sparse_weights(model, progress=progress)
+        use_sparse_weights(model, progress=progress, autotune=sparse != "force")
     tokenizer = load_tokenizer(path, fmt, cfg, ckpt) if with_tokenizer else None
     return LoadedModel(model, cfg, tokenizer, path, fmt)
 

@@ -95,6 +95,10 @@ def test_generate_runs_pruned_checkpoint_sparse(tiny_model_dir, tmp_path, monkey
         assert torch.allclose(loaded.model(ids), dense(ids), atol=1e-4, rtol=1e-4)
     r = run("generate", "--model", out, "--max-tokens", 4, "hello")
     assert r.exit_code == 0, r.output
+    for mode in ("force", "off"):
+        assert run("generate", "--model", out, "--max-tokens", 2, "--sparse", mode, "hi").exit_code == 0
+    r = run("generate", "--model", out, "--sparse", "bogus", "hi")
+    assert r.exit_code != 0 and "--sparse" in r.output
     rep = tmp_path / "report"
     r = run("compile", "--model", out, "--out", rep, "--batches", "1", "--json")
     assert r.exit_code == 0, r.output
