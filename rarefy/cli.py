@@ -9,7 +9,13 @@ import typer
 
 from rarefy.cli_common import (DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, NoCompileOpt, SparseOpt, emit_json,
                                load_for_cli, read_text_file, user_errors)
+from rarefy.commands.calibrate_activations import activation_context
 from rarefy.errors import RarefyError
+
+ActSparsityOpt = typer.Option(None, "--activation-sparsity",
+                              help="directory (or file) from `rarefy calibrate-activations`: zero small "
+                                   "projection inputs per layer")
+ActLevelOpt = typer.Option(None, "--activation-level", help="which calibrated sparsity to apply, e.g. 0.4")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rarefy: make LLMs sparse and low-bit, then run them fast.")
@@ -21,12 +27,14 @@ def _register_commands() -> None:
     """Commands that live in their own modules (rarefy/commands/)."""
     from rarefy.commands.analyze import analyze
     from rarefy.commands.bench import bench_app
+    from rarefy.commands.calibrate_activations import calibrate_activations
     from rarefy.commands.compile import compile_model
     from rarefy.commands.experiment import experiment_app
     from rarefy.commands.prune import prune
     app.command("analyze")(analyze)
     app.command("prune")(prune)
     app.command("compile")(compile_model)
+    app.command("calibrate-activations")(calibrate_activations)
     app.add_typer(experiment_app, name="experiment")
     app.add_typer(bench_app, name="bench")
 
@@ -46,6 +54,7 @@ def generate(
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="run decode eagerly on CUDA"),
     no_compile: bool = NoCompileOpt,
     sparse: str = SparseOpt,
+    act_dir: Optional[str] = ActSparsityOpt, act_level: Optional[float] = ActLevelOpt,
     as_json: bool = JsonOpt,
 ):
     """Generate text; tokens stream to the terminal as they come."""
@@ -68,7 +77,8 @@ def generate(
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    completions, stats = gen.generate(ids, params, on_text if streaming else None)
+    with activation_context(loaded.model, act_dir, act_level):
+        completions, stats = gen.generate(ids, params, on_text if streaming else None)
     if streaming:
         sys.stdout.write("\n")
     elif not as_json:
@@ -104,6 +114,7 @@ def eval_ppl(
                                            help="score only the second half of each chunk"),
     batch_size: int = typer.Option(1, "--batch-size", help="chunks per forward pass"),
     sparse: str = SparseOpt,
+    act_dir: Optional[str] = ActSparsityOpt, act_level: Optional[float] = ActLevelOpt,
     as_json: bool = JsonOpt,
 ):
     """Perplexity over non-overlapping chunks of a text file."""
@@ -114,9 +125,10 @@ def eval_ppl(
     body = read_text_file(text)
     loaded = load_for_cli(model, device, dtype, sparse)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
-    res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,
-                     score_second_half=score_second_half, batch_size=batch_size,
-                     progress=not as_json or sys.stderr.isatty())
+    with activation_context(loaded.model, act_dir, act_level):
+        res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,
+                         score_second_half=score_second_half, batch_size=batch_size,
+                         progress=not as_json or sys.stderr.isatty())
     if as_json:
         emit_json(res.as_dict())
     else:
