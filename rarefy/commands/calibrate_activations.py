@@ -6,9 +6,6 @@ and `rarefy eval ppl` apply it with `--activation-sparsity OUT [--activation-lev
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +33,7 @@ def calibrate_activations(
     as_json: bool = JsonOpt,
 ):
     """Calibrate per-layer activation thresholds for the given sparsities."""
-    from rarefy.formats.checkpoint import check_destination
+    from rarefy.formats.checkpoint import check_destination, write_directory
     from rarefy.sparsity.activation import calibrate_thresholds, check_sparsities, save_thresholds
 
     if mode not in MODES:
@@ -53,17 +50,7 @@ def calibrate_activations(
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     th = calibrate_thresholds(loaded.model, ids, levels, seq_len=seq_len, samples=samples, seed=seed,
                               progress=not as_json)
-    dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".rarefy-act-", dir=dest.parent))
-    try:
-        save_thresholds(th, tmp / FILE)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    dest = write_directory(out, lambda tmp: save_thresholds(th, tmp / FILE))
     if as_json:
         emit_json({"out": str(dest), "sparsities": levels, "inputs": len(th.for_sparsity(levels[0]))})
     else:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -41,7 +38,7 @@ def report_markdown(reports: list[dict], header: dict) -> str:
     for r in reports:
         fmt = r["format"] + (str(r["param"]) if r["param"] else "")
         if r.get("kept"):
-            fmt = f"dense (sparse slower)"
+            fmt = "dense (sparse slower)"
         lines.append(f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['density']:.3f} | {fmt} | "
                      f"{r['predicted_speedup']:.2f}x | {_fmt_speedups(r['measured_speedup'])} | "
                      f"{_fmt_us(r['measured_us'])} | {_fmt_us(r['dense_us'])} | {'hit' if r['cache_hit'] else 'miss'} |")
@@ -84,7 +81,7 @@ def compile_model(
     """Compile a pruned model's sparse layers for this device and report choices and speed-ups."""
     import torch
 
-    from rarefy.formats.checkpoint import check_destination
+    from rarefy.formats.checkpoint import check_destination, write_directory
     from rarefy.layers.sparse_linear import use_sparse_weights
     from rarefy.models.loader import load_model
     from rarefy.sparse_compiler.compile import device_name
@@ -106,18 +103,11 @@ def compile_model(
     header = {"model": loaded.source, "date": datetime.date.today().isoformat(),
               "device": device_name(next(loaded.model.parameters()).device), "batches": batch_sizes,
               "autotune": autotune, "torch": torch.__version__, "summary": summarize(reports, batch_sizes)}
-    dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".rarefy-compile-", dir=dest.parent))
-    try:
+    def write(tmp: Path) -> None:
         (tmp / "report.json").write_text(json.dumps({**header, "matrices": reports}, indent=1))
         (tmp / "report.md").write_text(report_markdown(reports, header))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    dest = write_directory(out, write)
     s = header["summary"]
     if as_json:
         emit_json({"out": str(dest), **s})

@@ -145,6 +145,21 @@ def _check_destination(out: Path, source: Path | None, overwrite: bool) -> None:
             raise RarefyError(f"the output directory {out} is not empty (use overwrite to replace it)")
 
 
+def write_directory(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Build a directory atomically: `write(tmp)` fills a fresh temporary directory beside
+    `out_dir`, which then replaces it (the old contents survive if anything fails)."""
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        _move_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """rename(2) is atomic; an existing directory is renamed aside first, deleted after."""
     old = None
