@@ -83,7 +83,6 @@ def _bitmap_kernel(
     rows_c = tl.where(row_ok, rows, 0)
     g = tl.arange(0, G)
     j = tl.arange(0, 32)
-    j3 = j[None, None, :]
     bit3 = (tl.full([32], 1, tl.int64) << j).to(tl.int32)[None, None, :]  # 1 << j as an int32 pattern
     if NM_M == 0:
         low3 = ((tl.full([32], 1, tl.int64) << j) - 1).to(tl.int32)[None, None, :]  # bits below j
@@ -224,7 +223,6 @@ def _bitmap2d_kernel(
 
 def default_config(n: int, k: int, m: int) -> BitmapConfig:
     """A config that is reasonable before autotuning (the compiler measures better ones)."""
-    block_k = 256
     if m == 1:
         return BitmapConfig(block_n=4, block_k=512, block_m=1, num_warps=2)
     if m <= 8:
