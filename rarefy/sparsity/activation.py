@@ -32,8 +32,11 @@ from rarefy.errors import RarefyError
 
 FORMAT = "rarefy-activation-thresholds"
 VERSION = 1
-INPUTS = {"attn_in": ("self_attn", ("q_proj", "qkv_proj")), "o_in": ("self_attn", ("o_proj",)),
-          "mlp_in": ("mlp", ("gate_proj", "gate_up_proj")), "down_in": ("mlp", ("down_proj",))}
+# input -> (module of the decoder layer, its child whose input it is; None = that module's own
+# input). attn_in and mlp_in hook the attention / MLP module itself, so q, k, v (gate, up)
+# all see the zeroed input whether or not the projections are fused.
+INPUTS = {"attn_in": ("self_attn", None), "o_in": ("self_attn", "o_proj"),
+          "mlp_in": ("mlp", None), "down_in": ("mlp", "down_proj")}
 SAMPLE_PER_INPUT = 1 << 18  # |x| values kept per input for the quantiles
 
 
@@ -73,11 +76,11 @@ def _target_modules(model) -> dict[str, nn.Module]:
     """name -> the module whose input is that activation ("3.mlp_in" -> layers[3].mlp.gate_proj)."""
     out = {}
     for i, layer in enumerate(model.model.layers if hasattr(model, "model") else model.layers):
-        for inp, (parent, names) in INPUTS.items():
-            owner = getattr(layer, parent)
-            mod = next((getattr(owner, n) for n in names if getattr(owner, n, None) is not None), None)
+        for inp, (parent, child) in INPUTS.items():
+            owner = getattr(layer, parent, None)
+            mod = owner if child is None or owner is None else getattr(owner, child, None)
             if mod is None:
-                raise RarefyError(f"layer {i} has no {'/'.join(names)} to take {inp} from")
+                raise RarefyError(f"layer {i} has no {parent}{'.' + child if child else ''} to take {inp} from")
             out[f"{i}.{inp}"] = mod
     return out
 
