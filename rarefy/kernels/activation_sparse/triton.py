@@ -1,0 +1,231 @@
+"""Triton input-sparse GEMV / skinny GEMM for activation sparsity (TEAL-style).
+
+``out = (x * (|x| >= t)) @ wt + bias`` with the weight stored transposed, ``wt: [K, N]``,
+so the weights of one input channel are one contiguous row. Every program computes the
+mask of its K rows from the threshold (no separate mask kernel, no index list) and loads
+a weight row only when some row of x is active there; a masked-off load issues no memory
+transaction, so at 50% activation sparsity half the weight bytes are never read.
+
+* M = 1: FMA into a [BLOCK_K, BLOCK_N] register tile, reduced along K once at the end.
+  Lanes run along N (16-byte loads), warps along K, so one warp-wide load covers
+  one weight row segment and the row predicate is uniform across it.
+* M >= 2: ``tl.dot(x_tile, w_tile)`` with M padded to 16; the union of the rows'
+  masks decides which weight rows are read, each row of x keeps its own zeros.
+* GLU (the MLP's gate and up): ``wt`` is ``[K, 2I]`` (gate columns, then up columns);
+  a program reads the gate and the up tile of its columns under the same mask and
+  writes ``silu(gate) * up`` (``[M, I]``), so gate/up/SiLU/multiply is one launch.
+
+Split-K reuses the dense GEMV's deterministic arrival-counter reduction
+(rarefy/kernels/gemv/triton.py): partials go to an fp32 workspace, the last program of
+each tile sums them in split order and writes the output in its dtype. No atomics on
+the output, so bf16 works as well as fp16 (TEAL's kernel was fp16-only because it
+accumulated with atomicAdd on the output).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from rarefy.kernels.gemv.triton import GemvWorkspace, _finish_tile, _sm_count, _workspace_for
+
+
+@dataclass(frozen=True)
+class ActSparseConfig:
+    block_n: int = 256
+    block_k: int = 16
+    split_k: int = 1
+    use_dot: bool = False
+    block_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@triton.jit
+def _silu_mul(g, u):
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _act_sparse_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, threshold,
+    stride_xm, stride_wk, stride_om, n_glu,
+    k_per_split, split_k,
+    HAS_BIAS: tl.constexpr, GLU: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    n_tiles = tl.num_programs(0)
+    m_tiles = tl.num_programs(2)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Clamp instead of masking along N and M: loads stay predicated on the K row only
+    # (the active-input predicate); duplicated columns/rows are dropped by the store.
+    cols = tl.where(offs_n < N, offs_n, N - 1)
+    rows_m = tl.where(offs_m < M, offs_m, M - 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N] if USE_DOT else [BLOCK_K, BLOCK_N], dtype=tl.float32)
+    if GLU:
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N] if USE_DOT else [BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        in_k = ks < k_end
+        if USE_DOT:
+            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + ks[None, :], mask=in_k[None, :], other=0.0)
+            keep = tl.abs(x.to(tl.float32)) >= threshold
+            x = tl.where(keep, x, 0.0)
+            active = (tl.max(keep.to(tl.int32), axis=0) > 0) & in_k
+        else:
+            x = tl.load(x_ptr + rows_m * stride_xm + ks, mask=in_k, other=0.0).to(tl.float32)
+            active = (tl.abs(x) >= threshold) & in_k
+            x = tl.where(active, x, 0.0)
+        w_ptrs = w_ptr + ks[:, None].to(tl.int64) * stride_wk + cols[None, :]
+        w = tl.load(w_ptrs, mask=active[:, None], other=0.0)
+        if GLU:
+            w_u = tl.load(w_ptrs + n_glu, mask=active[:, None], other=0.0)
+        if USE_DOT:
+            if IEEE:
+                acc = tl.dot(x.to(w.dtype), w, acc, input_precision="ieee")
+                if GLU:
+                    acc_u = tl.dot(x.to(w.dtype), w_u, acc_u, input_precision="ieee")
+            else:
+                acc = tl.dot(x.to(w.dtype), w, acc)
+                if GLU:
+                    acc_u = tl.dot(x.to(w.dtype), w_u, acc_u)
+        else:
+            acc += w.to(tl.float32) * x[:, None]
+            if GLU:
+                acc_u += w_u.to(tl.float32) * x[:, None]
+
+    if USE_DOT:
+        res = acc
+        if GLU:
+            res_u = acc_u
+    else:
+        res = tl.sum(acc, axis=0)[None, :]
+        if GLU:
+            res_u = tl.sum(acc_u, axis=0)[None, :]
+
+    if SPLIT:
+        tile = pid_m * n_tiles + pid_n
+        tile_elems = BLOCK_M * BLOCK_N * (2 if GLU else 1)
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        stride_split = m_tiles * n_tiles * tile_elems
+        ws_tile = ws_ptr + tile.to(tl.int64) * tile_elems + local
+        tl.store(ws_tile + pid_k.to(tl.int64) * stride_split, res)
+        if GLU:
+            tl.store(ws_tile + pid_k.to(tl.int64) * stride_split + BLOCK_M * BLOCK_N, res_u)
+        tl.debug_barrier()  # every thread's partial store before the counter release
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, split_k):
+                total += tl.load(ws_tile + s * stride_split, cache_modifier=".cg")
+            if GLU:
+                total_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in range(0, split_k):
+                    total_u += tl.load(ws_tile + s * stride_split + BLOCK_M * BLOCK_N, cache_modifier=".cg")
+                total = _silu_mul(total, total_u)
+            _finish_tile(total, b_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+    else:
+        if GLU:
+            res = _silu_mul(res, res_u)
+        _finish_tile(res, b_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=4096)
+def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> ActSparseConfig:
+    """Heuristic: FMA path at M = 1, tensor cores above; split K until the grid holds
+    about four programs per SM (input sparsity leaves fewer bytes per program, so more
+    programs are needed to keep enough loads in flight)."""
+    if M == 1:
+        cfg = ActSparseConfig(block_n=256, block_k=16, num_warps=4)
+    else:
+        cfg = ActSparseConfig(block_n=128, block_k=32, use_dot=True, block_m=16 if M <= 16 else 32,
+                              num_warps=4, num_stages=3)
+    tiles = -(-N // cfg.block_n) * -(-M // cfg.block_m)
+    split = 1
+    while tiles * split < 4 * num_sms and K // (2 * split) >= 4 * cfg.block_k and split < 64:
+        split *= 2
+    return replace(cfg, split_k=split)
+
+
+def _fit(cfg: ActSparseConfig, M: int, N: int, K: int) -> ActSparseConfig:
+    block_n = min(cfg.block_n, max(16, _pow2(N)))
+    block_k = min(cfg.block_k, max(16, _pow2(K)))
+    block_m = cfg.block_m if cfg.use_dot else 1
+    split = max(1, min(cfg.split_k, -(-K // block_k)))
+    return replace(cfg, block_n=block_n, block_k=block_k, block_m=block_m, split_k=split)
+
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def input_sparse_matmul_triton(x: torch.Tensor, wt: torch.Tensor, threshold: float,
+                               bias: torch.Tensor | None = None, *, glu: bool = False,
+                               config: ActSparseConfig | None = None,
+                               workspace: GemvWorkspace | None = None) -> torch.Tensor:
+    """``(x * (|x| >= threshold)) @ wt + bias``; with ``glu``, ``silu(g) * u`` of that product's
+    two column halves. x: [M, K]; wt: [K, N] (row stride free, columns contiguous)."""
+    if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
+        raise ValueError(f"expected x [M, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
+    if x.dtype not in _SUPPORTED or wt.dtype != x.dtype:
+        raise TypeError(f"x and wt must share one dtype of {_SUPPORTED}, got {x.dtype} and {wt.dtype}")
+    M, K = x.shape
+    n_total = wt.shape[1]
+    if glu and n_total % 2:
+        raise ValueError(f"GLU weight needs an even number of columns, got {n_total}")
+    N = n_total // 2 if glu else n_total
+    if bias is not None and (glu or bias.shape != (N,)):
+        raise ValueError("bias must be [N] and is not supported with glu")
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        out.zero_()
+        if bias is not None:
+            out += bias.to(out.dtype)
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if wt.stride(1) != 1:
+        wt = wt.contiguous()
+    if config is None:
+        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+            if x.is_cuda else 132
+        config = pick_config(M, N, K, sms)
+    cfg = _fit(config, M, N, K)
+    n_tiles, m_tiles = -(-N // cfg.block_n), -(-M // cfg.block_m)
+    k_per_split = -(-(-(-K // cfg.block_k)) // cfg.split_k) * cfg.block_k
+    split = -(-K // k_per_split)
+    if split > 1:
+        ws = workspace if workspace is not None else _workspace_for(x.device)
+        ws.ensure(split * m_tiles * n_tiles * cfg.block_m * cfg.block_n * (2 if glu else 1), m_tiles * n_tiles)
+        ws_buf, cnt_buf = ws.partials, ws.counters
+    else:
+        ws_buf = cnt_buf = out
+    _act_sparse_kernel[(n_tiles, split, m_tiles)](
+        x, wt, bias if bias is not None else out, out, ws_buf, cnt_buf,
+        M, N, K, float(threshold),
+        x.stride(0), wt.stride(0), out.stride(0), N if glu else 0,
+        k_per_split, split,
+        HAS_BIAS=bias is not None, GLU=glu, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
+        SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
