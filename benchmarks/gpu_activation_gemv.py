@@ -71,11 +71,11 @@ def weight_copies(k, n, dev):
 
 
 def sweep_configs(m: int, k: int, n: int):
-    base = pick_config(m, n // 1, k)
     grid = []
-    for bn, bk, nw, ns, sm in itertools.product((128, 256, 512), (16, 32), (4, 8), (1, 3), (0.5, 1, 2)):
-        split = max(1, int(base.split_k * sm))
-        grid.append(ActSparseConfig(block_n=bn, block_k=bk, split_k=split, num_warps=nw, num_stages=ns))
+    for bn, bk, it, nw in itertools.product((64, 128, 256), (16, 32, 64), (2, 4, 8, 16), (4, 8)):
+        if bk * it > k or bk * bn * it > 256 * 1024:
+            continue
+        grid.append(ActSparseConfig(block_n=bn, block_k=bk, iters=it, num_warps=nw))
     return grid
 
 

@@ -47,10 +47,10 @@ def make(m, k, n, dtype, seed):
 def test_matches_reference(kern, m, k, n, dtype, t):
     x, wt = make(m, k, n, dtype, seed=m * 1000 + k + n)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
-    for split in (1, 3):
+    for iters in (1, 3, 64):  # many splits, a few, none
         cfg = kern.pick_config(m, n, k)
         from dataclasses import replace
-        cfg = replace(cfg, split_k=split, block_k=16)
+        cfg = replace(cfg, iters=iters, block_k=16)
         y = kern.input_sparse_matmul_triton(x.to(DEV), wt.to(DEV), t, bias.to(DEV), config=cfg)
         ref = input_sparse_matmul_ref(x, wt, t, bias)
         check(y, ref, tol_for(dtype))
@@ -59,11 +59,11 @@ def test_matches_reference(kern, m, k, n, dtype, t):
 
 
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("split", [1, 2])
-def test_glu_matches_reference(kern, m, split):
+@pytest.mark.parametrize("iters", [1, 2, 64])
+def test_glu_matches_reference(kern, m, iters):
     x, wt = make(m, 80, 2 * 52, torch.float32, seed=7 + m)
     from dataclasses import replace
-    cfg = replace(kern.pick_config(m, 52, 80), split_k=split, block_k=16)
+    cfg = replace(kern.pick_config(m, 52, 80), iters=iters, block_k=16)
     y = kern.input_sparse_matmul_triton(x.to(DEV), wt.to(DEV), 0.5, glu=True, config=cfg)
     check(y, input_sparse_matmul_ref(x, wt, 0.5, glu=True), 1e-5)
 

@@ -36,13 +36,15 @@ from rarefy.kernels.gemv.triton import GemvWorkspace, _finish_tile, _sm_count, _
 
 @dataclass(frozen=True)
 class ActSparseConfig:
-    block_n: int = 256
-    block_k: int = 16
-    split_k: int = 1
+    """A program reads ``block_n`` output columns over ``block_k * iters`` input rows, in
+    ``iters`` unrolled steps; the K range is split into as many programs as that needs."""
+
+    block_n: int = 128
+    block_k: int = 32
+    iters: int = 4
     use_dot: bool = False
     block_m: int = 1
     num_warps: int = 4
-    num_stages: int = 1
 
 
 @triton.jit
@@ -55,9 +57,9 @@ def _act_sparse_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, threshold,
     stride_xm, stride_wk, stride_om, n_glu,
-    k_per_split, split_k,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -72,15 +74,21 @@ def _act_sparse_kernel(
     cols = tl.where(offs_n < N, offs_n, N - 1)
     rows_m = tl.where(offs_m < M, offs_m, M - 1)
     offs_k = tl.arange(0, BLOCK_K)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    k_base = pid_k * (ITERS * BLOCK_K)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N] if USE_DOT else [BLOCK_K, BLOCK_N], dtype=tl.float32)
-    if GLU:
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N] if USE_DOT else [BLOCK_K, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        in_k = ks < k_end
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if GLU:
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        if GLU:
+            acc_u = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    # Unrolled, so the steps' x loads issue together, then their (mask-dependent) weight
+    # loads: two memory latencies per program instead of two per step.
+    for i in tl.static_range(ITERS):
+        ks = k_base + i * BLOCK_K + offs_k
+        in_k = ks < K
         if USE_DOT:
             x = tl.load(x_ptr + rows_m[:, None] * stride_xm + ks[None, :], mask=in_k[None, :], other=0.0)
             keep = tl.abs(x.to(tl.float32)) >= threshold
@@ -117,7 +125,7 @@ def _act_sparse_kernel(
         if GLU:
             res_u = tl.sum(acc_u, axis=0)[None, :]
 
-    if SPLIT:
+    if SPLIT > 1:
         tile = pid_m * n_tiles + pid_n
         tile_elems = BLOCK_M * BLOCK_N * (2 if GLU else 1)
         local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -128,13 +136,15 @@ def _act_sparse_kernel(
             tl.store(ws_tile + pid_k.to(tl.int64) * stride_split + BLOCK_M * BLOCK_N, res_u)
         tl.debug_barrier()  # every thread's partial store before the counter release
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
+        if arrived == SPLIT - 1:
+            # Last to arrive sums the partials in split order (deterministic); unrolled, so
+            # the loads are independent and issue back to back.
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, split_k):
+            for s in tl.static_range(SPLIT):
                 total += tl.load(ws_tile + s * stride_split, cache_modifier=".cg")
             if GLU:
                 total_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for s in range(0, split_k):
+                for s in tl.static_range(SPLIT):
                     total_u += tl.load(ws_tile + s * stride_split + BLOCK_M * BLOCK_N, cache_modifier=".cg")
                 total = _silu_mul(total, total_u)
             _finish_tile(total, b_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
@@ -151,27 +161,27 @@ def _pow2(v: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> ActSparseConfig:
-    """Heuristic: FMA path at M = 1, tensor cores above; split K until the grid holds
-    about four programs per SM (input sparsity leaves fewer bytes per program, so more
-    programs are needed to keep enough loads in flight)."""
+    """Heuristic: FMA path at M = 1, tensor cores above. Fewer unrolled steps per program
+    until the grid holds about four programs per SM (input sparsity leaves fewer bytes
+    per program, so more programs must be in flight)."""
     if M == 1:
-        cfg = ActSparseConfig(block_n=256, block_k=16, num_warps=4)
+        cfg = ActSparseConfig(block_n=128, block_k=32, iters=8, num_warps=4)
     else:
-        cfg = ActSparseConfig(block_n=128, block_k=32, use_dot=True, block_m=16 if M <= 16 else 32,
-                              num_warps=4, num_stages=3)
+        cfg = ActSparseConfig(block_n=128, block_k=32, iters=8, use_dot=True,
+                              block_m=16 if M <= 16 else 32, num_warps=4)
     tiles = -(-N // cfg.block_n) * -(-M // cfg.block_m)
-    split = 1
-    while tiles * split < 4 * num_sms and K // (2 * split) >= 4 * cfg.block_k and split < 64:
-        split *= 2
-    return replace(cfg, split_k=split)
+    iters = cfg.iters
+    while iters > 2 and tiles * -(-K // (iters * cfg.block_k)) < 4 * num_sms:
+        iters //= 2
+    return replace(cfg, iters=iters)
 
 
 def _fit(cfg: ActSparseConfig, M: int, N: int, K: int) -> ActSparseConfig:
     block_n = min(cfg.block_n, max(16, _pow2(N)))
     block_k = min(cfg.block_k, max(16, _pow2(K)))
     block_m = cfg.block_m if cfg.use_dot else 1
-    split = max(1, min(cfg.split_k, -(-K // block_k)))
-    return replace(cfg, block_n=block_n, block_k=block_k, block_m=block_m, split_k=split)
+    iters = max(1, min(cfg.iters, -(-K // block_k)))
+    return replace(cfg, block_n=block_n, block_k=block_k, block_m=block_m, iters=iters)
 
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -212,8 +222,7 @@ def input_sparse_matmul_triton(x: torch.Tensor, wt: torch.Tensor, threshold: flo
         config = pick_config(M, N, K, sms)
     cfg = _fit(config, M, N, K)
     n_tiles, m_tiles = -(-N // cfg.block_n), -(-M // cfg.block_m)
-    k_per_split = -(-(-(-K // cfg.block_k)) // cfg.split_k) * cfg.block_k
-    split = -(-K // k_per_split)
+    split = -(-K // (cfg.iters * cfg.block_k))
     if split > 1:
         ws = workspace if workspace is not None else _workspace_for(x.device)
         ws.ensure(split * m_tiles * n_tiles * cfg.block_m * cfg.block_n * (2 if glu else 1), m_tiles * n_tiles)
@@ -224,8 +233,7 @@ def input_sparse_matmul_triton(x: torch.Tensor, wt: torch.Tensor, threshold: flo
         x, wt, bias if bias is not None else out, out, ws_buf, cnt_buf,
         M, N, K, float(threshold),
         x.stride(0), wt.stride(0), out.stride(0), N if glu else 0,
-        k_per_split, split,
         HAS_BIAS=bias is not None, GLU=glu, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
-        SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT=split, ITERS=cfg.iters, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps)
     return out
