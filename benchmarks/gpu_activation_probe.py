@@ -1,0 +1,83 @@
+"""Probe launch configs of the input-sparse kernel: time, layout conversions, barriers.
+
+    PYTHONPATH=. python3 benchmarks/gpu_activation_probe.py [--shapes qkv,down] [--sparsity 0.5]
+
+For each config: median µs (CUDA-graph replay over weight copies > L2) at the given
+sparsity and at 0%, the count of ``convert_layout`` ops in the TTGIR and of ``bar.sync``
+in the PTX (a layout conversion inside the loop costs a shared-memory round trip and a
+barrier per step), registers per thread. Prints the fastest configs last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gpu_activation_gemv import SHAPES, check, threshold_for, weight_copies  # noqa: E402
+
+from rarefy.kernels.activation_sparse.triton import (ActSparseConfig, _act_sparse_kernel,  # noqa: E402
+                                                     input_sparse_matmul_triton)
+from rarefy.sparse_compiler.compile import time_us  # noqa: E402
+
+
+def asm_stats():
+    """(convert_layout count, bar.sync count, registers) of the most recently compiled variant."""
+    for dev_cache in _act_sparse_kernel.device_caches.values():
+        kernels = dev_cache[0]
+        if kernels:
+            k = list(kernels.values())[-1]
+            return (k.asm["ttgir"].count("convert_layout"), k.asm["ptx"].count("bar.sync"), k.n_regs)
+    return (-1, -1, -1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="qkv,down")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--top", type=int, default=8)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(1)
+    results = []
+    for name, k, n, glu in SHAPES:
+        if name.split()[0] not in a.shapes.split(","):
+            continue
+        wt, w = weight_copies(k, n, dev)
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=gen)
+        t = threshold_for(x, a.sparsity)
+        base = time_us([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in w], dev)
+        for bn, bk, it, nw, x2d in itertools.product((64, 128, 256), (16, 32), (4, 8, 16), (4, 8), (False, True)):
+            cfg = ActSparseConfig(block_n=bn, block_k=bk, iters=it, num_warps=nw, x2d=x2d)
+            try:
+                check(x, wt[0], t, glu, cfg)
+                stats = asm_stats()
+                us = time_us([lambda wt_=wt_: input_sparse_matmul_triton(x, wt_, t, glu=glu, config=cfg)
+                              for wt_ in wt], dev)
+                us0 = time_us([lambda wt_=wt_: input_sparse_matmul_triton(x, wt_, 0.0, glu=glu, config=cfg)
+                               for wt_ in wt], dev)
+            except Exception as e:
+                print(f"{name} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                continue
+            results.append((name, base, us, us0, cfg, stats))
+            print(f"{name} bn={bn} bk={bk} it={it} w={nw} x2d={x2d}: {us:.1f} us (0%: {us0:.1f}), cuBLAS {base:.1f}; "
+                  f"convert_layout {stats[0]}, bar.sync {stats[1]}, regs {stats[2]}", flush=True)
+        del wt, w
+        torch.cuda.empty_cache()
+    print(f"\nfastest at {a.sparsity:.0%} (µs, µs at 0%, cuBLAS µs, speed-up, config, convert/bar/regs)")
+    for name in a.shapes.split(","):
+        rows = sorted([r for r in results if r[0].split()[0] == name], key=lambda r: r[2])[:a.top]
+        for r in rows:
+            c = r[4]
+            print(f"{name}: {r[2]:.1f} {r[3]:.1f} {r[1]:.1f} {r[1] / r[2]:.2f}x bn={c.block_n} bk={c.block_k} "
+                  f"it={c.iters} w={c.num_warps} x2d={c.x2d} {r[5]}")
+
+
+if __name__ == "__main__":
+    main()
