@@ -17,7 +17,7 @@
 //     packed values xs[m][j] = xm[m, idx[j]] (each token keeps its own mask: a channel active
 //     only for token 0 contributes 0 to token 1). NaN never passes (the compare is ordered), so
 //     a NaN input is treated as inactive; +-inf passes any finite threshold.
-//  2. Columns are cut into 64-column units, spread over threads with at::parallel_for
+//  2. Columns are cut into units of one cache line of a row, spread over threads with at::parallel_for
 //     (OpenMP): each thread owns one contiguous stripe of y, no atomics, no reductions.
 //  3. Per thread: active rows are taken in groups of G (default 32). For each group and each
 //     tile of up to MT tokens, the stripe is walked in column blocks of CB vectors; a
@@ -64,7 +64,6 @@ enum Isa : int64_t { kAuto = -1, kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 struct F16 { uint16_t v; };
 struct BF16 { uint16_t v; };
 
-constexpr int64_t kUnit = 64;          // columns per parallel work unit
 constexpr int64_t kDefaultGroup = 32;  // active rows per register pass
 constexpr int64_t kDefaultPf = 1024;   // prefetch distance along a row, bytes
 
@@ -122,26 +121,21 @@ inline void prefetch_lines(const void* p, int64_t lines) {
   for (int64_t l = 0; l < lines; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T0);
 }
 
-// Where a block at column `col` prefetches: the same group `pf` bytes ahead, or past the end of
-// the stripe the next group from the stripe start.
+// Where a block at column `col` prefetches: `pf` bytes further along the walk over the stripe
+// (the same rows further right; past the end of the stripe, the next group's rows from the
+// stripe start, and so on).
 struct Pf {
   const int32_t* rows = nullptr;
   int64_t count = 0, col = 0, lines = 0;
 };
 
-inline Pf prefetch_target(const Ctx& c, int64_t g0, int64_t gc, int64_t c0, int64_t c1, int64_t col,
-                          int64_t width, int64_t esize) {
+inline Pf prefetch_target(const Ctx& c, int64_t g0, int64_t c0, int64_t c1, int64_t col, int64_t width,
+                          int64_t esize) {
   Pf p;
   p.lines = (width * esize + 63) / 64;
-  const int64_t ahead = c.pf / esize;
-  int64_t pc = col + ahead;
-  if (pc < c1) {
-    p.rows = c.idx + g0, p.count = gc, p.col = pc;
-    return p;
-  }
-  pc = c0 + (pc - c1);
-  const int64_t ng = g0 + gc;
-  if (pc < c1 && ng < c.nact) p.rows = c.idx + ng, p.count = std::min(c.group, c.nact - ng), p.col = pc;
+  const int64_t off = col - c0 + c.pf / esize, sw = c1 - c0;
+  const int64_t g = g0 + (off / sw) * c.group;
+  if (g < c.nact) p.rows = c.idx + g, p.count = std::min(c.group, c.nact - g), p.col = c0 + off % sw;
   return p;
 }
 
@@ -240,10 +234,10 @@ RAREFY_T512 void tile512(const Ctx& c, int64_t g0, int64_t gc, int64_t m0, int64
   int64_t col = c0;
   for (; col + 16 * CB <= c1; col += 16 * CB)
     block512<MT, CB, false, W>(c, g0, gc, m0, col, init,
-                               prefetch ? prefetch_target(c, g0, gc, c0, c1, col, 16 * CB, es) : none, 0);
+                               prefetch ? prefetch_target(c, g0, c0, c1, col, 16 * CB, es) : none, 0);
   for (; col + 16 <= c1; col += 16)
     block512<MT, 1, false, W>(c, g0, gc, m0, col, init,
-                              prefetch ? prefetch_target(c, g0, gc, c0, c1, col, 16, es) : none, 0);
+                              prefetch ? prefetch_target(c, g0, c0, c1, col, 16, es) : none, 0);
   if (col < c1) {
     const __mmask16 km = static_cast<__mmask16>((1u << (c1 - col)) - 1u);
     block512<MT, 1, true, W>(c, g0, gc, m0, col, init, none, km);
@@ -359,9 +353,9 @@ RAREFY_T256 void tile256(const Ctx& c, int64_t g0, int64_t gc, int64_t m0, int64
   const Pf none;
   int64_t col = c0;
   for (; col + 8 * CB <= c1; col += 8 * CB)
-    block256<MT, CB, W>(c, g0, gc, m0, col, init, prefetch ? prefetch_target(c, g0, gc, c0, c1, col, 8 * CB, es) : none);
+    block256<MT, CB, W>(c, g0, gc, m0, col, init, prefetch ? prefetch_target(c, g0, c0, c1, col, 8 * CB, es) : none);
   for (; col + 8 <= c1; col += 8)
-    block256<MT, 1, W>(c, g0, gc, m0, col, init, prefetch ? prefetch_target(c, g0, gc, c0, c1, col, 8, es) : none);
+    block256<MT, 1, W>(c, g0, gc, m0, col, init, prefetch ? prefetch_target(c, g0, c0, c1, col, 8, es) : none);
   if (col < c1) {  // < 8 columns: scalar, same order
     const W* wt = static_cast<const W*>(c.wt);
     for (int64_t m = m0; m < m0 + MT; ++m)
@@ -488,13 +482,15 @@ at::Tensor input_sparse_matmul(const at::Tensor& x, const at::Tensor& wt, double
   else if (wdt == at::kBFloat16) stripe = pick_stripe<BF16>(isa), esize = 2;
   else stripe = pick_stripe<float>(isa), esize = 4;
 
-  // Columns in 64-wide units (one thread = one contiguous stripe); a thread gets at least
-  // ~32 KiB of active weight so small layers skip the fork/join.
-  const int64_t units = (N + kUnit - 1) / kUnit;
-  const int64_t unit_bytes = nact * kUnit * esize * std::max<int64_t>(1, M / 4);
+  // Columns in units of one cache line of a weight row (32 columns of fp16, 16 of fp32),
+  // split evenly over the threads: one thread = one contiguous stripe of y. A thread gets at
+  // least ~32 KiB of active weight so small layers skip the fork/join.
+  const int64_t unit = 64 / esize;
+  const int64_t units = (N + unit - 1) / unit;
+  const int64_t unit_bytes = nact * 64 * std::max<int64_t>(1, M / 4);
   const int64_t grain = std::max<int64_t>(1, (32 * 1024 + unit_bytes - 1) / unit_bytes);
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    stripe(c, u0 * kUnit, std::min(u1 * kUnit, N));
+    stripe(c, u0 * unit, std::min(u1 * unit, N));
   });
   return y;
 }
