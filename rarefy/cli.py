@@ -31,10 +31,12 @@ def _register_commands() -> None:
     from rarefy.commands.compile import compile_model
     from rarefy.commands.experiment import experiment_app
     from rarefy.commands.prune import prune
+    from rarefy.commands.train_predictors import train_predictors_cmd
     app.command("analyze")(analyze)
     app.command("prune")(prune)
     app.command("compile")(compile_model)
     app.command("calibrate-activations")(calibrate_activations)
+    app.command("train-predictors")(train_predictors_cmd)
     app.add_typer(experiment_app, name="experiment")
     app.add_typer(bench_app, name="bench")
 
@@ -115,25 +117,31 @@ def eval_ppl(
     batch_size: int = typer.Option(1, "--batch-size", help="chunks per forward pass"),
     sparse: str = SparseOpt,
     act_dir: Optional[str] = ActSparsityOpt, act_level: Optional[float] = ActLevelOpt,
+    predictors: Optional[str] = typer.Option(None, "--predictors",
+                                             help="directory from `rarefy train-predictors`: mask MLP neurons"),
     as_json: bool = JsonOpt,
 ):
     """Perplexity over non-overlapping chunks of a text file."""
+    from rarefy.commands.train_predictors import predictor_context
     from rarefy.eval.perplexity import perplexity
+    from rarefy.sparsity.predictors import neuron_sparsity
 
     if batch_size < 1:
         raise RarefyError("--batch-size must be at least 1")
     body = read_text_file(text)
     loaded = load_for_cli(model, device, dtype, sparse)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
-    with activation_context(loaded.model, act_dir, act_level):
+    with activation_context(loaded.model, act_dir, act_level), \
+            predictor_context(loaded.model, predictors) as neurons:
         res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,
                          score_second_half=score_second_half, batch_size=batch_size,
                          progress=not as_json or sys.stderr.isatty())
     if as_json:
-        emit_json(res.as_dict())
+        emit_json(res.as_dict() | ({} if neurons is None else {"mlp_neuron_sparsity": neuron_sparsity(neurons)}))
     else:
         typer.echo(f"perplexity {res.ppl:.4f} ± {res.stderr:.4f} over {res.tokens} tokens "
-                   f"({res.chunks} chunks of {res.ctx})")
+                   f"({res.chunks} chunks of {res.ctx})"
+                   + ("" if neurons is None else f", MLP neuron sparsity {neuron_sparsity(neurons):.3f}"))
 
 
 @app.command()

@@ -1,0 +1,562 @@
+"""Neuron predictors for the SwiGLU MLP, after Deja Vu (Liu et al. 2023, "Deja Vu: Contextual
+Sparsity for Efficient LLMs at Inference Time").
+
+For each decoder layer l a small low-rank network  hidden -> r -> intermediate  reads the
+layer's normalised MLP input x (the post-attention RMSNorm output, the input of gate/up) and
+scores every intermediate neuron j. The MLP then computes
+
+    down(mask * silu(gate(x)) * up(x))
+
+with mask = the top-k neurons by predictor logit, k = intermediate - round(s * intermediate)
+for the target neuron sparsity s, so a sparse kernel only needs rows j of gate/up and columns
+j of down for the kept neurons. Top-k (rather than logits > 0) makes the sparsity exactly the
+target one on every token, whatever the calibration of the logits.
+
+Labels. Neuron j of a token is *active* when a_j = |silu(gate_j) * up_j| is
+  - mode "threshold": above a per-layer threshold t_l, the s-quantile of a over all calibration
+    (training) tokens and neurons, so sparsity s holds on calibration data on average; or
+  - mode "topk": among the k largest a_j of that token.
+
+Training: class-weighted binary cross-entropy (positives weighted by negatives / positives of
+the layer), Adam, on the MLP inputs of calibration windows run through the dense model. The
+predictor input is standardised per channel during training and the standardisation is folded
+into the saved weights, so at inference the predictor reads the raw normalised MLP input.
+Recall and precision are measured on held-out calibration windows (never trained on).
+
+``ahead=True``: the predictor of layer l+1 reads layer l's MLP input (the mask is known one
+layer ahead, so its weights can be fetched while layer l runs); layer 0 has no earlier input
+and reads its own.
+
+File format and method: docs/activation-predictors.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rarefy.errors import RarefyError
+
+FORMAT = "rarefy-neuron-predictors"
+VERSION = 1
+META_FILE = "predictors.json"
+WEIGHTS_FILE = "predictors.safetensors"
+MODES = ("threshold", "topk")
+DEFAULT_RANK_FRACTION = 0.04
+HOLDOUT_FRACTION = 0.125  # of the calibration windows, for recall / precision
+_ROWS = 4096  # tokens per batch when computing activations
+
+
+# -- the predictor -----------------------------------------------------------------------
+
+class LowRankPredictor(nn.Module):
+    """logits = out(inp(x)): hidden -> rank (no bias) -> intermediate (bias)."""
+
+    def __init__(self, hidden: int, rank: int, intermediate: int):
+        super().__init__()
+        self.inp = nn.Linear(hidden, rank, bias=False)
+        self.out = nn.Linear(rank, intermediate, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.inp(x))
+
+
+def default_rank(intermediate_size: int) -> int:
+    """About 4% of the intermediate size, rounded up to a multiple of 8."""
+    return max(8, 8 * math.ceil(DEFAULT_RANK_FRACTION * intermediate_size / 8))
+
+
+def kept_neurons(intermediate_size: int, sparsity: float) -> int:
+    """k, the neurons kept per token at neuron sparsity s (at least one)."""
+    return max(1, intermediate_size - round(sparsity * intermediate_size))
+
+
+def check_sparsity(s) -> float:
+    try:
+        s = float(s)
+    except (TypeError, ValueError):
+        raise RarefyError(f"sparsity must be a number in [0, 1), got {s!r}") from None
+    if not 0.0 <= s < 1.0:
+        raise RarefyError(f"sparsity must be in [0, 1), got {s}")
+    return s
+
+
+def check_rank(rank: int | None, hidden_size: int, intermediate_size: int) -> int:
+    if rank is None:
+        return default_rank(intermediate_size)
+    if not 1 <= int(rank) <= hidden_size:
+        raise RarefyError(f"rank must be between 1 and the hidden size {hidden_size}, got {rank}")
+    return int(rank)
+
+
+def _layers(model):
+    return model.model.layers
+
+
+def model_signature(model) -> dict:
+    """What predictors must match: the same as activation thresholds record."""
+    cfg = model.config
+    return {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size}
+
+
+@dataclass
+class Predictors:
+    """One LowRankPredictor per MLP layer, plus what they were trained for.
+
+    thresholds: per-layer label thresholds t_l (mode "threshold"; None in mode "topk").
+    recall / precision: per layer, of the top-k predicted mask against the labels, on
+    held-out calibration tokens.
+    """
+
+    nets: nn.ModuleList
+    sparsity: float
+    rank: int
+    ahead: bool
+    mode: str
+    model: dict
+    recall: list[float] = field(default_factory=list)
+    precision: list[float] = field(default_factory=list)
+    thresholds: list[float] | None = None
+    training: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.nets)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.model["intermediate_size"]
+
+    @property
+    def keep(self) -> int:
+        return kept_neurons(self.intermediate_size, self.sparsity)
+
+    def source_layer(self, layer_idx: int) -> int:
+        """Whose MLP input the predictor of `layer_idx` reads."""
+        return layer_idx - 1 if self.ahead and layer_idx > 0 else layer_idx
+
+    def metadata(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "rank": self.rank,
+                "sparsity": self.sparsity, "keep": self.keep, "ahead": self.ahead, "mode": self.mode,
+                "inference": "topk", "label_thresholds": self.thresholds,
+                "recall": self.recall, "precision": self.precision,
+                "mean_recall": _mean(self.recall), "mean_precision": _mean(self.precision),
+                "training": self.training}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write DIR/predictors.json and DIR/predictors.safetensors atomically (a previous
+        DIR is replaced only once both files are complete)."""
+        from rarefy.formats.checkpoint import write_directory
+        return write_directory(directory, self._write)
+
+    def _write(self, tmp: Path) -> None:
+        from safetensors.torch import save_file
+        tensors = {}
+        for i, net in enumerate(self.nets):
+            tensors[f"layers.{i}.in.weight"] = net.inp.weight.detach().float().cpu().contiguous()
+            tensors[f"layers.{i}.out.weight"] = net.out.weight.detach().float().cpu().contiguous()
+            tensors[f"layers.{i}.out.bias"] = net.out.bias.detach().float().cpu().contiguous()
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "rarefy_format": FORMAT})
+        with open(tmp / META_FILE, "w") as f:
+            json.dump(self.metadata(), f, indent=1)
+
+
+def _mean(v):
+    return sum(v) / len(v) if v else None
+
+
+def new_predictors(model, sparsity: float, rank: int | None = None, ahead: bool = False,
+                   mode: str = "threshold", seed: int = 0) -> Predictors:
+    """Untrained (randomly initialised) predictors for `model`."""
+    sig = model_signature(model)
+    d, f = sig["hidden_size"], sig["intermediate_size"]
+    sparsity = check_sparsity(sparsity)
+    rank = check_rank(rank, d, f)
+    if mode not in MODES:
+        raise RarefyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    torch.manual_seed(seed)
+    nets = nn.ModuleList(LowRankPredictor(d, rank, f) for _ in range(sig["num_layers"]))
+    return Predictors(nets.eval().requires_grad_(False), sparsity, rank, bool(ahead), mode, sig)
+
+
+def load_predictors(directory: str | os.PathLike, model=None) -> Predictors:
+    """Read predictors written by Predictors.save; with `model`, refuse predictors trained on
+    another model and move them to its device."""
+    d = Path(directory)
+    meta_path, weights_path = d / META_FILE, d / WEIGHTS_FILE
+    if not d.is_dir():
+        raise RarefyError(f"predictor directory not found: {d}")
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise RarefyError(f"{d} is not a rarefy predictor directory (needs {META_FILE} and {WEIGHTS_FILE})")
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RarefyError(f"{meta_path} is not JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RarefyError(f"{d} is not a rarefy predictor directory ({meta_path} has another format)")
+    if meta.get("version") != VERSION:
+        raise RarefyError(f"{d}: predictor format version {meta.get('version')} is not supported "
+                          f"(this rarefy reads version {VERSION})")
+    sig = meta["model"]
+    if model is not None and sig != model_signature(model):
+        raise RarefyError(f"the predictors in {d} were trained on another model ({sig}; this one is "
+                          f"{model_signature(model)})")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise RarefyError(f"corrupt predictor weights {weights_path}: {e}") from None
+    hidden, f, rank = sig["hidden_size"], sig["intermediate_size"], meta["rank"]
+    nets = nn.ModuleList()
+    for i in range(sig["num_layers"]):
+        net = LowRankPredictor(hidden, rank, f)
+        try:
+            net.inp.weight.data.copy_(tensors[f"layers.{i}.in.weight"])
+            net.out.weight.data.copy_(tensors[f"layers.{i}.out.weight"])
+            net.out.bias.data.copy_(tensors[f"layers.{i}.out.bias"])
+        except (KeyError, RuntimeError):
+            raise RarefyError(f"corrupt predictor weights {weights_path}: layer {i} is missing or "
+                              "has the wrong shape") from None
+        nets.append(net)
+    nets = nets.eval().requires_grad_(False)
+    if model is not None:
+        nets = nets.to(next(model.parameters()).device)
+    return Predictors(nets, float(meta["sparsity"]), rank, bool(meta["ahead"]), meta["mode"], sig,
+                      meta.get("recall", []), meta.get("precision", []), meta.get("label_thresholds"),
+                      meta.get("training", {}))
+
+
+# -- masks -------------------------------------------------------------------------------
+
+def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """bool mask of the `keep` largest entries of each row of scores [tokens, n]."""
+    n = scores.shape[-1]
+    if keep >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    idx = scores.topk(keep, dim=-1, sorted=False).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+@torch.no_grad()
+def predictor_logits(predictors: Predictors, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+    """Logits [tokens, intermediate] (float32) of layer `layer_idx`'s predictor for input x."""
+    net = predictors.nets[layer_idx]
+    w = net.inp.weight
+    if w.device != x.device:
+        predictors.nets.to(x.device)
+    return net(x.reshape(-1, x.shape[-1]).to(w.dtype)).float()
+
+
+@torch.no_grad()
+def predict_mask(predictors: Predictors, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+    """Predicted active neurons of layer `layer_idx`: bool [tokens, intermediate], exactly
+    `predictors.keep` True per token.
+
+    x: [..., hidden], the normalised MLP input of layer ``predictors.source_layer(layer_idx)``
+    (the layer itself, or with ahead=True the layer before it; layer 0 always its own)."""
+    return topk_mask(predictor_logits(predictors, layer_idx, x), predictors.keep)
+
+
+def mlp_activations(mlp, x: torch.Tensor) -> torch.Tensor:
+    """|silu(gate(x)) * up(x)|, [tokens, intermediate] float32, for x [tokens, hidden]."""
+    f = mlp.intermediate_size
+    if getattr(mlp, "gate_up_proj", None) is not None:
+        gate, up = mlp.gate_up_proj(x).split(f, dim=-1)
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return (F.silu(gate) * up).abs().float()
+
+
+def _masked_mlp(model, mask_fn, counts):
+    """Hooks: remember each MLP's input; zero down_proj's input outside mask_fn(i, inputs, act)."""
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def mlp_pre(i):
+        def pre(mod, args):
+            inputs[i] = args[0]
+        return pre
+
+    def down_pre(i):
+        def pre(mod, args):
+            act = args[0]
+            mask = mask_fn(i, inputs, act.reshape(-1, act.shape[-1])).view(act.shape)
+            c = counts[f"{i}.mlp_neurons"]
+            c[0] += int(mask.numel() - mask.sum())
+            c[1] += mask.numel()
+            return (act * mask,) + tuple(args[1:])
+        return pre
+
+    for i, layer in enumerate(_layers(model)):
+        counts[f"{i}.mlp_neurons"] = [0, 0]
+        handles.append(layer.mlp.register_forward_pre_hook(mlp_pre(i)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(down_pre(i)))
+    return handles, inputs
+
+
+@contextmanager
+def predicted_mlp_sparsity(model, predictors: Predictors):
+    """While open, every MLP computes down(mask * silu(gate) * up) with the predicted mask
+    (dense compute: the quality reference for sparse kernels). Yields a dict
+    {"{layer}.mlp_neurons": [neurons zeroed, neurons in all]}, filled as the model runs
+    (see neuron_sparsity)."""
+    sig = model_signature(model)
+    if sig != predictors.model:
+        raise RarefyError(f"the predictors were trained on another model ({predictors.model}; this one "
+                          f"is {sig})")
+    counts: dict[str, list[int]] = {}
+
+    def mask_fn(i, inputs, act):
+        return predict_mask(predictors, i, inputs[predictors.source_layer(i)])
+
+    handles, inputs = _masked_mlp(model, mask_fn, counts)
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+        inputs.clear()
+
+
+@contextmanager
+def oracle_mlp_sparsity(model, sparsity: float, thresholds: list[float] | None = None):
+    """The mask a perfect predictor would give: per-token top-k of |silu(gate) * up| at neuron
+    sparsity s, or with `thresholds` (one per layer) |silu(gate) * up| > t_l. Yields counts
+    like predicted_mlp_sparsity."""
+    sparsity = check_sparsity(sparsity)
+    keep = kept_neurons(model.config.intermediate_size, sparsity)
+    if thresholds is not None and len(thresholds) != len(_layers(model)):
+        raise RarefyError(f"{len(thresholds)} thresholds for {len(_layers(model))} layers")
+    counts: dict[str, list[int]] = {}
+
+    def mask_fn(i, inputs, act):
+        a = act.abs()
+        return topk_mask(a, keep) if thresholds is None else a > thresholds[i]
+
+    handles, inputs = _masked_mlp(model, mask_fn, counts)
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+        inputs.clear()
+
+
+def neuron_sparsity(counts: dict[str, list[int]]) -> float:
+    """Fraction of MLP neurons zeroed over all layers and tokens."""
+    zero = sum(c[0] for c in counts.values())
+    total = sum(c[1] for c in counts.values())
+    return zero / total if total else 0.0
+
+
+# -- calibration data --------------------------------------------------------------------
+
+@dataclass
+class MLPInputs:
+    """Normalised MLP inputs of calibration windows through the dense model, per layer:
+    train[l] / held[l]: float32 [tokens, hidden]. held windows are disjoint from train ones."""
+
+    train: list[torch.Tensor]
+    held: list[torch.Tensor]
+    dtype: torch.dtype  # the model's compute dtype (inputs are cast back for gate/up)
+    windows: tuple[int, int]  # (train windows, held-out windows)
+    seq_len: int
+    cache_activations: bool = False
+    _acts: dict = field(default_factory=dict)
+
+    def activations(self, model, layer: int, split: str) -> torch.Tensor:
+        """|silu(gate) * up| of layer `layer` for the train or held inputs, [tokens, f] float32."""
+        key = (layer, split)
+        if key in self._acts:
+            return self._acts[key].float()
+        xs = (self.train if split == "train" else self.held)[layer]
+        mlp = _layers(model)[layer].mlp
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            a = torch.cat([mlp_activations(mlp, xs[r:r + _ROWS].to(dev, self.dtype)).cpu()
+                           for r in range(0, xs.shape[0], _ROWS)])
+        if self.cache_activations:
+            self._acts[key] = a.half()
+        return a
+
+
+@torch.no_grad()
+def collect_mlp_inputs(model, token_ids: list[int], seq_len: int = 512, samples: int = 32, seed: int = 0,
+                       progress: bool = False, cache_activations: bool = False) -> MLPInputs:
+    """Run `samples` non-overlapping windows of `seq_len` tokens (chosen at random with `seed`)
+    through the dense model and keep every layer's MLP input. About 1/8 of the windows (at
+    least one) are held out for recall / precision."""
+    if seq_len < 2:
+        raise RarefyError("seq_len must be at least 2")
+    if seq_len > model.config.max_position_embeddings:
+        raise RarefyError(f"seq_len {seq_len} exceeds the model's context of "
+                          f"{model.config.max_position_embeddings} tokens")
+    if samples < 2:
+        raise RarefyError("need at least 2 calibration windows (one is held out)")
+    n_chunks = len(token_ids) // seq_len
+    if n_chunks < 2:
+        raise RarefyError(f"calibration text has {len(token_ids)} tokens; need at least two windows "
+                          f"of {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n_chunks, generator=gen)[:samples].tolist()
+    n_held = max(1, round(len(chosen) * HOLDOUT_FRACTION))
+    held_w, train_w = chosen[:n_held], chosen[n_held:]
+    layers = _layers(model)
+    bufs = {"train": [[] for _ in layers], "held": [[] for _ in layers]}
+    dest = bufs["train"]
+
+    def hook(i):
+        def pre(mod, args):
+            x = args[0]
+            dest[i].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+        return pre
+
+    handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    work = [("held", c) for c in held_w] + [("train", c) for c in train_w]
+    it = work
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(work, desc="collecting", unit="window", leave=False)
+    try:
+        for split, c in it:
+            dest = bufs[split]
+            model(torch.tensor([token_ids[c * seq_len:(c + 1) * seq_len]], device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return MLPInputs([torch.cat(b) for b in bufs["train"]], [torch.cat(b) for b in bufs["held"]],
+                     model.dtype, (len(train_w), len(held_w)), seq_len, cache_activations)
+
+
+# -- labels and training -----------------------------------------------------------------
+
+def label_threshold(acts: torch.Tensor, sparsity: float) -> float:
+    """The s-quantile of acts (all tokens and neurons): a > t leaves a fraction s inactive."""
+    flat = acts.reshape(-1)
+    n0 = round(sparsity * flat.numel())
+    if n0 <= 0:
+        return float("-inf")
+    return float(flat.kthvalue(n0).values)
+
+
+def make_labels(acts: torch.Tensor, sparsity: float, mode: str, threshold: float | None = None) -> torch.Tensor:
+    """Active neurons, bool like acts: acts > threshold (mode threshold), or each token's
+    top-k (mode topk, k = kept_neurons)."""
+    if mode == "topk":
+        return topk_mask(acts, kept_neurons(acts.shape[-1], sparsity))
+    if threshold is None:
+        threshold = label_threshold(acts, sparsity)
+    return acts > threshold
+
+
+def recall_precision(pred: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    tp = int((pred & labels).sum())
+    pos, npred = int(labels.sum()), int(pred.sum())
+    return (tp / pos if pos else 1.0), (tp / npred if npred else 1.0)
+
+
+def _fit_layer(net: LowRankPredictor, z: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
+               batch_size: int, gen: torch.Generator) -> float:
+    """Train `net` on inputs z [N, hidden] and labels [N, f] with class-weighted BCE; the
+    per-channel standardisation of z used in training is folded into net's weights."""
+    if epochs <= 0:
+        return float("nan")
+    mean, std = z.mean(0), z.std(0).clamp_min(1e-6)
+    pos = labels.float().mean().item()
+    pos_weight = torch.tensor((1 - pos) / pos if 0 < pos < 1 else 1.0)
+    net.requires_grad_(True).train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    n = z.shape[0]
+    steps = epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    last = float("nan")
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            total, seen = 0.0, 0
+            for b in range(0, n, batch_size):
+                idx = perm[b:b + batch_size]
+                xb = (z[idx] - mean) / std
+                loss = F.binary_cross_entropy_with_logits(net(xb), labels[idx].float(), pos_weight=pos_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                seen += len(idx)
+            last = total / seen
+    net.requires_grad_(False).eval()
+    with torch.no_grad():  # x -> (x - mean) / std folded into inp.weight and out.bias
+        w = net.inp.weight / std
+        net.out.bias -= net.out.weight @ (w @ mean)
+        net.inp.weight.copy_(w)
+    return last
+
+
+def fit_predictors(model, data: MLPInputs, sparsity: float, rank: int | None = None, ahead: bool = False,
+                   mode: str = "threshold", epochs: int = 8, lr: float = 3e-3, batch_size: int = 256,
+                   seed: int = 0, progress: bool = False) -> Predictors:
+    """Train predictors on collected MLP inputs (see collect_mlp_inputs) and measure recall /
+    precision of their top-k masks on the held-out windows."""
+    preds = new_predictors(model, sparsity, rank, ahead, mode, seed)
+    gen = torch.Generator().manual_seed(seed)
+    n_layers = preds.num_layers
+    thresholds = [] if mode == "threshold" else None
+    it = range(n_layers)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="training predictors", unit="layer")
+    losses = []
+    for i in it:
+        src = preds.source_layer(i)
+        acts = data.activations(model, i, "train")
+        t = label_threshold(acts, preds.sparsity) if mode == "threshold" else None
+        labels = make_labels(acts, preds.sparsity, mode, t)
+        del acts
+        net = preds.nets[i]
+        losses.append(_fit_layer(net, data.train[src], labels, epochs, lr, batch_size, gen))
+        del labels
+        held = make_labels(data.activations(model, i, "held"), preds.sparsity, mode, t)
+        with torch.no_grad():
+            pred = topk_mask(net(data.held[src]), preds.keep)
+        r, p = recall_precision(pred, held)
+        preds.recall.append(r)
+        preds.precision.append(p)
+        if thresholds is not None:
+            thresholds.append(t)
+    preds.thresholds = thresholds
+    preds.training = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                      "loss": "bce, positives weighted by negatives/positives",
+                      "train_tokens": int(data.train[0].shape[0]), "held_out_tokens": int(data.held[0].shape[0]),
+                      "seq_len": data.seq_len, "final_loss": losses}
+    preds.nets.to(next(model.parameters()).device)
+    return preds
+
+
+def train_predictors(model, token_ids: list[int], sparsity: float, rank: int | None = None,
+                     ahead: bool = False, mode: str = "threshold", epochs: int = 8, seq_len: int = 512,
+                     samples: int = 32, seed: int = 0, progress: bool = False, lr: float = 3e-3,
+                     batch_size: int = 256) -> Predictors:
+    """Collect calibration MLP inputs from `token_ids` and train one predictor per MLP layer
+    for neuron sparsity `sparsity` (see the module docstring)."""
+    sparsity = check_sparsity(sparsity)
+    sig = model_signature(model)
+    check_rank(rank, sig["hidden_size"], sig["intermediate_size"])
+    if mode not in MODES:
+        raise RarefyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if epochs < 0:
+        raise RarefyError(f"epochs must be >= 0, got {epochs}")
+    data = collect_mlp_inputs(model, token_ids, seq_len, samples, seed, progress)
+    return fit_predictors(model, data, sparsity, rank, ahead, mode, epochs, lr, batch_size, seed, progress)
