@@ -53,8 +53,10 @@ def main():
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=gen)
         t = threshold_for(x, a.sparsity)
         base = time_us([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in w], dev)
-        for bn, bk, it, nw, x2d in itertools.product((64, 128, 256), (16, 32), (4, 8, 16), (4, 8), (False, True)):
-            cfg = ActSparseConfig(block_n=bn, block_k=bk, iters=it, num_warps=nw, x2d=x2d)
+        for bn, bk, it, nw, xm in itertools.product((32, 64), (64, 128, 256), (1, 2, 4), (4, 8), (1, 2)):
+            if bk * it > k:
+                continue
+            cfg = ActSparseConfig(block_n=bn, block_k=bk, iters=it, num_warps=nw, xmode=xm)
             try:
                 check(x, wt[0], t, glu, cfg)
                 stats = asm_stats()
@@ -66,7 +68,7 @@ def main():
                 print(f"{name} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
                 continue
             results.append((name, base, us, us0, cfg, stats))
-            print(f"{name} bn={bn} bk={bk} it={it} w={nw} x2d={x2d}: {us:.1f} us (0%: {us0:.1f}), cuBLAS {base:.1f}; "
+            print(f"{name} bn={bn} bk={bk} it={it} w={nw} xmode={xm}: {us:.1f} us (0%: {us0:.1f}), cuBLAS {base:.1f}; "
                   f"convert_layout {stats[0]}, bar.sync {stats[1]}, regs {stats[2]}", flush=True)
         del wt, w
         torch.cuda.empty_cache()
@@ -76,7 +78,7 @@ def main():
         for r in rows:
             c = r[4]
             print(f"{name}: {r[2]:.1f} {r[3]:.1f} {r[1]:.1f} {r[1] / r[2]:.2f}x bn={c.block_n} bk={c.block_k} "
-                  f"it={c.iters} w={c.num_warps} x2d={c.x2d} {r[5]}")
+                  f"it={c.iters} w={c.num_warps} xmode={c.xmode} {r[5]}")
 
 
 if __name__ == "__main__":

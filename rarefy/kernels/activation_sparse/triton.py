@@ -45,7 +45,10 @@ class ActSparseConfig:
     use_dot: bool = False
     block_m: int = 1
     num_warps: int = 4
-    x2d: bool = False  # M = 1: load x in the weight tile's layout (no per-step layout conversion)
+    # M = 1, how x is loaded: 0 as a [BLOCK_K] vector (its mask is converted to the weight
+    # tile's layout every step), 1 broadcast to [BLOCK_K, BLOCK_N] (born in the tile's
+    # layout), 2 as a [BLOCK_K, 1] column (broadcast by the multiply).
+    xmode: int = 1
 
 
 @triton.jit
@@ -59,7 +62,7 @@ def _act_sparse_kernel(
     M, N, K, threshold,
     stride_xm, stride_wk, stride_om, n_glu,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr, ITERS: tl.constexpr, X2D: tl.constexpr,
+    SPLIT: tl.constexpr, ITERS: tl.constexpr, XMODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -95,7 +98,7 @@ def _act_sparse_kernel(
             keep = tl.abs(x.to(tl.float32)) >= threshold
             x = tl.where(keep, x, 0.0)
             active = (tl.max(keep.to(tl.int32), axis=0) > 0) & in_k
-        elif X2D:
+        elif XMODE == 1:
             # x broadcast over the tile's columns: every thread loads the x of its own rows
             # (same address across a row, an L1 broadcast), so the mask is born in the
             # weight tile's layout.
@@ -103,12 +106,16 @@ def _act_sparse_kernel(
                         mask=in_k[:, None], other=0.0).to(tl.float32)
             active = (tl.abs(x) >= threshold) & in_k[:, None]
             x = tl.where(active, x, 0.0)
+        elif XMODE == 2:
+            x = tl.load(x_ptr + rows_m * stride_xm + ks[:, None], mask=in_k[:, None], other=0.0).to(tl.float32)
+            active = (tl.abs(x) >= threshold) & in_k[:, None]
+            x = tl.where(active, x, 0.0)
         else:
             x = tl.load(x_ptr + rows_m * stride_xm + ks, mask=in_k, other=0.0).to(tl.float32)
             active = (tl.abs(x) >= threshold) & in_k
             x = tl.where(active, x, 0.0)
         w_ptrs = w_ptr + ks[:, None].to(tl.int64) * stride_wk + cols[None, :]
-        if X2D and not USE_DOT:
+        if XMODE != 0 and not USE_DOT:
             wmask = active
         else:
             wmask = active[:, None]
@@ -124,7 +131,7 @@ def _act_sparse_kernel(
                 acc = tl.dot(x.to(w.dtype), w, acc)
                 if GLU:
                     acc_u = tl.dot(x.to(w.dtype), w_u, acc_u)
-        elif X2D:
+        elif XMODE != 0:
             acc += w.to(tl.float32) * x
             if GLU:
                 acc_u += w_u.to(tl.float32) * x
@@ -251,6 +258,6 @@ def input_sparse_matmul_triton(x: torch.Tensor, wt: torch.Tensor, threshold: flo
         M, N, K, float(threshold),
         x.stride(0), wt.stride(0), out.stride(0), N if glu else 0,
         HAS_BIAS=bias is not None, GLU=glu, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
-        SPLIT=split, ITERS=cfg.iters, X2D=cfg.x2d and not cfg.use_dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT=split, ITERS=cfg.iters, XMODE=0 if cfg.use_dot else cfg.xmode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps)
     return out
