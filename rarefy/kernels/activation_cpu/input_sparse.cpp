@@ -19,7 +19,7 @@
 //     a NaN input is treated as inactive; +-inf passes any finite threshold.
 //  2. Columns are cut into units of one cache line of a row, spread over threads with at::parallel_for
 //     (OpenMP): each thread owns one contiguous stripe of y, no atomics, no reductions.
-//  3. Per thread: active rows are taken in groups of G (default 32). For each group and each
+//  3. Per thread: active rows are taken in groups of G (default 16). For each group and each
 //     tile of up to MT tokens, the stripe is walked in column blocks of CB vectors; a
 //     block's MT x CB accumulators stay in registers while the group's rows are streamed into
 //     them (AXPY: acc[m] += xs[m][j] * wt[idx[j], block]), then are stored once. So y is
@@ -64,8 +64,8 @@ enum Isa : int64_t { kAuto = -1, kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 struct F16 { uint16_t v; };
 struct BF16 { uint16_t v; };
 
-constexpr int64_t kDefaultGroup = 32;  // active rows per register pass
-constexpr int64_t kDefaultPf = 1024;   // prefetch distance along a row, bytes
+constexpr int64_t kDefaultGroup = 16;  // active rows per register pass
+constexpr int64_t kDefaultPf = 512;    // prefetch distance along a row, bytes
 
 struct Ctx {
   const void* wt;      // [K, N]
@@ -235,9 +235,21 @@ RAREFY_T512 void tile512(const Ctx& c, int64_t g0, int64_t gc, int64_t m0, int64
   for (; col + 16 * CB <= c1; col += 16 * CB)
     block512<MT, CB, false, W>(c, g0, gc, m0, col, init,
                                prefetch ? prefetch_target(c, g0, c0, c1, col, 16 * CB, es) : none, 0);
-  for (; col + 16 <= c1; col += 16)
-    block512<MT, 1, false, W>(c, g0, gc, m0, col, init,
-                              prefetch ? prefetch_target(c, g0, c0, c1, col, 16, es) : none, 0);
+  // Remaining whole vectors (< CB) in one block, so the row loop keeps several FMA chains.
+  const int64_t rem = (c1 - col) / 16;
+  if (rem > 0) {
+    const Pf pf = prefetch ? prefetch_target(c, g0, c0, c1, col, 16 * rem, es) : none;
+    switch (rem) {
+      case 1: block512<MT, 1, false, W>(c, g0, gc, m0, col, init, pf, 0); break;
+      case 2: block512<MT, std::min(2, CB), false, W>(c, g0, gc, m0, col, init, pf, 0); break;
+      case 3: block512<MT, std::min(3, CB), false, W>(c, g0, gc, m0, col, init, pf, 0); break;
+      case 4: block512<MT, std::min(4, CB), false, W>(c, g0, gc, m0, col, init, pf, 0); break;
+      case 5: block512<MT, std::min(5, CB), false, W>(c, g0, gc, m0, col, init, pf, 0); break;
+      case 6: block512<MT, std::min(6, CB), false, W>(c, g0, gc, m0, col, init, pf, 0); break;
+      default: block512<MT, std::min(7, CB), false, W>(c, g0, gc, m0, col, init, pf, 0); break;
+    }
+    col += 16 * rem;
+  }
   if (col < c1) {
     const __mmask16 km = static_cast<__mmask16>((1u << (c1 - col)) - 1u);
     block512<MT, 1, true, W>(c, g0, gc, m0, col, init, none, km);
@@ -354,8 +366,18 @@ RAREFY_T256 void tile256(const Ctx& c, int64_t g0, int64_t gc, int64_t m0, int64
   int64_t col = c0;
   for (; col + 8 * CB <= c1; col += 8 * CB)
     block256<MT, CB, W>(c, g0, gc, m0, col, init, prefetch ? prefetch_target(c, g0, c0, c1, col, 8 * CB, es) : none);
-  for (; col + 8 <= c1; col += 8)
-    block256<MT, 1, W>(c, g0, gc, m0, col, init, prefetch ? prefetch_target(c, g0, c0, c1, col, 8, es) : none);
+  const int64_t rem = (c1 - col) / 8;  // remaining whole vectors (< CB) in one block
+  if (rem > 0) {
+    const Pf pf = prefetch ? prefetch_target(c, g0, c0, c1, col, 8 * rem, es) : none;
+    switch (rem) {
+      case 1: block256<MT, 1, W>(c, g0, gc, m0, col, init, pf); break;
+      case 2: block256<MT, std::min(2, CB), W>(c, g0, gc, m0, col, init, pf); break;
+      case 3: block256<MT, std::min(3, CB), W>(c, g0, gc, m0, col, init, pf); break;
+      case 4: block256<MT, std::min(4, CB), W>(c, g0, gc, m0, col, init, pf); break;
+      default: block256<MT, std::min(5, CB), W>(c, g0, gc, m0, col, init, pf); break;
+    }
+    col += 8 * rem;
+  }
   if (col < c1) {  // < 8 columns: scalar, same order
     const W* wt = static_cast<const W*>(c.wt);
     for (int64_t m = m0; m < m0 + MT; ++m)
