@@ -53,10 +53,13 @@ def main():
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=gen)
         t = threshold_for(x, a.sparsity)
         base = time_us([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in w], dev)
-        for bn, bk, it, nw, xm in itertools.product((32, 64), (64, 128, 256), (1, 2, 4), (4, 8), (1, 2)):
-            if bk * it > k:
+        grid = [ActSparseConfig(block_n=256 * nw, block_k=bk, iters=it, num_warps=nw, xmode=xm, fold=True)
+                for nw, bk, it, xm in itertools.product((1, 2, 4), (8, 16, 32), (2, 4, 8), (0, 1, 2))]
+        grid += [ActSparseConfig(block_n=128, block_k=16, iters=4, num_warps=4, xmode=xm, fold=f)
+                 for xm, f in itertools.product((0, 1, 2), (False, True))]
+        for cfg in grid:
+            if cfg.block_k * cfg.iters > k:
                 continue
-            cfg = ActSparseConfig(block_n=bn, block_k=bk, iters=it, num_warps=nw, xmode=xm)
             try:
                 check(x, wt[0], t, glu, cfg)
                 stats = asm_stats()
@@ -65,20 +68,28 @@ def main():
                 us0 = time_us([lambda wt_=wt_: input_sparse_matmul_triton(x, wt_, 0.0, glu=glu, config=cfg)
                                for wt_ in wt], dev)
             except Exception as e:
-                print(f"{name} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                print(f"FAIL {name} {cfg}: {type(e).__name__} {str(e)[:300]}", flush=True)
                 continue
             results.append((name, base, us, us0, cfg, stats))
-            print(f"{name} bn={bn} bk={bk} it={it} w={nw} xmode={xm}: {us:.1f} us (0%: {us0:.1f}), cuBLAS {base:.1f}; "
+            print(f"{name} {cfg}: {us:.1f} us (0%: {us0:.1f}), cuBLAS {base:.1f}; "
                   f"convert_layout {stats[0]}, bar.sync {stats[1]}, regs {stats[2]}", flush=True)
         del wt, w
         torch.cuda.empty_cache()
+    if os.environ.get("PROBE_DUMP"):
+        dump_dir = os.environ["PROBE_DUMP"]
+        for dev_cache in _act_sparse_kernel.device_caches.values():
+            for i, kern in enumerate(dev_cache[0].values()):
+                with open(os.path.join(dump_dir, f"kernel{i}.ttgir"), "w") as f:
+                    f.write(kern.asm["ttgir"])
+                with open(os.path.join(dump_dir, f"kernel{i}.ptx"), "w") as f:
+                    f.write(kern.asm["ptx"])
     print(f"\nfastest at {a.sparsity:.0%} (µs, µs at 0%, cuBLAS µs, speed-up, config, convert/bar/regs)")
     for name in a.shapes.split(","):
         rows = sorted([r for r in results if r[0].split()[0] == name], key=lambda r: r[2])[:a.top]
         for r in rows:
             c = r[4]
             print(f"{name}: {r[2]:.1f} {r[3]:.1f} {r[1]:.1f} {r[1] / r[2]:.2f}x bn={c.block_n} bk={c.block_k} "
-                  f"it={c.iters} w={c.num_warps} xmode={c.xmode} {r[5]}")
+                  f"it={c.iters} w={c.num_warps} xmode={c.xmode} fold={c.fold} {r[5]}")
 
 
 if __name__ == "__main__":

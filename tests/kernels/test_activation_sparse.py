@@ -48,8 +48,8 @@ def test_matches_reference(kern, m, k, n, dtype, t):
     x, wt = make(m, k, n, dtype, seed=m * 1000 + k + n)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
     from dataclasses import replace
-    for iters, xmode in ((1, 0), (3, 1), (64, 2), (64, 1)):  # many splits, a few, none
-        cfg = replace(kern.pick_config(m, n, k), iters=iters, block_k=16, xmode=xmode)
+    for iters, xmode, fold in ((1, 0, True), (3, 1, False), (64, 2, True), (64, 1, False)):  # many splits .. none
+        cfg = replace(kern.pick_config(m, n, k), iters=iters, block_k=16, xmode=xmode, fold=fold)
         y = kern.input_sparse_matmul_triton(x.to(DEV), wt.to(DEV), t, bias.to(DEV), config=cfg)
         ref = input_sparse_matmul_ref(x, wt, t, bias)
         check(y, ref, tol_for(dtype))

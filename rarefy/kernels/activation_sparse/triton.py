@@ -49,6 +49,9 @@ class ActSparseConfig:
     # tile's layout every step), 1 broadcast to [BLOCK_K, BLOCK_N] (born in the tile's
     # layout), 2 as a [BLOCK_K, 1] column (broadcast by the multiply).
     xmode: int = 1
+    # M = 1: reduce each step's tile along K into a [BLOCK_N] accumulator (in-thread when
+    # block_n == 8 * 32 * num_warps for 16-bit weights: lanes and warps all along N).
+    fold: bool = False
 
 
 @triton.jit
@@ -62,7 +65,7 @@ def _act_sparse_kernel(
     M, N, K, threshold,
     stride_xm, stride_wk, stride_om, n_glu,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr, ITERS: tl.constexpr, XMODE: tl.constexpr,
+    SPLIT: tl.constexpr, ITERS: tl.constexpr, XMODE: tl.constexpr, FOLD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -84,6 +87,10 @@ def _act_sparse_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if GLU:
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    elif FOLD:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if GLU:
+            acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         if GLU:
@@ -131,19 +138,25 @@ def _act_sparse_kernel(
                 acc = tl.dot(x.to(w.dtype), w, acc)
                 if GLU:
                     acc_u = tl.dot(x.to(w.dtype), w_u, acc_u)
-        elif XMODE != 0:
-            acc += w.to(tl.float32) * x
-            if GLU:
-                acc_u += w_u.to(tl.float32) * x
         else:
-            acc += w.to(tl.float32) * x[:, None]
-            if GLU:
-                acc_u += w_u.to(tl.float32) * x[:, None]
+            xb = x if XMODE != 0 else x[:, None]
+            if FOLD:
+                acc += tl.sum(w.to(tl.float32) * xb, axis=0)
+                if GLU:
+                    acc_u += tl.sum(w_u.to(tl.float32) * xb, axis=0)
+            else:
+                acc += w.to(tl.float32) * xb
+                if GLU:
+                    acc_u += w_u.to(tl.float32) * xb
 
     if USE_DOT:
         res = acc
         if GLU:
             res_u = acc_u
+    elif FOLD:
+        res = acc[None, :]
+        if GLU:
+            res_u = acc_u[None, :]
     else:
         res = tl.sum(acc, axis=0)[None, :]
         if GLU:
@@ -258,6 +271,6 @@ def input_sparse_matmul_triton(x: torch.Tensor, wt: torch.Tensor, threshold: flo
         M, N, K, float(threshold),
         x.stride(0), wt.stride(0), out.stride(0), N if glu else 0,
         HAS_BIAS=bias is not None, GLU=glu, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
-        SPLIT=split, ITERS=cfg.iters, XMODE=0 if cfg.use_dot else cfg.xmode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT=split, ITERS=cfg.iters, XMODE=0 if cfg.use_dot else cfg.xmode, FOLD=cfg.fold and not cfg.use_dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps)
     return out
