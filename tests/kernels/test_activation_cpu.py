@@ -86,6 +86,14 @@ def test_token_tiles(m):
         _check(input_sparse_matmul_cpu(x, wt, t, b, isa=isa), x, wt, t, b)
 
 
+def test_prefill_sized_x():
+    """M * K past the kept per-thread buffers (freed after the call), and many row groups."""
+    g = torch.Generator().manual_seed(8)
+    x, wt, b, t = _inputs(300, 4000, 70, torch.float16, True, g, 0.7)
+    _check(input_sparse_matmul_cpu(x, wt, t, b), x, wt, t, b)
+    _check(input_sparse_matmul_cpu(x[:2], wt, t, b), x[:2], wt, t, b)
+
+
 @pytest.mark.parametrize("group,pf", [(1, 0), (3, 64), (5, 1024), (32, 100000), (10**6, -1)])
 def test_row_groups_and_prefetch(group, pf):
     """Group boundaries (rows per register pass) and the prefetch target switching groups."""

@@ -474,9 +474,15 @@ at::Tensor input_sparse_matmul(const at::Tensor& x, const at::Tensor& wt, double
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
 
-  // Compaction (caller's thread). Buffers are reused across calls of this thread.
-  thread_local std::vector<int32_t> idx;
-  thread_local std::vector<float> xs;
+  // Compaction (caller's thread). Decode-sized buffers (<= 4 MiB) are kept per thread and
+  // reused across calls; larger ones (prefill-sized x) are freed after the call.
+  thread_local std::vector<int32_t> idx_keep;
+  thread_local std::vector<float> xs_keep;
+  std::vector<int32_t> idx_tmp;
+  std::vector<float> xs_tmp;
+  const bool keep = M * K <= (int64_t(1) << 20);
+  std::vector<int32_t>& idx = keep ? idx_keep : idx_tmp;
+  std::vector<float>& xs = keep ? xs_keep : xs_tmp;
   if (static_cast<int64_t>(idx.size()) < K + 16) idx.resize(K + 16);
   if (static_cast<int64_t>(xs.size()) < M * K + 16) xs.resize(M * K + 16);
   const float t = threshold_float(threshold);
