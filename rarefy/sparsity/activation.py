@@ -1,21 +1,27 @@
-"""Activation sparsity, TEAL-style: per-layer magnitude thresholds on each projection's input.
+"""Activation sparsity, TEAL-style: zero small entries of each projection's input.
 
-For y = W x, every input channel with |x_i| below a threshold is set to zero, so column i of
-W need not be read. Four inputs per decoder layer are thresholded (q/k/v share one input,
-gate/up share one):
+For y = W x, every zeroed input channel i means column i of W need not be read. Four inputs
+per decoder layer are sparsified (q/k/v share one input, gate/up share one):
 
-    attn_in   input of q_proj / k_proj / v_proj (the attention RMSNorm output)
+    attn_in   input of q_proj, k_proj and v_proj (the attention RMSNorm output)
     o_in      input of o_proj (the attention output)
-    mlp_in    input of gate_proj / up_proj (the MLP RMSNorm output)
+    mlp_in    input of gate_proj and up_proj (the MLP RMSNorm output)
     down_in   input of down_proj (SiLU(gate) * up)
 
-``calibrate_thresholds`` runs calibration text through the model, keeps a uniform random
-sample of |x| per input (all tokens, all channels) and takes, for each target sparsity s,
-the s-quantile as the threshold (uniform allocation: every input at the same sparsity).
-``sparsify_activations`` installs forward pre-hooks that zero the small entries; compute
-stays dense (this is the quality reference the sparse kernels must match).
-Thresholds are saved as JSON (``save_thresholds`` / ``load_thresholds``), described in
-docs/activation-sparsity.md.
+The shared inputs are sparsified once, before the attention / MLP module, so every
+projection that reads them sees the same zeros (q, k and v; gate and up).
+
+Three rules decide which entries are zeroed (rarefy.sparsity.activation_modes): ``threshold``
+(|x| < t), ``topk`` (the k largest |x| of each token are kept) and ``adaptive`` (k per token
+from the entropy of the token's magnitudes). ``calibrate_thresholds`` runs calibration text
+through the dense model, gathers per-input statistics and turns each target sparsity into one
+parameter per input: with uniform allocation every input gets the target sparsity; with
+``greedy=True`` (rarefy.sparsity.activation_greedy) each layer's inputs get different
+sparsities whose weight-weighted average is the target.
+
+``sparsify_activations`` installs forward pre-hooks that zero the entries; compute stays
+dense (this is the quality reference the sparse kernels must match). Calibrations are saved
+as JSON (``save_thresholds`` / ``load_thresholds``, format in docs/activation-sparsity.md).
 """
 
 from __future__ import annotations
@@ -29,35 +35,78 @@ import torch
 from torch import nn
 
 from rarefy.errors import RarefyError
+from rarefy.sparsity.activation_modes import (MODES, PARAM_KEY, InputStats, apply_rule, check_mode, check_param,
+                                              effective_count)
 
 FORMAT = "rarefy-activation-thresholds"
-VERSION = 1
-# input -> (module of the decoder layer, its child whose input it is; None = that module's own
-# input). attn_in and mlp_in hook the attention / MLP module itself, so q, k, v (gate, up)
-# all see the zeroed input whether or not the projections are fused.
-INPUTS = {"attn_in": ("self_attn", None), "o_in": ("self_attn", "o_proj"),
-          "mlp_in": ("mlp", None), "down_in": ("mlp", "down_proj")}
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+ALLOCATIONS = ("uniform", "greedy")
+INPUT_NAMES = ("attn_in", "o_in", "mlp_in", "down_in")
 SAMPLE_PER_INPUT = 1 << 18  # |x| values kept per input for the quantiles
-
-
-@dataclass
-class Thresholds:
-    """thresholds[sparsity][f"{layer}.{input}"] = t; zero |x| < t."""
-
-    sparsities: list[float]
-    thresholds: dict[str, dict[str, float]]
-    model: dict = field(default_factory=dict)
-
-    def for_sparsity(self, s: float) -> dict[str, float]:
-        key = _key(s)
-        if key not in self.thresholds:
-            raise RarefyError(f"no thresholds for sparsity {s}; calibrated: "
-                              f"{', '.join(self.thresholds)}")
-        return self.thresholds[key]
 
 
 def _key(s: float) -> str:
     return f"{float(s):.4f}"
+
+
+@dataclass
+class LevelRule:
+    """What sparsify_activations applies for one level: a mode and one parameter per input."""
+
+    mode: str
+    params: dict[str, float]
+
+
+@dataclass
+class Thresholds:
+    """One calibration: for each level (target sparsity) one parameter per input.
+
+    thresholds[level_key][f"{layer}.{input}"] = t for threshold mode (zero |x| < t); other modes
+    keep their parameters in ``params`` (keep fractions for topk, entropy scales for adaptive).
+    ``input_sparsity[level_key][name]`` is the sparsity each input was calibrated to (the
+    level for uniform allocation, the greedy allocation otherwise).
+    """
+
+    sparsities: list[float]
+    thresholds: dict[str, dict[str, float]]
+    model: dict = field(default_factory=dict)
+    mode: str = "threshold"
+    allocation: str = "uniform"
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    input_sparsity: dict[str, dict[str, float]] = field(default_factory=dict)
+    inputs: dict[str, dict] = field(default_factory=dict)  # name -> {"width", "weights"}
+    calibration: dict = field(default_factory=dict)
+    greedy: dict = field(default_factory=dict)  # per-level layer errors, greedy vs uniform
+    measured: dict = field(default_factory=dict)  # level -> {"weighted", "entries"}
+    version: int = VERSION
+
+    def __post_init__(self):
+        if self.mode == "threshold" and not self.params:
+            self.params = self.thresholds
+        if self.mode == "threshold" and not self.thresholds:
+            self.thresholds = self.params
+
+    def _level(self, s: float) -> str:
+        key = _key(s)
+        if key not in self.params:
+            raise RarefyError(f"no thresholds for sparsity {s}; calibrated: {', '.join(self.params)}")
+        return key
+
+    def for_sparsity(self, s: float) -> dict[str, float]:
+        """Threshold mode: the per-input thresholds of level s."""
+        key = self._level(s)
+        if self.mode != "threshold":
+            raise RarefyError(f"this calibration is in {self.mode} mode: it has no thresholds "
+                              "(apply it with rule(s) / sparsify_activations)")
+        return self.thresholds[key]
+
+    def rule(self, s: float) -> LevelRule:
+        return LevelRule(self.mode, self.params[self._level(s)])
+
+    def sparsity_of_inputs(self, s: float) -> dict[str, float]:
+        key = self._level(s)
+        return self.input_sparsity.get(key) or {n: float(s) for n in self.params[key]}
 
 
 def check_sparsities(values) -> list[float]:
@@ -72,17 +121,55 @@ def check_sparsities(values) -> list[float]:
     return sorted(set(out))
 
 
-def _target_modules(model) -> dict[str, nn.Module]:
-    """name -> the module whose input is that activation ("3.mlp_in" -> layers[3].mlp.gate_proj)."""
+# -- where the inputs are ---------------------------------------------------------------
+
+@dataclass
+class InputSite:
+    hook: nn.Module  # its forward pre-hook sees the input as args[0]
+    projections: list[nn.Module]  # the projections that read it
+
+    @property
+    def width(self) -> int:
+        return self.projections[0].in_features
+
+    @property
+    def weights(self) -> int:
+        return sum(p.in_features * p.out_features for p in self.projections)
+
+
+def decoder_layers(model):
+    return model.model.layers if hasattr(model, "model") else model.layers
+
+
+def _first(owner, names, what, i):
+    for n in names:
+        m = getattr(owner, n, None)
+        if m is not None:
+            return m
+    raise RarefyError(f"layer {i} has no {'/'.join(names)} to take {what} from")
+
+
+def input_sites(model) -> dict[str, InputSite]:
+    """"{layer}.{input}" -> where the input enters (hook module) and which projections read it."""
     out = {}
-    for i, layer in enumerate(model.model.layers if hasattr(model, "model") else model.layers):
-        for inp, (parent, child) in INPUTS.items():
-            owner = getattr(layer, parent, None)
-            mod = owner if child is None or owner is None else getattr(owner, child, None)
-            if mod is None:
-                raise RarefyError(f"layer {i} has no {parent}{'.' + child if child else ''} to take {inp} from")
-            out[f"{i}.{inp}"] = mod
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = getattr(attn, "qkv_proj", None)
+        qkv = [qkv] if qkv is not None else [_first(attn, (n,), "attn_in", i) for n in ("q_proj", "k_proj", "v_proj")]
+        gu = getattr(mlp, "gate_up_proj", None)
+        gu = [gu] if gu is not None else [_first(mlp, (n,), "mlp_in", i) for n in ("gate_proj", "up_proj")]
+        o = _first(attn, ("o_proj",), "o_in", i)
+        down = _first(mlp, ("down_proj",), "down_in", i)
+        out[f"{i}.attn_in"] = InputSite(attn, qkv)
+        out[f"{i}.o_in"] = InputSite(o, [o])
+        out[f"{i}.mlp_in"] = InputSite(mlp, gu)
+        out[f"{i}.down_in"] = InputSite(down, [down])
     return out
+
+
+def input_weights(model) -> dict[str, int]:
+    """Weights each input gates: attn_in -> q+k+v, o_in -> o, mlp_in -> gate+up, down_in -> down."""
+    return {n: s.weights for n, s in input_sites(model).items()}
 
 
 def model_signature(model) -> dict:
@@ -91,26 +178,59 @@ def model_signature(model) -> dict:
             "intermediate_size": cfg.intermediate_size}
 
 
+# -- calibration ------------------------------------------------------------------------
+
+@dataclass
+class CalibrationData:
+    """Dense statistics of every input, and (for greedy) every layer's input on a few windows."""
+
+    stats: dict[str, InputStats]
+    layer_inputs: list[list[torch.Tensor]]  # [layer][window] hidden state entering the layer
+    rope: list[tuple]  # [window] (cos, sin, positions)
+    seq_len: int
+    samples: int
+    seed: int
+
+
 @torch.no_grad()
-def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int = 512, samples: int = 16,
-                         seed: int = 0, progress: bool = False) -> Thresholds:
-    """Thresholds for each target sparsity from `samples` windows of `seq_len` tokens."""
-    sparsities = check_sparsities(sparsities)
+def collect_statistics(model, token_ids: list[int], seq_len: int = 512, samples: int = 16, seed: int = 0,
+                       keep_windows: int = 0, progress: bool = False) -> CalibrationData:
+    """One dense pass over `samples` random windows of `seq_len` tokens. Keeps a uniform sample
+    of |x| and every token's effective channel count per input, and the inputs of every
+    decoder layer for the first `keep_windows` windows (for the greedy allocation)."""
+    if samples < 1 or seq_len < 2:
+        raise RarefyError("calibration needs at least one window of at least 2 tokens")
     if len(token_ids) < seq_len + 1:
         raise RarefyError(f"calibration text has {len(token_ids)} tokens; need more than {seq_len}")
     gen = torch.Generator().manual_seed(seed)
-    targets = _target_modules(model)
-    pools: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
+    sites = input_sites(model)
+    pools: dict[str, list[torch.Tensor]] = {n: [] for n in sites}
+    neffs: dict[str, list[torch.Tensor]] = {n: [] for n in sites}
     per_window = max(1, SAMPLE_PER_INPUT // samples)
+    layers = decoder_layers(model)
+    layer_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    rope: list[tuple] = []
+    window = [0]
 
     def hook(name):
         def pre(mod, args):
-            a = args[0].detach().abs().reshape(-1).float().cpu()
+            x = args[0].detach()
+            a = x.abs().reshape(-1).float().cpu()
             idx = torch.randint(0, a.numel(), (min(per_window, a.numel()),), generator=gen)
             pools[name].append(a[idx])
+            neffs[name].append(effective_count(x).reshape(-1).double().cpu())
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    def layer_hook(i):
+        def pre(mod, args):
+            if window[0] < keep_windows:
+                layer_inputs[i].append(args[0].detach().clone())
+                if i == 0:
+                    rope.append(tuple(a.detach() for a in args[1:4]))
+        return pre
+
+    handles = [s.hook.register_forward_pre_hook(hook(n)) for n, s in sites.items()]
+    handles += [layer.register_forward_pre_hook(layer_hook(i)) for i, layer in enumerate(layers)]
     starts = torch.randint(0, len(token_ids) - seq_len, (samples,), generator=gen).tolist()
     it = starts
     if progress:
@@ -118,41 +238,92 @@ def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int =
         it = tqdm(starts, desc="calibrating", unit="window", leave=False)
     device = next(model.parameters()).device
     try:
-        for s in it:
+        for w, s in enumerate(it):
+            window[0] = w
             model(torch.tensor([token_ids[s:s + seq_len]], device=device))
     finally:
         for h in handles:
             h.remove()
-    table = {}
-    qs = torch.tensor(sparsities, dtype=torch.float64)
-    for name, parts in pools.items():
-        sample = torch.cat(parts).double()
-        table[name] = torch.quantile(sample, qs).tolist()
-    thresholds = {_key(s): {n: float(v[j]) for n, v in table.items()} for j, s in enumerate(sparsities)}
-    return Thresholds(sparsities, thresholds, model_signature(model))
+    stats = {n: InputStats(sites[n].width, sites[n].weights, torch.cat(pools[n]).double().sort().values,
+                           torch.cat(neffs[n])) for n in sites}
+    return CalibrationData(stats, layer_inputs, rope, seq_len, samples, seed)
 
+
+def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int = 512, samples: int = 16,
+                         seed: int = 0, progress: bool = False, mode: str = "threshold", greedy: bool = False,
+                         greedy_step: float = 0.05, greedy_windows: int = 2, greedy_tokens: int = 256) -> Thresholds:
+    """Calibrate `mode` at each target sparsity from `samples` windows of `seq_len` tokens;
+    uniform allocation, or greedy per layer (see rarefy.sparsity.activation_greedy)."""
+    check_mode(mode)
+    sparsities = check_sparsities(sparsities)
+    if greedy:
+        from rarefy.sparsity.activation_greedy import check_greedy_options
+        check_greedy_options(sparsities, greedy_step, greedy_windows, greedy_tokens)
+    data = collect_statistics(model, token_ids, seq_len, samples, seed,
+                              keep_windows=min(greedy_windows, samples) if greedy else 0, progress=progress)
+    return calibrate_from_statistics(model, data, sparsities, mode, greedy, greedy_step, greedy_tokens, progress)
+
+
+def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: str = "threshold",
+                              greedy: bool = False, greedy_step: float = 0.05, greedy_tokens: int = 256,
+                              progress: bool = False) -> Thresholds:
+    check_mode(mode)
+    sparsities = check_sparsities(sparsities)
+    names = list(data.stats)
+    calibration = {"windows": data.samples, "seq_len": data.seq_len, "seed": data.seed}
+    greedy_info: dict = {}
+    if greedy:
+        from rarefy.sparsity.activation_greedy import greedy_allocation
+        if not data.layer_inputs or not data.layer_inputs[0]:
+            raise RarefyError("greedy allocation needs layer inputs: collect_statistics(keep_windows > 0)")
+        alloc, greedy_info = greedy_allocation(model, data, sparsities, mode, step=greedy_step,
+                                               tokens=greedy_tokens, seed=data.seed, progress=progress)
+        per_input = {_key(s): alloc[j] for j, s in enumerate(sparsities)}
+        calibration["greedy"] = {"step": greedy_step, "windows": len(data.layer_inputs[0]),
+                                 "tokens": greedy_info.pop("tokens")}
+    else:
+        per_input = {_key(s): {n: float(s) for n in names} for s in sparsities}
+    params = {lk: {n: data.stats[n].param(mode, sv) for n, sv in level.items()} for lk, level in per_input.items()}
+    inputs = {n: {"width": st.width, "weights": st.weights} for n, st in data.stats.items()}
+    return Thresholds(sparsities, params if mode == "threshold" else {}, model_signature(model), mode=mode,
+                      allocation="greedy" if greedy else "uniform", params=params, input_sparsity=per_input,
+                      inputs=inputs, calibration=calibration, greedy=greedy_info)
+
+
+# -- applying ---------------------------------------------------------------------------
 
 @contextmanager
-def sparsify_activations(model, thresholds: dict[str, float]):
-    """Zero every projection input entry with |x| below its threshold while the context is open.
-    Yields a dict counting zeroed and total entries per input (the true sparsity reached)."""
-    targets = _target_modules(model)
-    missing = [n for n in targets if n not in thresholds]
+def sparsify_activations(model, rule):
+    """Zero projection-input entries by `rule` (a LevelRule, or a dict of per-input thresholds
+    for threshold mode) while the context is open. Yields a dict counting zeroed and total
+    entries per input, [zeroed, total] (the true sparsity reached)."""
+    if not isinstance(rule, LevelRule):
+        rule = LevelRule("threshold", rule)
+    check_mode(rule.mode)
+    sites = input_sites(model)
+    missing = [n for n in sites if n not in rule.params]
     if missing:
         raise RarefyError(f"thresholds lack {len(missing)} inputs of this model, e.g. {missing[0]} "
                           "(calibrated on another model?)")
-    counts = {n: [0, 0] for n in targets}
+    extra = [n for n in rule.params if n not in sites]
+    if extra:
+        raise RarefyError(f"thresholds name {len(extra)} inputs this model lacks, e.g. {extra[0]} "
+                          "(calibrated on another model?)")
+    counts = {n: [0, 0] for n in sites}
 
-    def hook(name, t):
+    def hook(name, width, param):
         def pre(mod, args):
             x = args[0]
-            keep = x.abs() >= t
-            counts[name][0] += int((~keep).sum())
-            counts[name][1] += keep.numel()
-            return (x * keep,) + tuple(args[1:])
+            if x.shape[-1] != width:
+                raise RarefyError(f"input {name} has width {x.shape[-1]}, expected {width}")
+            y, dropped = apply_rule(rule.mode, param, x)
+            counts[name][0] += int(dropped)
+            counts[name][1] += x.numel()
+            return (y,) + tuple(args[1:])
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n, thresholds[n])) for n, m in targets.items()]
+    handles = [s.hook.register_forward_pre_hook(hook(n, s.width, float(rule.params[n])))
+               for n, s in sites.items()]
     try:
         yield counts
     finally:
@@ -160,34 +331,154 @@ def sparsify_activations(model, thresholds: dict[str, float]):
             h.remove()
 
 
-def measured_sparsity(counts: dict[str, list[int]]) -> float:
-    """Fraction of zeroed entries over all inputs (each input weighted by its entries)."""
-    zero = sum(c[0] for c in counts.values())
-    total = sum(c[1] for c in counts.values())
-    return zero / total if total else 0.0
+def measured_sparsity(counts: dict[str, list[int]], weights: dict[str, int] | None = None) -> float:
+    """Fraction of zeroed entries over all inputs: each input weighted by its entries, or,
+    given `weights` (input_weights(model)), by the weights it gates (the fraction of
+    weight reads skipped)."""
+    if weights is None:
+        zero = sum(c[0] for c in counts.values())
+        total = sum(c[1] for c in counts.values())
+        return zero / total if total else 0.0
+    wsum = sum(weights[n] for n, c in counts.items() if c[1])
+    return sum(weights[n] * c[0] / c[1] for n, c in counts.items() if c[1]) / wsum if wsum else 0.0
 
+
+def sparsity_report(counts: dict[str, list[int]], model) -> dict[str, float]:
+    """{"weighted": by gated weights, "entries": by entries} over all four inputs of every layer."""
+    return {"weighted": measured_sparsity(counts, input_weights(model)), "entries": measured_sparsity(counts)}
+
+
+@torch.no_grad()
+def measure_levels(model, token_ids: list[int], th: Thresholds, seq_len: int = 512, windows: int = 4,
+                   seed: int = 1) -> dict[str, dict[str, float]]:
+    """Sparsity each level reaches (weighted and entry-weighted) on `windows` random windows."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_len = min(seq_len, len(token_ids) - 1)
+    starts = torch.randint(0, len(token_ids) - seq_len, (windows,), generator=gen).tolist()
+    device = next(model.parameters()).device
+    out = {}
+    for s in th.sparsities:
+        with sparsify_activations(model, th.rule(s)) as counts:
+            for st in starts:
+                model(torch.tensor([token_ids[st:st + seq_len]], device=device))
+        out[_key(s)] = sparsity_report(counts, model)
+    return out
+
+
+# -- file -------------------------------------------------------------------------------
 
 def save_thresholds(th: Thresholds, path: str | os.PathLike) -> None:
-    data = {"format": FORMAT, "version": VERSION, "mode": "threshold", "allocation": "uniform",
-            "model": th.model, "sparsities": th.sparsities, "thresholds": th.thresholds}
+    data = {"format": FORMAT, "version": VERSION, "mode": th.mode, "allocation": th.allocation,
+            "model": th.model, "sparsities": th.sparsities}
+    if th.mode == "threshold":
+        data["thresholds"] = th.thresholds
+    else:
+        data[PARAM_KEY[th.mode]] = th.params
+    data["input_sparsity"] = th.input_sparsity
+    for k in ("inputs", "calibration", "measured", "greedy"):
+        if getattr(th, k):
+            data[k] = getattr(th, k)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_thresholds(path: str | os.PathLike, model=None) -> Thresholds:
     try:
         with open(path) as f:
             data = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise RarefyError(f"threshold file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RarefyError(f"{path} is not a rarefy threshold file (not JSON)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise RarefyError(f"{path} is not a rarefy threshold file")
-    th = Thresholds(data["sparsities"], data["thresholds"], data.get("model", {}))
-    if model is not None and th.model and th.model != model_signature(model):
-        raise RarefyError(f"{path} was calibrated on another model ({th.model}, this one is "
-                          f"{model_signature(model)})")
+    try:
+        th = _parse(data, path)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RarefyError(f"{path} is a malformed threshold file ({type(e).__name__}: {e})") from None
+    if model is not None:
+        _check_model(th, model, path)
     return th
+
+
+def _parse(data: dict, path) -> Thresholds:
+    version = data.get("version")
+    if version not in READABLE_VERSIONS:
+        raise RarefyError(f"{path} has format version {version!r}; this rarefy reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
+    mode = data.get("mode", "threshold")
+    if mode not in MODES:
+        raise RarefyError(f"{path}: unknown mode {mode!r}; known: {', '.join(MODES)}")
+    allocation = data.get("allocation", "uniform")
+    if allocation not in ALLOCATIONS:
+        raise RarefyError(f"{path}: unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if version == 1 and mode != "threshold":
+        raise RarefyError(f"{path}: version 1 files hold thresholds only, not {mode!r}")
+    sparsities = data["sparsities"]
+    if not isinstance(sparsities, list):
+        raise RarefyError(f"{path}: 'sparsities' must be a list")
+    sparsities = [float(s) for s in sparsities]
+    if any(not 0.0 <= s < 1.0 for s in sparsities) or not sparsities:
+        raise RarefyError(f"{path}: sparsities must be in [0, 1), got {sparsities}")
+    key = PARAM_KEY[mode]
+    if key not in data:
+        raise RarefyError(f"{path}: {mode} mode needs '{key}'")
+    params = _levels(data[key], sparsities, path, key, lambda v, where: check_param(mode, v, where))
+    names = set(next(iter(params.values())))
+
+    def frac(v, where):
+        v = check_param("threshold", v, where)
+        if v >= 1.0:
+            raise RarefyError(f"{where}: an input sparsity must be in [0, 1), got {v}")
+        return v
+
+    per_input = _levels(data["input_sparsity"], sparsities, path, "input_sparsity", frac) \
+        if "input_sparsity" in data else {}
+    if per_input and set(next(iter(per_input.values()))) != names:
+        raise RarefyError(f"{path}: input_sparsity and {key} name different inputs")
+    inputs = data.get("inputs", {})
+    if inputs and set(inputs) != names:
+        raise RarefyError(f"{path}: 'inputs' and {key} name different inputs")
+    return Thresholds(sparsities, params if mode == "threshold" else {}, data.get("model", {}), mode=mode,
+                      allocation=allocation, params=params, input_sparsity=per_input, inputs=inputs,
+                      calibration=data.get("calibration", {}), greedy=data.get("greedy", {}),
+                      measured=data.get("measured", {}), version=version)
+
+
+def _levels(table, sparsities, path, what, check) -> dict[str, dict[str, float]]:
+    if not isinstance(table, dict) or set(table) != {_key(s) for s in sparsities}:
+        raise RarefyError(f"{path}: '{what}' must have one entry per sparsity "
+                          f"({', '.join(_key(s) for s in sparsities)})")
+    names = None
+    out = {}
+    for lk, level in table.items():
+        if not isinstance(level, dict) or not level:
+            raise RarefyError(f"{path}: '{what}' level {lk} must map inputs to numbers")
+        if names is None:
+            names = set(level)
+        elif set(level) != names:
+            raise RarefyError(f"{path}: '{what}' levels name different inputs")
+        out[lk] = {n: check(v, f"{path}: {what}[{lk}][{n}]") for n, v in level.items()}
+    return out
+
+
+def _check_model(th: Thresholds, model, path) -> None:
+    sig = model_signature(model)
+    if th.model and th.model != sig:
+        raise RarefyError(f"{path} was calibrated on another model ({th.model}, this one is {sig})")
+    sites = input_sites(model)
+    names = set(next(iter(th.params.values())))
+    if names != set(sites):
+        lack = sorted(set(sites) - names) or sorted(names - set(sites))
+        raise RarefyError(f"{path} does not match this model's inputs (e.g. {lack[0]}): calibrated on another model?")
+    for n, info in th.inputs.items():
+        width = info.get("width") if isinstance(info, dict) else None
+        if width != sites[n].width:
+            raise RarefyError(f"{path}: input {n} has width {width} in the file, {sites[n].width} in this model "
+                              "(mismatched shapes)")
