@@ -1,4 +1,4 @@
-"""`rarefy calibrate-activations`: per-layer activation thresholds (TEAL-style) for a model.
+"""`rarefy calibrate-activations`: per-layer activation sparsity (TEAL-style) for a model.
 
 Writes OUT/activation_thresholds.json (format: docs/activation-sparsity.md); `rarefy generate`
 and `rarefy eval ppl` apply it with `--activation-sparsity OUT [--activation-level S]`.
@@ -15,7 +15,8 @@ from rarefy.cli_common import DeviceOpt, JsonOpt, ModelOpt, emit_json, load_for_
 from rarefy.errors import RarefyError
 
 FILE = "activation_thresholds.json"
-MODES = ("threshold",)
+MODES = ("threshold", "topk", "adaptive")
+MEASURE_WINDOWS = 4
 
 
 @user_errors
@@ -23,7 +24,14 @@ def calibrate_activations(
     calib: str = typer.Option(..., "--calib", help="calibration text file (UTF-8)"),
     out: str = typer.Option(..., "--out", help="directory for the thresholds (must not exist or be empty)"),
     sparsity: str = typer.Option("0.25,0.4,0.5", "--sparsity", help="target sparsities in [0, 1), comma list"),
-    mode: str = typer.Option("threshold", "--mode", help="threshold: |x| < t -> 0, t per layer and input"),
+    mode: str = typer.Option("threshold", "--mode",
+                             help="threshold: |x| < t -> 0, t per layer and input; topk: keep the k largest |x| "
+                                  "of each token; adaptive: k per token from the entropy of its |x|"),
+    greedy: bool = typer.Option(False, "--greedy", help="greedy per-layer allocation across the four inputs "
+                                                        "(TEAL) instead of the same sparsity for every input"),
+    greedy_step: float = typer.Option(0.05, "--greedy-step", help="sparsity step of the greedy search"),
+    greedy_windows: int = typer.Option(2, "--greedy-windows", help="calibration windows the greedy search uses"),
+    greedy_tokens: int = typer.Option(256, "--greedy-tokens", help="tokens the greedy search measures error on"),
     samples: int = typer.Option(16, "--samples", help="calibration windows"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per window"),
     seed: int = typer.Option(0, "--seed"),
@@ -32,9 +40,10 @@ def calibrate_activations(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
     as_json: bool = JsonOpt,
 ):
-    """Calibrate per-layer activation thresholds for the given sparsities."""
+    """Calibrate per-layer activation sparsity (threshold, top-k or adaptive) for the given sparsities."""
     from rarefy.formats.checkpoint import check_destination, write_directory
-    from rarefy.sparsity.activation import calibrate_thresholds, check_sparsities, save_thresholds
+    from rarefy.sparsity.activation import calibrate_thresholds, check_sparsities, measure_levels, save_thresholds
+    from rarefy.sparsity.activation_greedy import check_greedy_options
 
     if mode not in MODES:
         raise RarefyError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -44,23 +53,35 @@ def calibrate_activations(
         raise RarefyError(f"--sparsity takes numbers, got {sparsity!r}") from None
     if samples < 1 or seq_len < 8:
         raise RarefyError("--samples must be >= 1 and --seq-len >= 8")
+    if greedy:
+        check_greedy_options(levels, greedy_step, greedy_windows, greedy_tokens)
     check_destination(out, model, overwrite)
     body = read_text_file(calib)
     loaded = load_for_cli(model, device, "auto", sparse="off")
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     th = calibrate_thresholds(loaded.model, ids, levels, seq_len=seq_len, samples=samples, seed=seed,
-                              progress=not as_json)
+                              progress=not as_json, mode=mode, greedy=greedy, greedy_step=greedy_step,
+                              greedy_windows=greedy_windows, greedy_tokens=greedy_tokens)
+    # the sparsity actually reached, over all inputs, on calibration windows
+    th.measured = measure_levels(loaded.model, ids, th, seq_len=seq_len, windows=min(samples, MEASURE_WINDOWS),
+                                 seed=seed + 1)
     dest = write_directory(out, lambda tmp: save_thresholds(th, tmp / FILE))
+    n_inputs = len(th.params[next(iter(th.params))])
     if as_json:
-        emit_json({"out": str(dest), "sparsities": levels, "inputs": len(th.for_sparsity(levels[0]))})
+        emit_json({"out": str(dest), "mode": mode, "allocation": th.allocation, "sparsities": levels,
+                   "inputs": n_inputs, "measured": th.measured})
     else:
-        typer.echo(f"thresholds for {', '.join(f'{s:g}' for s in levels)} over "
-                   f"{len(th.for_sparsity(levels[0]))} projection inputs saved to {dest / FILE}")
+        typer.echo(f"{mode} mode, {th.allocation} allocation, {n_inputs} projection inputs; sparsity reached on "
+                   f"{min(samples, MEASURE_WINDOWS)} calibration windows (weighted by gated weights / by entries):")
+        for s in levels:
+            m = th.measured[f"{s:.4f}"]
+            typer.echo(f"  {s:g}: {m['weighted']:.3f} / {m['entries']:.3f}")
+        typer.echo(f"saved to {dest / FILE}")
 
 
 def activation_context(model, directory: str | None, level: float | None):
-    """The sparsify_activations context for --activation-sparsity DIR [--activation-level S],
-    or a no-op context when DIR is None."""
+    """The sparsify_activations context for --activation-sparsity DIR [--activation-level S]
+    (whatever mode and allocation the file holds), or a no-op context when DIR is None."""
     import contextlib
 
     from rarefy.sparsity.activation import load_thresholds, sparsify_activations
@@ -76,4 +97,4 @@ def activation_context(model, directory: str | None, level: float | None):
             raise RarefyError(f"{path} holds several sparsities ({', '.join(f'{s:g}' for s in th.sparsities)}): "
                               "choose one with --activation-level")
         level = th.sparsities[0]
-    return sparsify_activations(model, th.for_sparsity(level))
+    return sparsify_activations(model, th.rule(level))
