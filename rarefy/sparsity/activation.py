@@ -36,7 +36,7 @@ from torch import nn
 
 from rarefy.errors import RarefyError
 from rarefy.sparsity.activation_modes import (MODES, PARAM_KEY, InputStats, apply_rule, check_mode, check_param,
-                                              effective_count)
+                                              effective_count, finite_number)
 
 FORMAT = "rarefy-activation-thresholds"
 VERSION = 2
@@ -433,8 +433,8 @@ def _parse(data: dict, path) -> Thresholds:
     names = set(next(iter(params.values())))
 
     def frac(v, where):
-        v = check_param("threshold", v, where)
-        if v >= 1.0:
+        v = finite_number(v, where)
+        if not 0.0 <= v < 1.0:
             raise RarefyError(f"{where}: an input sparsity must be in [0, 1), got {v}")
         return v
 

@@ -81,11 +81,15 @@ def apply_rule(mode: str, param: float, x: torch.Tensor):
     raise RarefyError(f"unknown activation sparsity mode {mode!r}")
 
 
-def check_param(mode: str, value, where: str) -> float:
-    """A file's parameter, validated: finite, and in range for its mode."""
+def finite_number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RarefyError(f"{where}: expected a finite number, got {value!r}")
-    v = float(value)
+    return float(value)
+
+
+def check_param(mode: str, value, where: str) -> float:
+    """A file's parameter, validated: finite, and in range for its mode."""
+    v = finite_number(value, where)
     if mode == "threshold" and v < 0:
         raise RarefyError(f"{where}: a threshold must be >= 0, got {v}")
     if mode == "topk" and not 0.0 < v <= 1.0:

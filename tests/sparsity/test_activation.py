@@ -230,6 +230,7 @@ def test_save_load_and_bad_input(tmp_path):
     broken(lambda d: d["thresholds"]["0.4000"].update({"0.o_in": "x"}), "finite number")
     broken(lambda d: d["thresholds"]["0.4000"].pop("1.down_in"), "input_sparsity and thresholds name different")
     broken(lambda d: d["inputs"]["1.down_in"].update(width=99), "mismatched shapes")
+    broken(lambda d: d["input_sparsity"]["0.4000"].update({"0.o_in": 1.0}), r"input sparsity must be in \[0, 1\)")
     broken(lambda d: d.pop("sparsities"), "malformed")
     broken(lambda d: d.update(model={}, thresholds={"0.4000": {"0.attn_in": 0.1}},
                               input_sparsity={"0.4000": {"0.attn_in": 0.4}}, inputs={}), "another model")
