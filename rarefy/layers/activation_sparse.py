@@ -21,8 +21,15 @@ from torch import nn
 from rarefy.errors import RarefyError
 from rarefy.kernels.activation_sparse import input_sparse_matmul
 
-#: Tokens per call up to which the sparse kernels run (decode and small batches).
-MAX_SPARSE_ROWS = 16
+#: Tokens per call up to which the sparse kernels run, per device. On the H100 the
+#: tensor-core path for M > 1 measured slower than cuBLAS even at 50% union density
+#: (docs/results/activation-gpu.md), so CUDA runs only single-token calls sparse; the CPU
+#: kernel skips rows by the union of the tokens' masks up to 16 tokens.
+MAX_SPARSE_ROWS = {"cuda": 1, "cpu": 16}
+
+
+def _limit(max_rows, x):
+    return max_rows if max_rows is not None else MAX_SPARSE_ROWS.get(x.device.type, 1)
 
 
 def _dense(x, wt, bias, threshold, sparse_prefill):
@@ -36,7 +43,7 @@ class ActivationSparseLinear(nn.Module):
     """y = (x * (|x| >= threshold)) @ weight_t + bias, weight_t: [in, out]."""
 
     def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                 max_rows: int = MAX_SPARSE_ROWS, sparse_prefill: bool = False):
+                 max_rows: int | None = None, sparse_prefill: bool = False):
         super().__init__()
         self.in_features, self.out_features = weight_t.shape
         self.weight_t = nn.Parameter(weight_t.contiguous(), requires_grad=False)
@@ -44,7 +51,7 @@ class ActivationSparseLinear(nn.Module):
         self.threshold, self.max_rows, self.sparse_prefill = float(threshold), max_rows, sparse_prefill
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features <= self.max_rows:
+        if x.numel() // self.in_features <= _limit(self.max_rows, x):
             return input_sparse_matmul(x, self.weight_t, self.threshold, self.bias)
         return _dense(x, self.weight_t, self.bias, self.threshold, self.sparse_prefill)
 
@@ -57,7 +64,7 @@ class ActivationSparseMLP(nn.Module):
     """SwiGLU MLP with input-sparse gate/up (fused with SiLU·up) and input-sparse down."""
 
     def __init__(self, gate_up_t: torch.Tensor, down_t: torch.Tensor, t_in: float, t_down: float,
-                 max_rows: int = MAX_SPARSE_ROWS, sparse_prefill: bool = False):
+                 max_rows: int | None = None, sparse_prefill: bool = False):
         super().__init__()
         self.hidden_size, two_i = gate_up_t.shape
         self.intermediate_size = two_i // 2
@@ -67,7 +74,7 @@ class ActivationSparseMLP(nn.Module):
         self.max_rows, self.sparse_prefill = max_rows, sparse_prefill
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.hidden_size <= self.max_rows:
+        if x.numel() // self.hidden_size <= _limit(self.max_rows, x):
             h = input_sparse_matmul(x, self.gate_up_t, self.t_in, glu=True)
             return input_sparse_matmul(h, self.down_t, self.t_down)
         gate, up = _dense(x, self.gate_up_t, None, self.t_in, self.sparse_prefill).chunk(2, dim=-1)
@@ -96,7 +103,7 @@ def _transposed(ws: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(ws).t().contiguous()
 
 
-def use_activation_sparsity(model: nn.Module, thresholds: dict[str, float], max_rows: int = MAX_SPARSE_ROWS,
+def use_activation_sparsity(model: nn.Module, thresholds: dict[str, float], max_rows: int | None = None,
                             sparse_prefill: bool = False) -> int:
     """Swap every decoder layer's projections for input-sparse ones; returns the layers changed.
 

@@ -198,17 +198,18 @@ def _pow2(v: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> ActSparseConfig:
-    """Heuristic: FMA path at M = 1, tensor cores above. Fewer unrolled steps per program
-    until the grid holds about four programs per SM (input sparsity leaves fewer bytes
-    per program, so more programs must be in flight)."""
+    """Heuristic, from the H100 probes (benchmarks/gpu_activation_probe.py, docs/results/
+    activation-gpu.md): M = 1 takes the FMA path with x broadcast in the weight tile's
+    layout, 128 columns x 16 rows per step, and as many unrolled steps (16, 8 or 4) as
+    keep at least 12 programs per SM; M > 1 takes the tensor-core path."""
     if M == 1:
-        cfg = ActSparseConfig(block_n=128, block_k=32, iters=8, num_warps=4)
+        cfg = ActSparseConfig(block_n=128, block_k=16, iters=16, num_warps=4, xmode=1)
     else:
         cfg = ActSparseConfig(block_n=128, block_k=32, iters=8, use_dot=True,
                               block_m=16 if M <= 16 else 32, num_warps=4)
     tiles = -(-N // cfg.block_n) * -(-M // cfg.block_m)
     iters = cfg.iters
-    while iters > 2 and tiles * -(-K // (iters * cfg.block_k)) < 4 * num_sms:
+    while iters > 4 and tiles * -(-K // (iters * cfg.block_k)) < 12 * num_sms:
         iters //= 2
     return replace(cfg, iters=iters)
 
