@@ -53,10 +53,13 @@ def main():
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=gen)
         t = threshold_for(x, a.sparsity)
         base = time_us([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in w], dev)
-        grid = [ActSparseConfig(block_n=256 * nw, block_k=bk, iters=it, num_warps=nw, xmode=xm, fold=True)
-                for nw, bk, it, xm in itertools.product((1, 2, 4), (8, 16, 32), (2, 4, 8), (0, 1, 2))]
-        grid += [ActSparseConfig(block_n=128, block_k=16, iters=4, num_warps=4, xmode=xm, fold=f)
-                 for xm, f in itertools.product((0, 1, 2), (False, True))]
+        n_out = n // 2 if glu else n
+        grid = [ActSparseConfig(block_n=128, block_k=16, iters=4, num_warps=4, xmode=1)]
+        for bn, bk, nw, waves in itertools.product((128, 256), (16, 32), (4, 8), (1, 2, 4)):
+            tiles = -(-n_out // bn)
+            rows = max(2 * bk, k * tiles // (waves * 132))
+            grid.append(ActSparseConfig(block_n=bn, block_k=bk, iters=-(-rows // bk), num_warps=nw, xmode=1,
+                                        prefetch=not glu))
         for cfg in grid:
             if cfg.block_k * cfg.iters > k:
                 continue

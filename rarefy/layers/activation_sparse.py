@@ -80,6 +80,9 @@ class ActivationSparseMLP(nn.Module):
         gate, up = _dense(x, self.gate_up_t, None, self.t_in, self.sparse_prefill).chunk(2, dim=-1)
         return _dense(F.silu(gate) * up, self.down_t, None, self.t_down, self.sparse_prefill)
 
+    def fuse_projections(self) -> None:  # gate and up are already one transposed matrix
+        pass
+
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
                 f"t_in={self.t_in:.4g}, t_down={self.t_down:.4g}")

@@ -48,8 +48,10 @@ def test_matches_reference(kern, m, k, n, dtype, t):
     x, wt = make(m, k, n, dtype, seed=m * 1000 + k + n)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
     from dataclasses import replace
-    for iters, xmode, fold in ((1, 0, True), (3, 1, False), (64, 2, True), (64, 1, False)):  # many splits .. none
-        cfg = replace(kern.pick_config(m, n, k), iters=iters, block_k=16, xmode=xmode, fold=fold)
+    for iters, xmode, fold, pre in ((1, 0, True, False), (3, 1, False, False), (64, 2, True, False),
+                                    (64, 1, False, False), (1, 1, False, True), (3, 1, False, True),
+                                    (64, 1, False, True)):  # many splits .. none; unrolled / prefetch
+        cfg = replace(kern.pick_config(m, n, k), iters=iters, block_k=16, xmode=xmode, fold=fold, prefetch=pre)
         y = kern.input_sparse_matmul_triton(x.to(DEV), wt.to(DEV), t, bias.to(DEV), config=cfg)
         ref = input_sparse_matmul_ref(x, wt, t, bias)
         check(y, ref, tol_for(dtype))

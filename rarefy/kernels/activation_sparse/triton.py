@@ -52,6 +52,9 @@ class ActSparseConfig:
     # M = 1: reduce each step's tile along K into a [BLOCK_N] accumulator (in-thread when
     # block_n == 8 * 32 * num_warps for 16-bit weights: lanes and warps all along N).
     fold: bool = False
+    # M = 1: a rolled loop over the program's rows with x loaded two steps ahead and the
+    # weight tile one step ahead (register double buffering), instead of the unrolled steps.
+    prefetch: bool = False
 
 
 @triton.jit
@@ -60,12 +63,43 @@ def _silu_mul(g, u):
 
 
 @triton.jit
+def _load_x2d(x_row, ks, cols, K, threshold):
+    in_k = ks < K
+    x = tl.load(x_row + ks[:, None] + 0 * cols[None, :], mask=in_k[:, None], other=0.0).to(tl.float32)
+    active = (tl.abs(x) >= threshold) & in_k[:, None]
+    return tl.where(active, x, 0.0), active
+
+
+@triton.jit
+def _prefetch_loop(x_row, w_ptr, cols, k_base, K, threshold, stride_wk,
+                   ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows [k_base, k_base + ITERS * BLOCK_K): x two steps ahead, weights one step ahead,
+    so neither the x -> mask -> weight chain nor the weight latency is paid per step."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    x_a, act_a = _load_x2d(x_row, k_base + offs_k, cols, K, threshold)
+    x_b, act_b = _load_x2d(x_row, k_base + BLOCK_K + offs_k, cols, K, threshold)
+    w_a = tl.load(w_ptr + (k_base + offs_k)[:, None].to(tl.int64) * stride_wk + cols[None, :], mask=act_a, other=0.0)
+    for i in range(ITERS):
+        k2 = k_base + (i + 2) * BLOCK_K + offs_k
+        more = i + 2 < ITERS
+        x_c, act_c = _load_x2d(x_row, k2, cols, tl.where(more, K, 0), threshold)
+        k1 = k_base + (i + 1) * BLOCK_K + offs_k
+        w_b = tl.load(w_ptr + k1[:, None].to(tl.int64) * stride_wk + cols[None, :], mask=act_b & (i + 1 < ITERS),
+                      other=0.0)
+        acc += w_a.to(tl.float32) * x_a
+        x_a, act_a, w_a = x_b, act_b, w_b
+        x_b, act_b = x_c, act_c
+    return acc
+
+
+@triton.jit
 def _act_sparse_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, threshold,
     stride_xm, stride_wk, stride_om, n_glu,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr, ITERS: tl.constexpr, XMODE: tl.constexpr, FOLD: tl.constexpr,
+    SPLIT: tl.constexpr, ITERS: tl.constexpr, XMODE: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -95,9 +129,13 @@ def _act_sparse_kernel(
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         if GLU:
             acc_u = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        tl.static_assert(not USE_DOT and not GLU and XMODE == 1, "prefetch: M = 1, no GLU, xmode 1")
+        acc = _prefetch_loop(x_ptr + rows_m * stride_xm, w_ptr, cols, k_base, K, threshold, stride_wk,
+                             ITERS, BLOCK_K, BLOCK_N)
     # Unrolled, so the steps' x loads issue together, then their (mask-dependent) weight
     # loads: two memory latencies per program instead of two per step.
-    for i in tl.static_range(ITERS):
+    for i in tl.static_range(0 if PREFETCH else ITERS):
         ks = k_base + i * BLOCK_K + offs_k
         in_k = ks < K
         if USE_DOT:
@@ -272,6 +310,7 @@ def input_sparse_matmul_triton(x: torch.Tensor, wt: torch.Tensor, threshold: flo
         M, N, K, float(threshold),
         x.stride(0), wt.stride(0), out.stride(0), N if glu else 0,
         HAS_BIAS=bias is not None, GLU=glu, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
-        SPLIT=split, ITERS=cfg.iters, XMODE=0 if cfg.use_dot else cfg.xmode, FOLD=cfg.fold and not cfg.use_dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT=split, ITERS=cfg.iters, XMODE=0 if cfg.use_dot else cfg.xmode, FOLD=cfg.fold and not cfg.use_dot and not cfg.prefetch,
+        PREFETCH=cfg.prefetch and not cfg.use_dot and not glu and cfg.xmode == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps)
     return out
