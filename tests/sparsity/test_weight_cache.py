@@ -297,3 +297,17 @@ def test_reset_and_from_mlp():
     m[::3] = True
     c.update(m)
     _check_cache(c, m)
+
+
+def test_bool_view_with_nonzero_bytes():
+    """A bool view of bytes other than 0/1 (e.g. uint8.view(bool)) counts nonzero as active."""
+    gate, up, down = _weights(8, 21)
+    c = DifferentialWeightCache(gate, up, down, 1.0)
+    raw = torch.zeros(21, dtype=torch.uint8)
+    raw[[0, 3, 9, 20]] = torch.tensor([2, 255, 1, 16], dtype=torch.uint8)
+    assert c.update(raw.view(torch.bool)) == 4
+    _check_cache(c, raw != 0)
+    raw[3] = 0
+    raw[5] = 128
+    assert c.update(raw.view(torch.bool)) == 4
+    _check_cache(c, raw != 0)

@@ -72,6 +72,15 @@ void check_row_matrix(const at::Tensor& t, const char* name, int64_t rows, int64
   TORCH_CHECK_VALUE(t.stride(1) == 1 || H == 1, "weight cache: ", name, " rows must be contiguous");
 }
 
+// 8 bool bytes -> bit 0 of each byte set iff the byte is nonzero (torch bools are 0/1, but a
+// bool view of other bytes must not corrupt the bookkeeping).
+inline uint64_t bool_bits(uint64_t a) {
+  a |= a >> 4;
+  a |= a >> 2;
+  a |= a >> 1;
+  return a & 0x0101010101010101ull;
+}
+
 // Returns the new number of active neurons, or -(mask's active count) if the mask has more
 // active neurons than the pool has slots and no scores were given (nothing is changed then).
 int64_t wc_update(const at::Tensor& mask, const c10::optional<at::Tensor>& scores, const at::Tensor& src_g,
@@ -106,13 +115,13 @@ int64_t wc_update(const at::Tensor& mask, const c10::optional<at::Tensor>& score
   int32_t* s2n = mp + 1 + I;
   const int64_t n = mp[0];
 
-  // Active count: bool bytes are 0 or 1, so a popcount of 8 bytes counts them.
+  // Active count, 8 mask bytes at a time (any nonzero byte counts as true).
   int64_t count = 0;
   int64_t i8 = 0;
   for (; i8 + 8 <= I; i8 += 8) {
     uint64_t a;
     std::memcpy(&a, m + i8, 8);
-    count += __builtin_popcountll(a);
+    count += __builtin_popcountll(bool_bits(a));
   }
   for (int64_t i = i8; i < I; ++i) count += m[i] != 0;
 
@@ -164,7 +173,7 @@ int64_t wc_update(const at::Tensor& mask, const c10::optional<at::Tensor>& score
     uint64_t a, b;
     std::memcpy(&a, m + i8, 8);
     std::memcpy(&b, pv + i8, 8);
-    uint64_t x = a ^ b;
+    uint64_t x = bool_bits(a) ^ b;  // prev bytes are always 0 or 1
     while (x) {
       const int byte = __builtin_ctzll(x) >> 3;
       change(i8 + byte);
@@ -228,18 +237,38 @@ int64_t wc_update(const at::Tensor& mask, const c10::optional<at::Tensor>& score
     const size_t pgs = pool_g.stride(0) * esz, pus = pool_u.stride(0) * esz, pds = pool_d.stride(0) * esz;
     const size_t sgs = src_g.stride(0) * esz, sus = src_u.stride(0) * esz, sds = src_d.stride(0) * esz;
     const Job* J = jobs.data();
+    auto sources = [&](const Job& jb, const char** f) {
+      if (jb.from_pool) {
+        f[0] = pg + jb.src * pgs; f[1] = pu + jb.src * pus; f[2] = pd + jb.src * pds;
+      } else {
+        f[0] = sg + jb.src * sgs; f[1] = su + jb.src * sus; f[2] = sd + jb.src * sds;
+      }
+    };
+    // The source rows are scattered (one neuron here, one there): the hardware prefetcher
+    // cannot guess the next one, so the rows of the job after next are requested while this
+    // job copies. Prefetches never fault.
+    constexpr int64_t kAhead = 2;
+    auto prefetch_job = [&](const Job& jb) {
+#if RAREFY_X86
+      const char* f[3];
+      sources(jb, f);
+      for (int a = 0; a < 3; ++a)
+        for (size_t o = 0; o < row; o += 64) _mm_prefetch(f[a] + o, _MM_HINT_T0);
+#else
+      (void)jb;
+#endif
+    };
     auto run = [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < std::min(e, b + kAhead); ++k) prefetch_job(J[k]);
       for (int64_t k = b; k < e; ++k) {
         const Job& jb = J[k];
+        if (k + kAhead < e) prefetch_job(J[k + kAhead]);
         char* dg = pg + jb.dst * pgs;
         char* du = pu + jb.dst * pus;
         char* dd = pd + jb.dst * pds;
-        const char *fg, *fu, *fd;
-        if (jb.from_pool) {
-          fg = pg + jb.src * pgs; fu = pu + jb.src * pus; fd = pd + jb.src * pds;
-        } else {
-          fg = sg + jb.src * sgs; fu = su + jb.src * sus; fd = sd + jb.src * sds;
-        }
+        const char* f[3];
+        sources(jb, f);
+        const char *fg = f[0], *fu = f[1], *fd = f[2];
         if (du == dg + row && fu == fg + row) {
           std::memcpy(dg, fg, 2 * row);  // gate and up rows adjacent at both ends: one copy
         } else {
@@ -311,6 +340,29 @@ AVX512_TARGET inline __m512 load16(const float* p, __mmask16 k) { return _mm512_
 
 inline void prefetch(const void* a) { _mm_prefetch(static_cast<const char*>(a), _MM_HINT_T0); }
 
+// Horizontal sums of 8 vectors in one tree: lanes 0..3 of the result hold the sums of a..d,
+// lanes 8..11 those of e..h (12 shuffles + 7 adds instead of 8 separate reductions).
+AVX512_TARGET inline __m512 reduce8(__m512 a, __m512 b, __m512 c, __m512 d, __m512 e, __m512 f, __m512 g,
+                                    __m512 h) {
+  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 ef = _mm512_add_ps(_mm512_unpacklo_ps(e, f), _mm512_unpackhi_ps(e, f));
+  const __m512 gh = _mm512_add_ps(_mm512_unpacklo_ps(g, h), _mm512_unpackhi_ps(g, h));
+  // per lane: (a, b, c, d) partial sums
+  const __m512 abcd = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m512 efgh = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ef), _mm512_castps_pd(gh))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ef), _mm512_castps_pd(gh))));
+  // lanes: abcd0+abcd1, abcd2+abcd3, efgh0+efgh1, efgh2+efgh3
+  const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(abcd, efgh, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(abcd, efgh, _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 0: sums of a..d, lane 2: sums of e..h
+  return _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
 // R consecutive pool rows: gate and up dot products for every row of x, then their
 // contribution to y. While a block is read, the next block's rows (same offsets) are
 // prefetched, one cache line at a time; prefetches never fault.
@@ -348,7 +400,13 @@ AVX512_TARGET void block_avx512(const Mlp& p, int64_t j0, float* y) {
       }
     }
     float hv[R];
-    for (int r = 0; r < R; ++r) hv[r] = silu_mul(_mm512_reduce_add_ps(ag[r]), _mm512_reduce_add_ps(au[r]));
+    if constexpr (R == 4) {
+      alignas(64) float s[16];
+      _mm512_store_ps(s, reduce8(ag[0], ag[1], ag[2], ag[3], au[0], au[1], au[2], au[3]));
+      for (int r = 0; r < 4; ++r) hv[r] = silu_mul(s[r], s[8 + r]);
+    } else {
+      for (int r = 0; r < R; ++r) hv[r] = silu_mul(_mm512_reduce_add_ps(ag[r]), _mm512_reduce_add_ps(au[r]));
+    }
     // Down: y_m += sum_r h_r * d_r, y in L1, read and written once per block.
     float* ym = y + m * H;
     __m512 hb[R];
