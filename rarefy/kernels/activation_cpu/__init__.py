@@ -69,10 +69,12 @@ def best_isa() -> int:
 
 
 # Density of the union mask (fraction of input channels read) above which the dense fp16
-# GEMV is as fast or faster, by batch size M, measured on the SmolLM2-135M layer shapes and
-# 4096 x 4096 with fp16 weights, 2 threads (docs/results/activation-cpu-gemv.md). Keys are the
-# smallest M each value applies to.
-DENSE_CROSSOVER = {1: 0.85, 2: 0.80, 4: 0.75}
+# GEMV can be faster, by batch size M (keys: the smallest M each value applies to). Measured
+# on the SmolLM2-135M layer shapes and 4096 x 4096, fp16 weights, hot and streaming from DRAM
+# (docs/results/activation-cpu-gemv.md: 1 thread, CPU time, on a loaded shared machine). The
+# per-shape crossovers were 0.82-0.96 or "never slower" at M = 1 and 0.65-0.99 at M = 4; these
+# are the conservative values (the small 576x192 layer crosses first: fixed ~3 µs per call).
+DENSE_CROSSOVER = {1: 0.80, 2: 0.70}
 
 
 def dense_crossover(m: int = 1) -> float:
