@@ -1,0 +1,117 @@
+"""CPU decode of the embedded model with activation sparsity (TEAL-style thresholds) against
+rarefy's dense decode, in one process, with each level's perplexity beside its speed.
+
+    python3 benchmarks/cpu_activation_decode.py [--levels 0.25,0.4,0.5] [--thresholds FILE] [--out FILE.md]
+
+Both run the CPU default (fp16-stored weights, fp32 math). "dense" is rarefy's fp16 GEMV;
+each level swaps every decoder projection for the input-sparse kernels
+(rarefy/kernels/activation_cpu via use_activation_sparsity; the LM head stays dense).
+Thresholds: calibrated here (uniform, windows of the second half of WikiText-2 valid) unless
+--thresholds gives a file from `rarefy calibrate-activations`. Perplexity: the first 8 chunks
+of 512 tokens of the first half (held out), with the same thresholds applied to every token.
+Decode: greedy, batch 1, 128 new tokens, the median of --repeats runs per load; dense and
+sparse loads interleaved so machine-load drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rarefy.bench.machine import cpu_name  # noqa: E402
+from rarefy.engine.generate import Generator  # noqa: E402
+from rarefy.eval.perplexity import perplexity  # noqa: E402
+from rarefy.layers.activation_sparse import use_activation_sparsity  # noqa: E402
+from rarefy.layers.sampler import SamplingParams  # noqa: E402
+from rarefy.models.loader import load_model  # noqa: E402
+from rarefy.sparsity.activation import (calibrate_thresholds, load_thresholds, measured_sparsity,  # noqa: E402
+                                        sparsify_activations)
+
+VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
+PROMPT = "The history of the city begins in the early middle ages, when"
+
+
+def rate(loaded, tokens: int, repeats: int) -> tuple[float, list[int]]:
+    gen = Generator(loaded.model, loaded.tokenizer)
+    ids = loaded.tokenizer.encode(PROMPT)
+    gen.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up (builds the C++ ops)
+    rates, out = [], None
+    for _ in range(repeats):
+        comps, stats = gen.generate([ids], SamplingParams(max_tokens=tokens, ignore_eos=True))
+        rates.append(stats.decode_tok_s)
+        out = comps[0].token_ids
+    return statistics.median(rates), out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--levels", default="0.25,0.4,0.5")
+    ap.add_argument("--thresholds", default=None)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    levels = [float(v) for v in a.levels.split(",")]
+    loaded = load_model(None)
+    ids = loaded.tokenizer.encode(open(VALID, encoding="utf-8").read(), add_special_tokens=False)
+    half = len(ids) // 2
+    with torch.no_grad():
+        if a.thresholds:
+            th = load_thresholds(a.thresholds, loaded.model)
+            source = a.thresholds
+        else:
+            th = calibrate_thresholds(loaded.model, ids[half:], levels, seq_len=512, samples=16)
+            source = "uniform thresholds calibrated here (16 windows of 512, second half)"
+        quality = {0.0: (perplexity(loaded.model, ids[:half], 512, a.chunks).ppl, 0.0)}
+        for s in levels:
+            with sparsify_activations(loaded.model, th.for_sparsity(s)) as counts:
+                p = perplexity(loaded.model, ids[:half], 512, a.chunks).ppl
+            quality[s] = (p, measured_sparsity(counts))
+            print(f"level {s}: ppl {p:.3f}, sparsity reached {quality[s][1]:.3f}", flush=True)
+    del loaded
+    rows = {0.0: [], **{s: [] for s in levels}}
+    outs = {}
+    for _round in range(2):
+        for s in [0.0] + levels:
+            loaded = load_model(None)
+            if s > 0:
+                use_activation_sparsity(loaded.model, th.for_sparsity(s))
+            r, out = rate(loaded, a.tokens, a.repeats)
+            rows[s].append(r)
+            outs.setdefault(s, out)
+            print(f"level {s}: {r:.1f} tok/s", flush=True)
+            del loaded
+    dense = statistics.median(rows[0.0])
+    load = os.getloadavg()[0]
+    lines = [f"# CPU decode with activation sparsity ({datetime.date.today().isoformat()})", "",
+             f"{cpu_name()}, {torch.get_num_threads()} threads, load average {load:.2f} at the end; embedded "
+             f"SmolLM2-135M-Instruct, fp16-stored weights; batch 1, greedy, {a.tokens} new tokens, median of "
+             f"{a.repeats} per load, two loads per row, interleaved. Thresholds: {source}. Perplexity: WikiText-2 "
+             f"valid, first {a.chunks} chunks of 512 of the first half.", "",
+             "| level | sparsity reached (all projection inputs) | perplexity | vs dense ppl | tok/s (per load) "
+             "| vs dense | first 16 tokens = dense |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    p0 = quality[0.0][0]
+    for s in [0.0] + levels:
+        r = statistics.median(rows[s])
+        p, reached = quality[s]
+        lines.append(f"| {'dense' if s == 0 else f'{s:.0%}'} | {reached:.3f} | {p:.3f} | {p / p0 - 1:+.1%} | "
+                     f"{r:.1f} ({', '.join(f'{v:.1f}' for v in rows[s])}) | {r / dense:.2f}x | "
+                     f"{outs[s][:16] == outs[0.0][:16]} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
