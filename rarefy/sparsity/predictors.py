@@ -183,8 +183,9 @@ def new_predictors(model, sparsity: float, rank: int | None = None, ahead: bool 
     rank = check_rank(rank, d, f)
     if mode not in MODES:
         raise RarefyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    torch.manual_seed(seed)
-    nets = nn.ModuleList(LowRankPredictor(d, rank, f) for _ in range(sig["num_layers"]))
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(seed)
+        nets = nn.ModuleList(LowRankPredictor(d, rank, f) for _ in range(sig["num_layers"]))
     return Predictors(nets.eval().requires_grad_(False), sparsity, rank, bool(ahead), mode, sig)
 
 
