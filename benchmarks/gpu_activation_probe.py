@@ -24,7 +24,47 @@ from gpu_activation_gemv import SHAPES, check, threshold_for, weight_copies  # n
 
 from rarefy.kernels.activation_sparse.triton import (ActSparseConfig, _act_sparse_kernel,  # noqa: E402
                                                      input_sparse_matmul_triton)
+from rarefy.kernels.activation_sparse.triton_gather import GatherConfig, input_sparse_gemv_gather  # noqa: E402
 from rarefy.sparse_compiler.compile import time_us  # noqa: E402
+
+
+def probe_gather(shapes: str, top: int) -> None:
+    """The compacting (active rows only) kernel against the predicated heuristic and cuBLAS,
+    at 0 / 40 / 50 / 90% sparsity."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(1)
+    for name, k, n, glu in SHAPES:
+        if name.split()[0] not in shapes.split(","):
+            continue
+        wt, w = weight_copies(k, n, dev)
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=gen)
+        base = time_us([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in w], dev)
+        t50 = threshold_for(x, 0.5)
+        scores = []
+        for chunk, bn, bk, nw in itertools.product((256, 512, 1024), (128, 256), (16, 32), (4, 8)):
+            cfg = GatherConfig(chunk=chunk, block_n=bn, block_k=bk, num_warps=nw)
+            try:
+                y = input_sparse_gemv_gather(x, wt[0], t50, glu=glu, config=cfg)
+                ref = input_sparse_matmul_triton(x.float(), wt[0].float(), t50, glu=glu)
+                assert torch.isfinite(y).all() and ((y.float() - ref).norm() / ref.norm()) < 2e-2
+                us = time_us([lambda wt_=wt_: input_sparse_gemv_gather(x, wt_, t50, glu=glu, config=cfg)
+                              for wt_ in wt], dev)
+            except Exception as e:
+                print(f"FAIL gather {name} {cfg}: {type(e).__name__} {str(e)[:200]}", flush=True)
+                continue
+            scores.append((us, cfg))
+        scores.sort(key=lambda p: p[0])
+        for us, cfg in scores[:top]:
+            print(f"gather {name} 50%: {us:.1f} us ({base / us:.2f}x cuBLAS {base:.1f}) {cfg}", flush=True)
+        best = scores[0][1]
+        for s in (0.0, 0.4, 0.5, 0.9):
+            t = threshold_for(x, s)
+            ug = time_us([lambda wt_=wt_: input_sparse_gemv_gather(x, wt_, t, glu=glu, config=best) for wt_ in wt], dev)
+            up = time_us([lambda wt_=wt_: input_sparse_matmul_triton(x, wt_, t, glu=glu) for wt_ in wt], dev)
+            print(f"TABLE {name} {s:.0%}: cuBLAS {base:.1f} | predicated {up:.1f} ({base / up:.2f}x) | "
+                  f"gather {ug:.1f} ({base / ug:.2f}x)", flush=True)
+        del wt, w
+        torch.cuda.empty_cache()
 
 
 def asm_stats():
@@ -42,7 +82,11 @@ def main():
     ap.add_argument("--shapes", default="qkv,down")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--gather", action="store_true", help="probe the compacting kernel instead")
     a = ap.parse_args()
+    if a.gather:
+        probe_gather(a.shapes, a.top)
+        return
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
     results = []

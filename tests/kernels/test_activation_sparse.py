@@ -103,3 +103,23 @@ def test_bf16_gpu(m):
     x, wt = make(m, 4096, 1030, torch.bfloat16, seed=11)
     y = input_sparse_matmul(x.cuda(), wt.cuda(), 0.67)
     check(y, input_sparse_matmul_ref(x, wt, 0.67), 2e-2)
+
+
+@pytest.fixture(scope="module")
+def gather():
+    return kernel_module("rarefy.kernels.activation_sparse.triton_gather", "_gather_kernel")
+
+
+@pytest.mark.parametrize("k,n", [(37, 45), (300, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t", [0.0, 0.7, 1e9])
+@pytest.mark.parametrize("glu", [False, True])
+def test_gather_kernel_matches_reference(gather, k, n, dtype, t, glu):
+    n_cols = 2 * n if glu else n
+    x, wt = make(1, k, n_cols, dtype, seed=k + n)
+    bias = None if glu else torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for chunk, bk in ((16, 16), (64, 16), (1024, 32)):  # many splits .. none; steps past the count
+        cfg = gather.GatherConfig(chunk=chunk, block_n=32, block_k=bk)
+        y = gather.input_sparse_gemv_gather(x.to(DEV), wt.to(DEV), t, None if bias is None else bias.to(DEV),
+                                            glu=glu, config=cfg)
+        check(y, input_sparse_matmul_ref(x, wt, t, bias, glu=glu), tol_for(dtype))

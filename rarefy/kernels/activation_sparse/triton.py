@@ -200,6 +200,16 @@ def _act_sparse_kernel(
         if GLU:
             res_u = tl.sum(acc_u, axis=0)[None, :]
 
+    _epilogue(res, res_u if GLU else res, ws_ptr, cnt_ptr, b_ptr, out_ptr, offs_m, offs_n, pid_n, pid_k, pid_m,
+              n_tiles, m_tiles, M, N, stride_om, HAS_BIAS, GLU, SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _epilogue(res, res_u, ws_ptr, cnt_ptr, b_ptr, out_ptr, offs_m, offs_n, pid_n, pid_k, pid_m,
+              n_tiles, m_tiles, M, N, stride_om, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
+              SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store a [BLOCK_M, BLOCK_N] fp32 result (GLU: silu(res) * res_u); with SPLIT > 1 via the
+    deterministic arrival-counter reduction over the K splits."""
     if SPLIT > 1:
         tile = pid_m * n_tiles + pid_n
         tile_elems = BLOCK_M * BLOCK_N * (2 if GLU else 1)
