@@ -45,11 +45,16 @@ def _triton_impl():
 @torch.library.custom_op("rarefy::input_sparse_matmul", mutates_args=())
 def _triton_op(x2: torch.Tensor, wt: torch.Tensor, threshold: float, bias: Optional[torch.Tensor],
                glu: bool) -> torch.Tensor:
+    if x2.shape[0] == 1 and glu:
+        # The MLP's gate/up at one token: the compacting kernel measured faster than the
+        # predicated one from 40% sparsity on (H100, docs/results/activation-gpu.md).
+        from rarefy.kernels.activation_sparse.triton_gather import input_sparse_gemv_gather
+        return input_sparse_gemv_gather(x2, wt, threshold, bias, glu=glu)
     return _triton_impl()(x2, wt, threshold, bias, glu=glu)
 
 
 @_triton_op.register_fake
-def _(x2, wt, threshold, bias, glu):
+def _fake(x2, wt, threshold, bias, glu):
     return x2.new_empty(x2.shape[0], wt.shape[1] // 2 if glu else wt.shape[1])
 
 
