@@ -17,7 +17,7 @@ For each decoder layer, on the layer's dense inputs from a few calibration windo
    weight-weighted average sum_j w_j s_j. The search is lazy: a candidate's score from an
    earlier step is kept as an estimate (an error's growth rarely slows as sparsity rises), and
    only the candidate with the lowest estimate is measured again; it is taken if its fresh
-   score is still the lowest. This measures ~1.5 candidates per step instead of 4.
+   score is still the lowest. This measures ~2 candidates per step instead of 4.
 4. When a step carries the layer sparsity past a target T, record the allocation with the
    chosen input raised only part of the step, so that sum_j w_j s_j = T exactly.
 5. Repeat until the largest target is reached.
