@@ -1,9 +1,22 @@
 """Neuron predictors for the SwiGLU MLP, after Deja Vu (Liu et al. 2023, "Deja Vu: Contextual
 Sparsity for Efficient LLMs at Inference Time").
 
-For each decoder layer l a small low-rank network  hidden -> r -> intermediate  reads the
-layer's normalised MLP input x (the post-attention RMSNorm output, the input of gate/up) and
-scores every intermediate neuron j. The MLP then computes
+For each decoder layer l a small predictor reads the layer's normalised MLP input x (the
+post-attention RMSNorm output, the input of gate/up) and scores every intermediate neuron j.
+Two kinds:
+
+- ``kind="swiglu"`` (default): low-rank estimates of the two projections,
+  g^ = A_g B_g x + c_g and u^ = A_u B_u x + c_u (rank r each), and the score
+  |silu(g^_j) * u^_j|, the neuron's true nonlinearity applied to the estimates. The factors
+  are a truncated SVD of the weights whitened by the calibration inputs' covariance (the rank-r
+  map with the least output error on calibration activations; with ``ahead`` a reduced-rank
+  regression from the previous layer's input). Optionally fine-tuned with class-weighted BCE
+  on the logit  tau * (log score - log t_l)  (``epochs`` > 0).
+- ``kind="linear"``: a low-rank network  hidden -> r -> intermediate  whose output is a logit,
+  trained from random initialisation with class-weighted BCE (Deja Vu's predictor; it cannot
+  represent |up_j(x)| and does little better than chance on SwiGLU models).
+
+The MLP then computes
 
     down(mask * silu(gate(x)) * up(x))
 
@@ -17,10 +30,11 @@ Labels. Neuron j of a token is *active* when a_j = |silu(gate_j) * up_j| is
     (training) tokens and neurons, so sparsity s holds on calibration data on average; or
   - mode "topk": among the k largest a_j of that token.
 
-Training: class-weighted binary cross-entropy (positives weighted by negatives / positives of
-the layer), Adam, on the MLP inputs of calibration windows run through the dense model. The
-predictor input is standardised per channel during training and the standardisation is folded
-into the saved weights, so at inference the predictor reads the raw normalised MLP input.
+Training (kind linear, and the optional fine-tuning of kind swiglu): class-weighted binary
+cross-entropy (positives weighted by negatives / positives of the layer), Adam, on the MLP
+inputs of calibration windows run through the dense model. For kind linear the predictor input
+is standardised per channel during training and the standardisation is folded into the saved
+weights, so at inference the predictor reads the raw normalised MLP input.
 Recall and precision are measured on held-out calibration windows (never trained on).
 
 ``ahead=True``: the predictor of layer l+1 reads layer l's MLP input (the mask is known one
@@ -46,11 +60,16 @@ from torch import nn
 from rarefy.errors import RarefyError
 
 FORMAT = "rarefy-neuron-predictors"
-VERSION = 1
+VERSION = 2  # 2: "kind" (swiglu | linear); version 1 files (no kind) are linear and still load
+READ_VERSIONS = (1, 2)
 META_FILE = "predictors.json"
 WEIGHTS_FILE = "predictors.safetensors"
 MODES = ("threshold", "topk")
-DEFAULT_RANK_FRACTION = 0.04
+KINDS = ("swiglu", "linear")
+DEFAULT_KIND = "swiglu"
+DEFAULT_RANK_FRACTION = 0.04  # kind linear
+SWIGLU_DEFAULT_EPOCHS = 0  # fine-tuning epochs of kind swiglu
+SWIGLU_COST_FRACTION = 0.15  # kind swiglu: predictor parameters <= 15% of the MLP's (3 * hidden * intermediate)
 HOLDOUT_FRACTION = 0.125  # of the calibration windows, for recall / precision
 _ROWS = 4096  # tokens per batch when computing activations
 
@@ -69,9 +88,67 @@ class LowRankPredictor(nn.Module):
         return self.out(self.inp(x))
 
 
-def default_rank(intermediate_size: int) -> int:
-    """About 4% of the intermediate size, rounded up to a multiple of 8."""
+class SwiGLUPredictor(nn.Module):
+    """score = |silu(g^) * u^| with g^ = gate_a(gate_b(x)) + gate_bias, u^ likewise: rank-r
+    estimates of gate(x) and up(x). ``temperature`` only scales the fine-tuning logit
+    tau * (log score - log t); it does not change the per-token ranking and is not saved."""
+
+    def __init__(self, hidden: int, rank: int, intermediate: int):
+        super().__init__()
+        self.gate_b = nn.Linear(hidden, rank, bias=False)
+        self.gate_a = nn.Linear(rank, intermediate, bias=True)
+        self.up_b = nn.Linear(hidden, rank, bias=False)
+        self.up_a = nn.Linear(rank, intermediate, bias=True)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def estimates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_a(self.gate_b(x)), self.up_a(self.up_b(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.estimates(x)
+        return (F.silu(g) * u).abs()
+
+    def set_factors(self, gate: tuple, up: tuple) -> None:
+        """gate / up: (A [f, r], B [r, d], bias [f]) with projection ~ A @ B @ x + bias."""
+        with torch.no_grad():
+            for (a, b, c), la, lb in ((gate, self.gate_a, self.gate_b), (up, self.up_a, self.up_b)):
+                la.weight.copy_(a)
+                la.bias.copy_(c)
+                lb.weight.copy_(b)
+
+
+def _tensors_of(net: nn.Module, i: int) -> dict[str, torch.Tensor]:
+    if isinstance(net, SwiGLUPredictor):
+        pairs = {"gate.a": net.gate_a.weight, "gate.b": net.gate_b.weight, "gate.bias": net.gate_a.bias,
+                 "up.a": net.up_a.weight, "up.b": net.up_b.weight, "up.bias": net.up_a.bias}
+    else:
+        pairs = {"in.weight": net.inp.weight, "out.weight": net.out.weight, "out.bias": net.out.bias}
+    return {f"layers.{i}.{k}": v for k, v in pairs.items()}
+
+
+def new_net(kind: str, hidden: int, rank: int, intermediate: int) -> nn.Module:
+    return (SwiGLUPredictor if kind == "swiglu" else LowRankPredictor)(hidden, rank, intermediate)
+
+
+def default_rank(intermediate_size: int, hidden_size: int | None = None, kind: str = "linear") -> int:
+    """kind linear: about 4% of the intermediate size, rounded up to a multiple of 8.
+    kind swiglu: the largest multiple of 8 whose predictor (2 r (hidden + intermediate)
+    weights) is at most 15% of the MLP's 3 hidden intermediate weights (88 for 576 / 1536),
+    at least 8 and at most the hidden size."""
+    if kind == "swiglu":
+        if hidden_size is None:
+            raise ValueError("default_rank(kind='swiglu') needs hidden_size")
+        d, f = hidden_size, intermediate_size
+        r = SWIGLU_COST_FRACTION * 3 * d * f / (2 * (d + f))
+        return min(d, max(8, 8 * math.floor(r / 8)))
     return max(8, 8 * math.ceil(DEFAULT_RANK_FRACTION * intermediate_size / 8))
+
+
+def predictor_params(kind: str, rank: int, hidden: int, intermediate: int) -> int:
+    """Weights of one layer's predictor (biases included)."""
+    if kind == "swiglu":
+        return 2 * (rank * (hidden + intermediate) + intermediate)
+    return rank * (hidden + intermediate) + intermediate
 
 
 def kept_neurons(intermediate_size: int, sparsity: float) -> int:
@@ -89,9 +166,15 @@ def check_sparsity(s) -> float:
     return s
 
 
-def check_rank(rank: int | None, hidden_size: int, intermediate_size: int) -> int:
+def check_kind(kind) -> str:
+    if kind not in KINDS:
+        raise RarefyError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return kind
+
+
+def check_rank(rank: int | None, hidden_size: int, intermediate_size: int, kind: str = "linear") -> int:
     if rank is None:
-        return default_rank(intermediate_size)
+        return default_rank(intermediate_size, hidden_size, kind)
     if not 1 <= int(rank) <= hidden_size:
         raise RarefyError(f"rank must be between 1 and the hidden size {hidden_size}, got {rank}")
     return int(rank)
@@ -110,7 +193,8 @@ def model_signature(model) -> dict:
 
 @dataclass
 class Predictors:
-    """One LowRankPredictor per MLP layer, plus what they were trained for.
+    """One predictor per MLP layer (SwiGLUPredictor or LowRankPredictor, by `kind`), plus what
+    they were trained for.
 
     thresholds: per-layer label thresholds t_l (mode "threshold"; None in mode "topk").
     recall / precision: per layer, of the top-k predicted mask against the labels, on
@@ -127,6 +211,7 @@ class Predictors:
     precision: list[float] = field(default_factory=list)
     thresholds: list[float] | None = None
     training: dict = field(default_factory=dict)
+    kind: str = "linear"
 
     @property
     def num_layers(self) -> int:
@@ -145,7 +230,10 @@ class Predictors:
         return layer_idx - 1 if self.ahead and layer_idx > 0 else layer_idx
 
     def metadata(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "rank": self.rank,
+        d, f = self.model["hidden_size"], self.intermediate_size
+        per_layer = predictor_params(self.kind, self.rank, d, f)
+        return {"format": FORMAT, "version": VERSION, "kind": self.kind, "model": self.model, "rank": self.rank,
+                "params_per_layer": per_layer, "cost_vs_mlp": per_layer / (3 * d * f),
                 "sparsity": self.sparsity, "keep": self.keep, "ahead": self.ahead, "mode": self.mode,
                 "inference": "topk", "label_thresholds": self.thresholds,
                 "recall": self.recall, "precision": self.precision,
@@ -162,9 +250,8 @@ class Predictors:
         from safetensors.torch import save_file
         tensors = {}
         for i, net in enumerate(self.nets):
-            tensors[f"layers.{i}.in.weight"] = net.inp.weight.detach().float().cpu().contiguous()
-            tensors[f"layers.{i}.out.weight"] = net.out.weight.detach().float().cpu().contiguous()
-            tensors[f"layers.{i}.out.bias"] = net.out.bias.detach().float().cpu().contiguous()
+            for k, v in _tensors_of(net, i).items():
+                tensors[k] = v.detach().float().cpu().contiguous()
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "rarefy_format": FORMAT})
         with open(tmp / META_FILE, "w") as f:
             json.dump(self.metadata(), f, indent=1)
@@ -175,18 +262,26 @@ def _mean(v):
 
 
 def new_predictors(model, sparsity: float, rank: int | None = None, ahead: bool = False,
-                   mode: str = "threshold", seed: int = 0) -> Predictors:
-    """Untrained (randomly initialised) predictors for `model`."""
+                   mode: str = "threshold", seed: int = 0, kind: str = DEFAULT_KIND,
+                   svd_init: bool = True) -> Predictors:
+    """Untrained predictors for `model`: kind linear randomly initialised; kind swiglu from a
+    plain (unwhitened) truncated SVD of each layer's gate / up weights (no calibration data;
+    with svd_init=False left random)."""
     sig = model_signature(model)
     d, f = sig["hidden_size"], sig["intermediate_size"]
     sparsity = check_sparsity(sparsity)
-    rank = check_rank(rank, d, f)
+    kind = check_kind(kind)
+    rank = check_rank(rank, d, f, kind)
     if mode not in MODES:
         raise RarefyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(seed)
-        nets = nn.ModuleList(LowRankPredictor(d, rank, f) for _ in range(sig["num_layers"]))
-    return Predictors(nets.eval().requires_grad_(False), sparsity, rank, bool(ahead), mode, sig)
+        nets = nn.ModuleList(new_net(kind, d, rank, f) for _ in range(sig["num_layers"]))
+    if kind == "swiglu" and svd_init:
+        for i, net in enumerate(nets):
+            wg, wu, bg, bu = mlp_gate_up_weights(_layers(model)[i].mlp, d, getattr(model, "dtype", None))
+            net.set_factors(_low_rank(wg, bg, rank), _low_rank(wu, bu, rank))
+    return Predictors(nets.eval().requires_grad_(False), sparsity, rank, bool(ahead), mode, sig, kind=kind)
 
 
 def load_predictors(directory: str | os.PathLike, model=None) -> Predictors:
@@ -205,9 +300,12 @@ def load_predictors(directory: str | os.PathLike, model=None) -> Predictors:
         raise RarefyError(f"{meta_path} is not JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RarefyError(f"{d} is not a rarefy predictor directory ({meta_path} has another format)")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READ_VERSIONS:
         raise RarefyError(f"{d}: predictor format version {meta.get('version')} is not supported "
-                          f"(this rarefy reads version {VERSION})")
+                          f"(this rarefy reads versions {', '.join(map(str, READ_VERSIONS))})")
+    kind = meta.get("kind", "linear") if meta["version"] >= 2 else "linear"
+    if kind not in KINDS:
+        raise RarefyError(f"{d}: unknown predictor kind {kind!r}")
     sig = meta["model"]
     if model is not None and sig != model_signature(model):
         raise RarefyError(f"the predictors in {d} were trained on another model ({sig}; this one is "
@@ -221,11 +319,10 @@ def load_predictors(directory: str | os.PathLike, model=None) -> Predictors:
     hidden, f, rank = sig["hidden_size"], sig["intermediate_size"], meta["rank"]
     nets = nn.ModuleList()
     for i in range(sig["num_layers"]):
-        net = LowRankPredictor(hidden, rank, f)
+        net = new_net(kind, hidden, rank, f)
         try:
-            net.inp.weight.data.copy_(tensors[f"layers.{i}.in.weight"])
-            net.out.weight.data.copy_(tensors[f"layers.{i}.out.weight"])
-            net.out.bias.data.copy_(tensors[f"layers.{i}.out.bias"])
+            for k, v in _tensors_of(net, i).items():
+                v.data.copy_(tensors[k])
         except (KeyError, RuntimeError):
             raise RarefyError(f"corrupt predictor weights {weights_path}: layer {i} is missing or "
                               "has the wrong shape") from None
@@ -235,7 +332,7 @@ def load_predictors(directory: str | os.PathLike, model=None) -> Predictors:
         nets = nets.to(next(model.parameters()).device)
     return Predictors(nets, float(meta["sparsity"]), rank, bool(meta["ahead"]), meta["mode"], sig,
                       meta.get("recall", []), meta.get("precision", []), meta.get("label_thresholds"),
-                      meta.get("training", {}))
+                      meta.get("training", {}), kind)
 
 
 # -- masks -------------------------------------------------------------------------------
@@ -250,13 +347,17 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predictor_logits(predictors: Predictors, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
-    """Logits [tokens, intermediate] (float32) of layer `layer_idx`'s predictor for input x."""
+def predictor_scores(predictors: Predictors, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+    """Scores [tokens, intermediate] (float32) of layer `layer_idx`'s predictor for input x: the
+    logits (kind linear) or |silu(g^) * u^| (kind swiglu). The mask is their per-token top-k."""
     net = predictors.nets[layer_idx]
-    w = net.inp.weight
+    w = next(net.parameters())
     if w.device != x.device:
         predictors.nets.to(x.device)
     return net(x.reshape(-1, x.shape[-1]).to(w.dtype)).float()
+
+
+predictor_logits = predictor_scores  # the name before kind swiglu
 
 
 @torch.no_grad()
@@ -266,7 +367,7 @@ def predict_mask(predictors: Predictors, layer_idx: int, x: torch.Tensor) -> tor
 
     x: [..., hidden], the normalised MLP input of layer ``predictors.source_layer(layer_idx)``
     (the layer itself, or with ahead=True the layer before it; layer 0 always its own)."""
-    return topk_mask(predictor_logits(predictors, layer_idx, x), predictors.keep)
+    return topk_mask(predictor_scores(predictors, layer_idx, x), predictors.keep)
 
 
 def mlp_activations(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +378,46 @@ def mlp_activations(mlp, x: torch.Tensor) -> torch.Tensor:
     else:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     return (F.silu(gate) * up).abs().float()
+
+
+@torch.no_grad()
+def mlp_gate_up_weights(mlp, hidden_size: int | None = None, dtype: torch.dtype | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_gate [f, d], W_up [f, d], b_gate [f], b_up [f]) float64, read by applying the
+    projections to the identity (works with any linear module class, split or fused). The
+    hidden size d defaults to down_proj's output size; dtype (the model's compute dtype, which
+    may differ from the stored weights') to the first parameter's."""
+    f = mlp.intermediate_size
+    p = next(mlp.parameters())
+    d = hidden_size or getattr(mlp.down_proj, "out_features", None)
+    if getattr(mlp, "gate_up_proj", None) is not None:
+        proj = lambda x: mlp.gate_up_proj(x).split(f, dim=-1)  # noqa: E731
+    else:
+        proj = lambda x: (mlp.gate_proj(x), mlp.up_proj(x))  # noqa: E731
+    if d is None:
+        raise RarefyError("cannot tell the MLP's hidden size")
+    if dtype is None:
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+    eye = torch.eye(d, device=p.device, dtype=dtype)
+    g0, u0 = (t.double().cpu() for t in proj(torch.zeros(1, d, device=p.device, dtype=dtype)))
+    g, u = (t.double().cpu() for t in proj(eye))
+    return (g - g0).T.contiguous(), (u - u0).T.contiguous(), g0[0], u0[0]
+
+
+def _low_rank(w: torch.Tensor, bias: torch.Tensor, rank: int, sqrt_cov: torch.Tensor | None = None,
+              inv_sqrt_cov: torch.Tensor | None = None) -> tuple:
+    """Rank-r factors (A [f, r], B [r, d], bias) of w [f, d]: a truncated SVD of w, or of
+    w @ sqrt_cov (whitened; B then carries inv_sqrt_cov). float32 out, float64 inside."""
+    m = w if sqrt_cov is None else w @ sqrt_cov
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    r = min(rank, sv.numel())
+    a, b = u[:, :r] * sv[:r], vh[:r]
+    if inv_sqrt_cov is not None:
+        b = b @ inv_sqrt_cov
+    if r < rank:  # rank above min(f, d): pad with zeros
+        a = torch.cat([a, a.new_zeros(a.shape[0], rank - r)], 1)
+        b = torch.cat([b, b.new_zeros(rank - r, b.shape[1])], 0)
+    return a.float(), b.float(), bias.float()
 
 
 def _masked_mlp(model, mask_fn, counts):
@@ -506,30 +647,133 @@ def _fit_layer(net: LowRankPredictor, z: torch.Tensor, labels: torch.Tensor, epo
     return last
 
 
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [d], centred covariance [d, d]) of rows of x, float64."""
+    x = x.double()
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / max(1, x.shape[0])
+
+
+def _sqrt_and_inv(cov: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    e, v = torch.linalg.eigh(cov)
+    e = e.clamp_min(floor * float(e.max().clamp_min(1e-30)))
+    return (v * e.sqrt()) @ v.T, (v / e.sqrt()) @ v.T
+
+
+def whitened_swiglu_init(net: SwiGLUPredictor, mlp, x: torch.Tensor, z: torch.Tensor | None = None,
+                         dtype: torch.dtype | None = None) -> None:
+    """Set net's factors to the rank-r maps z -> gate(x), z -> up(x) of least squared error on the
+    calibration rows: x [N, hidden] the layer's own MLP inputs, z the predictor's inputs (None:
+    z = x, then this is the truncated SVD of W whitened by the inputs' covariance; otherwise a
+    reduced-rank regression of W x on z)."""
+    rank, hidden = net.gate_b.weight.shape
+    wg, wu, bg, bu = mlp_gate_up_weights(mlp, hidden, dtype)
+    mu_x, cov_x = _moments(x)
+    if z is None:
+        mu_z, cov_z, cross = mu_x, cov_x, None
+    else:
+        mu_z, cov_z = _moments(z)
+        n = x.shape[0]
+        cross = (x.double() - mu_x).T @ (z.double() - mu_z) / max(1, n)  # E[(x - mu_x)(z - mu_z)^T]
+    sq, isq = _sqrt_and_inv(cov_z)
+    if cross is not None:
+        ridge = 1e-6 * float(cov_z.diagonal().mean()) * torch.eye(cov_z.shape[0], dtype=cov_z.dtype)
+        reg = cross @ torch.linalg.inv(cov_z + ridge)  # x - mu_x ~ reg (z - mu_z)
+    factors = []
+    for w, b in ((wg, bg), (wu, bu)):
+        w_eff = w if cross is None else w @ reg
+        a, bb, _ = _low_rank(w_eff, b, rank, sq, isq)
+        # y = w x + b ~ a bb (z - mu_z) + w mu_x + b
+        bias = (b + w @ mu_x - a.double() @ (bb.double() @ mu_z)).float()
+        factors.append((a, bb, bias))
+    net.set_factors(*factors)
+
+
+def _finetune_swiglu(net: SwiGLUPredictor, z: torch.Tensor, labels: torch.Tensor, threshold: float,
+                     epochs: int, lr: float, batch_size: int, gen: torch.Generator) -> float:
+    """Class-weighted BCE on the logit tau * (log score - log threshold), Adam + one-cycle,
+    all factors, biases and tau trained."""
+    if epochs <= 0 or not (math.isfinite(threshold) and threshold > 0):
+        return float("nan")
+    pos = labels.float().mean().item()
+    pos_weight = torch.tensor((1 - pos) / pos if 0 < pos < 1 else 1.0)
+    log_t = math.log(threshold)
+    net.requires_grad_(True).train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    n = z.shape[0]
+    steps = epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    last = float("nan")
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            total, seen = 0.0, 0
+            for b in range(0, n, batch_size):
+                idx = perm[b:b + batch_size]
+                logit = net.temperature * (net(z[idx]).clamp_min(1e-30).log() - log_t)
+                loss = F.binary_cross_entropy_with_logits(logit, labels[idx].float(), pos_weight=pos_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                seen += len(idx)
+            last = total / seen
+    net.requires_grad_(False).eval()
+    return last
+
+
+def default_epochs(kind: str) -> int:
+    """Training epochs of kind linear; fine-tuning epochs of kind swiglu (0: the whitened SVD
+    as is, see docs/results/activation-predictors.md)."""
+    return 8 if kind == "linear" else SWIGLU_DEFAULT_EPOCHS
+
+
+def default_lr(kind: str) -> float:
+    return 3e-3 if kind == "linear" else 1e-3
+
+
 def fit_predictors(model, data: MLPInputs, sparsity: float, rank: int | None = None, ahead: bool = False,
-                   mode: str = "threshold", epochs: int = 8, lr: float = 3e-3, batch_size: int = 256,
-                   seed: int = 0, progress: bool = False) -> Predictors:
-    """Train predictors on collected MLP inputs (see collect_mlp_inputs) and measure recall /
-    precision of their top-k masks on the held-out windows."""
-    preds = new_predictors(model, sparsity, rank, ahead, mode, seed)
+                   mode: str = "threshold", epochs: int | None = None, lr: float | None = None,
+                   batch_size: int = 256, seed: int = 0, progress: bool = False,
+                   kind: str = DEFAULT_KIND) -> Predictors:
+    """Fit predictors on collected MLP inputs (see collect_mlp_inputs) and measure recall /
+    precision of their top-k masks on the held-out windows. kind swiglu: whitened truncated SVD
+    of gate / up, then `epochs` of BCE fine-tuning (default 0); kind linear: `epochs` of BCE
+    training (default 8) from random initialisation."""
+    kind = check_kind(kind)
+    epochs = default_epochs(kind) if epochs is None else int(epochs)
+    lr = default_lr(kind) if lr is None else float(lr)
+    if epochs < 0:
+        raise RarefyError(f"epochs must be >= 0, got {epochs}")
+    preds = new_predictors(model, sparsity, rank, ahead, mode, seed, kind=kind, svd_init=False)
     gen = torch.Generator().manual_seed(seed)
     n_layers = preds.num_layers
     thresholds = [] if mode == "threshold" else None
     it = range(n_layers)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="training predictors", unit="layer")
+        it = tqdm(it, desc="fitting predictors", unit="layer")
     losses = []
     for i in it:
         src = preds.source_layer(i)
         acts = data.activations(model, i, "train")
-        t = label_threshold(acts, preds.sparsity) if mode == "threshold" else None
-        labels = make_labels(acts, preds.sparsity, mode, t)
+        t = label_threshold(acts, preds.sparsity)
+        need_labels = kind == "linear" or epochs > 0
+        labels = make_labels(acts, preds.sparsity, mode, t) if need_labels else None
         del acts
         net = preds.nets[i]
-        losses.append(_fit_layer(net, data.train[src], labels, epochs, lr, batch_size, gen))
+        if kind == "swiglu":
+            mlp = _layers(model)[i].mlp
+            whitened_swiglu_init(net, mlp, data.train[i], None if src == i else data.train[src], data.dtype)
+            losses.append(_finetune_swiglu(net, data.train[src], labels, t, epochs, lr, batch_size, gen)
+                          if need_labels else float("nan"))
+        else:
+            losses.append(_fit_layer(net, data.train[src], labels, epochs, lr, batch_size, gen))
         del labels
-        held = make_labels(data.activations(model, i, "held"), preds.sparsity, mode, t)
+        held = make_labels(data.activations(model, i, "held"), preds.sparsity, mode,
+                           t if mode == "threshold" else None)
         with torch.no_grad():
             pred = topk_mask(net(data.held[src]), preds.keep)
         r, p = recall_precision(pred, held)
@@ -538,8 +782,13 @@ def fit_predictors(model, data: MLPInputs, sparsity: float, rank: int | None = N
         if thresholds is not None:
             thresholds.append(t)
     preds.thresholds = thresholds
-    preds.training = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                      "loss": "bce, positives weighted by negatives/positives",
+    loss = "bce, positives weighted by negatives/positives"
+    if kind == "swiglu":
+        loss = (("reduced-rank regression of gate / up on the previous layer's input" if ahead else
+                 "truncated SVD of gate / up whitened by the inputs' covariance") +
+                (f", then {epochs} epochs of {loss} on tau * (log score - log t)" if epochs else ""))
+    preds.training = {"kind": kind, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                      "loss": loss,
                       "train_tokens": int(data.train[0].shape[0]), "held_out_tokens": int(data.held[0].shape[0]),
                       "seq_len": data.seq_len, "final_loss": losses}
     preds.nets.to(next(model.parameters()).device)
@@ -547,17 +796,19 @@ def fit_predictors(model, data: MLPInputs, sparsity: float, rank: int | None = N
 
 
 def train_predictors(model, token_ids: list[int], sparsity: float, rank: int | None = None,
-                     ahead: bool = False, mode: str = "threshold", epochs: int = 8, seq_len: int = 512,
-                     samples: int = 32, seed: int = 0, progress: bool = False, lr: float = 3e-3,
-                     batch_size: int = 256) -> Predictors:
+                     ahead: bool = False, mode: str = "threshold", epochs: int | None = None, seq_len: int = 512,
+                     samples: int = 32, seed: int = 0, progress: bool = False, lr: float | None = None,
+                     batch_size: int = 256, kind: str = DEFAULT_KIND) -> Predictors:
     """Collect calibration MLP inputs from `token_ids` and train one predictor per MLP layer
     for neuron sparsity `sparsity` (see the module docstring)."""
     sparsity = check_sparsity(sparsity)
+    kind = check_kind(kind)
     sig = model_signature(model)
-    check_rank(rank, sig["hidden_size"], sig["intermediate_size"])
+    check_rank(rank, sig["hidden_size"], sig["intermediate_size"], kind)
     if mode not in MODES:
         raise RarefyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if epochs < 0:
+    if epochs is not None and epochs < 0:
         raise RarefyError(f"epochs must be >= 0, got {epochs}")
     data = collect_mlp_inputs(model, token_ids, seq_len, samples, seed, progress)
-    return fit_predictors(model, data, sparsity, rank, ahead, mode, epochs, lr, batch_size, seed, progress)
+    return fit_predictors(model, data, sparsity, rank, ahead, mode, epochs, lr, batch_size, seed, progress,
+                          kind=kind)

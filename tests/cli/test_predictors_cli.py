@@ -18,20 +18,24 @@ def test_train_then_eval(tiny_model_dir, tmp_path):
     text.write_text("Sparse activations skip weight columns. The quick brown fox jumps over the lazy dog. " * 300)
     out = tmp_path / "pred"
     r = run("train-predictors", "--model", tiny_model_dir, "--calib", text, "--sparsity", 0.5,
-            "--samples", 8, "--seq-len", 32, "--epochs", 2, "--out", out)
+            "--samples", 8, "--seq-len", 32, "--out", out)
     assert r.exit_code == 0, r.output
     assert "layer   1  recall" in r.output and "mean" in r.output and "precision" in r.output
     assert sorted(p.name for p in out.iterdir()) == ["predictors.json", "predictors.safetensors"]
     meta = json.loads((out / "predictors.json").read_text())
     assert meta["rank"] == 8 and meta["sparsity"] == 0.5 and not meta["ahead"] and meta["mode"] == "threshold"
+    assert meta["kind"] == "swiglu" and meta["version"] == 2 and meta["training"]["epochs"] == 0
     assert len(meta["recall"]) == 2
+    assert "swiglu predictors" in r.output and "of the MLP's weights" in r.output
 
     out2 = tmp_path / "pred_ahead"
     r = run("train-predictors", "--model", tiny_model_dir, "--calib", text, "--sparsity", 0.25, "--rank", 16,
-            "--ahead", "--mode", "topk", "--samples", 8, "--seq-len", 32, "--epochs", 1, "--out", out2, "--json")
+            "--ahead", "--mode", "topk", "--samples", 8, "--seq-len", 32, "--epochs", 1, "--kind", "linear",
+            "--out", out2, "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert (d["rank"], d["ahead"], d["mode"], d["keep"], d["layers"]) == (16, True, "topk", 72, 2)
+    assert d["kind"] == "linear" and d["epochs"] == 1
     assert d["held_out_tokens"] == 32 and 0 < d["mean_recall"] <= 1
 
     def ppl(*extra):
@@ -45,6 +49,15 @@ def test_train_then_eval(tiny_model_dir, tmp_path):
     r = run("eval", "ppl", "--model", tiny_model_dir, "--text", text, "--ctx", 32, "--chunks", 2, "--predictors", out2)
     assert r.exit_code == 0 and "MLP neuron sparsity 0.250" in r.output, r.output
 
+    # swiglu with BCE fine-tuning, one layer ahead
+    out3 = tmp_path / "pred_ft"
+    r = run("train-predictors", "--model", tiny_model_dir, "--calib", text, "--sparsity", 0.5, "--kind", "swiglu",
+            "--epochs", 2, "--ahead", "--samples", 8, "--seq-len", 32, "--out", out3, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["kind"] == "swiglu" and d["epochs"] == 2 and d["ahead"] and 0 < d["cost_vs_mlp"] < 1
+    assert ppl("--predictors", out3)["mlp_neuron_sparsity"] == 0.5
+
 
 def test_bad_input(tiny_model_dir, tmp_path):
     text = tmp_path / "calib.txt"
@@ -57,6 +70,9 @@ def test_bad_input(tiny_model_dir, tmp_path):
         (("--rank", 0), "--rank"),
         (("--rank", 65), "hidden size 64"),
         (("--mode", "bogus"), "--mode"),
+        (("--kind", "relu"), "--kind"),
+        (("--kind", "linear", "--epochs", 0), "--epochs"),
+        (("--epochs", -1), "--epochs"),
     ]:
         dest = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
         r = run(*base, "--out", dest, *extra)

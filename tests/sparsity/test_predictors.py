@@ -1,4 +1,5 @@
-"""Deja Vu-style neuron predictors: shapes, labels, training, exact sparsity, save/load, ahead, bad input."""
+"""Neuron predictors (kinds swiglu and linear): shapes, labels, training, exact sparsity, save/load, ahead,
+bad input."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch.nn.functional as F
 from rarefy.config import ModelConfig
 from rarefy.errors import RarefyError
 from rarefy.models.llama import DecoderLM
-from rarefy.sparsity.predictors import (LowRankPredictor, _fit_layer, collect_mlp_inputs, default_rank,
-                                        fit_predictors, kept_neurons, label_threshold, load_predictors,
-                                        make_labels, mlp_activations, neuron_sparsity, new_predictors,
+from rarefy.sparsity.predictors import (DEFAULT_KIND, LowRankPredictor, SwiGLUPredictor, _fit_layer,
+                                        collect_mlp_inputs, default_rank, fit_predictors, kept_neurons,
+                                        label_threshold, load_predictors, make_labels, mlp_activations,
+                                        mlp_gate_up_weights, neuron_sparsity, new_predictors,
                                         oracle_mlp_sparsity, predict_mask, predicted_mlp_sparsity,
-                                        recall_precision, topk_mask, train_predictors)
+                                        predictor_params, recall_precision, topk_mask, train_predictors)
 
 
 def _model(layers=2, hidden=64, inter=160, seed=0, fuse=False):
@@ -49,14 +51,26 @@ def test_default_rank_and_shapes(model):
     assert default_rank(1536) == 64  # 61.4 -> 64
     assert default_rank(11008) == 448  # 440.3 -> 448
     assert default_rank(160) == 8
+    # kind swiglu: 2 r (d + f) <= 15% of 3 d f, a multiple of 8
+    assert default_rank(1536, 576, "swiglu") == 88 and default_rank(11008, 4096, "swiglu") == 664
+    assert default_rank(160, 64, "swiglu") == 8 and default_rank(64, 8, "swiglu") == 8
+    for d, f in ((576, 1536), (4096, 11008), (2048, 8192)):
+        r = default_rank(f, d, "swiglu")
+        assert 0.13 < 2 * r * (d + f) / (3 * d * f) <= 0.15
+    assert predictor_params("swiglu", 88, 576, 1536) == 2 * (88 * 2112 + 1536)
     assert kept_neurons(160, 0.5) == 80 and kept_neurons(1536, 0.4) == 922 and kept_neurons(10, 0.99) == 1
-    p = new_predictors(model, 0.5)
-    assert p.rank == 8 and p.num_layers == 2 and p.keep == 80
+    assert DEFAULT_KIND == "swiglu"
+    p = new_predictors(model, 0.5, kind="linear")
+    assert p.rank == 8 and p.num_layers == 2 and p.keep == 80 and p.kind == "linear"
     assert p.nets[0].inp.weight.shape == (8, 64) and p.nets[0].out.weight.shape == (160, 8)
+    q = new_predictors(model, 0.5)
+    assert q.kind == "swiglu" and q.rank == 8 and isinstance(q.nets[0], SwiGLUPredictor)
+    assert q.nets[0].gate_b.weight.shape == (8, 64) and q.nets[0].up_a.weight.shape == (160, 8)
     x = torch.randn(3, 5, 64)
-    m = predict_mask(p, 1, x)
-    assert m.dtype == torch.bool and m.shape == (15, 160)
-    assert (m.sum(-1) == 80).all()
+    for pr in (p, q):
+        m = predict_mask(pr, 1, x)
+        assert m.dtype == torch.bool and m.shape == (15, 160)
+        assert (m.sum(-1) == 80).all()
 
 
 def test_collect_splits_windows(data, model):
@@ -114,23 +128,24 @@ def test_training_learns_a_learnable_case():
 
 
 def test_fit_improves_recall_and_sparsity_is_exact(model, data):
-    untrained = fit_predictors(model, data, 0.5, epochs=0)
-    trained = fit_predictors(model, data, 0.5, epochs=30, lr=1e-2, batch_size=128)
+    untrained = fit_predictors(model, data, 0.5, epochs=0, kind="linear")
+    trained = fit_predictors(model, data, 0.5, epochs=30, lr=1e-2, batch_size=128, kind="linear")
     assert len(trained.recall) == len(trained.precision) == 2
     assert min(trained.recall) > max(untrained.recall) + 0.05, (untrained.recall, trained.recall)
     assert trained.thresholds is not None and len(trained.thresholds) == 2
     ids = torch.tensor([_tokens(64, 7), _tokens(64, 8)])
-    for s in (0.25, 0.5, 0.7):
-        p = fit_predictors(model, data, s, epochs=1)
+    for s, kind in ((0.25, "linear"), (0.5, "linear"), (0.7, "linear"), (0.5, "swiglu"), (0.7, "swiglu")):
+        p = fit_predictors(model, data, s, epochs=1, kind=kind)
         with torch.no_grad(), predicted_mlp_sparsity(model, p) as counts:
             model(ids)
         assert neuron_sparsity(counts) == pytest.approx(round(s * 160) / 160)
         assert all(c[1] == 2 * 64 * 160 for c in counts.values())
 
 
-def test_predicted_mask_is_applied_and_hooks_removed(model, data):
+@pytest.mark.parametrize("kind", ["linear", "swiglu"])
+def test_predicted_mask_is_applied_and_hooks_removed(model, data, kind):
     ids = torch.tensor([_tokens(32, 9)])
-    p = fit_predictors(model, data, 0.0, epochs=1)
+    p = fit_predictors(model, data, 0.0, epochs=1, kind=kind)
     with torch.no_grad():
         ref = model(ids)
         with predicted_mlp_sparsity(model, p) as counts:
@@ -138,7 +153,7 @@ def test_predicted_mask_is_applied_and_hooks_removed(model, data):
         assert neuron_sparsity(counts) == 0.0
         assert torch.allclose(same, ref, atol=1e-6)
         # the context equals a hand-written masked MLP
-        p = fit_predictors(model, data, 0.6, epochs=1)
+        p = fit_predictors(model, data, 0.6, epochs=1, kind=kind)
         with predicted_mlp_sparsity(model, p):
             got = model(ids)
         layers = model.model.layers
@@ -158,9 +173,10 @@ def test_predicted_mask_is_applied_and_hooks_removed(model, data):
         assert torch.equal(model(ids), ref)
 
 
-def test_ahead_reads_previous_layer_input(model, data, monkeypatch):
+@pytest.mark.parametrize("kind", ["linear", "swiglu"])
+def test_ahead_reads_previous_layer_input(model, data, monkeypatch, kind):
     import rarefy.sparsity.predictors as mod
-    p = fit_predictors(model, data, 0.5, ahead=True, epochs=1)
+    p = fit_predictors(model, data, 0.5, ahead=True, epochs=1, kind=kind)
     assert p.ahead and p.source_layer(0) == 0 and p.source_layer(1) == 0
     seen = {}
 
@@ -191,17 +207,19 @@ def test_oracle_masks(model):
     assert counts["0.mlp_neurons"][0] == 0 and counts["1.mlp_neurons"][0] == 64 * 160
 
 
-def test_save_load_round_trip(model, data, tmp_path):
-    p = fit_predictors(model, data, 0.4, rank=16, ahead=True, mode="topk", epochs=1)
+@pytest.mark.parametrize("kind", ["linear", "swiglu"])
+def test_save_load_round_trip(model, data, tmp_path, kind):
+    p = fit_predictors(model, data, 0.4, rank=16, ahead=True, mode="topk", epochs=1, kind=kind)
     out = p.save(tmp_path / "pred")
     meta = json.loads((out / "predictors.json").read_text())
-    assert meta["format"] == "rarefy-neuron-predictors" and meta["version"] == 1
+    assert meta["format"] == "rarefy-neuron-predictors" and meta["version"] == 2 and meta["kind"] == kind
     assert meta["model"] == {"num_layers": 2, "hidden_size": 64, "intermediate_size": 160}
     assert (meta["rank"], meta["sparsity"], meta["ahead"], meta["mode"]) == (16, 0.4, True, "topk")
+    assert meta["params_per_layer"] == predictor_params(kind, 16, 64, 160)
     assert len(meta["recall"]) == 2 and len(meta["precision"]) == 2
     back = load_predictors(out, model)
     assert (back.rank, back.sparsity, back.ahead, back.mode, back.keep) == (16, 0.4, True, "topk", p.keep)
-    assert back.recall == p.recall
+    assert back.kind == kind and back.recall == p.recall
     x = torch.randn(10, 64)
     for i in range(2):
         assert torch.equal(predict_mask(back, i, x), predict_mask(p, i, x))
@@ -218,6 +236,15 @@ def test_bad_input(model, data, tmp_path):
         fit_predictors(model, data, 0.5, rank=0)
     with pytest.raises(RarefyError, match="rank"):
         train_predictors(model, _tokens(500, 1), 0.5, rank=65, seq_len=32, samples=4)
+    with pytest.raises(RarefyError, match="rank"):
+        fit_predictors(model, data, 0.5, rank=65, kind="linear")
+    for bad in ("bogus", "relu", None):
+        with pytest.raises(RarefyError, match="kind"):
+            fit_predictors(model, data, 0.5, kind=bad)
+        with pytest.raises(RarefyError, match="kind"):
+            new_predictors(model, 0.5, kind=bad)
+    with pytest.raises(RarefyError, match="epochs"):
+        fit_predictors(model, data, 0.5, epochs=-1)
     with pytest.raises(RarefyError, match="mode"):
         fit_predictors(model, data, 0.5, mode="bogus")
     with pytest.raises(RarefyError, match="two windows"):
@@ -244,3 +271,97 @@ def test_train_predictors_end_to_end(model):
     p = train_predictors(model, _tokens(32 * 12, 2), 0.5, seq_len=32, samples=12, epochs=2)
     assert p.training["held_out_tokens"] == 2 * 32 and p.training["train_tokens"] == 10 * 32
     assert all(0 < r <= 1 for r in p.recall)
+
+
+# -- kind swiglu -------------------------------------------------------------------------
+
+def test_gate_up_weights_read_back(model):
+    for fuse in (False, True):
+        m = _model(fuse=fuse)
+        mlp = m.model.layers[1].mlp
+        wg, wu, bg, bu = mlp_gate_up_weights(mlp)
+        ref = model.model.layers[1].mlp
+        assert torch.equal(wg.float(), ref.gate_proj.weight) and torch.equal(wu.float(), ref.up_proj.weight)
+        assert not bg.any() and not bu.any()
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_swiglu_full_rank_is_the_oracle(model, data, mode):
+    """At rank = hidden the estimates are gate(x) and up(x) themselves: the oracle mask."""
+    for p in (fit_predictors(model, data, 0.5, rank=64, mode=mode, kind="swiglu"),
+              new_predictors(model, 0.5, rank=64, mode=mode, kind="swiglu")):
+        for i in range(2):
+            x = data.held[i]
+            want = topk_mask(mlp_activations(model.model.layers[i].mlp, x), p.keep)
+            assert torch.equal(predict_mask(p, i, x), want)
+    p = fit_predictors(model, data, 0.5, rank=64, mode="topk", kind="swiglu")
+    assert p.recall == [1.0, 1.0] and p.precision == [1.0, 1.0]
+    ids = torch.tensor([_tokens(48, 11)])
+    with torch.no_grad():
+        with predicted_mlp_sparsity(model, p) as c1:
+            got = model(ids)
+        with oracle_mlp_sparsity(model, 0.5) as c2:
+            want = model(ids)
+    assert torch.allclose(got, want, atol=1e-5) and c1 == c2
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_swiglu_beats_linear_at_low_rank(model, data, ahead):
+    for rank in (8, 16):
+        sw = fit_predictors(model, data, 0.5, rank=rank, ahead=ahead, kind="swiglu")
+        lin = fit_predictors(model, data, 0.5, rank=rank, ahead=ahead, kind="linear", epochs=30, lr=1e-2,
+                             batch_size=128)
+        assert min(sw.recall) > max(lin.recall) + 0.03, (rank, sw.recall, lin.recall)
+        assert min(sw.precision) > max(lin.precision) + 0.03
+
+
+def test_swiglu_whitening_beats_plain_svd(model, data):
+    """The whitened SVD minimises the output error on calibration inputs; the plain one does not."""
+    white = fit_predictors(model, data, 0.5, rank=8, kind="swiglu")
+    plain = new_predictors(model, 0.5, rank=8, kind="swiglu")
+    for i in range(2):
+        x = data.held[i]
+        mlp = model.model.layers[i].mlp
+        wg, _, _, _ = mlp_gate_up_weights(mlp)
+        true = x.double() @ wg.T
+        err = [float(((p.nets[i].gate_a(p.nets[i].gate_b(x))).double() - true).pow(2).mean())
+               for p in (white, plain)]
+        assert err[0] < err[1], err
+
+
+def test_swiglu_finetune_runs_and_keeps_exact_sparsity(model, data):
+    p0 = fit_predictors(model, data, 0.5, rank=8, kind="swiglu", epochs=0)
+    p1 = fit_predictors(model, data, 0.5, rank=8, kind="swiglu", epochs=3, lr=1e-3)
+    assert p0.training["epochs"] == 0 and p1.training["epochs"] == 3
+    assert all(l == l for l in p1.training["final_loss"])  # finite, not nan
+    assert not torch.equal(p0.nets[0].gate_a.weight, p1.nets[0].gate_a.weight)
+    assert all(r > 0.5 for r in p1.recall)
+    x = data.held[1]
+    assert (predict_mask(p1, 1, x).sum(-1) == p1.keep).all()
+
+
+def test_version_1_files_load_as_linear(model, data, tmp_path):
+    p = fit_predictors(model, data, 0.5, rank=8, epochs=1, kind="linear")
+    out = p.save(tmp_path / "v1")
+    meta = json.loads((out / "predictors.json").read_text())
+    for k in ("kind", "params_per_layer", "cost_vs_mlp"):
+        del meta[k]
+    meta["version"] = 1
+    (out / "predictors.json").write_text(json.dumps(meta))
+    back = load_predictors(out, model)
+    assert back.kind == "linear"
+    x = torch.randn(7, 64)
+    assert torch.equal(predict_mask(back, 1, x), predict_mask(p, 1, x))
+    meta["version"] = 3
+    (out / "predictors.json").write_text(json.dumps(meta))
+    with pytest.raises(RarefyError, match="version 3"):
+        load_predictors(out, model)
+    meta["version"], meta["kind"] = 2, "relu"
+    (out / "predictors.json").write_text(json.dumps(meta))
+    with pytest.raises(RarefyError, match="kind"):
+        load_predictors(out, model)
+    # a swiglu file whose weights are linear ones is refused as corrupt
+    meta["kind"] = "swiglu"
+    (out / "predictors.json").write_text(json.dumps(meta))
+    with pytest.raises(RarefyError, match="corrupt"):
+        load_predictors(out, model)
