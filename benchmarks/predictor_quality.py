@@ -1,7 +1,12 @@
-"""Perplexity of the embedded model with Deja Vu-style neuron predictors masking MLP neurons.
+"""Perplexity of the embedded model with neuron predictors masking MLP neurons.
 
-    nice -n 19 python3 benchmarks/predictor_quality.py [--chunks 8] [--sparsities 0.25,0.4,0.5,0.6,0.7]
-        [--samples 32] [--epochs 8] [--oracle-threshold] [--out docs/results/activation-predictors.md]
+    nice -n 19 python3 benchmarks/predictor_quality.py [--kind swiglu|linear] [--rank R] [--chunks 8]
+        [--sparsities 0.25,0.4,0.5,0.6,0.7] [--samples 32] [--epochs N] [--oracle-threshold]
+        [--skip-oracle] [--rank-sweep 32,64,128] [--finetune-epochs 2] [--out docs/results/activation-predictors.md]
+
+--rank-sweep: held-out recall / precision (no perplexity) of kind --kind at s = 0.5 for each
+rank, same layer. --finetune-epochs N: also kind swiglu with N epochs of BCE fine-tuning at
+s = 0.5 (recall and perplexity), against the whitened SVD alone.
 
 On a busy machine the sparsities can be run as separate processes, each writing --json-out
 (--skip-dense on all but one), then rendered together:
@@ -42,7 +47,12 @@ def main():
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7")
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=None, help="default: linear 8, swiglu 0 (no fine-tuning)")
+    ap.add_argument("--kind", default="swiglu", choices=["swiglu", "linear"])
+    ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--skip-oracle", action="store_true", help="no oracle perplexity (known from another run)")
+    ap.add_argument("--rank-sweep", default=None, help="comma list of ranks: recall at s = 0.5")
+    ap.add_argument("--finetune-epochs", type=int, default=0, help="kind swiglu: also BCE fine-tuning at s = 0.5")
     ap.add_argument("--mode", default="threshold", choices=["threshold", "topk"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -82,12 +92,25 @@ def main():
     base = None if a.skip_dense else ppl(contextlib.nullcontext(None))[0]
     print(f"dense: ppl {base} (collect {collect_s:.0f} s, windows {data.windows})", flush=True)
     rows = []
+    extra = {}
+
+    def dump():
+        if a.json_out:
+            with open(a.json_out, "w") as f:
+                json.dump({"dense_ppl": base, "rows": rows, "extra": extra, "windows": data.windows,
+                           "rank": preds.rank if rows else None, "collect_s": collect_s,
+                           "args": {k: v for k, v in vars(a).items() if k not in ("out", "json_out", "merge")}},
+                          f, indent=1)
+
+    preds = None
     for s in sparsities:
         row = {"sparsity": s}
-        row["oracle_topk_ppl"], row["oracle_topk_sparsity"] = ppl(oracle_mlp_sparsity(model, s))
+        if not a.skip_oracle:
+            row["oracle_topk_ppl"], row["oracle_topk_sparsity"] = ppl(oracle_mlp_sparsity(model, s))
         for name, ahead in (("same", False), ("ahead", True)):
             t = time.perf_counter()
-            preds = fit_predictors(model, data, s, ahead=ahead, mode=a.mode, epochs=a.epochs)
+            preds = fit_predictors(model, data, s, rank=a.rank, ahead=ahead, mode=a.mode, epochs=a.epochs,
+                                   kind=a.kind)
             row[f"{name}_train_s"] = time.perf_counter() - t
             row[f"{name}_recall"] = sum(preds.recall) / len(preds.recall)
             row[f"{name}_precision"] = sum(preds.precision) / len(preds.precision)
@@ -97,12 +120,29 @@ def main():
                     oracle_mlp_sparsity(model, s, preds.thresholds))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    res = {"dense_ppl": base, "rows": rows, "windows": data.windows, "rank": preds.rank,
+        dump()
+    if a.finetune_epochs and a.kind == "swiglu":
+        for ahead in (False, True):
+            t = time.perf_counter()
+            p = fit_predictors(model, data, 0.5, rank=a.rank, ahead=ahead, mode=a.mode, epochs=a.finetune_epochs,
+                               kind="swiglu")
+            r = {"epochs": a.finetune_epochs, "ahead": ahead, "train_s": time.perf_counter() - t,
+                 "recall": sum(p.recall) / len(p.recall), "precision": sum(p.precision) / len(p.precision)}
+            r["ppl"], r["sparsity"] = ppl(predicted_mlp_sparsity(model, p))
+            extra.setdefault("finetune", []).append(r)
+            print("finetune", json.dumps(r), flush=True)
+            dump()
+    for rank in ([int(x) for x in a.rank_sweep.split(",")] if a.rank_sweep else []):
+        t = time.perf_counter()
+        p = fit_predictors(model, data, 0.5, rank=rank, mode=a.mode, epochs=a.epochs, kind=a.kind)
+        r = {"rank": rank, "train_s": time.perf_counter() - t, "recall": sum(p.recall) / len(p.recall),
+             "precision": sum(p.precision) / len(p.precision), "cost_vs_mlp": p.metadata()["cost_vs_mlp"]}
+        extra.setdefault("rank_sweep", []).append(r)
+        print("rank", json.dumps(r), flush=True)
+        dump()
+    res = {"dense_ppl": base, "rows": rows, "extra": extra, "windows": data.windows, "rank": preds.rank,
            "collect_s": collect_s, "args": {k: v for k, v in vars(a).items() if k not in ("out", "json_out", "merge")}}
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(res, f, indent=1)
-    if base is not None:
+    if base is not None and not a.skip_oracle:
         render(res, a.out)
     assert all(math.isfinite(r["same_ppl"]) for r in rows)
 
