@@ -57,8 +57,12 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
+    ap.add_argument("--skip-quality", action="store_true", help="speed only (the perplexity column stays empty)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     levels = [float(v) for v in a.levels.split(",")]
     loaded = load_model(None)
     ids = loaded.tokenizer.encode(open(VALID, encoding="utf-8").read(), add_special_tokens=False)
@@ -70,8 +74,12 @@ def main():
         else:
             th = calibrate_thresholds(loaded.model, ids[half:], levels, seq_len=512, samples=16)
             source = "uniform thresholds calibrated here (16 windows of 512, second half)"
-        quality = {0.0: (perplexity(loaded.model, ids[:half], 512, a.chunks).ppl, 0.0)}
+        quality = {0.0: (float("nan") if a.skip_quality else perplexity(loaded.model, ids[:half], 512, a.chunks).ppl,
+                         0.0)}
         for s in levels:
+            if a.skip_quality:
+                quality[s] = (float("nan"), float("nan"))
+                continue
             with sparsify_activations(loaded.model, th.for_sparsity(s)) as counts:
                 p = perplexity(loaded.model, ids[:half], 512, a.chunks).ppl
             quality[s] = (p, measured_sparsity(counts))

@@ -9,7 +9,7 @@ import typer
 
 from rarefy.cli_common import (DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, NoCompileOpt, SparseOpt, emit_json,
                                load_for_cli, read_text_file, user_errors)
-from rarefy.commands.calibrate_activations import activation_context
+from rarefy.commands.calibrate_activations import activation_context, activation_for_decode
 from rarefy.errors import RarefyError
 
 ActSparsityOpt = typer.Option(None, "--activation-sparsity",
@@ -72,6 +72,7 @@ def generate(
     texts = [tk.apply_chat_template([{"role": "user", "content": p}]) if chat else p
              for p in prompts]
     ids = [tk.encode(t) for t in texts]
+    act = activation_for_decode(loaded.model, act_dir, act_level)  # before the engine captures the model
     gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph, compile=not no_compile)
     streaming = len(prompts) == 1 and not as_json
 
@@ -79,7 +80,7 @@ def generate(
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    with activation_context(loaded.model, act_dir, act_level):
+    with act:
         completions, stats = gen.generate(ids, params, on_text if streaming else None)
     if streaming:
         sys.stdout.write("\n")

@@ -79,17 +79,10 @@ def calibrate_activations(
         typer.echo(f"saved to {dest / FILE}")
 
 
-def activation_context(model, directory: str | None, level: float | None):
-    """The sparsify_activations context for --activation-sparsity DIR [--activation-level S]
-    (whatever mode and allocation the file holds), or a no-op context when DIR is None."""
-    import contextlib
+def load_activation_level(model, directory: str, level: float | None):
+    """(calibration, level) for --activation-sparsity DIR [--activation-level S]."""
+    from rarefy.sparsity.activation import load_thresholds
 
-    from rarefy.sparsity.activation import load_thresholds, sparsify_activations
-
-    if directory is None:
-        if level is not None:
-            raise RarefyError("--activation-level needs --activation-sparsity DIR")
-        return contextlib.nullcontext()
     path = Path(directory) / FILE if Path(directory).is_dir() else Path(directory)
     th = load_thresholds(path, model)
     if level is None:
@@ -97,4 +90,35 @@ def activation_context(model, directory: str | None, level: float | None):
             raise RarefyError(f"{path} holds several sparsities ({', '.join(f'{s:g}' for s in th.sparsities)}): "
                               "choose one with --activation-level")
         level = th.sparsities[0]
+    return th, level
+
+
+def activation_context(model, directory: str | None, level: float | None):
+    """The sparsify_activations context for --activation-sparsity DIR [--activation-level S]
+    (whatever mode and allocation the file holds), or a no-op context when DIR is None.
+    Every token is sparsified, prompt included: the quality reference (eval ppl)."""
+    import contextlib
+
+    from rarefy.sparsity.activation import sparsify_activations
+
+    if directory is None:
+        if level is not None:
+            raise RarefyError("--activation-level needs --activation-sparsity DIR")
+        return contextlib.nullcontext()
+    th, level = load_activation_level(model, directory, level)
     return sparsify_activations(model, th.rule(level))
+
+
+def activation_for_decode(model, directory: str | None, level: float | None):
+    """For generation: threshold-mode files swap the projections for the input-sparse kernels
+    (decode sparse, prompt dense; rarefy.layers.activation_sparse) and return a no-op
+    context; top-k and adaptive files have no kernel yet and run through the hooks."""
+    import contextlib
+
+    if directory is None or load_activation_level(model, directory, level)[0].mode != "threshold":
+        return activation_context(model, directory, level)
+    from rarefy.layers.activation_sparse import use_activation_sparsity
+
+    th, level = load_activation_level(model, directory, level)
+    use_activation_sparsity(model, th.for_sparsity(level))
+    return contextlib.nullcontext()
