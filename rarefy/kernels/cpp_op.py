@@ -56,6 +56,16 @@ class CppOp:
                 log.warning("%s unavailable: %r", self.label, e)
             return False
 
+    def build_seconds(self) -> float | None:
+        """Seconds the first load took in this process (compile or cache load); None if not tried."""
+        return self.state["seconds"]
+
+    def best_isa(self) -> int:
+        """The extension's fastest code path on this CPU (its ``best_isa`` op; ISA_NAMES of the
+        module name the codes). RuntimeError if the extension is unavailable."""
+        self.require()
+        return int(getattr(torch.ops, self.namespace).best_isa())
+
     def require(self):
         """The op, or RuntimeError saying why it is unavailable."""
         op = self.state["op"] or self.load()

@@ -49,21 +49,12 @@ _state = _ext.state  # tried / op / error / seconds
 
 
 # available(): builds/loads on this machine (never raises; logs why not, once);
-# warm_up(): the same, now rather than on the first call.
+# warm_up(): the same, now rather than on the first call; build_seconds(): how long the
+# first load took; best_isa(): Fastest code path on this CPU: 2 = AVX-512 + VBMI2, 1 = AVX-512 (F/BW/VL/DQ), 0 = scalar.
 _load = _ext.load
 available = warm_up = _ext.available
-
-
-def build_seconds() -> float | None:
-    """Seconds the first load took in this process (compile or cache load); None if not tried."""
-    return _state["seconds"]
-
-
-def best_isa() -> int:
-    """Fastest code path on this CPU: 2 = AVX-512 + VBMI2, 1 = AVX-512 (F/BW/VL/DQ), 0 = scalar."""
-    if not available():
-        raise RuntimeError(f"bitmap_matmul extension unavailable: {_state['error']}")
-    return int(torch.ops.rarefy_sparse.best_isa())
+build_seconds = _ext.build_seconds
+best_isa = _ext.best_isa
 
 
 def bitmap_matmul(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_start: torch.Tensor, k: int,
