@@ -10,25 +10,9 @@ from rarefy.sparsity.activation import (INPUT_NAMES, calibrate_from_statistics, 
                                         collect_statistics, input_weights, load_thresholds, save_thresholds,
                                         sparsify_activations, sparsity_report)
 
-from rarefy.config import ModelConfig
-from rarefy.models.llama import DecoderLM
+from test_activation import _model, _tokens  # the same tiny model and token helper
 
 TARGETS = [0.25, 0.5]
-
-
-def _model(layers=2, hidden=64, seed=0):
-    cfg = ModelConfig(model_type="llama", vocab_size=300, hidden_size=hidden, intermediate_size=160,
-                      num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-    torch.manual_seed(seed)
-    m = DecoderLM(cfg)
-    for p in m.parameters():
-        p.data.normal_(0, 0.1)
-    m.rotary.build(torch.device("cpu"))
-    return m.eval()
-
-
-def _tokens(n, seed):
-    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.fixture(scope="module")
