@@ -115,10 +115,14 @@ def activation_for_decode(model, directory: str | None, level: float | None):
     context; top-k and adaptive files have no kernel yet and run through the hooks."""
     import contextlib
 
-    if directory is None or load_activation_level(model, directory, level)[0].mode != "threshold":
+    from rarefy.sparsity.activation import sparsify_activations
+
+    if directory is None:
         return activation_context(model, directory, level)
+    th, level = load_activation_level(model, directory, level)
+    if th.mode != "threshold":
+        return sparsify_activations(model, th.rule(level))
     from rarefy.layers.activation_sparse import use_activation_sparsity
 
-    th, level = load_activation_level(model, directory, level)
     use_activation_sparsity(model, th.for_sparsity(level))
     return contextlib.nullcontext()
