@@ -30,9 +30,9 @@ def _isas():
     return list(range(activation_cpu.best_isa() + 1))
 
 
-def _raw(x, wt, t, bias=None, isa=-1, group=0, pf=-1):
-    """The op itself, with the tuning knobs (rows per register pass, prefetch distance)."""
-    return torch.ops.rarefy_actsparse.input_sparse_matmul(x, wt, float(t), bias, isa, group, pf)
+def _raw(x, wt, t, bias=None, isa=-1, group=0, pf=-1, ksplit=-1):
+    """The op itself, with the tuning knobs (rows per register pass, prefetch distance, work split)."""
+    return torch.ops.rarefy_actsparse.input_sparse_matmul(x, wt, float(t), bias, isa, group, pf, ksplit)
 
 
 def _inputs(m, k, n, dtype, bias, g, sparsity=0.5):
@@ -182,6 +182,59 @@ def test_independent_of_thread_count():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3])
+def test_ksplit_matches_reference(dtype, m):
+    """K split (active rows halved, two partials summed) and column split, forced, odd shapes,
+    every code path, +-bias; the automatic choice equals the forced one it picks."""
+    g = torch.Generator().manual_seed(40 + m)
+    for k, n in [(1, 5), (2, 17), (3, 1), (37, 13), (129, 47), (577, 192), (200, 333)]:
+        for bias, sparsity in itertools.product((False, True), (0.0, 0.5, 0.9)):
+            x, wt, b, t = _inputs(m, k, n, dtype, bias, g, sparsity)
+            for isa in _isas():
+                for ks in (0, 1):
+                    _check(_raw(x, wt, t, b, isa, ksplit=ks), x, wt, t, b)
+                # n * esize <= 16 KiB and m <= 16 here: the automatic choice is the K split.
+                assert torch.equal(_raw(x, wt, t, b, isa), _raw(x, wt, t, b, isa, ksplit=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_ksplit_empty_and_full_mask(dtype):
+    g = torch.Generator().manual_seed(50)
+    for m in (1, 3):
+        x, wt, b, _ = _inputs(m, 301, 96, dtype, True, g)
+        for isa in _isas():
+            # No channel passes: y = bias exactly (or 0).
+            assert torch.equal(_raw(x, wt, 1e30, b, isa, ksplit=1), b.expand(m, 96))
+            assert torch.equal(_raw(x, wt, 1e30, None, isa, ksplit=1), torch.zeros(m, 96))
+            # Every channel passes (t = 0): the dense product.
+            _check(_raw(x, wt, 0.0, b, isa, ksplit=1), x, wt, 0.0, b)
+            _check(_raw(x, wt, 0.0, None, isa, ksplit=1), x, wt, 0.0)
+            # One active channel (fewer than the two parts): falls back to one pass, still exact.
+            x1 = torch.zeros(m, 301)
+            x1[:, 7] = 2.0
+            y1 = _raw(x1, wt, 1.0, b, isa, ksplit=1)
+            assert torch.equal(y1, (b + 2.0 * wt[7].float()).expand(m, 96))
+
+
+@pytest.mark.parametrize("ksplit", [0, 1])
+@pytest.mark.parametrize("m", [1, 3])
+def test_split_independent_of_thread_count(ksplit, m):
+    """Both work splits give bit-identical results with 1 and 2 threads (large enough to fork)."""
+    g = torch.Generator().manual_seed(60 + m)
+    x, wt, b, t = _inputs(m, 1536, 576, torch.float16, True, g, 0.3)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = _raw(x, wt, t, b, ksplit=ksplit)
+        torch.set_num_threads(max(2, n))
+        y2 = _raw(x, wt, t, b, ksplit=ksplit)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(y1, y2)
+    _check(y2, x, wt, t, b)
 
 
 def test_fresh_inputs_are_not_cached():

@@ -7,7 +7,9 @@ the batch; each token still uses its own masked values), then only those rows of
 read, each as one contiguous stream. Batch-1 decode is bound by the weight bytes read, so at
 density d (fraction of active channels) the call takes about d of a dense fp16 GEMV's time.
 
-Columns are split over threads (each owns a contiguous stripe of y, no atomics); per thread
+Columns are split over threads (each owns a contiguous stripe of y, no atomics), or, for
+narrow layers at small M, the active rows (K split: two fixed halves of the active list, each
+streamed as whole rows into its own fp32 partial, summed in a fixed order); per thread
 the active rows are streamed in groups of 16 into a register tile of up to 8 tokens x 128
 columns, with software prefetch ahead (AVX-512 / AVX2+F16C / scalar, picked at run time).
 Design notes in input_sparse.cpp; measurements in docs/results/activation-cpu-gemv.md.
@@ -104,7 +106,8 @@ def _check_threshold(threshold) -> float:
 
 
 def input_sparse_matmul_cpu(x: torch.Tensor, wt: torch.Tensor, threshold: float,
-                            bias: torch.Tensor | None = None, *, isa: int = -1) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, *, isa: int = -1,
+                            ksplit: int = -1) -> torch.Tensor:
     """``y = (x * (|x| >= threshold)) @ wt (+ bias)``, reading only the active rows of ``wt``.
 
     Args:
@@ -117,6 +120,8 @@ def input_sparse_matmul_cpu(x: torch.Tensor, wt: torch.Tensor, threshold: float,
             0 keeps every (non-NaN) entry; a huge value keeps none (y = bias).
         bias: optional float32 ``[N]``, contiguous.
         isa: code path; -1 picks the best (``best_isa``); 0 forces scalar, 1 AVX2 (for tests).
+        ksplit: -1 picks the work split (K split for M <= 16 and rows of <= 16 KiB, else
+            columns), 0 forces the column split, 1 the K split (for tests and benchmarks).
 
     Returns:
         float32 ``[M, N]``, newly allocated.
@@ -133,4 +138,6 @@ def input_sparse_matmul_cpu(x: torch.Tensor, wt: torch.Tensor, threshold: float,
     op = _state["op"] or _ext.require()
     if not x.is_contiguous():
         x = x.contiguous()
-    return op(x, wt, t, bias) if isa == -1 else op(x, wt, t, bias, isa)
+    if isa == -1 and ksplit == -1:
+        return op(x, wt, t, bias)
+    return op(x, wt, t, bias, isa, 0, -1, ksplit)

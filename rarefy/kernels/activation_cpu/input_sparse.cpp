@@ -19,6 +19,10 @@
 //     a NaN input is treated as inactive; +-inf passes any finite threshold.
 //  2. Columns are cut into units of one cache line of a row, spread over threads with at::parallel_for
 //     (OpenMP): each thread owns one contiguous stripe of y, no atomics, no reductions.
+//     Or (K split, M <= 16 and rows <= 16 KiB): the active list is cut into 2 fixed halves, each
+//     streamed as WHOLE rows into its own fp32 partial of y (part 0 into y itself), then summed
+//     in part order: a column stripe of a narrow row is a short segment (576 B of a 1152 B row
+//     with 2 threads), which streams worse than whole rows.
 //  3. Per thread: active rows are taken in groups of G (default 16). For each group and each
 //     tile of up to MT tokens, the stripe is walked in column blocks of CB vectors; a
 //     block's MT x CB accumulators stay in registers while the group's rows are streamed into
@@ -31,8 +35,9 @@
 //
 // ISA: AVX-512 (F+BW+VL; vcvtph2ps for fp16, shift for bf16; masked tail), AVX2+FMA+F16C
 // (scalar column tail) and scalar; chosen at run time (__attribute__((target)), so the library
-// loads on any x86-64). Each output is summed by one thread in a fixed order (bias, then the
-// active rows in channel order): results do not depend on the thread count.
+// loads on any x86-64). Each output is summed in a fixed order (bias, then the active rows in
+// channel order; with the K split, (bias + first half) + second half, the halves fixed by the
+// active count, not the thread count): results do not depend on the thread count.
 //
 // Registered as torch.ops.rarefy_actsparse.input_sparse_matmul.
 
@@ -66,6 +71,11 @@ struct BF16 { uint16_t v; };
 
 constexpr int64_t kDefaultGroup = 16;  // active rows per register pass
 constexpr int64_t kDefaultPf = 512;    // prefetch distance along a row, bytes
+// K split (see input_sparse_matmul) when M <= kKsplitMaxM and a weight row is <= this many
+// bytes. Measured, 2 threads, fp16: the K split was 1.02-1.47x faster than the column split
+// for every shape tried (K 576-4096, N 192-8192, M 1-16, hot and streaming from DRAM).
+constexpr int64_t kKsplitMaxM = 16;
+constexpr int64_t kKsplitMaxRowBytes = 16384;
 
 struct Ctx {
   const void* wt;      // [K, N]
@@ -439,7 +449,8 @@ float threshold_float(double t) {
 
 // ----------------------------------------------------------------------------- op
 at::Tensor input_sparse_matmul(const at::Tensor& x, const at::Tensor& wt, double threshold,
-                               const c10::optional<at::Tensor>& bias, int64_t isa, int64_t group, int64_t pf) {
+                               const c10::optional<at::Tensor>& bias, int64_t isa, int64_t group, int64_t pf,
+                               int64_t ksplit) {
   const char* op = "input_sparse_matmul_cpu";
   TORCH_CHECK_VALUE(x.device().is_cpu() && wt.device().is_cpu(), op, ": x and wt must be CPU tensors");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
@@ -503,12 +514,46 @@ at::Tensor input_sparse_matmul(const at::Tensor& x, const at::Tensor& wt, double
     return y;
   }
 
-  Ctx c{wt.data_ptr(), idx.data(), xs.data(), bptr, yp, M, N, K, nact, K, group, pf};
   void (*stripe)(const Ctx&, int64_t, int64_t);
   int64_t esize;
   if (wdt == at::kHalf) stripe = pick_stripe<F16>(isa), esize = 2;
   else if (wdt == at::kBFloat16) stripe = pick_stripe<BF16>(isa), esize = 2;
   else stripe = pick_stripe<float>(isa), esize = 4;
+
+  // K split (narrow layers, few tokens): with a column split each thread would read only a
+  // short segment (N * esize / threads bytes) of every active row. Instead the compacted
+  // active list is cut into kParts contiguous parts; part p streams WHOLE rows (all N columns)
+  // into its own fp32 partial (part 0 straight into y, with the bias; the others into scratch
+  // buffers), then y += partial 1 + ... in part order. The parts are fixed (not the thread
+  // count), so results do not depend on the number of threads. Chosen by the rule below
+  // (measured on the SmolLM2-135M shapes, 2 threads: docs/results/activation-cpu-gemv.md).
+  constexpr int64_t kParts = 2;
+  const bool use_ksplit = ksplit > 0 || (ksplit < 0 && M <= kKsplitMaxM && N * esize <= kKsplitMaxRowBytes);
+  if (use_ksplit && nact >= kParts) {
+    thread_local std::vector<float> part_keep;
+    std::vector<float> part_tmp;
+    std::vector<float>& part = M * N <= (int64_t(1) << 18) ? part_keep : part_tmp;
+    if (static_cast<int64_t>(part.size()) < (kParts - 1) * M * N) part.resize((kParts - 1) * M * N);
+    Ctx pc[kParts];
+    for (int64_t p = 0; p < kParts; ++p) {
+      const int64_t j0 = nact * p / kParts, j1 = nact * (p + 1) / kParts;
+      pc[p] = Ctx{wt.data_ptr(), idx.data() + j0, xs.data() + j0, p == 0 ? bptr : nullptr,
+                  p == 0 ? yp : part.data() + (p - 1) * M * N, M, N, K, j1 - j0, K, group, pf};
+    }
+    // Small calls (< ~32 KiB of active weight per part) run inline: no fork/join.
+    const int64_t part_bytes = (nact / kParts) * N * esize * std::max<int64_t>(1, M / 4);
+    const int64_t grain = part_bytes >= 32 * 1024 ? 1 : kParts;
+    at::parallel_for(0, kParts, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) stripe(pc[p], 0, N);
+    });
+    for (int64_t p = 1; p < kParts; ++p) {
+      const float* src = part.data() + (p - 1) * M * N;
+      for (int64_t i = 0; i < M * N; ++i) yp[i] += src[i];
+    }
+    return y;
+  }
+
+  Ctx c{wt.data_ptr(), idx.data(), xs.data(), bptr, yp, M, N, K, nact, K, group, pf};
 
   // Columns in units of one cache line of a weight row (32 columns of fp16, 16 of fp32),
   // split evenly over the threads: one thread = one contiguous stripe of y. A thread gets at
@@ -543,7 +588,7 @@ int64_t count_active(const at::Tensor& x, double threshold) {
 
 TORCH_LIBRARY(rarefy_actsparse, m) {
   m.def("input_sparse_matmul(Tensor x, Tensor wt, float threshold, Tensor? bias=None, int isa=-1, "
-        "int group=0, int pf=-1) -> Tensor",
+        "int group=0, int pf=-1, int ksplit=-1) -> Tensor",
         &input_sparse_matmul);
   m.def("count_active(Tensor x, float threshold) -> int", &count_active);
   m.def("best_isa() -> int", &best_isa);
