@@ -609,13 +609,10 @@ def recall_precision(pred: torch.Tensor, labels: torch.Tensor) -> tuple[float, f
     return (tp / pos if pos else 1.0), (tp / npred if npred else 1.0)
 
 
-def _fit_layer(net: LowRankPredictor, z: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
-               batch_size: int, gen: torch.Generator) -> float:
-    """Train `net` on inputs z [N, hidden] and labels [N, f] with class-weighted BCE; the
-    per-channel standardisation of z used in training is folded into net's weights."""
-    if epochs <= 0:
-        return float("nan")
-    mean, std = z.mean(0), z.std(0).clamp_min(1e-6)
+def _bce_loop(net: nn.Module, z: torch.Tensor, labels: torch.Tensor, logit, epochs: int, lr: float,
+              batch_size: int, gen: torch.Generator) -> float:
+    """Class-weighted BCE of ``logit(z_batch)`` against the labels, Adam + one-cycle schedule;
+    returns the last epoch's mean loss and leaves net frozen in eval mode."""
     pos = labels.float().mean().item()
     pos_weight = torch.tensor((1 - pos) / pos if 0 < pos < 1 else 1.0)
     net.requires_grad_(True).train()
@@ -630,8 +627,7 @@ def _fit_layer(net: LowRankPredictor, z: torch.Tensor, labels: torch.Tensor, epo
             total, seen = 0.0, 0
             for b in range(0, n, batch_size):
                 idx = perm[b:b + batch_size]
-                xb = (z[idx] - mean) / std
-                loss = F.binary_cross_entropy_with_logits(net(xb), labels[idx].float(), pos_weight=pos_weight)
+                loss = F.binary_cross_entropy_with_logits(logit(z[idx]), labels[idx].float(), pos_weight=pos_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -640,6 +636,17 @@ def _fit_layer(net: LowRankPredictor, z: torch.Tensor, labels: torch.Tensor, epo
                 seen += len(idx)
             last = total / seen
     net.requires_grad_(False).eval()
+    return last
+
+
+def _fit_layer(net: LowRankPredictor, z: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
+               batch_size: int, gen: torch.Generator) -> float:
+    """Train `net` on inputs z [N, hidden] and labels [N, f] with class-weighted BCE; the
+    per-channel standardisation of z used in training is folded into net's weights."""
+    if epochs <= 0:
+        return float("nan")
+    mean, std = z.mean(0), z.std(0).clamp_min(1e-6)
+    last = _bce_loop(net, z, labels, lambda zb: net((zb - mean) / std), epochs, lr, batch_size, gen)
     with torch.no_grad():  # x -> (x - mean) / std folded into inp.weight and out.bias
         w = net.inp.weight / std
         net.out.bias -= net.out.weight @ (w @ mean)
@@ -696,32 +703,9 @@ def _finetune_swiglu(net: SwiGLUPredictor, z: torch.Tensor, labels: torch.Tensor
     all factors, biases and tau trained."""
     if epochs <= 0 or not (math.isfinite(threshold) and threshold > 0):
         return float("nan")
-    pos = labels.float().mean().item()
-    pos_weight = torch.tensor((1 - pos) / pos if 0 < pos < 1 else 1.0)
     log_t = math.log(threshold)
-    net.requires_grad_(True).train()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    n = z.shape[0]
-    steps = epochs * math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    last = float("nan")
-    with torch.enable_grad():
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            total, seen = 0.0, 0
-            for b in range(0, n, batch_size):
-                idx = perm[b:b + batch_size]
-                logit = net.temperature * (net(z[idx]).clamp_min(1e-30).log() - log_t)
-                loss = F.binary_cross_entropy_with_logits(logit, labels[idx].float(), pos_weight=pos_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(idx)
-                seen += len(idx)
-            last = total / seen
-    net.requires_grad_(False).eval()
-    return last
+    return _bce_loop(net, z, labels, lambda zb: net.temperature * (net(zb).clamp_min(1e-30).log() - log_t),
+                     epochs, lr, batch_size, gen)
 
 
 def default_epochs(kind: str) -> int:
