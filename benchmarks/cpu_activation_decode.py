@@ -23,31 +23,19 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cpu_sparse_decode import rate  # noqa: E402  (same prompt, warm-up and median)
+
 from rarefy.bench.machine import cpu_name  # noqa: E402
-from rarefy.engine.generate import Generator  # noqa: E402
 from rarefy.eval.perplexity import perplexity  # noqa: E402
 from rarefy.layers.activation_sparse import use_activation_sparsity  # noqa: E402
-from rarefy.layers.sampler import SamplingParams  # noqa: E402
 from rarefy.models.loader import load_model  # noqa: E402
 from rarefy.sparsity.activation import (calibrate_thresholds, load_thresholds, measured_sparsity,  # noqa: E402
                                         sparsify_activations)
 
 VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
-PROMPT = "The history of the city begins in the early middle ages, when"
-
-
-def rate(loaded, tokens: int, repeats: int) -> tuple[float, list[int]]:
-    gen = Generator(loaded.model, loaded.tokenizer)
-    ids = loaded.tokenizer.encode(PROMPT)
-    gen.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up (builds the C++ ops)
-    rates, out = [], None
-    for _ in range(repeats):
-        comps, stats = gen.generate([ids], SamplingParams(max_tokens=tokens, ignore_eos=True))
-        rates.append(stats.decode_tok_s)
-        out = comps[0].token_ids
-    return statistics.median(rates), out
 
 
 def main():
