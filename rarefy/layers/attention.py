@@ -28,6 +28,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # Optional replacement for causal SDPA when there is no cache (full-context
+        # forward, as in perplexity evaluation): called as fn(q, k, v, positions) with
+        # q [B, Hq, T, D], k/v [B, Hkv, T, D] after rotary, positions [B, T]; returns
+        # [B, Hq, T, D]. rarefy.kv.simulate uses it to evaluate KV dtypes and policies.
+        self.eval_attention = None
 
     def fuse_projections(self) -> None:
         """Replace q/k/v with one stacked projection (dense layers only)."""
@@ -55,7 +60,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, positions, kv_len)
         gqa = self.num_heads != self.num_kv_heads
-        if mask is None:
+        if cache is None and self.eval_attention is not None:
+            out = self.eval_attention(q, k, v, positions)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
