@@ -1,0 +1,225 @@
+"""Launch plan of the paged decode-attention kernel (flash-decoding), computed on the host.
+
+:func:`plan_decode` is the single source of truth for how
+:func:`rarefy.kernels.paged_attention.triton_decode.paged_decode_attention_triton` launches
+(it calls this function and launches exactly what it returns), and what ``rarefy roofline``
+reports. It needs no GPU and no Triton.
+
+The kernel
+----------
+Main kernel grid ``(batch, num_kv_heads, num_splits)``. Program ``(b, h, s)`` owns the
+tokens ``[s * tokens_per_split, (s + 1) * tokens_per_split)`` of sequence ``b`` (cut at
+``seq_lens[b]``; the last split also takes anything past ``num_splits * tokens_per_split``,
+so a plan made for a too-small ``max_seq_len`` is slow, never wrong). It walks them
+``tile_n`` tokens (``tile_n / block_size`` pages, found through the block table) per
+iteration, loads each K and V tile once for all ``group = num_heads // num_kv_heads`` query
+heads of the KV head (padded to ``group_pad`` rows), and keeps an fp32 online softmax.
+With ``num_splits == 1`` it writes the output directly; otherwise it writes each split's
+normalised partial output and log-sum-exp, and a reduction kernel with grid
+``reduce_grid = (batch, num_heads)`` combines them.
+
+Choosing the split count
+------------------------
+Decode attention is a stream over the KV cache, so the plan only has to (a) spread the
+stream over every SM and (b) keep enough bytes in flight per SM. For (a) it minimises a
+small cost model over ``num_splits = 1 .. max_splits``::
+
+    programs  = batch * num_kv_heads * num_splits
+    per_sm    = max(min_programs_per_sm, ceil(programs / sm_count))
+    tps       = round_up(ceil(max_seq_len / num_splits), tile_n)
+    cost      = per_sm * (tps + tile_n)            # tokens on the busiest SM + per-split overhead
+
+(ties go to fewer splits). ``min_programs_per_sm = 2`` makes one program per SM look as
+slow as two, so the plan prefers two resident programs per SM, which overlap each other's
+softmax with loads. E.g. (132 SMs, 8 KV heads, D = 128 bf16, tile 64): 32k context at
+batch 1 -> 32 splits of 1024 tokens (256 programs); 4k at batch 32 -> 1 split (256
+programs, no reduction kernel); 1k at batch 1 -> 16 splits of 64 tokens.
+
+For (b), ``tile_n`` is chosen so one K tile is about 16 KiB (``tile_n * head_dim *
+kv_bytes``), at least one page and at most 128 tokens, and the loop is software-pipelined
+``num_stages`` deep, so each program has ``(num_stages - 1)`` K+V tiles in flight while it
+computes on one.
+
+Shared memory estimate (``smem_bytes``, per program)
+----------------------------------------------------
+``tl.dot`` path (``use_dot``: the query group is padded to ``group_pad >= 16`` rows and
+both products run on tensor cores; K and V tiles are staged through shared memory by the
+pipeliner)::
+
+    smem = num_stages * tile_n * (2 * head_dim * kv_bytes + 2 * scale_bytes)   # K, V (+ scales) ring
+         + group_pad * head_dim * dot_bytes                                   # q operand
+         + group_pad * tile_n * 4                                             # score layout conversion
+
+FMA path (``use_dot=False``: broadcast multiply-add in registers, ``group_pad =
+next_pow2(group)``)::
+
+    smem = num_stages * tile_n * (2 * head_dim * kv_bytes + 2 * scale_bytes)   # K, V (+ scales) ring
+         + group_pad * tile_n * 4                                             # cross-warp reductions
+
+``kv_bytes`` = 2 (bf16/fp16) or 1 (int8/fp8), ``scale_bytes`` = 2 for quantized dtypes
+(float16 scales) else 0, ``dot_bytes`` = 2 (4 when the query is float32; the estimate
+assumes 2). These are estimates of the dominant buffers; the compiled kernel's own figure
+is ``kernel.metadata.shared`` (``rarefy bench attention`` prints it next to this one).
+``occupancy`` estimates resident programs per SM from ``smem_per_sm`` and a 128-register
+per thread budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rarefy.errors import RarefyError
+
+__all__ = ["DecodePlan", "plan_decode", "kv_storage_bytes", "MAX_SPLITS"]
+
+#: Most splits per sequence (bounds the partial-output workspace and the reduction).
+MAX_SPLITS = 256
+#: Target bytes of one K tile per loop iteration.
+TILE_BYTES = 16 * 1024
+#: Most tokens per loop iteration.
+MAX_TILE_N = 128
+#: Shared memory an SM can give to resident programs (H100: 228 KiB, 1 KiB reserved per block).
+SMEM_PER_SM = 228 * 1024
+
+_KV_BYTES = {"bf16": 2, "fp16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
+
+
+def kv_storage_bytes(kv_dtype: str) -> int:
+    """Bytes of one stored K or V value."""
+    try:
+        return _KV_BYTES[kv_dtype]
+    except KeyError:
+        raise RarefyError(f"unknown KV-cache dtype {kv_dtype!r}; choose one of {', '.join(_KV_BYTES)}") from None
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (int(v).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the Triton decode kernel launches for one shape (see the module doc)."""
+
+    grid: tuple[int, int, int]          # (batch, num_kv_heads, num_splits)
+    num_splits: int
+    tokens_per_split: int               # multiple of tile_n
+    tile_n: int                         # tokens per inner iteration (pages_per_tile * block_size, or one page)
+    pages_per_tile: int                 # tile_n / block_size, rounded up (a page larger than tile_n: 1)
+    group: int                          # query heads per KV head
+    group_pad: int                      # query rows per program (>= 16 on the tl.dot path)
+    use_dot: bool                       # tensor-core tl.dot products, else broadcast FMA
+    num_warps: int
+    num_stages: int
+    smem_bytes: int                     # estimated shared memory per program (module doc formula)
+    occupancy: int                      # estimated resident programs per SM
+    reduce_grid: tuple[int, int] | None  # (batch, num_heads) when num_splits > 1, else None
+    workspace_bytes: int                # fp32 partial outputs + LSEs (0 with one split)
+    sm_count: int
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def describe(self) -> str:
+        red = f", reduce {self.reduce_grid[0]}x{self.reduce_grid[1]}" if self.reduce_grid else ""
+        kind = "dot" if self.use_dot else "fma"
+        return (f"grid {self.grid[0]}x{self.grid[1]}x{self.grid[2]} ({self.programs} programs), "
+                f"{self.tokens_per_split} tok/split, tile {self.tile_n}, {kind} g{self.group}->{self.group_pad}, "
+                f"warps {self.num_warps}, stages {self.num_stages}, smem~{self.smem_bytes // 1024} KiB{red}")
+
+
+def _validate(batch, max_seq_len, num_heads, num_kv_heads, head_dim, block_size, sm_count):
+    for name, v in (("batch", batch), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                    ("head_dim", head_dim), ("block_size", block_size), ("sm_count", sm_count)):
+        if int(v) != v or v < 1:
+            raise RarefyError(f"{name} must be a positive integer, got {v}")
+    if max_seq_len < 0:
+        raise RarefyError(f"max_seq_len must not be negative, got {max_seq_len}")
+    if num_heads % num_kv_heads:
+        raise RarefyError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise RarefyError(f"head_dim must be a power of two in 16..256, got {head_dim}")
+
+
+def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, tile_n: int, sm_count: int,
+                  min_programs_per_sm: int = 2, max_splits: int = MAX_SPLITS) -> tuple[int, int]:
+    """(num_splits, tokens_per_split) minimising the module doc's cost model."""
+    pairs = batch * num_kv_heads
+    length = max(1, max_seq_len)
+    best = None
+    for s in range(1, min(max_splits, math.ceil(length / tile_n)) + 1):
+        tps = math.ceil(math.ceil(length / s) / tile_n) * tile_n
+        if s > 1 and (s - 1) * tps >= length:  # the last split would be empty: same as fewer splits
+            continue
+        per_sm = max(min_programs_per_sm, math.ceil(pairs * s / sm_count))
+        cost = per_sm * (tps + tile_n)
+        if best is None or cost < best[0]:
+            best = (cost, s, tps)
+    return best[1], best[2]
+
+
+def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                kv_dtype: str, block_size: int, sm_count: int, *, num_splits: int | None = None,
+                use_dot: bool | None = None, tile_n: int | None = None, num_stages: int | None = None,
+                num_warps: int | None = None, min_programs_per_sm: int = 2,
+                smem_per_sm: int = SMEM_PER_SM) -> DecodePlan:
+    """The launch of the Triton decode kernel for this shape (see the module doc).
+
+    ``max_seq_len`` is the longest context in the batch (the block-table capacity when it is
+    not known on the host). Keyword overrides (``num_splits``, ``use_dot``, ``tile_n``,
+    ``num_stages``, ``num_warps``) replace the heuristic's choice; the kernel launches with
+    whatever plan it is given, so benchmarks can sweep them.
+    """
+    _validate(batch, max_seq_len, num_heads, num_kv_heads, head_dim, block_size, sm_count)
+    kv_bytes = kv_storage_bytes(kv_dtype)
+    scale_bytes = 2 if kv_dtype in ("int8", "fp8_e4m3", "fp8_e5m2") else 0
+    group = num_heads // num_kv_heads
+
+    if use_dot is None:
+        use_dot = group >= 2
+    group_pad = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
+
+    if tile_n is None:
+        tile_n = max(16, min(MAX_TILE_N, _next_pow2(TILE_BYTES // (head_dim * kv_bytes))))
+        if not use_dot:  # the FMA path holds group_pad x tile_n x head_dim products in registers
+            tile_n = max(16, min(tile_n, _pow2_floor(max(1, 8192 // (group_pad * head_dim)))))
+    if tile_n & (tile_n - 1) or tile_n < 1:
+        raise RarefyError(f"tile_n must be a power of two, got {tile_n}")
+    if use_dot and tile_n < 16:
+        raise RarefyError("the tl.dot path needs tile_n >= 16")
+    pages_per_tile = max(1, tile_n // block_size)
+
+    if num_splits is None:
+        num_splits, tps = choose_splits(batch, num_kv_heads, max_seq_len, tile_n, sm_count, min_programs_per_sm)
+    else:
+        if num_splits < 1 or int(num_splits) != num_splits:
+            raise RarefyError(f"num_splits must be a positive integer, got {num_splits}")
+        num_splits = int(num_splits)
+        tps = max(tile_n, math.ceil(math.ceil(max(1, max_seq_len) / num_splits) / tile_n) * tile_n)
+
+    kv_tile = tile_n * (2 * head_dim * kv_bytes + 2 * scale_bytes)
+    if num_stages is None:
+        num_stages = 3 if 3 * kv_tile <= 100 * 1024 else 2
+    if num_warps is None:
+        rows = group_pad if use_dot else 1
+        num_warps = 8 if rows * head_dim >= 64 * 128 or head_dim * tile_n >= 256 * 64 else 4
+
+    smem = num_stages * kv_tile + group_pad * tile_n * 4
+    if use_dot:
+        smem += group_pad * head_dim * 2
+    by_smem = smem_per_sm // (smem + 1024)
+    by_regs = 65536 // (128 * 32 * num_warps)
+    occupancy = max(1, min(by_smem, by_regs))
+
+    reduce_grid = (batch, num_heads) if num_splits > 1 else None
+    workspace = batch * num_heads * num_splits * (head_dim + 1) * 4 if num_splits > 1 else 0
+    return DecodePlan(grid=(batch, num_kv_heads, num_splits), num_splits=num_splits, tokens_per_split=tps,
+                      tile_n=tile_n, pages_per_tile=pages_per_tile, group=group, group_pad=group_pad,
+                      use_dot=use_dot, num_warps=num_warps, num_stages=num_stages, smem_bytes=smem,
+                      occupancy=occupancy, reduce_grid=reduce_grid, workspace_bytes=workspace,
+                      sm_count=sm_count)
