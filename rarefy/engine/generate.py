@@ -1,8 +1,10 @@
-"""Batch generation over a static KV cache: prefill, then one-token decode steps.
+"""Batch generation: prefill, then one-token decode steps.
 
 Several prompts run together as one static batch; finished rows keep
 computing (their outputs are ignored) so shapes never change, which is what
-lets the decode step run as a CUDA graph.
+lets the decode step run as a CUDA graph. The KV cache is the static contiguous
+one by default, or a paged (optionally quantized, optionally sparse-attention)
+cache when `kv` options are given; the paged path decodes eagerly.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from rarefy.errors import RarefyError
 from rarefy.kv.cache import StaticKVCache
+from rarefy.kv.paged import DEFAULT_BLOCK_SIZE, PagedKVCache
 from rarefy.layers.sampler import SamplingParams, sample
 from rarefy.models.llama import DecoderLM
 from rarefy.tokenizer import Tokenizer
@@ -52,14 +55,27 @@ class GenerationStats:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
+@dataclass
+class KVOptions:
+    """A paged KV cache for generation. Size: memory_bytes, or num_blocks, or (neither)
+    just enough blocks for the batch's prompts plus max_tokens."""
+    kv_dtype: str = "bf16"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    memory_bytes: int | None = None
+    num_blocks: int | None = None
+    policy: object = None  # a rarefy.kv.policies policy or policy config
+
+
 class Generator:
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None, use_cuda_graph: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, kv: KVOptions | None = None):
         """On CUDA the decode step is captured as a graph (use_cuda_graph), after
-        torch.compile fuses its small kernels (compile; slower warm-up)."""
+        torch.compile fuses its small kernels (compile; slower warm-up). With `kv`
+        the paged cache is used and decode runs eagerly."""
         self.model, self.tokenizer = model, tokenizer
         self.device = model.device
-        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self.kv = kv
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda" and kv is None
         self.compile = compile and self.use_cuda_graph
         if self.device.type == "cuda":
             model.fuse_projections()
@@ -78,6 +94,14 @@ class Generator:
             self._cache = StaticKVCache(cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim,
                                         self.model.dtype, self.device)
         return self._cache
+
+    def _paged_for(self, lens: list[int], max_tokens: int) -> PagedKVCache:
+        o, cfg = self.kv, self.model.config
+        size = {"memory_bytes": o.memory_bytes} if o.memory_bytes is not None else \
+            {"num_blocks": o.num_blocks} if o.num_blocks is not None else \
+            {"num_blocks": sum(-(-(n + max_tokens) // o.block_size) for n in lens)}
+        return PagedKVCache.for_model(cfg, device=self.device, kv_dtype=o.kv_dtype,
+                                      block_size=o.block_size, policy=o.policy, **size)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -100,7 +124,13 @@ class Generator:
                 f"prompt ({max(lens)} tokens) plus --max-tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {cfg.max_position_embeddings} tokens")
         B, dev = len(prompts), self.device
-        cache = self._cache_for(B, needed)
+        rows = list(range(B))
+        if self.kv is None:
+            cache = self._cache_for(B, needed)
+        else:
+            cache = self._paged_for(lens, params.max_tokens)
+            for r in rows:
+                cache.add_sequence(r)
 
         t0 = time.perf_counter()
         if self.use_cuda_graph and self._graph is None:
@@ -120,6 +150,8 @@ class Generator:
 
         self._sync()
         t0 = time.perf_counter()
+        if self.kv is not None:
+            cache.begin_step(rows, lens)
         logits = self.model(ids, None, cache, kv_len=max(lens), last_index=last)
         tokens = sample(logits, params, gen)
         tok_list = tokens.tolist()
@@ -136,6 +168,9 @@ class Generator:
             step_ids = tokens.unsqueeze(1)
             if self._graph is not None:
                 logits = self._graph(step_ids, positions)
+            elif self.kv is not None:
+                cache.begin_step(rows, [1] * B)
+                logits = self.model(step_ids, positions, cache)[:, -1]
             else:
                 kv_len = max(lens) + step
                 logits = self.model(step_ids, positions, cache, kv_len=kv_len)[:, -1]

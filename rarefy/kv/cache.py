@@ -10,6 +10,7 @@ position p only sees slots <= p, and slot p is written in the same step).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class StaticKVCache:
@@ -29,6 +30,17 @@ class StaticKVCache:
         self.k[layer][rows, :, positions] = k.transpose(1, 2)
         self.v[layer][rows, :, positions] = v.transpose(1, 2)
         return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+
+    def make_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """[B, 1, T, kv_len] bool: a query at position p sees slots <= p."""
+        slots = torch.arange(kv_len, device=positions.device)
+        return (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+    def attend(self, layer: int, q, k, v, positions, kv_len: int, mask):
+        """Store k, v and attend over the first kv_len slots (the interface PagedKVCache shares)."""
+        k, v = self.update(layer, k, v, positions, kv_len)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

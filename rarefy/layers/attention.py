@@ -58,12 +58,10 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, positions, kv_len)
-        gqa = self.num_heads != self.num_kv_heads
-        if cache is None and self.eval_attention is not None:
+            out = cache.attend(self.layer_idx, q, k, v, positions, kv_len, mask)
+        elif self.eval_attention is not None:
             out = self.eval_attention(q, k, v, positions)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.q_size))

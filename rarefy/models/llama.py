@@ -75,8 +75,9 @@ class DecoderLM(nn.Module):
         """Logits for `input_ids`.
 
         input_ids, positions: [B, T] int64 (positions default to 0..T-1).
-        cache: a StaticKVCache; keys/values are written at `positions` and
-            attention reads its first `kv_len` slots (default: all of them).
+        cache: a StaticKVCache (keys/values are written at `positions` and attention
+            reads its first `kv_len` slots, default all) or a PagedKVCache after its
+            begin_step() for this batch (kv_len unused).
         last_index: [B] int64; if given, only the hidden state at that index of
             each row goes through the head and the result is [B, vocab].
         Returns float logits [B, T, vocab] (or [B, vocab]) in the model dtype.
@@ -86,9 +87,8 @@ class DecoderLM(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         mask = None
         if cache is not None:
-            kv_len = cache.max_seq if kv_len is None else kv_len
-            slots = torch.arange(kv_len, device=input_ids.device)
-            mask = (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+            kv_len = getattr(cache, "max_seq", None) if kv_len is None else kv_len
+            mask = cache.make_mask(positions, kv_len)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         for layer in self.model.layers:
