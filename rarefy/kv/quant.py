@@ -3,7 +3,8 @@
 Every kernel and cache path in rarefy agrees with these functions bit for bit on
 the stored values (see docs/kv-cache.md):
 
-- "bf16", "fp16": stored as is, no scales.
+- "bf16", "fp16", "fp32": stored as is, no scales (fp32 is for exact comparisons and
+  float32 CPU runs; it is not a memory saver).
 - "int8": per (token, kv head) scale s = amax(|x|) / 127 over the head_dim values,
   rounded to float16 *first*; stored q = clamp(round(x / float(s)), -127, 127).
 - "fp8_e4m3", "fp8_e5m2": per (token, kv head) scale s = amax / FP8_MAX, rounded to
@@ -23,8 +24,9 @@ import torch
 
 from rarefy.errors import RarefyError
 
-KV_DTYPES = ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8")
+KV_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3", "fp8_e5m2", "int8")
 _STORAGE = {
+    "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "fp8_e4m3": torch.float8_e4m3fn,
