@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from rarefy.cli_common import (DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, NoCompileOpt, SparseOpt, emit_json,
+from rarefy.cli_common import (AttnPolicyOpt, DeviceOpt, DtypeOpt, JsonOpt, KvBlockOpt, KvCacheOpt, KvDtypeOpt,
+                               KvMemoryOpt, ModelOpt, NoCompileOpt, SparseOpt, emit_json, kv_options,
                                load_for_cli, read_text_file, user_errors)
 from rarefy.commands.calibrate_activations import activation_context, activation_for_decode
 from rarefy.errors import RarefyError
@@ -57,6 +58,8 @@ def generate(
     no_compile: bool = NoCompileOpt,
     sparse: str = SparseOpt,
     act_dir: Optional[str] = ActSparsityOpt, act_level: Optional[float] = ActLevelOpt,
+    kv_cache: str = KvCacheOpt, kv_dtype: str = KvDtypeOpt, kv_block_size: int = KvBlockOpt,
+    kv_memory: Optional[str] = KvMemoryOpt, attention_policy: Optional[str] = AttnPolicyOpt,
     as_json: bool = JsonOpt,
 ):
     """Generate text; tokens stream to the terminal as they come."""
@@ -67,13 +70,14 @@ def generate(
         raise RarefyError("empty prompt: give some text to continue")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
+    kv = kv_options(kv_cache, kv_dtype, kv_block_size, kv_memory, attention_policy)
     loaded = load_for_cli(model, device, dtype, sparse)
     tk = loaded.tokenizer
     texts = [tk.apply_chat_template([{"role": "user", "content": p}]) if chat else p
              for p in prompts]
     ids = [tk.encode(t) for t in texts]
     act = activation_for_decode(loaded.model, act_dir, act_level)  # before the engine captures the model
-    gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph, compile=not no_compile)
+    gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph, compile=not no_compile, kv=kv)
     streaming = len(prompts) == 1 and not as_json
 
     def on_text(row, delta):
@@ -120,6 +124,12 @@ def eval_ppl(
     act_dir: Optional[str] = ActSparsityOpt, act_level: Optional[float] = ActLevelOpt,
     predictors: Optional[str] = typer.Option(None, "--predictors",
                                              help="directory from `rarefy train-predictors`: mask MLP neurons"),
+    kv_dtype: Optional[str] = typer.Option(
+        None, "--kv-dtype", help="score as if keys/values were read back from a cache of this dtype "
+        "(bf16, fp16, fp8_e4m3, fp8_e5m2, int8)"),
+    attention_policy: Optional[str] = typer.Option(
+        None, "--attention-policy", help="score every token as if decoded under this sparse-attention "
+        "policy (spec or config file, as for generate)"),
     as_json: bool = JsonOpt,
 ):
     """Perplexity over non-overlapping chunks of a text file."""
@@ -132,6 +142,12 @@ def eval_ppl(
     body = read_text_file(text)
     loaded = load_for_cli(model, device, dtype, sparse)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
+    if kv_dtype is not None or attention_policy is not None:
+        from rarefy.kv.options import load_attention_policy
+        from rarefy.kv.quant import check_kv_dtype
+        from rarefy.kv.simulate import configure_eval_attention
+        configure_eval_attention(loaded.model, check_kv_dtype(kv_dtype or "bf16"),
+                                 load_attention_policy(attention_policy))
     with activation_context(loaded.model, act_dir, act_level), \
             predictor_context(loaded.model, predictors) as neurons:
         res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,

@@ -27,6 +27,38 @@ SparseOpt = typer.Option("auto", "--sparse",
 JsonOpt = typer.Option(False, "--json", help="print one JSON object as the last line of stdout")
 NoCompileOpt = typer.Option(False, "--no-compile",
                             help="on CUDA, skip torch.compile of the decode step (faster warm-up, slower decode)")
+KvCacheOpt = typer.Option("auto", "--kv-cache", help="static (contiguous) or paged; auto: paged when any "
+                          "other --kv-* or --attention-policy option is given")
+KvDtypeOpt = typer.Option("bf16", "--kv-dtype", help="paged KV-cache storage: bf16, fp16, fp32, fp8_e4m3, fp8_e5m2, int8")
+KvBlockOpt = typer.Option(16, "--kv-block-size", help="tokens per KV-cache block (paged)")
+KvMemoryOpt = typer.Option(None, "--kv-memory", help="paged KV-cache budget, e.g. 512MiB (default: just "
+                           "enough for the prompts plus --max-tokens)")
+AttnPolicyOpt = typer.Option(None, "--attention-policy",
+                             help="sparse attention for decode: dense, window:sinks=16,window=496[,stride=S], "
+                                  "topk:k=256 | topk:frac=0.25, threshold:t=0.001, entropy[:factor=F], "
+                                  "or a policy config file (docs/attention-policies.md)")
+
+
+def kv_options(kv_cache: str, kv_dtype: str, block_size: int, memory: str | None, policy: str | None):
+    """The Generator's KVOptions from the --kv-* options, or None for the static cache."""
+    from rarefy.engine.generate import KVOptions
+    from rarefy.kv.options import load_attention_policy, parse_memory
+    from rarefy.kv.quant import check_kv_dtype
+
+    if kv_cache not in ("auto", "static", "paged"):
+        raise RarefyError(f"--kv-cache must be auto, static or paged, got {kv_cache!r}")
+    check_kv_dtype(kv_dtype)
+    asked = kv_dtype != "bf16" or block_size != 16 or memory is not None or policy is not None
+    if kv_cache == "static":
+        if asked:
+            raise RarefyError("--kv-dtype, --kv-block-size, --kv-memory and --attention-policy need "
+                              "--kv-cache paged")
+        return None
+    if kv_cache == "auto" and not asked:
+        return None
+    return KVOptions(kv_dtype=kv_dtype, block_size=block_size,
+                     memory_bytes=None if memory is None else parse_memory(memory),
+                     policy=load_attention_policy(policy))
 
 
 def user_errors(fn):

@@ -25,22 +25,10 @@ import torch.nn.functional as F
 
 from rarefy.errors import RarefyError
 from rarefy.kv import quant
-from rarefy.kv.blocks import BlockAllocator, KVCacheFull
+from rarefy.kv.block_manager import BlockManager
+from rarefy.kv.blocks import KVCacheFull
 
 DEFAULT_BLOCK_SIZE = 16
-
-
-@dataclass
-class _Seq:
-    blocks: list[int]  # physical blocks kept, in logical order
-    logical: list[int]  # logical block index (position // block_size) of each kept block
-    length: int = 0  # tokens appended so far = the next token's position
-
-    def stored(self, block_size: int) -> int:
-        """Tokens held in the kept blocks (every kept block but the last is full)."""
-        if not self.blocks:
-            return 0
-        return (len(self.blocks) - 1) * block_size + self.length - self.logical[-1] * block_size
 
 
 @dataclass
@@ -59,12 +47,11 @@ class PagedKVCache:
                  block_size: int = DEFAULT_BLOCK_SIZE, kv_dtype: str = "bf16",
                  device: torch.device | str = "cpu", policy=None):
         """policy: None (dense), one policy for every layer, or a config with for_layer(i)."""
-        if block_size < 1 or block_size & (block_size - 1):
-            raise RarefyError(f"KV block size must be a power of two, got {block_size}")
         self.kv_dtype = quant.check_kv_dtype(kv_dtype)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.device = block_size, torch.device(device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.allocator = self.blocks.allocator
         store = quant.storage_dtype(kv_dtype)
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self.k_cache = [torch.zeros(shape, dtype=store, device=self.device) for _ in range(num_layers)]
@@ -77,7 +64,6 @@ class PagedKVCache:
                             for _ in range(num_layers)]
         else:
             self.k_scale = self.v_scale = [None] * num_layers
-        self._seqs: dict = {}
         self.meta: StepMeta | None = None
         self._set_policy(policy)
 
@@ -134,115 +120,60 @@ class PagedKVCache:
         # otherwise window layers mask their scores and memory is not reduced.
         same = len(evicting) == self.num_layers and len({repr(p) for p in evicting}) == 1
         self.evict_policy = evicting[0] if same else None
+        self.blocks.evict_policy = self.evict_policy
 
-    # ---- sequences ----------------------------------------------------------------------
+    # ---- sequences (bookkeeping lives in self.blocks) --------------------------------
 
     def add_sequence(self, seq_id) -> None:
-        if seq_id in self._seqs:
-            raise RarefyError(f"sequence {seq_id!r} is already in the KV cache")
-        self._seqs[seq_id] = _Seq([], [])
+        self.blocks.add(seq_id)
 
     def has_sequence(self, seq_id) -> bool:
-        return seq_id in self._seqs
+        return seq_id in self.blocks.seqs
 
     def free_sequence(self, seq_id) -> None:
-        s = self._seqs.pop(seq_id)
-        for b in s.blocks:
-            self.allocator.release(b)
+        self.blocks.free(seq_id)
 
     def fork(self, src, dst) -> None:
         """dst starts as a copy of src: full blocks are shared, the partial last block is copied."""
-        s = self._seqs[src]
-        self.add_sequence(dst)
-        d = self._seqs[dst]
-        full = s.stored(self.block_size) % self.block_size == 0
-        shared = s.blocks if full else s.blocks[:-1]
-        for b in shared:
-            self.allocator.share(b)
-        d.blocks, d.logical, d.length = list(shared), list(s.logical[:len(shared)]), s.length
-        if not full:
-            (nb,) = self.allocator.allocate(1)
-            for layer in range(self.num_layers):
-                for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale):
+        copy = self.blocks.fork(src, dst)
+        if copy is not None:
+            a, b = copy
+            for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale):
+                for layer in range(self.num_layers):
                     if t[layer] is not None:
-                        t[layer][nb].copy_(t[layer][s.blocks[-1]])
-            d.blocks.append(nb)
-            d.logical.append(s.logical[-1])
+                        t[layer][b].copy_(t[layer][a])
 
     def length(self, seq_id) -> int:
-        return self._seqs[seq_id].length
+        return self.blocks.seqs[seq_id].length
 
     def stored_tokens(self, seq_id) -> int:
-        return self._seqs[seq_id].stored(self.block_size)
+        return self.blocks.seqs[seq_id].stored(self.block_size)
 
     def block_ids(self, seq_id) -> list[int]:
-        return list(self._seqs[seq_id].blocks)
-
-    def _evict(self, s: _Seq) -> None:
-        if self.evict_policy is None or not s.blocks:
-            return
-        keep = set(self.evict_policy.kept_blocks(s.length, self.block_size))
-        keep.add(s.logical[-1])  # the partial last block is still being written
-        blocks, logical = [], []
-        for b, lb in zip(s.blocks, s.logical):
-            if lb in keep:
-                blocks.append(b)
-                logical.append(lb)
-            else:
-                self.allocator.release(b)
-        s.blocks, s.logical = blocks, logical
-
-    def _new_blocks_needed(self, s: _Seq, n: int) -> int:
-        bs = self.block_size
-        last_logical = (s.length + n - 1) // bs if n else -1
-        have = s.logical[-1] if s.blocks else -1
-        return max(0, last_logical - have)
-
-    def blocks_needed(self, seq_ids, num_new) -> int:
-        return sum(self._new_blocks_needed(self._seqs[i], n) for i, n in zip(seq_ids, num_new))
+        return list(self.blocks.seqs[seq_id].blocks)
 
     # ---- one forward step ---------------------------------------------------------------
 
     def begin_step(self, seq_ids: list, num_new: list[int]) -> StepMeta:
-        """Reserve room for num_new[i] tokens of each sequence and build the step's metadata.
-
-        Raises KVCacheFull (nothing reserved) when the free blocks do not suffice."""
+        """Reserve room for num_new[i] tokens of each sequence and build the step's metadata
+        (rows padded to the longest num_new). Raises KVCacheFull, reserving nothing, when
+        the free blocks do not suffice."""
         if len(seq_ids) != len(num_new) or not seq_ids:
             raise ValueError("begin_step needs one num_new per sequence")
-        for i in seq_ids:
-            if i not in self._seqs:
-                raise RarefyError(f"sequence {i!r} is not in the KV cache (add_sequence first)")
-            self._evict(self._seqs[i])
-        need = self.blocks_needed(seq_ids, num_new)
-        if need > self.allocator.num_free:
-            raise KVCacheFull(
-                f"the KV cache is too small for this step: it needs {need} more blocks of "
-                f"{self.block_size} tokens but {self.allocator.num_free} of {self.allocator.num_blocks} "
-                f"are free ({self.capacity_tokens} tokens in all); give the cache more memory or "
-                "run fewer or shorter sequences")
-        bs, B, T = self.block_size, len(seq_ids), max(num_new)
-        slots = torch.full((B, T), -1, dtype=torch.long)
-        starts, lens = [], []
-        for row, (i, n) in enumerate(zip(seq_ids, num_new)):
-            s = self._seqs[i]
-            k = self._new_blocks_needed(s, n)
-            first_new_logical = (s.logical[-1] + 1) if s.blocks else s.length // bs
-            s.blocks += self.allocator.allocate(k)
-            s.logical += list(range(first_new_logical, first_new_logical + k))
-            starts.append(s.stored(bs))
-            index = {lb: b for b, lb in zip(s.blocks, s.logical)}
-            for t in range(n):
-                p = s.length + t
-                slots[row, t] = index[p // bs] * bs + p % bs
-            s.length += n
-            lens.append(s.stored(bs))
-        width = max(len(self._seqs[i].blocks) for i in seq_ids)
+        slots = self.blocks.append(seq_ids, num_new)
+        B, T = len(seq_ids), max(num_new)
+        mapping = torch.full((B, T), -1, dtype=torch.long)
+        for row, sl in enumerate(slots):
+            mapping[row, :len(sl)] = torch.tensor(sl, dtype=torch.long)
+        seqs = [self.blocks.seqs[i] for i in seq_ids]
+        lens = [s.stored(self.block_size) for s in seqs]
+        starts = [n_after - n for n_after, n in zip(lens, num_new)]
+        width = max(len(s.blocks) for s in seqs)
         table = torch.zeros((B, width), dtype=torch.int32)
-        for row, i in enumerate(seq_ids):
-            blocks = self._seqs[i].blocks
-            table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        for row, s in enumerate(seqs):
+            table[row, :len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
         dev = self.device
-        self.meta = StepMeta(list(seq_ids), list(num_new), slots.to(dev), table.to(dev),
+        self.meta = StepMeta(list(seq_ids), list(num_new), mapping.to(dev), table.to(dev),
                              torch.tensor(lens, dtype=torch.int32, device=dev),
                              torch.tensor(starts, dtype=torch.long, device=dev), None)
         return self.meta
@@ -313,7 +244,7 @@ class PagedKVCache:
             rows = []
             width = m.block_tables.shape[1]
             for i in m.seq_ids:
-                s = self._seqs[i]
+                s = self.blocks.seqs[i]
                 lg = s.logical + [s.logical[-1] + 1 + j for j in range(width - len(s.logical))]
                 rows.append(torch.tensor(lg)[:, None] * self.block_size + torch.arange(self.block_size))
             m.key_positions = torch.stack(rows).reshape(len(rows), -1).to(self.device)
@@ -322,7 +253,7 @@ class PagedKVCache:
     def query_positions(self) -> torch.Tensor:
         """[B, T] position of each of the step's new tokens."""
         m = self.meta
-        ends = torch.tensor([self._seqs[i].length for i in m.seq_ids], device=self.device)
+        ends = torch.tensor([self.length(i) for i in m.seq_ids], device=self.device)
         T = m.slot_mapping.shape[1]
         return ends[:, None] - torch.tensor(m.num_new, device=self.device)[:, None] + torch.arange(
             T, device=self.device)[None, :]

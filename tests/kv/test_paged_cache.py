@@ -107,7 +107,7 @@ def test_window_eviction_bounds_memory_and_keeps_positions():
     for _ in range(60):  # far beyond 5 blocks × 4 tokens without eviction
         c.begin_step([0], [1])
         assert c.allocator.num_used <= 5
-        s = c._seqs[0]
+        s = c.blocks.seqs[0]
         assert s.logical[0] == 0  # the sink block survives
         assert s.logical == sorted(s.logical)
         assert c.stored_tokens(0) == (len(s.blocks) - 1) * 4 + s.length - s.logical[-1] * 4

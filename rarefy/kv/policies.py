@@ -1,0 +1,449 @@
+"""Sparse-attention policies: which cached keys a query attends to.
+
+One API for evaluation and decode (docs/attention-policies.md):
+
+    policy.apply(scores, q_pos, k_pos) -> scores with -inf where a key is not read
+
+`scores` are pre-softmax attention logits (sm_scale applied) [B, H, Tq, Tk], one row per
+(query head, query). `q_pos` [B, Tq] or [Tq] and `k_pos` [B, Tk] or [Tk] are token
+positions (int); keys with k_pos > q_pos are masked too (causality), and entries that
+already hold -inf (padding) stay masked. In a full-context evaluation this is a mask over
+the whole score matrix; in decode Tq = 1 and the keys are the gathered cache.
+
+Policies:
+
+- `dense`: every causal key.
+- `topk`: the k highest-scoring keys per query head, k absolute (`k=256`) or a fraction
+  of the keys that query can see (`frac=0.25` → ceil(0.25 · n_visible)).
+- `threshold`: drop keys whose softmax probability (over the visible keys) is below t;
+  the softmax then renormalises over the rest. The highest-scoring key is always kept.
+- `window`: StreamingLLM-style attention sinks + recent window (+ strided blocks), decided
+  per key BLOCK so that evaluation == decode with block eviction. Evicts.
+- `entropy`: topk with k chosen per query head from the entropy H of that head's attention
+  distribution: k = clamp(ceil(factor · exp(H)), k_min, n_visible).
+
+Only `window` bounds memory (`evicts`, `kept_blocks`, `memory_fraction`); the others
+reduce the keys a query *reads*, not what the cache stores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from rarefy.errors import RarefyError
+
+NEG_INF = float("-inf")
+POLICY_NAMES = ("dense", "topk", "threshold", "window", "entropy")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _pos(p: torch.Tensor | None, axis: str, device) -> torch.Tensor | None:
+    """q_pos → [B|1, 1, Tq, 1]; k_pos → [B|1, 1, 1, Tk] (int64 on `device`)."""
+    if p is None:
+        return None
+    p = torch.as_tensor(p, device=device).long()
+    if p.dim() == 1:
+        p = p[None]
+    if p.dim() != 2:
+        raise ValueError(f"{axis}_pos must be [T] or [B, T], got shape {tuple(p.shape)}")
+    return p[:, None, :, None] if axis == "q" else p[:, None, None, :]
+
+
+def _causal(scores: torch.Tensor, q_pos, k_pos):
+    """Mask keys after their query; returns (scores, qp, kp) with positions broadcastable."""
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [B, H, Tq, Tk], got shape {tuple(scores.shape)}")
+    qp, kp = _pos(q_pos, "q", scores.device), _pos(k_pos, "k", scores.device)
+    if qp is not None and kp is not None:
+        scores = scores.masked_fill(kp > qp, NEG_INF)
+    return scores, qp, kp
+
+
+def _keep_top_per_row(scores: torch.Tensor, k_row: torch.Tensor) -> torch.Tensor:
+    """Keep the k_row[...] highest finite entries of each row of `scores` (ties at the
+    k-th value are all kept); k_row has scores.shape[:-1] and is ≥ 1."""
+    n_visible = torch.isfinite(scores).sum(-1)
+    k_row = torch.minimum(k_row, n_visible).clamp_min(1)
+    if bool((k_row >= n_visible).all()):
+        return scores
+    kmax = int(k_row.max())
+    top = torch.topk(scores, kmax, dim=-1, sorted=True).values  # [..., kmax] descending
+    kth = top.gather(-1, (k_row - 1)[..., None])
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def _probs(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax in float32 over finite entries (rows are never all -inf here)."""
+    return torch.softmax(scores.float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------- policies
+
+class Policy:
+    """Base: a non-evicting policy (the cache keeps every block)."""
+
+    name = "policy"
+    evicts = False
+
+    def apply(self, scores: torch.Tensor, q_pos=None, k_pos=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kept_blocks(self, num_tokens: int, block_size: int) -> list[int]:
+        """Logical block indices the cache must keep with `num_tokens` tokens stored."""
+        return list(range(-(-num_tokens // block_size)))
+
+    def memory_fraction(self, ctx: int, block_size: int) -> float:
+        """Peak cache blocks held while generating up to `ctx` tokens, over dense's."""
+        return 1.0
+
+    @property
+    def spec(self) -> str:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass(frozen=True)
+class Dense(Policy):
+    name = "dense"
+
+    def apply(self, scores, q_pos=None, k_pos=None):
+        return _causal(scores, q_pos, k_pos)[0]
+
+    @property
+    def spec(self) -> str:
+        return "dense"
+
+
+@dataclass(frozen=True)
+class TopK(Policy):
+    """k highest-scoring keys per (query head, query): `k` absolute or `frac` of the visible keys."""
+
+    k: int | None = None
+    frac: float | None = None
+    name = "topk"
+
+    def __post_init__(self):
+        if (self.k is None) == (self.frac is None):
+            raise RarefyError("topk needs exactly one of k=<int> or frac=<0..1>")
+        if self.k is not None and self.k < 1:
+            raise RarefyError(f"topk k must be at least 1, got {self.k}")
+        if self.frac is not None and not 0.0 < self.frac <= 1.0:
+            raise RarefyError(f"topk frac must be in (0, 1], got {self.frac}")
+
+    def k_for(self, n_visible: torch.Tensor) -> torch.Tensor:
+        if self.k is not None:
+            return torch.full_like(n_visible, self.k)
+        return torch.ceil(n_visible.double() * self.frac - 1e-9).long().clamp_min(1)
+
+    def apply(self, scores, q_pos=None, k_pos=None):
+        scores = _causal(scores, q_pos, k_pos)[0]
+        return _keep_top_per_row(scores, self.k_for(torch.isfinite(scores).sum(-1)))
+
+    @property
+    def spec(self) -> str:
+        return f"topk:k={self.k}" if self.k is not None else f"topk:frac={self.frac:g}"
+
+
+@dataclass(frozen=True)
+class Threshold(Policy):
+    """Drop keys whose softmax weight would be below t (the top key always stays)."""
+
+    t: float = 1e-3
+    name = "threshold"
+
+    def __post_init__(self):
+        if not 0.0 <= self.t < 1.0:
+            raise RarefyError(f"threshold t must be in [0, 1), got {self.t}")
+
+    def apply(self, scores, q_pos=None, k_pos=None):
+        scores = _causal(scores, q_pos, k_pos)[0]
+        p = _probs(scores)
+        drop = (p < self.t) & (p < p.amax(-1, keepdim=True))
+        return scores.masked_fill(drop, NEG_INF)
+
+    @property
+    def spec(self) -> str:
+        return f"threshold:t={self.t:g}"
+
+
+@dataclass(frozen=True)
+class Entropy(Policy):
+    """Dynamic per-head top-k: k = clamp(ceil(factor · exp(H)), k_min, n_visible), where H is
+    the entropy (nats) of the head's softmax over its visible keys. exp(H) is the
+    distribution's perplexity, the effective number of keys it attends to: 1 for a head
+    fixed on one key, n for a uniform head."""
+
+    factor: float = 2.0
+    k_min: int = 16
+    name = "entropy"
+
+    def __post_init__(self):
+        if not self.factor > 0:
+            raise RarefyError(f"entropy factor must be > 0, got {self.factor}")
+        if self.k_min < 1:
+            raise RarefyError(f"entropy min must be at least 1, got {self.k_min}")
+
+    def k_for(self, scores: torch.Tensor) -> torch.Tensor:
+        p = _probs(scores)
+        h = -torch.special.xlogy(p, p).sum(-1)
+        k = torch.ceil(self.factor * torch.exp(h) - 1e-6).long()
+        return k.clamp_min(self.k_min)
+
+    def apply(self, scores, q_pos=None, k_pos=None):
+        scores = _causal(scores, q_pos, k_pos)[0]
+        return _keep_top_per_row(scores, self.k_for(scores))
+
+    @property
+    def spec(self) -> str:
+        return f"entropy:factor={self.factor:g},min={self.k_min}"
+
+
+@dataclass(frozen=True)
+class Window(Policy):
+    """Attention sinks + recent window (+ strided blocks), at block granularity.
+
+    A key block b (tokens [b·block, (b+1)·block)) is read by the query at position p iff
+    b ≤ p // block (causal; within the last block only keys ≤ p) and one of
+      - b < ceil(sinks / block)                         (sink blocks),
+      - b ≥ max(0, p − window + 1) // block             (intersects the last `window` tokens),
+      - stride > 0 and b % stride == 0                  (strided blocks).
+    The query's own block is always read (window ≥ 1)."""
+
+    sinks: int = 4
+    window: int = 512
+    stride: int = 0
+    block_size: int = 16
+    name = "window"
+    evicts = True
+
+    def __post_init__(self):
+        if self.sinks < 0:
+            raise RarefyError(f"window sinks must be ≥ 0, got {self.sinks}")
+        if self.window < 1:
+            raise RarefyError(f"window window must be ≥ 1 (the current token is always kept), got {self.window}")
+        if self.stride < 0:
+            raise RarefyError(f"window stride must be ≥ 0, got {self.stride}")
+        if self.block_size < 1:
+            raise RarefyError(f"window block must be ≥ 1, got {self.block_size}")
+
+    @property
+    def sink_blocks(self) -> int:
+        return -(-self.sinks // self.block_size)
+
+    def _check_block(self, block_size: int) -> None:
+        if block_size != self.block_size:
+            raise RarefyError(f"the window policy decides per block of {self.block_size} tokens but the cache "
+                              f"uses blocks of {block_size}; add block={block_size} to the policy spec")
+
+    def block_keep(self, kb: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
+        """kb: key block indices, qp: query positions (broadcastable) → bool keep (ignoring causality)."""
+        start = (qp - self.window + 1).clamp_min(0) // self.block_size
+        keep = (kb < self.sink_blocks) | (kb >= start)
+        if self.stride > 0:
+            keep = keep | (kb % self.stride == 0)
+        return keep
+
+    def apply(self, scores, q_pos=None, k_pos=None):
+        if q_pos is None or k_pos is None:
+            raise ValueError("the window policy needs q_pos and k_pos")
+        scores, qp, kp = _causal(scores, q_pos, k_pos)
+        return scores.masked_fill(~self.block_keep(kp // self.block_size, qp), NEG_INF)
+
+    def kept_blocks(self, num_tokens: int, block_size: int) -> list[int]:
+        """Blocks that the query at position num_tokens − 1 (the newest stored token, whose
+        attention may not have run yet) or any later query reads. Everything else can be
+        freed: no query at a position ≥ num_tokens − 1 reads it. For the newest query the
+        returned blocks are exactly the ones it reads, so dense attention over the kept
+        blocks equals the evaluation mask."""
+        self._check_block(block_size)
+        if num_tokens <= 0:
+            return []
+        n_blocks = -(-num_tokens // block_size)
+        start = max(0, num_tokens - self.window) // block_size
+        return [b for b in range(n_blocks)
+                if b < self.sink_blocks or b >= start or (self.stride > 0 and b % self.stride == 0)]
+
+    def memory_fraction(self, ctx: int, block_size: int) -> float:
+        """Peak blocks held (max over 1..ctx stored tokens of len(kept_blocks)) / ceil(ctx / block)."""
+        self._check_block(block_size)
+        if ctx <= 0:
+            return 1.0
+        dense = -(-ctx // block_size)
+        peak = 0
+        for n in range(1, ctx + 1):  # O(ctx): the same count as len(self.kept_blocks(n, block))
+            n_blocks = -(-n // block_size)
+            start = max(0, n - self.window) // block_size
+            sink = min(self.sink_blocks, start)
+            held = n_blocks - start + sink
+            if self.stride > 0:  # multiples of stride in [sink, start)
+                held += max(0, -(-start // self.stride) - (-(-sink // self.stride)))
+            peak = max(peak, held)
+        return peak / dense
+
+    @property
+    def spec(self) -> str:
+        return f"window:sinks={self.sinks},window={self.window},stride={self.stride},block={self.block_size}"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_FIELDS = {  # spec key -> (constructor argument, type)
+    "dense": {},
+    "topk": {"k": ("k", int), "frac": ("frac", float)},
+    "threshold": {"t": ("t", float)},
+    "window": {"sinks": ("sinks", int), "window": ("window", int), "stride": ("stride", int),
+               "block": ("block_size", int)},
+    "entropy": {"factor": ("factor", float), "min": ("k_min", int)},
+}
+_CLASSES = {"dense": Dense, "topk": TopK, "threshold": Threshold, "window": Window, "entropy": Entropy}
+
+
+def parse_policy(spec: str) -> Policy:
+    """"dense", "topk:k=256", "topk:frac=0.25", "threshold:t=0.001",
+    "window:sinks=4,window=512,stride=0[,block=16]", "entropy:factor=2[,min=16]"."""
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise RarefyError(f"empty attention policy spec {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in _CLASSES:
+        raise RarefyError(f"unknown attention policy {name!r} in {spec!r}; choose one of {', '.join(POLICY_NAMES)}")
+    fields, kwargs = _FIELDS[name], {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not eq or not value:
+            raise RarefyError(f"bad option {item!r} in attention policy {spec!r} (expected key=value)")
+        if key not in fields:
+            allowed = ", ".join(fields) or "none"
+            raise RarefyError(f"unknown option {key!r} for attention policy {name!r} (options: {allowed})")
+        arg, typ = fields[key]
+        if arg in kwargs:
+            raise RarefyError(f"option {key!r} given twice in attention policy {spec!r}")
+        try:
+            kwargs[arg] = typ(value)
+        except ValueError:
+            raise RarefyError(f"option {key}={value!r} of attention policy {name!r} must be "
+                              f"{'an integer' if typ is int else 'a number'}") from None
+        if typ is float and not math.isfinite(kwargs[arg]):
+            raise RarefyError(f"option {key}={value!r} of attention policy {name!r} must be finite")
+    return _CLASSES[name](**kwargs)
+
+
+@dataclass
+class PolicyConfig:
+    """A default policy plus per-layer overrides."""
+
+    default: Policy = field(default_factory=Dense)
+    layers: dict[int, Policy] = field(default_factory=dict)
+
+    def for_layer(self, i: int) -> Policy:
+        return self.layers.get(i, self.default)
+
+    @property
+    def evicts(self) -> bool:
+        return self.default.evicts or any(p.evicts for p in self.layers.values())
+
+    def check(self, num_layers: int) -> None:
+        bad = sorted(i for i in self.layers if i >= num_layers)
+        if bad:
+            raise RarefyError(f"the attention policy config overrides layer(s) {bad} but the model has "
+                              f"{num_layers} layers (0..{num_layers - 1})")
+
+    def with_block_size(self, block_size: int) -> PolicyConfig:
+        """The same config with every window policy deciding per `block_size` tokens."""
+        def fix(p):
+            if isinstance(p, Window):
+                return Window(p.sinks, p.window, p.stride, block_size)
+            return p
+        return PolicyConfig(fix(self.default), {i: fix(p) for i, p in self.layers.items()})
+
+    @property
+    def spec(self) -> str:
+        over = "; ".join(f"layer {i}: {p.spec}" for i, p in sorted(self.layers.items()))
+        return self.default.spec + (f" ({over})" if over else "")
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def _layer_keys(key: str, path: str) -> list[int]:
+    k = str(key).strip()
+    try:
+        if "-" in k:
+            a, b = (int(x) for x in k.split("-", 1))
+        else:
+            a = b = int(k)
+    except ValueError:
+        raise RarefyError(f"{path}: layer key {key!r} is not an index (\"3\") or a range (\"0-1\")") from None
+    if a < 0 or b < a:
+        raise RarefyError(f"{path}: bad layer range {key!r}")
+    return list(range(a, b + 1))
+
+
+def policy_config_from_dict(data: dict, source: str = "policy config") -> PolicyConfig:
+    if not isinstance(data, dict):
+        raise RarefyError(f"{source}: expected a table/object with 'default' and optional 'layers'")
+    unknown = set(data) - {"default", "layers"}
+    if unknown:
+        raise RarefyError(f"{source}: unknown key(s) {sorted(unknown)} (allowed: default, layers)")
+    default = parse_policy(data.get("default", "dense"))
+    layers: dict[int, Policy] = {}
+    over = data.get("layers", {})
+    if not isinstance(over, dict):
+        raise RarefyError(f"{source}: 'layers' must map layer indices or ranges to policy specs")
+    for key, spec in over.items():
+        pol = parse_policy(spec)
+        for i in _layer_keys(key, source):
+            if i in layers:
+                raise RarefyError(f"{source}: layer {i} is given more than one policy")
+            layers[i] = pol
+    return PolicyConfig(default, layers)
+
+
+def load_policy_config(path: str) -> PolicyConfig:
+    """A TOML (.toml) or JSON file:
+
+        default = "window:sinks=16,window=496"      {"default": "window:sinks=16,window=496",
+        [layers]                                     "layers": {"0-1": "dense", "29": "topk:k=64"}}
+        "0-1" = "dense"
+        "29" = "topk:k=64"
+    """
+    if not os.path.isfile(path):
+        raise RarefyError(f"attention policy config {path!r} not found")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        else:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise RarefyError(f"cannot parse attention policy config {path!r}: {e}") from None
+    return policy_config_from_dict(data, path)
+
+
+def resolve_policy_config(policy) -> PolicyConfig:
+    """None → dense; a Policy or PolicyConfig as is; a string → a config file if it names one
+    (or ends in .toml/.json), else a policy spec applied to every layer."""
+    if policy is None:
+        return PolicyConfig()
+    if isinstance(policy, PolicyConfig):
+        return policy
+    if isinstance(policy, Policy):
+        return PolicyConfig(policy)
+    if isinstance(policy, str):
+        if os.path.isfile(policy) or policy.endswith((".toml", ".json")):
+            return load_policy_config(policy)
+        return PolicyConfig(parse_policy(policy))
+    raise RarefyError(f"cannot use {policy!r} as an attention policy")
