@@ -35,11 +35,14 @@ DEFAULT_BLOCK_SIZE = 16
 class StepMeta:
     seq_ids: list
     num_new: list[int]
-    slot_mapping: torch.Tensor  # [B, T] int64, -1 for padding past a row's num_new
+    packed: bool  # tokens laid out as [1, sum(num_new)] instead of [B, max(num_new)]
+    slot_mapping: torch.Tensor  # [B, T] (padded; -1 past a row's num_new) or [1, N] (packed) int64
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32: tokens stored after this step
     q_start: torch.Tensor  # [B] int64: stored index of each row's first new token
-    key_positions: torch.Tensor | None  # [B, max_stored] int64 (for masking policies), lazily built
+    token_start: list[int]  # packed: index of each row's first token in the step
+    max_len: int  # max(seq_lens), known on the host (spares the kernel a device sync)
+    key_positions: torch.Tensor | None = None  # [B, L] int64, built on demand for masking policies
 
 
 class PagedKVCache:
@@ -154,28 +157,35 @@ class PagedKVCache:
 
     # ---- one forward step ---------------------------------------------------------------
 
-    def begin_step(self, seq_ids: list, num_new: list[int]) -> StepMeta:
-        """Reserve room for num_new[i] tokens of each sequence and build the step's metadata
-        (rows padded to the longest num_new). Raises KVCacheFull, reserving nothing, when
-        the free blocks do not suffice."""
-        if len(seq_ids) != len(num_new) or not seq_ids:
-            raise ValueError("begin_step needs one num_new per sequence")
+    def begin_step(self, seq_ids: list, num_new: list[int], packed: bool = False) -> StepMeta:
+        """Reserve room for num_new[i] tokens of each sequence and build the step's metadata.
+
+        Padded (default): the model's input is [B, max(num_new)], row i's tokens first.
+        Packed: the input is [1, sum(num_new)], the rows' tokens one after another; this
+        is how the serving engine mixes prefill chunks with decodes without padding.
+        Raises KVCacheFull, reserving nothing, when the free blocks do not suffice."""
+        if len(seq_ids) != len(num_new) or not seq_ids or min(num_new) < 1:
+            raise ValueError("begin_step needs one num_new >= 1 per sequence")
         slots = self.blocks.append(seq_ids, num_new)
-        B, T = len(seq_ids), max(num_new)
-        mapping = torch.full((B, T), -1, dtype=torch.long)
-        for row, sl in enumerate(slots):
-            mapping[row, :len(sl)] = torch.tensor(sl, dtype=torch.long)
+        if packed:
+            mapping = torch.tensor([[x for sl in slots for x in sl]], dtype=torch.long)
+        else:
+            mapping = torch.full((len(seq_ids), max(num_new)), -1, dtype=torch.long)
+            for row, sl in enumerate(slots):
+                mapping[row, :len(sl)] = torch.tensor(sl, dtype=torch.long)
         seqs = [self.blocks.seqs[i] for i in seq_ids]
         lens = [s.stored(self.block_size) for s in seqs]
-        starts = [n_after - n for n_after, n in zip(lens, num_new)]
-        width = max(len(s.blocks) for s in seqs)
-        table = torch.zeros((B, width), dtype=torch.int32)
+        table = torch.zeros((len(seqs), max(len(s.blocks) for s in seqs)), dtype=torch.int32)
         for row, s in enumerate(seqs):
             table[row, :len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
+        token_start = [0]
+        for n in num_new[:-1]:
+            token_start.append(token_start[-1] + n)
         dev = self.device
-        self.meta = StepMeta(list(seq_ids), list(num_new), mapping.to(dev), table.to(dev),
+        self.meta = StepMeta(list(seq_ids), list(num_new), packed, mapping.to(dev), table.to(dev),
                              torch.tensor(lens, dtype=torch.int32, device=dev),
-                             torch.tensor(starts, dtype=torch.long, device=dev), None)
+                             torch.tensor([n - k for n, k in zip(lens, num_new)], dtype=torch.long, device=dev),
+                             token_start, max(lens))
         return self.meta
 
     def make_mask(self, positions, kv_len):
@@ -183,57 +193,87 @@ class PagedKVCache:
         return None
 
     def attend(self, layer: int, q, k, v, positions=None, kv_len=None, mask=None):
-        """q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] for the step's new tokens (after rotary).
-        Stores k/v, then returns attention over each row's cached tokens: [B, Hq, T, D]."""
-        from rarefy.kernels.paged_attention import paged_decode_attention, store_kv
+        """Store the step's new keys/values (quantizing on write), then attend over each row's
+        cached tokens. Padded: q [B, Hq, T, D], k/v [B, Hkv, T, D]; packed: B = 1, T = N.
+        Returns [B, Hq, T, D] (padding positions hold garbage)."""
+        from rarefy.kernels.paged_attention import store_kv
 
         m = self.meta
-        if m is None or q.shape[0] != len(m.seq_ids) or q.shape[2] != m.slot_mapping.shape[1]:
+        if m is None or q.shape[2] != m.slot_mapping.shape[1] or q.shape[0] != m.slot_mapping.shape[0]:
             raise RarefyError("PagedKVCache.attend: call begin_step with this batch's sequences first")
         B, Hq, T, D = q.shape
         flat = m.slot_mapping.reshape(-1)
-        valid = flat >= 0
         kk = k.transpose(1, 2).reshape(B * T, self.num_kv_heads, D)
         vv = v.transpose(1, 2).reshape(B * T, self.num_kv_heads, D)
-        if not bool(valid.all()):
+        if not m.packed and min(m.num_new) < T:
+            valid = flat >= 0
             kk, vv, flat = kk[valid], vv[valid], flat[valid]
         store_kv(kk, vv, flat, self.k_cache[layer], self.v_cache[layer], self.k_scale[layer],
                  self.v_scale[layer], self.kv_dtype)
-        policy = self.layer_policy[layer]
-        sm_scale = 1.0 / math.sqrt(D)
-        if T == 1 and (policy is None or policy is self.evict_policy):
-            out = paged_decode_attention(q[:, :, 0], self.k_cache[layer], self.v_cache[layer],
-                                         self.k_scale[layer], self.v_scale[layer], m.block_tables,
-                                         m.seq_lens, self.kv_dtype, sm_scale)
-            return out.unsqueeze(2)
-        kg, vg = self.gather(layer, q.dtype)
-        if T == 1:
-            from rarefy.kv.simulate import decode_attention_with_policy
-            out = decode_attention_with_policy(q[:, :, 0].float(), kg.float(), vg.float(), m.seq_lens,
-                                               policy, sm_scale, k_pos=self.key_positions(),
-                                               q_pos=self.query_positions()[:, 0])
-            return out.to(q.dtype).unsqueeze(2)
-        # Prefill: new token t of row b is stored at q_start[b] + t and sees stored keys <= that.
-        L = kg.shape[2]
-        j = torch.arange(L, device=q.device)
-        qi = m.q_start[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]
-        allowed = (j[None, None, :] <= qi[:, :, None]) & (j[None, None, :] < m.seq_lens[:, None, None])
-        out = F.scaled_dot_product_attention(q, kg, vg, attn_mask=allowed.unsqueeze(1),
-                                             enable_gqa=Hq != self.num_kv_heads)
+        if not m.packed:
+            if T == 1:
+                return self._decode(layer, q[:, :, 0], None).unsqueeze(2)
+            return self._prefill(layer, q, None)
+        if max(m.num_new) == 1:  # all decodes: the token order is the row order
+            return self._decode(layer, q[0].transpose(0, 1), None).transpose(0, 1).unsqueeze(0)
+        out = torch.empty_like(q)
+        dec = [r for r, n in enumerate(m.num_new) if n == 1]
+        if dec:
+            idx = torch.tensor([m.token_start[r] for r in dec], device=q.device)
+            rows = torch.tensor(dec, device=q.device)
+            out[0, :, idx] = self._decode(layer, q[0, :, idx].transpose(0, 1), rows).transpose(0, 1)
+        for r, n in enumerate(m.num_new):
+            if n > 1:
+                a = m.token_start[r]
+                out[:, :, a:a + n] = self._prefill(layer, q[:, :, a:a + n], torch.tensor([r], device=q.device))
         return out
 
-    def gather(self, layer: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's stored keys and values, dequantized: ([B, Hkv, L, D], same), L = the
-        longest row rounded up to whole blocks; slots past a row's length hold garbage."""
+    def _decode(self, layer: int, q, rows):
+        """q: [R, Hq, D], one query per row (rows: tensor of row indices, None = all)."""
+        from rarefy.kernels.paged_attention import paged_decode_attention
+
+        m, policy = self.meta, self.layer_policy[layer]
+        table, lens = m.block_tables, m.seq_lens
+        if rows is not None:
+            table, lens = table[rows], lens[rows]
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+        if policy is None or policy is self.evict_policy:
+            return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], self.k_scale[layer],
+                                          self.v_scale[layer], table, lens, self.kv_dtype, sm_scale,
+                                          max_seq_len=m.max_len)
+        from rarefy.kv.simulate import decode_attention_with_policy
+        kg, vg = self.gather(layer, torch.float32, rows)
+        k_pos = self.key_positions() if rows is None else self.key_positions()[rows]
+        q_pos = self.decode_positions() if rows is None else self.decode_positions()[rows]
+        out = decode_attention_with_policy(q.float(), kg, vg, lens, policy, sm_scale, k_pos=k_pos, q_pos=q_pos)
+        return out.to(q.dtype)
+
+    def _prefill(self, layer: int, q, rows):
+        """q: [R, Hq, T, D] (or [1, Hq, T, D] for one packed row); token t of a row is stored at
+        q_start + t and sees the stored keys up to it."""
         m = self.meta
-        table = m.block_tables.long()
-        B, nb = table.shape
+        kg, vg = self.gather(layer, q.dtype, rows)
+        starts, lens = (m.q_start, m.seq_lens) if rows is None else (m.q_start[rows], m.seq_lens[rows])
+        T, L = q.shape[2], kg.shape[2]
+        j = torch.arange(L, device=q.device)
+        qi = starts[:, None] + torch.arange(T, device=q.device)[None, :]  # [R, T]
+        allowed = (j[None, None, :] <= qi[:, :, None]) & (j[None, None, :] < lens[:, None, None])
+        return F.scaled_dot_product_attention(q, kg, vg, attn_mask=allowed.unsqueeze(1),
+                                              enable_gqa=q.shape[1] != self.num_kv_heads)
+
+    def gather(self, layer: int, dtype, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored keys and values of the step's rows (all, or a tensor of row indices),
+        dequantized: ([R, Hkv, L, D], same), L = the widest row in whole blocks; slots past
+        a row's length hold garbage."""
+        table = self.meta.block_tables.long()
+        if rows is not None:
+            table = table[rows]
+        R, nb = table.shape
 
         def one(cache, scale):
-            x = cache[table]  # [B, nb, Hkv, bs, D]
-            s = None if scale is None else scale[table]
-            x = quant.dequantize(x, s, dtype)
-            return x.permute(0, 2, 1, 3, 4).reshape(B, self.num_kv_heads, nb * self.block_size, -1)
+            x = cache[table]  # [R, nb, Hkv, bs, D]
+            x = quant.dequantize(x, None if scale is None else scale[table], dtype)
+            return x.permute(0, 2, 1, 3, 4).reshape(R, self.num_kv_heads, nb * self.block_size, -1)
 
         return one(self.k_cache[layer], self.k_scale[layer]), one(self.v_cache[layer], self.v_scale[layer])
 
@@ -250,13 +290,9 @@ class PagedKVCache:
             m.key_positions = torch.stack(rows).reshape(len(rows), -1).to(self.device)
         return m.key_positions
 
-    def query_positions(self) -> torch.Tensor:
-        """[B, T] position of each of the step's new tokens."""
-        m = self.meta
-        ends = torch.tensor([self.length(i) for i in m.seq_ids], device=self.device)
-        T = m.slot_mapping.shape[1]
-        return ends[:, None] - torch.tensor(m.num_new, device=self.device)[:, None] + torch.arange(
-            T, device=self.device)[None, :]
+    def decode_positions(self) -> torch.Tensor:
+        """[B] position of each row's last new token (the decode query)."""
+        return torch.tensor([self.length(i) - 1 for i in self.meta.seq_ids], device=self.device)
 
 
 __all__ = ["PagedKVCache", "KVCacheFull", "StepMeta", "DEFAULT_BLOCK_SIZE"]

@@ -50,7 +50,7 @@ def test_slots_tables_and_lengths():
     assert m.q_start.tolist() == [5, 2]
     assert m.seq_lens.tolist() == [6, 3]
     assert m.slot_mapping[:, 0].tolist() == [ta[1] * 4 + 1, tb[0] * 4 + 2]
-    assert c.query_positions().tolist() == [[5], [2]]
+    assert c.decode_positions().tolist() == [5, 2]
     c.free_sequence("a")
     c.free_sequence("b")
     assert c.allocator.num_free == 8
