@@ -1,0 +1,301 @@
+"""Triton flash-decoding over the paged KV cache (layout: docs/kv-cache.md).
+
+``paged_decode_attention_triton`` launches exactly what :func:`plan_decode` returns:
+
+* ``_decode_kernel``, grid ``(batch, num_kv_heads, num_splits)``. Program ``(b, h, s)``
+  streams its token range of sequence ``b`` ``TILE_N`` tokens per iteration; each token's
+  page comes from the block table (``block_tables[b, tok // BLOCK_SIZE]``), so one tile
+  spans ``TILE_N / BLOCK_SIZE`` pages and every row of a tile is one contiguous
+  ``head_dim`` vector (16-byte loads along D). The K and V tiles are loaded once for all
+  ``GROUP`` query heads of KV head ``h`` (GQA). Scores and the output accumulator are fp32
+  with an online softmax in base 2 (``qk_scale = sm_scale * log2(e)``).
+
+  Two inner-product variants (``USE_DOT``):
+
+  - tensor cores: the group is padded to ``GROUP_PAD >= 16`` query rows and both products
+    are ``tl.dot`` (``q @ K^T`` and ``P @ V``); K/V are converted to the dot dtype in
+    registers after the (pipelined) load. int8 / fp8 values convert to bf16/fp16 exactly,
+    so the per-token scale is applied to the score column (``s * k_scale``) and to the
+    probability column before ``P @ V`` (``p * v_scale``): exactly ``q . (k * scale)``
+    and ``sum p * (v * scale)`` up to fp32 summation order. The dot dtype is the cache's
+    for bf16/fp16 caches, the query's for int8/fp8 caches, and fp32 with
+    ``input_precision="ieee"`` for a float32 query.
+  - broadcast FMA (``GROUP_PAD = next_pow2(GROUP)``, plain multiply-adds in fp32): for
+    MHA (group 1) where a 16-row dot would waste 15/16 of its work on padding.
+
+  One split writes ``out`` directly; several write a normalised partial output and its
+  log-sum-exp (base 2) to fp32 workspaces. A split with no tokens (short sequence)
+  writes LSE = -inf; a sequence of length 0 produces zeros.
+* ``_reduce_kernel``, grid ``(batch, num_heads)``: combines the partials of each head
+  weighted by ``exp2(lse_s - max lse)``.
+
+No host synchronisation and no data-dependent allocation: CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from rarefy.kernels.paged_attention.plan import DecodePlan, plan_decode
+
+LOG2E = 1.4426950408889634
+
+#: DOT codes for the constexpr DOT argument.
+_DOT_F32, _DOT_BF16, _DOT_F16 = 0, 1, 2
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, sl_ptr, out_ptr, po_ptr, plse_ptr,
+    qk_scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kt,
+    stride_sb, stride_sh,
+    stride_btb,
+    stride_ob, stride_oh,
+    tokens_per_split,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    QUANT: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = sp * tokens_per_split
+    if sp == NUM_SPLITS - 1:  # the last split takes the rest, whatever the plan assumed
+        end = seq_len
+    else:
+        end = tl.minimum(start + tokens_per_split, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_t = tl.arange(0, TILE_N)
+    g_mask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+
+    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=g_mask[:, None], other=0.0)
+    if DOT == 1:
+        q = q.to(tl.bfloat16)
+    elif DOT == 2:
+        q = q.to(tl.float16)
+    else:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    head_off = kvh.to(tl.int64) * stride_kh
+    scale_head_off = kvh.to(tl.int64) * stride_sh
+
+    for t0 in range(start, end, TILE_N):
+        tok = t0 + offs_t
+        t_mask = tok < end
+        blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        off = (tok % BLOCK_SIZE).to(tl.int64)
+        row = blk * stride_kb + head_off + off * stride_kt  # [TILE_N] element offsets of the K/V rows
+        kv_offs = row[:, None] + offs_d[None, :]
+
+        k = tl.load(k_ptr + kv_offs, mask=t_mask[:, None], other=0.0)
+        if USE_DOT:
+            if DOT == 1:
+                kd = k.to(tl.bfloat16)
+            elif DOT == 2:
+                kd = k.to(tl.float16)
+            else:
+                kd = k.to(tl.float32)
+            if DOT == 0:
+                s = tl.dot(q, tl.trans(kd), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kd))
+        else:
+            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = s * qk_scale
+        if QUANT:
+            srow = blk * stride_sb + scale_head_off + off
+            k_s = tl.load(ks_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
+            s = s * k_s[None, :]
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v = tl.load(v_ptr + kv_offs, mask=t_mask[:, None], other=0.0)
+        if QUANT:
+            v_s = tl.load(vs_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
+            p = p * v_s[None, :]
+        acc = acc * alpha[:, None]
+        if USE_DOT:
+            if DOT == 1:
+                acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc)
+            elif DOT == 2:
+                acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+            else:
+                acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        # workspaces: po [B, H, NUM_SPLITS, HEAD_DIM], plse [B, H, NUM_SPLITS], contiguous
+        hrow = (b * (tl.num_programs(1) * GROUP) + heads).to(tl.int64) * NUM_SPLITS + sp
+        tl.store(po_ptr + hrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_mask[:, None])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(plse_ptr + hrow, lse, mask=g_mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    po_ptr, plse_ptr, out_ptr,
+    stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    base = (b * NUM_HEADS + h).to(tl.int64) * NUM_SPLITS
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    m = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), axis=0)
+    for c in range(0, NUM_SPLITS, CHUNK):
+        lse = tl.load(plse_ptr + base + c + offs_c, mask=c + offs_c < NUM_SPLITS, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse, axis=0))
+
+    m = tl.where(m > float("-inf"), m, 0.0)  # all splits empty (length 0): keep -inf - m finite-free
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    den = tl.sum(tl.zeros([CHUNK], tl.float32), axis=0)
+    for c in range(0, NUM_SPLITS, CHUNK):
+        rows = c + offs_c
+        lse = tl.load(plse_ptr + base + rows, mask=rows < NUM_SPLITS, other=float("-inf"))
+        live = lse > float("-inf")
+        w = tl.exp2(lse - m)  # 0 for an empty split
+        part = tl.load(po_ptr + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * part, axis=0)
+        den += tl.sum(w, axis=0)
+    o = acc / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------
+
+_QUANT = ("int8", "fp8_e4m3", "fp8_e5m2")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count_of(device: torch.device) -> int:
+    """SMs of a CUDA device (132 when not on a GPU: the interpreter, planning on a CPU)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132
+
+
+def dot_code(q_dtype: torch.dtype, kv_dtype: str) -> int:
+    """The dot dtype (module doc): fp32 for a float32 query, else the cache's for bf16/fp16
+    caches, the query's for quantized ones."""
+    if q_dtype == torch.float32:
+        return _DOT_F32
+    if kv_dtype == "bf16":
+        return _DOT_BF16
+    if kv_dtype == "fp16":
+        return _DOT_F16
+    return _DOT_BF16 if q_dtype == torch.bfloat16 else _DOT_F16
+
+
+def make_plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, kv_dtype: str,
+              num_splits: int | None = None, max_seq_len: int | None = None, **overrides) -> DecodePlan:
+    """plan_decode for these tensors (``max_seq_len`` defaults to the block table's capacity)."""
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * block_size
+    return plan_decode(batch, max_seq_len, num_heads, num_kv_heads, head_dim, kv_dtype, block_size,
+                       sm_count_of(q.device), num_splits=num_splits, **overrides)
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, kv_dtype,
+                                  sm_scale, num_splits=None, max_seq_len=None, plan: DecodePlan | None = None,
+                                  return_kernel: bool = False):
+    """Launch the kernels (inputs are validated by the dispatcher in ``__init__``).
+
+    ``plan`` replaces :func:`make_plan`'s; ``return_kernel`` also returns the compiled main
+    kernel (its ``metadata.shared`` is the real shared memory per program).
+    """
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    if plan is None:
+        plan = make_plan(q, k_cache, block_tables, kv_dtype, num_splits, max_seq_len)
+    quant = kv_dtype in _QUANT
+    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    splits = plan.num_splits
+    if splits > 1:
+        po = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        plse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        po = plse = out  # unused
+    ks = k_scale if quant else k_cache
+    vs = v_scale if quant else v_cache
+    stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
+    kernel = _decode_kernel[plan.grid](
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse,
+        float(sm_scale) * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        stride_sb, stride_sh,
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        plan.tokens_per_split,
+        GROUP=plan.group, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE_N=plan.tile_n, NUM_SPLITS=splits, QUANT=quant, USE_DOT=plan.use_dot,
+        DOT=dot_code(q.dtype, kv_dtype),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    if splits > 1:
+        chunk = min(16, triton.next_power_of_2(splits))
+        _reduce_kernel[plan.reduce_grid](
+            po, plse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, NUM_SPLITS=splits, HEAD_DIM=head_dim, CHUNK=chunk,
+            num_warps=4 if head_dim * chunk >= 2048 else 2,
+        )
+    if return_kernel:
+        return out, kernel
+    return out
+
+
+def default_sm_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
