@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rarefy.errors import RarefyError
 
@@ -36,13 +36,42 @@ class GPU:
     name: str
     bandwidth_tbs: float  # TB/s (1e12 bytes per second)
     bf16_tflops: float | None  # dense bf16 tensor-core peak, TFLOP/s; None when unknown
+    # The rest is used by `rarefy roofline` (rarefy/bench/decode_roofline.py); None when unknown.
+    fp8_tflops: float | None = None  # dense FP8 tensor-core peak, TFLOP/s (None: no FP8 tensor cores)
+    int8_tops: float | None = None  # dense INT8 tensor-core peak, TOP/s
+    sm_count: int | None = None
+    smem_per_sm_kib: int | None = None  # shared memory per SM (largest carve-out), KiB
+    smem_per_block_kib: int | None = None  # largest (opt-in) shared memory one block may use, KiB
+    l2_mb: float | None = None  # L2 cache, MB
+    memory_gb: float | None = None  # HBM capacity, GB
+    max_warps_per_sm: int = 64  # resident warps per SM (compute capability 8.0, 9.0, 10.0)
+    max_blocks_per_sm: int = 32  # resident blocks per SM (8.0, 9.0, 10.0)
 
 
+# Sources. Vendor peaks are quoted "with sparsity" (2:4); the dense figures below are half of those.
+# - H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100): 3.35 TB/s,
+#   80 GB, BF16 1,979 / FP8 3,958 TFLOPS and INT8 3,958 TOPS with sparsity; NVIDIA H100 Tensor Core
+#   GPU Architecture whitepaper: 132 SMs (SXM5), 50 MB L2.
+# - H200 SXM: NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): 141 GB, 4.8 TB/s, the same
+#   tensor peaks as H100 SXM; same GH100 chip (132 SMs, 50 MB L2).
+# - B200: NVIDIA HGX B200 / DGX B200 datasheets: 8 TB/s, 180 GB per GPU, FP8 and INT8 9 PFLOPS/POPS and
+#   BF16 4.5 PFLOPS per GPU with sparsity; 148 SMs (2 dies x 74) and 126 MB L2 as reported by Chips and
+#   Cheese, "Nvidia's B200: Keeping the CUDA Juggernaut Rolling" (NVIDIA publishes no L2 figure).
+# - A100 SXM4 80 GB: NVIDIA A100 datasheet (BF16 312 TFLOPS, INT8 624 TOPS dense; no FP8) and A100
+#   Tensor Core GPU Architecture whitepaper (108 SMs, 40 MB L2); bandwidth kept at the 2.0 TB/s
+#   napkin value (the datasheet says 2,039 GB/s for 80 GB SXM).
+# - Shared memory, warps and blocks per SM: CUDA C++ Programming Guide, "Technical Specifications per
+#   Compute Capability": 8.0 (A100) 164 KB per SM, 163 KB per block; 9.0 (H100/H200) and 10.0 (B200)
+#   228 KB per SM, 227 KB per block; 64 warps and 32 blocks per SM on all three.
 GPUS = {
-    "h100": GPU("H100 SXM", 3.35, 989.0),
-    "h200": GPU("H200", 4.8, 989.0),
-    "b200": GPU("B200", 8.0, 2250.0),
-    "a100": GPU("A100", 2.0, 312.0),
+    "h100": GPU("H100 SXM", 3.35, 989.0, fp8_tflops=1979.0, int8_tops=1979.0, sm_count=132,
+                smem_per_sm_kib=228, smem_per_block_kib=227, l2_mb=50.0, memory_gb=80.0),
+    "h200": GPU("H200", 4.8, 989.0, fp8_tflops=1979.0, int8_tops=1979.0, sm_count=132,
+                smem_per_sm_kib=228, smem_per_block_kib=227, l2_mb=50.0, memory_gb=141.0),
+    "b200": GPU("B200", 8.0, 2250.0, fp8_tflops=4500.0, int8_tops=4500.0, sm_count=148,
+                smem_per_sm_kib=228, smem_per_block_kib=227, l2_mb=126.0, memory_gb=180.0),
+    "a100": GPU("A100", 2.0, 312.0, fp8_tflops=None, int8_tops=624.0, sm_count=108,
+                smem_per_sm_kib=164, smem_per_block_kib=163, l2_mb=40.0, memory_gb=80.0),
 }
 VALUE_BITS = {"bf16": 16, "int8": 8, "ternary": 2}
 SCALE_BYTES_PER_ROW = {"bf16": 0, "int8": 2, "ternary": 2}
@@ -63,12 +92,17 @@ def pick_gpus(gpu: str | None, bandwidth: float | None, tflops: float | None = N
             raise RarefyError(f"--tflops must be positive, got {tflops}")
         return [GPU(f"{bandwidth:g} TB/s", bandwidth, tflops)]
     if gpu is not None:
-        key = gpu.lower().replace(" ", "").replace("-sxm", "").replace("sxm", "")
-        if key not in GPUS:
-            raise RarefyError(f"unknown GPU '{gpu}' (known: {', '.join(GPUS)}; or give --bandwidth)")
-        g = GPUS[key]
-        return [GPU(g.name, g.bandwidth_tbs, tflops or g.bf16_tflops)]
+        g = lookup_gpu(gpu, "; or give --bandwidth")
+        return [replace(g, bf16_tflops=tflops or g.bf16_tflops)]
     return list(GPUS.values())
+
+
+def lookup_gpu(gpu: str, hint: str = "") -> GPU:
+    """A GPU of the table by name: "h100", "H100-SXM", "H100 SXM", "h200", ... (case-insensitive)."""
+    key = gpu.lower().replace(" ", "").replace("-sxm", "").replace("sxm", "")
+    if key not in GPUS:
+        raise RarefyError(f"unknown GPU '{gpu}' (known: {', '.join(GPUS)}{hint})")
+    return GPUS[key]
 
 
 def matrix_bits(fmt: str, sparsity: float) -> float:
