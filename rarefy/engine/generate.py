@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from rarefy.engine.stop import cut_at_stop, visible_length
 from rarefy.errors import RarefyError
 from rarefy.kv.cache import StaticKVCache
 from rarefy.kv.paged import DEFAULT_BLOCK_SIZE, PagedKVCache
@@ -210,23 +211,11 @@ class _TextStreamer:
                 self._update_text(i, row)
 
     def _update_text(self, i: int, row: Completion) -> None:
-        text = self.tk.decode(row.token_ids)
-        for s in self.params.stop:
-            cut = text.find(s)
-            if cut != -1:
-                text, row.finish_reason = text[:cut], "stop"
+        text, stopped = cut_at_stop(self.tk.decode(row.token_ids), self.params.stop)
+        if stopped:
+            row.finish_reason = "stop"
         row.text = text
-        # Hold back an incomplete UTF-8 sequence, and any tail that could still
-        # grow into a stop string, until the row finishes.
-        visible = len(text)
-        if row.finish_reason is None:
-            if text.endswith("\ufffd"):
-                visible = len(text.rstrip("\ufffd"))
-            for s in self.params.stop:
-                for k in range(min(len(s) - 1, visible), 0, -1):
-                    if text[:visible].endswith(s[:k]):
-                        visible -= k
-                        break
+        visible = len(text) if row.finish_reason is not None else visible_length(text, self.params.stop)
         if self.on_text is not None and visible > self._emitted[i]:
             self.on_text(i, text[self._emitted[i]:visible])
         self._emitted[i] = max(self._emitted[i], visible)

@@ -78,7 +78,8 @@ class DecoderLM(nn.Module):
         cache: a StaticKVCache (keys/values are written at `positions` and attention
             reads its first `kv_len` slots, default all) or a PagedKVCache after its
             begin_step() for this batch (kv_len unused).
-        last_index: [B] int64; if given, only the hidden state at that index of
+        last_index: [B] int64 (or [R] when B == 1: several indices of one packed row);
+            if given, only the hidden state at that index of
             each row goes through the head and the result is [B, vocab].
         Returns float logits [B, T, vocab] (or [B, vocab]) in the model dtype.
         """
