@@ -56,7 +56,7 @@ next_pow2(group)``)::
     smem = num_stages * tile_n * (2 * head_dim * kv_bytes + 2 * scale_bytes)   # K, V (+ scales) ring
          + group_pad * tile_n * 4                                             # cross-warp reductions
 
-``kv_bytes`` = 2 (bf16/fp16) or 1 (int8/fp8), ``scale_bytes`` = 2 for quantized dtypes
+``kv_bytes`` = 4 (fp32), 2 (bf16/fp16) or 1 (int8/fp8), ``scale_bytes`` = 2 for quantized dtypes
 (float16 scales) else 0, ``dot_bytes`` = 2 (4 when the query is float32; the estimate
 assumes 2). These are estimates of the dominant buffers; the compiled kernel's own figure
 is ``kernel.metadata.shared`` (``rarefy bench attention`` prints it next to this one).
@@ -82,7 +82,7 @@ MAX_TILE_N = 128
 #: Shared memory an SM can give to resident programs (H100: 228 KiB, 1 KiB reserved per block).
 SMEM_PER_SM = 228 * 1024
 
-_KV_BYTES = {"bf16": 2, "fp16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
+_KV_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
 
 
 def kv_storage_bytes(kv_dtype: str) -> int:

@@ -19,7 +19,7 @@
     probability column before ``P @ V`` (``p * v_scale``): exactly ``q . (k * scale)``
     and ``sum p * (v * scale)`` up to fp32 summation order. The dot dtype is the cache's
     for bf16/fp16 caches, the query's for int8/fp8 caches, and fp32 with
-    ``input_precision="ieee"`` for a float32 query.
+    ``input_precision="ieee"`` for a float32 query or an fp32 cache.
   - broadcast FMA (``GROUP_PAD = next_pow2(GROUP)``, plain multiply-adds in fp32): for
     MHA (group 1) where a 16-row dot would waste 15/16 of its work on padding.
 
@@ -89,11 +89,11 @@ def _decode_kernel(
 
     q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=g_mask[:, None], other=0.0)
-    if DOT == 1:
+    if USE_DOT and DOT == 1:
         q = q.to(tl.bfloat16)
-    elif DOT == 2:
+    elif USE_DOT and DOT == 2:
         q = q.to(tl.float16)
-    else:
+    else:  # the FMA path multiplies in fp32 whatever the dot dtype would be
         q = q.to(tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -125,7 +125,7 @@ def _decode_kernel(
             else:
                 s = tl.dot(q, tl.trans(kd))
         else:
-            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
         s = s * qk_scale
         if QUANT:
             srow = blk * stride_sb + scale_head_off + off
@@ -226,9 +226,9 @@ def sm_count_of(device: torch.device) -> int:
 
 
 def dot_code(q_dtype: torch.dtype, kv_dtype: str) -> int:
-    """The dot dtype (module doc): fp32 for a float32 query, else the cache's for bf16/fp16
-    caches, the query's for quantized ones."""
-    if q_dtype == torch.float32:
+    """The dot dtype (module doc): fp32 for a float32 query or cache, else the cache's for
+    bf16/fp16 caches, the query's for quantized ones."""
+    if q_dtype == torch.float32 or kv_dtype == "fp32":
         return _DOT_F32
     if kv_dtype == "bf16":
         return _DOT_BF16
