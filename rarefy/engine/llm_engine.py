@@ -25,6 +25,7 @@ class EngineOptions:
     attention_policy: object = None
     max_num_seqs: int = 64
     max_step_tokens: int = 1024
+    use_cuda_graph: bool = True  # CUDA: replay captured graphs for decode-only steps
 
 
 DEFAULT_KV_TOKENS = 32768
@@ -47,7 +48,7 @@ class LLMEngine:
         self.cache = PagedKVCache.for_model(cfg, device=model.device, kv_dtype=o.kv_dtype,
                                             block_size=o.block_size, policy=o.attention_policy, **size)
         self.scheduler = Scheduler(self.cache.blocks, o.max_num_seqs, o.max_step_tokens)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, o.use_cuda_graph)
         self.eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
         self._emitted: dict[int, int] = {}
         self.max_context = cfg.max_position_embeddings

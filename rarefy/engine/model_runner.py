@@ -3,6 +3,11 @@
 One step is one forward pass over a packed batch ([1, N] tokens: prefill chunks and
 decodes one after another, no padding), then one sampled token for every sequence
 whose uncomputed tokens all ran in this step.
+
+On CUDA a step made only of decodes replays a CUDA graph captured for the smallest
+batch bucket that holds it (rows past the batch are padding: slot -1, length 0), so
+the hundreds of small launches of a decode step cost one. Graphs read the step's
+metadata from static buffers that each replay refills.
 """
 
 from __future__ import annotations
@@ -11,19 +16,58 @@ import torch
 
 from rarefy.engine.scheduler import ScheduledStep
 from rarefy.engine.sequence import Sequence
-from rarefy.kv.paged import PagedKVCache
+from rarefy.kv.paged import PagedKVCache, StepMeta
 from rarefy.layers.sampler import sample
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+class _DecodeGraph:
+    """A decode step of `batch` rows captured once; static inputs refilled per replay."""
+
+    def __init__(self, model, cache: PagedKVCache, batch: int, max_blocks: int):
+        dev = model.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.meta = StepMeta(
+            seq_ids=list(range(batch)), num_new=[1] * batch, packed=False,
+            slot_mapping=torch.full((batch, 1), -1, dtype=torch.long, device=dev),
+            block_tables=torch.zeros(batch, max_blocks, dtype=torch.int32, device=dev),
+            seq_lens=torch.zeros(batch, dtype=torch.int32, device=dev),
+            q_start=torch.zeros(batch, dtype=torch.long, device=dev),
+            token_start=list(range(batch)), max_len=max_blocks * cache.block_size)
+        cache.meta = self.meta
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile/autotune the kernels outside the capture
+            for _ in range(2):
+                model(self.ids, self.positions, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, self.positions, cache)[:, -1]
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, use_cuda_graph: bool = True, max_model_len: int | None = None):
         self.model, self.cache = model, cache
         self.device = model.device
+        # masking policies (top-k, threshold, entropy) gather with data-dependent shapes
+        maskers = [p for p in cache.layer_policy if p is not None and p is not cache.evict_policy]
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda" and not maskers
+        max_len = max_model_len or model.config.max_position_embeddings
+        self.max_blocks = -(-max_len // cache.block_size)
+        self._graphs: dict[int, _DecodeGraph] = {}
+        if self.device.type == "cuda":
+            model.fuse_projections()
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> list[int | None]:
         """Run the step; returns the sampled token of each scheduled sequence (None for a
         prefill chunk that leaves part of its prompt for a later step)."""
+        if (self.use_cuda_graph and len(step.seqs) <= GRAPH_BUCKETS[-1]
+                and all(n == 1 and s.num_uncomputed == 1 for s, n in zip(step.seqs, step.num_new))):
+            return self._run_graph(step)
         ids, pos, last, sampling = [], [], [], []
         start = 0
         for seq, n in zip(step.seqs, step.num_new):
@@ -47,6 +91,37 @@ class ModelRunner:
         tokens = self._sample(logits, sampling)
         by_seq = dict(zip((s.seq_id for s in sampling), tokens))
         return [by_seq.get(s.seq_id) for s in step.seqs]
+
+    def _run_graph(self, step: ScheduledStep) -> list[int]:
+        B = len(step.seqs)
+        bucket = next(b for b in GRAPH_BUCKETS if b >= B)
+        g = self._graphs.get(bucket)
+        if g is None:
+            g = self._graphs[bucket] = _DecodeGraph(self.model, self.cache, bucket, self.max_blocks)
+        blocks = self.cache.blocks
+        slots = blocks.append([s.seq_id for s in step.seqs], [1] * B)
+        pad = bucket - B
+        table = torch.zeros(bucket, self.max_blocks, dtype=torch.int32)
+        lens = []
+        for row, s in enumerate(step.seqs):
+            sb = blocks.seqs[s.seq_id]
+            table[row, :len(sb.blocks)] = torch.tensor(sb.blocks, dtype=torch.int32)
+            lens.append(sb.stored(blocks.block_size))
+        host = torch.tensor([[s.token_ids[-1] for s in step.seqs] + [0] * pad,
+                             [s.num_tokens - 1 for s in step.seqs] + [0] * pad,
+                             [sl[0] for sl in slots] + [-1] * pad,
+                             lens + [0] * pad], dtype=torch.long)
+        host = host.to(self.device, non_blocking=True)
+        g.ids.copy_(host[0, :, None])
+        g.positions.copy_(host[1, :, None])
+        g.meta.slot_mapping.copy_(host[2, :, None])
+        g.meta.seq_lens.copy_(host[3])
+        g.meta.block_tables.copy_(table, non_blocking=True)
+        self.cache.meta = g.meta
+        g.graph.replay()
+        for s in step.seqs:
+            s.num_computed += 1
+        return self._sample(g.logits[:B], step.seqs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [R, vocab]; each sequence samples with its own parameters and seed."""
