@@ -29,7 +29,9 @@
 * ``_reduce_kernel``, grid ``(batch, num_heads)``: combines the partials of each head
   weighted by ``exp2(lse_s - max lse)``.
 
-No host synchronisation and no data-dependent allocation: CUDA-graph capturable.
+No host synchronisation and no data-dependent allocation: CUDA-graph capturable. The split
+count and tokens per split are runtime arguments, so a changing context length never
+recompiles (only the head/tile shape, dtypes and split-or-not are compile-time).
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ def _decode_kernel(
     stride_sb, stride_sh,
     stride_btb,
     stride_ob, stride_oh,
-    tokens_per_split,
+    tokens_per_split, num_splits,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     QUANT: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT: tl.constexpr,
@@ -76,7 +78,7 @@ def _decode_kernel(
 
     seq_len = tl.load(sl_ptr + b).to(tl.int32)
     start = sp * tokens_per_split
-    if sp == NUM_SPLITS - 1:  # the last split takes the rest, whatever the plan assumed
+    if sp == num_splits - 1:  # the last split takes the rest, whatever the plan assumed
         end = seq_len
     else:
         end = tl.minimum(start + tokens_per_split, seq_len)
@@ -156,12 +158,12 @@ def _decode_kernel(
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
-        # workspaces: po [B, H, NUM_SPLITS, HEAD_DIM], plse [B, H, NUM_SPLITS], contiguous
-        hrow = (b * (tl.num_programs(1) * GROUP) + heads).to(tl.int64) * NUM_SPLITS + sp
+        # workspaces: po [B, H, num_splits, HEAD_DIM], plse [B, H, num_splits], contiguous
+        hrow = (b * (tl.num_programs(1) * GROUP) + heads).to(tl.int64) * num_splits + sp
         tl.store(po_ptr + hrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_mask[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(plse_ptr + hrow, lse, mask=g_mask)
@@ -170,29 +172,28 @@ def _decode_kernel(
 @triton.jit
 def _reduce_kernel(
     po_ptr, plse_ptr, out_ptr,
-    stride_ob, stride_oh,
+    stride_ob, stride_oh, num_splits,
     NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    base = (b * NUM_HEADS + h).to(tl.int64) * NUM_SPLITS
+    base = (b * NUM_HEADS + h).to(tl.int64) * num_splits
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
 
     m = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), axis=0)
-    for c in range(0, NUM_SPLITS, CHUNK):
-        lse = tl.load(plse_ptr + base + c + offs_c, mask=c + offs_c < NUM_SPLITS, other=float("-inf"))
+    for c in range(0, num_splits, CHUNK):
+        lse = tl.load(plse_ptr + base + c + offs_c, mask=c + offs_c < num_splits, other=float("-inf"))
         m = tl.maximum(m, tl.max(lse, axis=0))
 
     m = tl.where(m > float("-inf"), m, 0.0)  # all splits empty (length 0): keep -inf - m finite-free
     acc = tl.zeros([HEAD_DIM], tl.float32)
     den = tl.sum(tl.zeros([CHUNK], tl.float32), axis=0)
-    for c in range(0, NUM_SPLITS, CHUNK):
+    for c in range(0, num_splits, CHUNK):
         rows = c + offs_c
-        lse = tl.load(plse_ptr + base + rows, mask=rows < NUM_SPLITS, other=float("-inf"))
+        lse = tl.load(plse_ptr + base + rows, mask=rows < num_splits, other=float("-inf"))
         live = lse > float("-inf")
         w = tl.exp2(lse - m)  # 0 for an empty split
         part = tl.load(po_ptr + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
@@ -279,17 +280,17 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         stride_sb, stride_sh,
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        plan.tokens_per_split,
+        plan.tokens_per_split, splits,
         GROUP=plan.group, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=plan.tile_n, NUM_SPLITS=splits, QUANT=quant, USE_DOT=plan.use_dot,
+        TILE_N=plan.tile_n, SPLIT=splits > 1, QUANT=quant, USE_DOT=plan.use_dot,
         DOT=dot_code(q.dtype, kv_dtype),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if splits > 1:
-        chunk = min(16, triton.next_power_of_2(splits))
+        chunk = 16 if splits > 8 else 8  # few distinct values: no recompiles as the split count changes
         _reduce_kernel[plan.reduce_grid](
-            po, plse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, NUM_SPLITS=splits, HEAD_DIM=head_dim, CHUNK=chunk,
+            po, plse, out, out.stride(0), out.stride(1), splits,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, CHUNK=chunk,
             num_warps=4 if head_dim * chunk >= 2048 else 2,
         )
     if return_kernel:
