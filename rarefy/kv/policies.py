@@ -55,13 +55,17 @@ def _pos(p: torch.Tensor | None, axis: str, device) -> torch.Tensor | None:
     return p[:, None, :, None] if axis == "q" else p[:, None, None, :]
 
 
-def _causal(scores: torch.Tensor, q_pos, k_pos):
-    """Mask keys after their query; returns (scores, qp, kp) with positions broadcastable."""
+def _causal(scores: torch.Tensor, q_pos, k_pos, extra_drop=None):
+    """Mask keys after their query (and where the policy's `extra_drop(qp, kp)` bool mask is
+    True) in one pass; returns (scores, qp, kp) with positions broadcastable to scores."""
     if scores.dim() != 4:
         raise ValueError(f"scores must be [B, H, Tq, Tk], got shape {tuple(scores.shape)}")
     qp, kp = _pos(q_pos, "q", scores.device), _pos(k_pos, "k", scores.device)
     if qp is not None and kp is not None:
-        scores = scores.masked_fill(kp > qp, NEG_INF)
+        drop = kp > qp
+        if extra_drop is not None:
+            drop = drop | extra_drop(qp, kp)
+        scores = scores.masked_fill(drop, NEG_INF)
     return scores, qp, kp
 
 
@@ -165,9 +169,12 @@ class Threshold(Policy):
 
     def apply(self, scores, q_pos=None, k_pos=None):
         scores = _causal(scores, q_pos, k_pos)[0]
-        p = _probs(scores)
-        drop = (p < self.t) & (p < p.amax(-1, keepdim=True))
-        return scores.masked_fill(drop, NEG_INF)
+        # p_j = exp(s_j - logsumexp(s)) < t  <=>  s_j < logsumexp(s) + log t; the top key stays
+        if self.t <= 0.0:
+            return scores
+        cut = torch.minimum(torch.logsumexp(scores, -1, keepdim=True) + math.log(self.t),
+                            scores.amax(-1, keepdim=True))
+        return scores.masked_fill(scores < cut, NEG_INF)
 
     @property
     def spec(self) -> str:
@@ -254,8 +261,7 @@ class Window(Policy):
     def apply(self, scores, q_pos=None, k_pos=None):
         if q_pos is None or k_pos is None:
             raise ValueError("the window policy needs q_pos and k_pos")
-        scores, qp, kp = _causal(scores, q_pos, k_pos)
-        return scores.masked_fill(~self.block_keep(kp // self.block_size, qp), NEG_INF)
+        return _causal(scores, q_pos, k_pos, lambda qp, kp: ~self.block_keep(kp // self.block_size, qp))[0]
 
     def kept_blocks(self, num_tokens: int, block_size: int) -> list[int]:
         """Blocks that the query at position num_tokens − 1 (the newest stored token, whose

@@ -22,7 +22,7 @@ import torch
 from rarefy.kv.policies import Dense, Policy, PolicyConfig, resolve_policy_config
 from rarefy.kv.quant import check_kv_dtype, roundtrip
 
-DEFAULT_Q_CHUNK = 256
+DEFAULT_Q_CHUNK = 512
 
 
 def _as_policy(policy) -> Policy:
@@ -79,11 +79,12 @@ def simulated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 class SimulatedAttention:
     """The callable installed as `Attention.eval_attention` (one per layer)."""
 
-    def __init__(self, kv_dtype: str = "bf16", policy: Policy | None = None, q_chunk: int = DEFAULT_Q_CHUNK):
+    def __init__(self, kv_dtype: str = "bf16", policy: Policy | None = None, q_chunk: int = DEFAULT_Q_CHUNK,
+                 track_reads: bool = False):
         self.kv_dtype = check_kv_dtype(kv_dtype)
         self.policy = policy if policy is not None else Dense()
         self.q_chunk = q_chunk
-        self.stats: dict = {}  # kept / visible counts, accumulated over calls
+        self.stats: dict | None = {} if track_reads else None  # kept / visible counts over calls
 
     def __call__(self, q, k, v, positions):
         return simulated_attention(q, k, v, positions, self.kv_dtype, self.policy,
@@ -94,16 +95,17 @@ class SimulatedAttention:
 
 
 def configure_eval_attention(model, kv_dtype: str = "bf16", policy=None,
-                             q_chunk: int = DEFAULT_Q_CHUNK) -> PolicyConfig:
+                             q_chunk: int = DEFAULT_Q_CHUNK, track_reads: bool = False) -> PolicyConfig:
     """Set every layer's `self_attn.eval_attention` to a SimulatedAttention with `kv_dtype` and
     the layer's policy. policy: None (dense), a spec string, a config file path, a Policy or
-    a PolicyConfig. Returns the resolved PolicyConfig. Only cache-less forwards use the hook."""
+    a PolicyConfig. Returns the resolved PolicyConfig. Only cache-less forwards use the hook.
+    track_reads: count kept / visible keys (see attention_read_fraction); one extra pass."""
     check_kv_dtype(kv_dtype)
     cfg = resolve_policy_config(policy)
     layers = model.model.layers
     cfg.check(len(layers))
     for i, layer in enumerate(layers):
-        layer.self_attn.eval_attention = SimulatedAttention(kv_dtype, cfg.for_layer(i), q_chunk)
+        layer.self_attn.eval_attention = SimulatedAttention(kv_dtype, cfg.for_layer(i), q_chunk, track_reads)
     return cfg
 
 
@@ -113,9 +115,10 @@ def clear_eval_attention(model) -> None:
 
 
 @contextlib.contextmanager
-def eval_attention(model, kv_dtype: str = "bf16", policy=None, q_chunk: int = DEFAULT_Q_CHUNK):
+def eval_attention(model, kv_dtype: str = "bf16", policy=None, q_chunk: int = DEFAULT_Q_CHUNK,
+                   track_reads: bool = False):
     """`with eval_attention(model, "int8", "window:sinks=16,window=496"): perplexity(model, ...)`."""
-    cfg = configure_eval_attention(model, kv_dtype, policy, q_chunk)
+    cfg = configure_eval_attention(model, kv_dtype, policy, q_chunk, track_reads)
     try:
         yield cfg
     finally:
@@ -127,7 +130,7 @@ def attention_read_fraction(model) -> float | None:
     kept = visible = 0
     for layer in model.model.layers:
         hook = layer.self_attn.eval_attention
-        if isinstance(hook, SimulatedAttention):
+        if isinstance(hook, SimulatedAttention) and hook.stats is not None:
             kept += hook.stats.get("kept", 0)
             visible += hook.stats.get("visible", 0)
     return kept / visible if visible else None
