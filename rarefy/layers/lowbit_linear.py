@@ -1,0 +1,174 @@
+"""TernaryLinear and Int8Linear: projections whose weights stay packed in memory.
+
+The forward here is the *reference*: unpack and dequantize the whole weight, then one
+`F.linear` — correct, not fast (the fused kernels of issue 7 replace it). Two modes:
+
+- "reference": dequantize on every call; only the packed weight stays resident.
+- "cache": dequantize once (in the compute dtype) and keep that matrix — the
+  "dequantize-once-and-cache" baseline: as fast as a dense layer, but it saves no
+  memory or bandwidth.
+
+`act_quant="int8"` fake-quantizes the activations per token to int8 first (absmax,
+as BitNet b1.58's W1.58A8 forward does); BitNet checkpoints load with it on.
+
+Buffers keep the checkpoint's tensor names (docs/lowbit-formats.md):
+TernaryLinear `weight_ternary` (uint8) + `weight_scale`; Int8Linear `weight_int8`
+(int8) + `weight_scale`; so `state_dict()` is what the checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rarefy.errors import RarefyError
+from rarefy.lowbit.int8 import Int8Weight, dequantize_int8, quantize_int8
+from rarefy.lowbit.ternary import (TernaryWeight, dequantize_ternary, packed_cols, quantize_ternary,
+                                   unpack_ternary)
+
+MODES = ("reference", "cache")
+ACT_QUANT = (None, "int8")
+
+
+def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to 8-bit per token (last dim): absmax scale 127 / max|x| (BitNet's
+    activation quantization), returned dequantized in x's dtype."""
+    xf = x.float()
+    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return ((xf * s).round().clamp(-128, 127) / s).to(x.dtype)
+
+
+class _LowBitLinear(nn.Module):
+    """Shared parts: mode, activation quantization, bias, the forward."""
+
+    fmt = "?"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int | None, bias: bool,
+                 act_quant: str | None):
+        super().__init__()
+        if act_quant not in ACT_QUANT:
+            raise RarefyError(f"act_quant must be None or 'int8', got {act_quant!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size
+        self.act_quant = act_quant
+        self.mode = "reference"
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.register_buffer("weight_cache", None, persistent=False)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_mode(self, mode: str, dtype: torch.dtype | None = None) -> None:
+        """"reference" or "cache" (materialise the dequantized weight now, in `dtype`,
+        default: the bias's dtype or fp32)."""
+        if mode not in MODES:
+            raise RarefyError(f"low-bit mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        if mode == "cache":
+            dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+            self.weight_cache = self.dequantized_weight(dtype)
+        else:
+            self.weight_cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant == "int8":
+            x = fake_quant_int8_per_token(x)
+        w = self.weight_cache if self.weight_cache is not None else self.dequantized_weight(x.dtype)
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        group = "tensor" if self.group_size is None and self.fmt == "ternary" else (
+            "channel" if self.group_size is None else f"group {self.group_size}")
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"weight={self.fmt}/{group}, mode={self.mode}"
+                + (f", act_quant={self.act_quant}" if self.act_quant else ""))
+
+
+class TernaryLinear(_LowBitLinear):
+    """y = x @ (Q * s)^T + b with Q in {-1, 0, 1} packed 4 per byte (layout v1)."""
+
+    fmt = "ternary"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int | None = None,
+                 bias: bool = False, act_quant: str | None = None):
+        super().__init__(in_features, out_features, group_size, bias, act_quant)
+        n_scales = (1, 1) if group_size is None else (out_features, in_features // group_size)
+        self.register_buffer("weight_ternary", torch.zeros(out_features, packed_cols(in_features), dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(*n_scales, dtype=torch.float32))
+
+    @classmethod
+    def from_weight(cls, tw: TernaryWeight, bias: torch.Tensor | None = None,
+                    act_quant: str | None = None) -> "TernaryLinear":
+        m = cls(tw.in_features, tw.out_features, tw.group_size, bias is not None, act_quant)
+        m.weight_ternary = tw.packed
+        m.weight_scale = tw.scale
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, group_size: int | None = None,
+                   scale_dtype: torch.dtype = torch.float32, act_quant: str | None = None) -> "TernaryLinear":
+        tw = quantize_ternary(dense.weight.detach(), group_size, scale_dtype)
+        m = cls.from_weight(tw, dense.bias, act_quant)
+        return m.to(dense.weight.device)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_ternary(self.weight_ternary, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_ternary(self.weight_ternary, self.weight_scale, self.in_features,
+                                  self.group_size, dtype)
+
+
+class Int8Linear(_LowBitLinear):
+    """y = x @ (Q * s)^T + b with Q int8 [out, in], s per output channel or group."""
+
+    fmt = "int8"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int | None = None,
+                 bias: bool = False, act_quant: str | None = None):
+        super().__init__(in_features, out_features, group_size, bias, act_quant)
+        groups = 1 if group_size is None else in_features // group_size
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32))
+
+    @classmethod
+    def from_weight(cls, iw: Int8Weight, bias: torch.Tensor | None = None,
+                    act_quant: str | None = None) -> "Int8Linear":
+        m = cls(iw.in_features, iw.out_features, iw.group_size, bias is not None, act_quant)
+        m.weight_int8 = iw.qweight
+        m.weight_scale = iw.scale
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, group_size: int | None = None,
+                   scale_dtype: torch.dtype = torch.float32, act_quant: str | None = None) -> "Int8Linear":
+        iw = quantize_int8(dense.weight.detach(), group_size, scale_dtype)
+        return cls.from_weight(iw, dense.bias, act_quant).to(dense.weight.device)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.weight_int8, self.weight_scale, self.group_size, dtype)
+
+
+LOWBIT_CLASSES = {"ternary": TernaryLinear, "int8": Int8Linear}
+
+
+def is_lowbit(module: nn.Module) -> bool:
+    return isinstance(module, _LowBitLinear)
+
+
+def set_lowbit_mode(model: nn.Module, mode: str, dtype: torch.dtype | None = None) -> int:
+    """Put every low-bit layer of `model` in `mode`; returns how many there are."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _LowBitLinear):
+            m.set_mode(mode, dtype)
+            n += 1
+    return n
