@@ -96,15 +96,24 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
     layer dense; "auto" runs the projections of a checkpoint written by
     ``rarefy prune`` through SparseLinear (compiled and autotuned per matrix, dense where
     sparse measured slower); "on" does so for any checkpoint; "force" makes every sparse
-    enough projection sparse without timing (fewest bytes wins)."""
+    enough projection sparse without timing (fewest bytes wins). Low-bit
+    checkpoints (`rarefy quantize`, BitNet-packed) load as TernaryLinear / Int8Linear."""
     if sparse not in ("auto", "on", "force", "off"):
         raise RarefyError(f"--sparse must be auto, on, force or off, got {sparse!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = str(path) if path is not None else default_model_path()
+    from rarefy.lowbit.checkpoint import lowbit_plan
+    lowbit = lowbit_plan(path)  # config.json's metadata: rarefy low-bit or BitNet-packed weights
     fmt, cfg, ckpt = open_checkpoint(path)
 
-    if wants_half_weights(dtype, dev):
+    if lowbit is not None:
+        from rarefy.lowbit.checkpoint import build_lowbit_model
+        model = build_lowbit_model(cfg, ckpt, dev, dt, lowbit, progress, source=path)
+        if wants_half_weights(dtype, dev):  # the projections left dense (lm_head, skipped)
+            from rarefy.layers.half_weight_linear import use_half_weights
+            use_half_weights(model)
+    elif wants_half_weights(dtype, dev):
         from rarefy.layers.half_weight_linear import is_projection_weight, use_half_weights
         # projections are read straight into fp16, so no fp32 copy of them ever exists
         model = build_model(cfg, ckpt, dev, dt, progress, source=path,
