@@ -32,10 +32,12 @@ def _register_commands() -> None:
     from rarefy.commands.compile import compile_model
     from rarefy.commands.experiment import experiment_app
     from rarefy.commands.prune import prune
+    from rarefy.commands.quantize import quantize
     from rarefy.commands.roofline import roofline
     from rarefy.commands.train_predictors import train_predictors_cmd
     app.command("analyze")(analyze)
     app.command("prune")(prune)
+    app.command("quantize")(quantize)
     app.command("roofline")(roofline)
     app.command("compile")(compile_model)
     app.command("calibrate-activations")(calibrate_activations)
