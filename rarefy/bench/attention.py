@@ -1,0 +1,580 @@
+"""`rarefy bench attention`: paged decode attention against the copy bandwidth and torch SDPA.
+
+For each (context, batch) point and KV dtype: a paged cache (block size 16, blocks shuffled
+so a sequence's pages are scattered as in a long-running server) holding random normal
+keys/values quantized with rarefy.kv.quant, every sequence ``ctx`` tokens long, 32 query
+heads over 8 KV heads, head_dim 128, a bf16 query per sequence; then
+
+* rarefy     ``rarefy.kernels.paged_attention.paged_decode_attention`` (GPU: the Triton
+             flash-decoding kernel launched as plan_decode says; CPU: the torch path)
+* sdpa       ``torch.nn.functional.scaled_dot_product_attention`` on the same keys/values
+             as contiguous ``[B, Hkv, L, D]`` bf16 (dequantized), query length 1,
+             ``enable_gqa=True``: timed once per point, compared with every dtype.
+
+Every rarefy row is first checked against the torch path on the same cache (relative error
+of the output < ``tol``, no NaN); a row that fails is FAILED and not timed.
+
+Timing (GPU): back-to-back launches replayed from a CUDA graph (rarefy.bench.gpu_timing),
+rotating over copies of the cache (disjoint blocks of one cache tensor, one block table per
+copy) that together exceed 4x L2 so L2 never serves a repeat; the median of ``samples``
+replays. CPU: wall clock of back-to-back calls (rarefy.bench.kernels.cpu_time_us).
+
+Bytes are what the kernel must read and write: K + V as stored, their float16 scales
+(quantized dtypes), the block tables, seq_lens, the query and the output. TB/s = bytes /
+time; "% copy" compares it with the device-to-device copy bandwidth (read + write)
+measured in the same run. ``--sweep`` also times one-at-a-time changes to the plan
+(splits, tile, stages, warps, dot/FMA) at the target points, for tuning plan_decode.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from rarefy.errors import RarefyError
+
+DTYPES = ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8")
+GPU_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+GPU_BATCHES = (1, 4, 8, 16, 32, 64)
+#: --quick: the issue's targets (32k x 1, 4k x 32) and three more batch-1 contexts.
+GPU_QUICK = ((32768, 1), (4096, 32), (1024, 1), (8192, 1), (131072, 1))
+#: the points --sweep tunes at (with bf16, fp8_e4m3 and int8)
+SWEEP_POINTS = ((32768, 1), (4096, 32))
+SWEEP_DTYPES = ("bf16", "fp8_e4m3", "int8")
+CPU_CONTEXTS = (256, 1024)
+CPU_BATCHES = (1, 4)
+CPU_QUICK = ((256, 1), (256, 2))
+#: batch x context cap: 2M tokens is 8 GiB of bf16 K+V (one layer, 8 KV heads, D = 128),
+#: and the SDPA copy as much again.
+MAX_TOKENS = 1 << 21
+TARGET_COPY_FRACTION = 0.8
+TARGET_QUANT_SPEEDUP = 1.7
+
+
+@dataclass
+class AttnBenchConfig:
+    device: str = "cuda"
+    points: tuple = GPU_QUICK
+    kv_dtypes: tuple = DTYPES
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 16
+    q_dtype: torch.dtype = torch.bfloat16
+    samples: int = 7
+    seed: int = 0
+    sdpa: bool = True
+    sweep: bool = False
+    tol: float = 2e-2
+    max_tokens: int = MAX_TOKENS
+    copy_bytes: Optional[int] = None
+    command: str = "rarefy bench attention"
+    extra: dict = field(default_factory=dict)
+
+
+def grid_points(contexts, batches, max_tokens: int = MAX_TOKENS) -> tuple:
+    """(ctx, batch) for every pair whose batch x ctx fits max_tokens, context-major."""
+    return tuple((c, b) for c in contexts for b in batches if b * c <= max_tokens)
+
+
+def default_config(device: str, quick: bool = False, **kw) -> AttnBenchConfig:
+    if device == "cuda":
+        points = GPU_QUICK if quick else grid_points(GPU_CONTEXTS, GPU_BATCHES)
+    else:
+        points = CPU_QUICK if quick else grid_points(CPU_CONTEXTS, CPU_BATCHES)
+        kw.setdefault("copy_bytes", 64 * 2**20)
+        kw.setdefault("samples", 3 if quick else 5)
+    return AttnBenchConfig(device=device, points=points, **kw)
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        mult = 1
+        if part.endswith("k"):
+            part, mult = part[:-1], 1024
+        try:
+            v = int(part) * mult
+        except ValueError:
+            raise RarefyError(f"{what}: {part!r} is not a number (e.g. 1024 or 32k)") from None
+        if v < 1:
+            raise RarefyError(f"{what}: values must be positive")
+        out.append(v)
+    if not out:
+        raise RarefyError(f"{what}: give at least one value")
+    return tuple(out)
+
+
+def parse_dtypes(text: str) -> tuple[str, ...]:
+    from rarefy.kv.quant import check_kv_dtype
+
+    out = tuple(check_kv_dtype(t.strip()) for t in text.split(",") if t.strip())
+    if not out:
+        raise RarefyError("--kv-dtypes: give at least one dtype")
+    return out
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def kv_bytes(kv_dtype: str, batch: int, ctx: int, hkv: int, hq: int, d: int, block_size: int,
+             q_bytes: int = 2) -> dict:
+    """The bytes a decode call moves, by kind."""
+    from rarefy.kv.quant import is_quantized, storage_dtype
+
+    tokens = batch * ctx
+    kv = 2 * tokens * hkv * d * storage_dtype(kv_dtype).itemsize
+    scales = 2 * tokens * hkv * 2 if is_quantized(kv_dtype) else 0
+    tables = batch * math.ceil(ctx / block_size) * 4 + batch * 4
+    qo = 2 * batch * hq * d * q_bytes
+    return dict(kv=kv, scales=scales, tables=tables, q_out=qo, total=kv + scales + tables + qo)
+
+
+class _Case:
+    """nbuf copies of a paged cache in one tensor (disjoint, shuffled blocks), one block table
+    and one query per copy."""
+
+    def __init__(self, cfg: AttnBenchConfig, ctx: int, batch: int, kv_dtype: str, nbuf: int, device):
+        from rarefy.kv.quant import is_quantized, quantize, storage_dtype
+
+        g = torch.Generator(device=device).manual_seed(cfg.seed + 7 * ctx + batch)
+        bs, hkv, d = cfg.block_size, cfg.num_kv_heads, cfg.head_dim
+        nblk = math.ceil(ctx / bs)
+        per_copy = batch * nblk
+        total = nbuf * per_copy
+        sd = storage_dtype(kv_dtype)
+        quant = is_quantized(kv_dtype)
+        self.k_cache = torch.empty((total, hkv, bs, d), dtype=sd, device=device)
+        self.v_cache = torch.empty_like(self.k_cache)
+        self.k_scale = torch.empty((total, hkv, bs), dtype=torch.float16, device=device) if quant else None
+        self.v_scale = torch.empty_like(self.k_scale) if quant else None
+        step = max(1, (1 << 24) // (hkv * bs * d))  # blocks per fill chunk (bounded float32 temporaries)
+        for cache, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
+            for a in range(0, total, step):
+                x = torch.randn((min(step, total - a), hkv, bs, d), generator=g, device=device)
+                qx, sx = quantize(x, kv_dtype)
+                cache[a:a + qx.shape[0]] = qx
+                if quant:
+                    scale[a:a + qx.shape[0]] = sx
+        perm = torch.randperm(total, generator=g, device=device).to(torch.int32)
+        self.tables = [perm[i * per_copy:(i + 1) * per_copy].view(batch, nblk).contiguous() for i in range(nbuf)]
+        self.qs = [torch.randn((batch, cfg.num_heads, d), generator=g, device=device).to(cfg.q_dtype)
+                   for _ in range(nbuf)]
+        self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        self.kv_dtype, self.ctx, self.batch, self.nbuf = kv_dtype, ctx, batch, nbuf
+        self.sm_scale = 1.0 / math.sqrt(d)
+
+    def args(self, i: int):
+        return (self.qs[i], self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.tables[i], self.seq_lens,
+                self.kv_dtype)
+
+    def dense(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy i's keys/values as contiguous [B, Hkv, L, D] bf16 (dequantized)."""
+        from rarefy.kernels.paged_attention.torch_decode import _gather
+
+        out = []
+        for cache, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
+            parts = [_gather(cache, scale, self.tables[i][b:b + 1].long(), self.ctx).to(torch.bfloat16)
+                     for b in range(self.batch)]
+            out.append(torch.cat(parts).contiguous())
+        return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not bool(torch.isfinite(y).all()):
+        return math.inf
+    y, ref = y.double(), ref.double()
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+class _Runner:
+    def __init__(self, cfg: AttnBenchConfig, progress):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
+        self.cuda = self.device.type == "cuda"
+        self.progress = progress or (lambda row: None)
+        self.rows: list[dict] = []
+        self.sweep_rows: list[dict] = []
+        self.notes: dict[str, str] = {}
+        self.copy_tbs: Optional[float] = None
+        if self.cuda:
+            from rarefy.bench.gpu_timing import l2_bytes
+
+            self.target_bytes = 4 * l2_bytes(self.device)
+        else:
+            self.target_bytes = 0  # CPU: no rotation (the torch path's gathers dwarf any cache effect)
+
+    def nbuf_for(self, nbytes: int) -> int:
+        if nbytes >= self.target_bytes:
+            return 1
+        return min(64, math.ceil(self.target_bytes / max(1, nbytes)))
+
+    def free(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def time_us(self, launch, nbuf: int) -> tuple[float, str]:
+        if not self.cuda:
+            from rarefy.bench.kernels import cpu_time_us
+
+            return cpu_time_us(launch, nbuf, self.cfg.samples, 0.01), "wall clock"
+        from rarefy.bench.gpu_timing import do_bench_us, graph_time_us
+
+        try:
+            return graph_time_us(launch, nbuf, self.device, samples=self.cfg.samples), "cuda graph"
+        except Exception as e:  # noqa: BLE001
+            torch.cuda.synchronize(self.device)
+            how = f"do_bench (graph capture failed: {type(e).__name__})"
+        return do_bench_us(launch, nbuf, clean_l2=True, warmup=10, rep=50), how
+
+    # -- one point
+    def run_point(self, ctx: int, batch: int):
+        cfg = self.cfg
+        sdpa_us = None
+        sdpa_note = ""
+        for kv_dtype in cfg.kv_dtypes:
+            nb = kv_bytes(kv_dtype, batch, ctx, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, cfg.block_size,
+                          cfg.q_dtype.itemsize)
+            nbuf = self.nbuf_for(nb["kv"] + nb["scales"])
+            t0 = time.perf_counter()
+            row = dict(kv_dtype=kv_dtype, ctx=ctx, batch=batch, status="ok", check=None, rel_err=None, us=None,
+                       timing=None, nbuf=nbuf, bytes=nb["total"], bytes_by_kind=nb, mb=nb["total"] / 1e6,
+                       tbs=None, frac_copy=None, sdpa_us=None, sdpa_ratio=None, vs_bf16=None, plan=None,
+                       plan_str="torch" if not self.cuda else None, smem_actual=None, regs=None, spills=None,
+                       note="", seconds=None)
+            try:
+                case = _Case(cfg, ctx, batch, kv_dtype, nbuf, self.device)
+                self._measure(case, row)
+                if cfg.sdpa and sdpa_us is None and not sdpa_note:
+                    sdpa_us, sdpa_note = self._sdpa(case, row)
+                if cfg.sweep and (ctx, batch) in SWEEP_POINTS and kv_dtype in SWEEP_DTYPES and row["us"]:
+                    self._sweep(case, row)
+            except torch.cuda.OutOfMemoryError as e:
+                row.update(status="skipped", note=f"out of memory: {str(e).splitlines()[0][:120]}")
+            except Exception as e:  # noqa: BLE001
+                row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            finally:
+                case = None
+                self.free()
+            row["sdpa_us"] = sdpa_us
+            if sdpa_note and not row["note"]:
+                row["note"] = sdpa_note
+            row["seconds"] = time.perf_counter() - t0
+            self.rows.append(row)
+        # ratios once the point is done (bf16 is the reference for vs_bf16)
+        pts = [r for r in self.rows if r["ctx"] == ctx and r["batch"] == batch]
+        bf = next((r["us"] for r in pts if r["kv_dtype"] == "bf16" and r["us"]), None)
+        for r in pts:
+            if r["us"]:
+                r["sdpa_ratio"] = sdpa_us / r["us"] if sdpa_us else None
+                r["vs_bf16"] = bf / r["us"] if bf else None
+            self.progress(r)
+
+    def _measure(self, case: _Case, row: dict):
+        from rarefy.kernels.paged_attention import paged_decode_attention
+        from rarefy.kernels.paged_attention.torch_decode import paged_decode_attention_torch
+
+        cfg = self.cfg
+        ref = paged_decode_attention_torch(*case.args(0), case.sm_scale).float()
+        if self.cuda:
+            from rarefy.kernels.paged_attention.triton_decode import make_plan, paged_decode_attention_triton
+
+            plan = make_plan(case.qs[0], case.k_cache, case.tables[0], case.kv_dtype, max_seq_len=case.ctx)
+            row["plan"] = asdict(plan)
+            row["plan_str"] = plan.describe()
+            y, kernel = paged_decode_attention_triton(*case.args(0), case.sm_scale, plan=plan, return_kernel=True)
+            meta = getattr(kernel, "metadata", None)
+            row["smem_actual"] = getattr(meta, "shared", None)
+            row["regs"] = getattr(kernel, "n_regs", None)
+            row["spills"] = getattr(kernel, "n_spills", None)
+        else:
+            y = paged_decode_attention(*case.args(0), case.sm_scale)
+        err = _rel_err(y, ref)
+        row["rel_err"] = err
+        if not err < cfg.tol:
+            row.update(status="FAILED", check=f"rel err {err:.2e} vs the torch path")
+            return
+        row["check"] = "ok"
+
+        def launch(i):
+            paged_decode_attention(*case.args(i), case.sm_scale, max_seq_len=case.ctx)
+
+        us, how = self.time_us(launch, case.nbuf)
+        row.update(us=us, timing=how, tbs=row["bytes"] / (us * 1e-6) / 1e12)
+        row["frac_copy"] = row["tbs"] / self.copy_tbs if self.copy_tbs else None
+
+    def _sdpa(self, case: _Case, row: dict) -> tuple[Optional[float], str]:
+        """Time torch SDPA on this case's keys/values (bf16, contiguous); (µs, note)."""
+        try:
+            dense = [case.dense(i) for i in range(case.nbuf)]
+            qs = [q[:, :, None, :].to(torch.bfloat16) for q in case.qs]
+            y = F.scaled_dot_product_attention(qs[0], dense[0][0], dense[0][1], scale=case.sm_scale, enable_gqa=True)
+            from rarefy.kernels.paged_attention.torch_decode import paged_decode_attention_torch
+            ref = paged_decode_attention_torch(*case.args(0), case.sm_scale).float()
+            err = _rel_err(y[:, :, 0], ref)
+            if not err < 3 * self.cfg.tol:
+                return None, f"SDPA not timed: rel err {err:.2e}"
+
+            def launch(i):
+                F.scaled_dot_product_attention(qs[i], dense[i][0], dense[i][1], scale=case.sm_scale, enable_gqa=True)
+
+            us, _ = self.time_us(launch, case.nbuf)
+            return us, ""
+        except torch.cuda.OutOfMemoryError:
+            return None, "SDPA not timed: out of memory"
+        finally:
+            dense = None
+            self.free()
+
+    def _sweep(self, case: _Case, row: dict):
+        """Time one-at-a-time changes to the plan (the default's output is the reference)."""
+        from rarefy.kernels.paged_attention.plan import plan_decode
+        from rarefy.kernels.paged_attention.triton_decode import paged_decode_attention_triton, sm_count_of
+
+        cfg = self.cfg
+        base = plan_decode(case.batch, case.ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, case.kv_dtype,
+                           cfg.block_size, sm_count_of(self.device))
+        s = base.num_splits
+        variants = {"default": {}}
+        for ns in sorted({1, max(1, s // 2), 2 * s, 4 * s, math.ceil(132 / max(1, case.batch * cfg.num_kv_heads)),
+                          math.ceil(2 * 132 / max(1, case.batch * cfg.num_kv_heads))} - {s}):
+            variants[f"splits={ns}"] = dict(num_splits=ns)
+        for t in (32, 64, 128):
+            if t != base.tile_n:
+                variants[f"tile_n={t}"] = dict(tile_n=t)
+        for st in (2, 3, 4):
+            if st != base.num_stages:
+                variants[f"stages={st}"] = dict(num_stages=st)
+        for w in (4, 8):
+            if w != base.num_warps:
+                variants[f"warps={w}"] = dict(num_warps=w)
+        variants["fma" if base.use_dot else "dot"] = dict(use_dot=not base.use_dot)
+        ref = None
+        for label, kw in variants.items():
+            r = dict(kv_dtype=case.kv_dtype, ctx=case.ctx, batch=case.batch, variant=label, us=None, tbs=None,
+                     frac_copy=None, plan_str=None, note="")
+            try:
+                plan = plan_decode(case.batch, case.ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, case.kv_dtype,
+                                   cfg.block_size, sm_count_of(self.device), **kw)
+                r["plan_str"] = plan.describe()
+                y = paged_decode_attention_triton(*case.args(0), case.sm_scale, plan=plan)
+                if ref is None:
+                    ref = y.float()
+                err = _rel_err(y, ref)
+                if not err < cfg.tol:
+                    r["note"] = f"FAILED: rel err {err:.2e}"
+                else:
+                    us, _ = self.time_us(lambda i, p=plan: paged_decode_attention_triton(
+                        *case.args(i), case.sm_scale, plan=p), case.nbuf)
+                    r.update(us=us, tbs=row["bytes"] / (us * 1e-6) / 1e12)
+                    r["frac_copy"] = r["tbs"] / self.copy_tbs if self.copy_tbs else None
+            except Exception as e:  # noqa: BLE001
+                r["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
+            self.sweep_rows.append(r)
+
+
+def device_info(device: torch.device) -> dict:
+    from rarefy.bench.kernels import device_info as kernels_device_info
+
+    return kernels_device_info(device)
+
+
+def run_bench(cfg: AttnBenchConfig, progress=None) -> dict:
+    """Run the sweep; returns {"info", "config", "rows", "sweep", "targets", "notes"}."""
+    if cfg.device not in ("cuda", "cpu"):
+        raise RarefyError(f"--device must be cuda or cpu, got {cfg.device}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RarefyError("--device cuda: no CUDA device is visible (use --device cpu)")
+    runner = _Runner(cfg, progress)
+    info = device_info(runner.device)
+    t0 = time.perf_counter()
+    if runner.cuda:
+        from rarefy.bench.gpu_timing import copy_bandwidth_tbs
+
+        runner.copy_tbs = copy_bandwidth_tbs(runner.device, cfg.copy_bytes or 2**30)
+    else:
+        from rarefy.bench.kernels import cpu_copy_bandwidth_tbs
+
+        runner.copy_tbs = cpu_copy_bandwidth_tbs(cfg.copy_bytes or 256 * 2**20)
+    info["copy_tbs"] = runner.copy_tbs
+    with torch.no_grad():
+        for ctx, batch in cfg.points:
+            runner.run_point(ctx, batch)
+    info["seconds"] = time.perf_counter() - t0
+    config = dict(device=cfg.device, points=[list(p) for p in cfg.points], kv_dtypes=list(cfg.kv_dtypes),
+                  num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                  block_size=cfg.block_size, q_dtype=str(cfg.q_dtype).replace("torch.", ""), samples=cfg.samples,
+                  tol=cfg.tol, seed=cfg.seed, sweep=cfg.sweep, command=cfg.command)
+    return {"info": info, "config": config, "rows": runner.rows, "sweep": runner.sweep_rows,
+            "targets": targets(runner.rows, cfg.device), "notes": runner.notes}
+
+
+def targets(rows: list[dict], device: str) -> list[dict]:
+    """The issue's targets, measured (GPU; on a CPU the same figures, not judged)."""
+    def find(dt, ctx, batch):
+        return next((r for r in rows if r["kv_dtype"] == dt and r["ctx"] == ctx and r["batch"] == batch), None)
+
+    out = []
+    for ctx, batch in ((32768, 1), (4096, 32)):
+        r = find("bf16", ctx, batch)
+        if r is not None:
+            v = r["frac_copy"]
+            out.append(dict(target=f"bf16 {ctx // 1024}k x {batch}: >= {TARGET_COPY_FRACTION:.0%} of copy bandwidth",
+                            value=v, shown=f"{v:.0%}" if v is not None else "-",
+                            met=None if v is None or device != "cuda" else v >= TARGET_COPY_FRACTION))
+    for dt in ("fp8_e4m3", "fp8_e5m2", "int8"):
+        r = find(dt, 32768, 1)
+        if r is not None:
+            v = r["vs_bf16"]
+            out.append(dict(target=f"{dt} 32k x 1: >= {TARGET_QUANT_SPEEDUP}x bf16's speed",
+                            value=v, shown=f"{v:.2f}x" if v is not None else "-",
+                            met=None if v is None or device != "cuda" else v >= TARGET_QUANT_SPEEDUP))
+    return out
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def _f(v, fmt: str, none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def _ctx(c: int) -> str:
+    return f"{c // 1024}k" if c % 1024 == 0 else str(c)
+
+
+COLS = ("kv", "ctx", "batch", "µs", "MB", "TB/s", "% copy", "vs bf16", "SDPA µs", "SDPA/ours", "splits", "check")
+
+
+def _cells(r: dict) -> list[str]:
+    plan = r.get("plan") or {}
+    status = r["check"] if r["status"] == "ok" else r["status"] + (f": {r['check']}" if r["check"] else "")
+    if r["note"]:
+        status += f" ({r['note']})"
+    return [r["kv_dtype"], _ctx(r["ctx"]), str(r["batch"]), _f(r["us"], ".1f"), _f(r["mb"], ".1f"),
+            _f(r["tbs"], ".2f"), _f(None if r["frac_copy"] is None else 100 * r["frac_copy"], ".0f"),
+            _f(r["vs_bf16"], ".2f"), _f(r["sdpa_us"], ".1f"), _f(r["sdpa_ratio"], ".2f"),
+            str(plan.get("num_splits", "-")), status or "-"]
+
+
+def _table(cols, cells, right) -> list[str]:
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths))).rstrip()
+
+    return [line(cols), line(["-" * w for w in widths])] + [line(c) for c in cells]
+
+
+def header(result: dict) -> str:
+    info, cfg = result["info"], result["config"]
+    return (f"rarefy bench attention: {info['device']}, torch {info['torch']}"
+            + (f", triton {info['triton']}" if info.get("triton") else "")
+            + f"; {cfg['num_heads']} q / {cfg['num_kv_heads']} kv heads, D {cfg['head_dim']}, block {cfg['block_size']},"
+            f" {cfg['q_dtype']} query; copy bandwidth {info['copy_tbs']:.2f} TB/s (read + write);"
+            f" {info['seconds']:.0f} s")
+
+
+def format_targets(result: dict) -> list[str]:
+    cells = []
+    for t in result["targets"]:
+        met = {True: "met", False: "MISSED", None: "-"}[t["met"]]
+        cells.append([t["target"], t["shown"], met])
+    return _table(("target", "measured", ""), cells, {1}) if cells else []
+
+
+def format_sweep(result: dict) -> list[str]:
+    if not result["sweep"]:
+        return []
+    cells = [[r["kv_dtype"], _ctx(r["ctx"]), str(r["batch"]), r["variant"], _f(r["us"], ".1f"),
+              _f(None if r["frac_copy"] is None else 100 * r["frac_copy"], ".0f"), r["plan_str"] or "-", r["note"]]
+             for r in result["sweep"]]
+    out = ["plan sweep (one change at a time from the default):"]
+    out += _table(("kv", "ctx", "batch", "variant", "µs", "% copy", "plan", "note"), cells, {1, 2, 4, 5})
+    best = {}
+    for r in result["sweep"]:
+        key = (r["kv_dtype"], r["ctx"], r["batch"])
+        if r["us"] and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    out += [""] + [f"best {k[0]} {_ctx(k[1])}x{k[2]}: {r['variant']} {r['us']:.1f} µs ({r['plan_str']})"
+                   for k, r in best.items()]
+    return out
+
+
+def format_table(result: dict) -> str:
+    """The full table, plans, sweep, then the short targets table last."""
+    out = [header(result), ""]
+    out += _table(COLS, [_cells(r) for r in result["rows"]], {1, 2, 3, 4, 5, 6, 7, 8, 9, 10})
+    plans = {}
+    for r in result["rows"]:
+        if r.get("plan_str") and r["plan_str"] != "torch":
+            smem = f", smem actual {r['smem_actual'] // 1024} KiB" if r.get("smem_actual") else ""
+            regs = f", {r['regs']} regs" if r.get("regs") else ""
+            spills = f", {r['spills']} spills" if r.get("spills") else ""
+            plans[(r["kv_dtype"], r["ctx"], r["batch"])] = r["plan_str"] + smem + regs + spills
+    if plans:
+        out += ["", "plans:"] + [f"  {k[0]} {_ctx(k[1])}x{k[2]}: {v}" for k, v in plans.items()]
+    sweep = format_sweep(result)
+    if sweep:
+        out += [""] + sweep
+    if result["notes"]:
+        out += ["", "notes:"] + [f"  {k}: {v}" for k, v in result["notes"].items()]
+    tgt = format_targets(result)
+    if tgt:
+        out += [""] + tgt
+    return "\n".join(out)
+
+
+def format_markdown(result: dict) -> str:
+    def md(cols, cells):
+        return [("| " + " | ".join(cols) + " |"), "|" + "|".join("---" for _ in cols) + "|"] + \
+            ["| " + " | ".join(c) + " |" for c in cells]
+
+    cfg = result["config"]
+    out = ["# Paged decode attention", "", header(result), "", f"Command: `{cfg['command']}`", ""]
+    out += md(COLS, [_cells(r) for r in result["rows"]])
+    if result["targets"]:
+        out += ["", "## Targets", ""]
+        out += md(("target", "measured", ""), [[t["target"], t["shown"], {True: "met", False: "MISSED", None: "-"}[
+            t["met"]]] for t in result["targets"]])
+    sweep = format_sweep(result)
+    if sweep:
+        out += ["", "## Plan sweep", "", "```", *sweep, "```"]
+    plans = [f"- {r['kv_dtype']} {_ctx(r['ctx'])}x{r['batch']}: {r['plan_str']}" for r in result["rows"]
+             if r.get("plan_str") and r["plan_str"] != "torch"]
+    if plans:
+        out += ["", "## Plans", ""] + plans
+    return "\n".join(out) + "\n"
+
+
+def format_progress(r: dict) -> str:
+    c = _cells(r)
+    return (f"[attention] {c[0]} ctx {c[1]} batch {c[2]}: {c[3]} µs, {c[5]} TB/s ({c[6]}% copy), "
+            f"SDPA {c[8]} µs; {c[11]} [{r['seconds']:.1f} s]")
+
+
+def _stderr_progress(r: dict) -> None:
+    print(format_progress(r), file=sys.stderr, flush=True)
+
+
+def command_line(argv=None) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    return "rarefy " + shlex.join(argv) if argv else "rarefy bench attention"
+

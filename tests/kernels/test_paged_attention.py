@@ -1,0 +1,427 @@
+"""Paged KV-cache kernels: the Triton decode/store kernels (under the interpreter on a CPU),
+the torch path, the float64 reference, dense SDPA, the dispatcher's errors, and the
+`rarefy bench attention` command on the CPU.
+
+Interpreter limits (these cases run on a GPU instead, marked `gpu`):
+- ``tl.dot`` in bf16 is computed wrongly by the Triton 3.6 interpreter, so the bf16 dot
+  path (bf16 cache, or a bf16 query on an int8/fp8 cache) is only tested with the FMA
+  variant on a CPU.
+- the interpreter flushes fp8 subnormals to zero when it casts; the store test allows
+  exactly that difference on a CPU and none on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rarefy.errors import RarefyError  # noqa: E402
+from rarefy.kernels.paged_attention import (  # noqa: E402
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    plan_decode,
+    store_kv,
+)
+from rarefy.kernels.paged_attention.torch_decode import paged_decode_attention_torch, store_kv_torch  # noqa: E402
+from rarefy.kv.quant import KV_DTYPES, is_quantized, roundtrip, storage_dtype  # noqa: E402
+from triton_interp import CUDA, kernel_module  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+QUANT = ("int8", "fp8_e4m3", "fp8_e5m2")
+
+
+@pytest.fixture(scope="module")
+def dec():
+    return kernel_module("rarefy.kernels.paged_attention.triton_decode", "_decode_kernel")
+
+
+@pytest.fixture(scope="module")
+def st():
+    return kernel_module("rarefy.kernels.paged_attention.triton_store", "_store_kernel")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def poison_cache(num_blocks, hkv, bs, d, kv_dtype, device="cpu"):
+    """A cache whose never-written slots read as NaN (int8: 127 with NaN scales)."""
+    sd = storage_dtype(kv_dtype)
+    if sd == torch.int8:
+        kc = torch.full((num_blocks, hkv, bs, d), 127, dtype=sd, device=device)
+    else:
+        kc = torch.full((num_blocks, hkv, bs, d), float("nan"), device=device).to(sd)
+    ks = torch.full((num_blocks, hkv, bs), float("nan"), dtype=torch.float16, device=device) \
+        if is_quantized(kv_dtype) else None
+    return kc, kc.clone(), ks, None if ks is None else ks.clone()
+
+
+def make_case(lens, hq, hkv, d, bs, kv_dtype, seed=0, q_dtype=torch.float32, extra_blocks=3):
+    """Random K/V for every cached token, stored (torch path) into shuffled blocks; block-table
+    padding entries are random valid ids. Returns a dict, tensors on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lens)
+    nblk = [math.ceil(n / bs) for n in lens]
+    max_blocks = max(nblk + [1]) + 1
+    num_blocks = sum(nblk) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=g)
+    bt = torch.randint(0, num_blocks, (batch, max_blocks), generator=g, dtype=torch.int32)
+    slots, i = [], 0
+    for b, n in enumerate(lens):
+        for j in range(nblk[b]):
+            bt[b, j] = perm[i]
+            i += 1
+        slots += [int(bt[b, t // bs]) * bs + t % bs for t in range(n)]
+    kc, vc, ks, vs = poison_cache(num_blocks, hkv, bs, d, kv_dtype)
+    n = len(slots)
+    k = torch.randn(n, hkv, d, generator=g) * (0.5 + 2 * torch.rand(n, hkv, 1, generator=g))
+    v = torch.randn(n, hkv, d, generator=g)
+    store_kv_torch(k, v, torch.tensor(slots, dtype=torch.int64), kc, vc, ks, vs, kv_dtype)
+    q = torch.randn(batch, hq, d, generator=g).to(q_dtype)
+    return dict(q=q, k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs, block_tables=bt,
+                seq_lens=torch.tensor(lens, dtype=torch.int32), k=k, v=v, lens=list(lens), kv_dtype=kv_dtype)
+
+
+ARGS = ("q", "k_cache", "v_cache", "k_scale", "v_scale", "block_tables", "seq_lens", "kv_dtype")
+
+
+def args(c, device=DEV):
+    return [c[a].to(device) if isinstance(c[a], torch.Tensor) else c[a] for a in ARGS]
+
+
+def ref_of(c):
+    return paged_decode_attention_ref(*args(c, "cpu"))
+
+
+def sdpa_of(c, sm_scale=None):
+    """Dense torch SDPA (float32) on the *unquantized* keys/values, one sequence at a time."""
+    q, lens = c["q"].float(), c["lens"]
+    hq, hkv = q.shape[1], c["k"].shape[1]
+    out = torch.zeros_like(q)
+    start = 0
+    for b, n in enumerate(lens):
+        if n:
+            k = c["k"][start:start + n].transpose(0, 1)[None]  # [1, Hkv, n, D]
+            v = c["v"][start:start + n].transpose(0, 1)[None]
+            out[b] = F.scaled_dot_product_attention(q[b][None, :, None, :], k, v, scale=sm_scale,
+                                                    enable_gqa=hq != hkv)[0, :, 0]
+        start += n
+    return out.double()
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all(), "NaN/inf in the output"
+    y = y.double().cpu()
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+#: relative error (norm) of the kernel output against the float64 reference on the same cache
+OUT_TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+#: relative error against SDPA on the unquantized keys/values (fp32 query)
+SDPA_TOL = {"fp32": 2e-6, "bf16": 1e-2, "fp16": 2e-3, "int8": 2e-2, "fp8_e4m3": 8e-2, "fp8_e5m2": 1.5e-1}
+
+# (lens, hq, hkv, head_dim, block_size): GQA 4/3/1, head dims 64/128/32, blocks 8/16/32/64,
+# lengths 0, 1, not multiples of the block, one long.
+CASES = [
+    ([37, 1, 64, 0, 100], 8, 2, 64, 16),
+    ([5, 130, 17], 3, 1, 128, 8),
+    ([33, 9], 4, 4, 64, 32),
+    ([150, 64], 8, 2, 32, 64),
+]
+
+
+# ----------------------------------------------------------------------------- torch path
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_torch_path_matches_reference_and_sdpa(kv_dtype, case):
+    lens, hq, hkv, d, bs = CASES[case]
+    c = make_case(lens, hq, hkv, d, bs, kv_dtype, seed=case)
+    ref = ref_of(c)
+    y = paged_decode_attention(*args(c, "cpu"))
+    assert y.shape == c["q"].shape and y.dtype == c["q"].dtype
+    assert rel_err(y, ref) < 2e-6
+    assert rel_err(y, sdpa_of(c)) < SDPA_TOL[kv_dtype]
+    zero = [b for b, n in enumerate(lens) if n == 0]
+    assert all(float(y[b].abs().max()) == 0.0 for b in zero)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8_e4m3"])
+def test_torch_path_half_queries(q_dtype, kv_dtype):
+    c = make_case([20, 77, 3], 8, 2, 64, 16, kv_dtype, seed=5, q_dtype=q_dtype)
+    y = paged_decode_attention(*args(c, "cpu"), sm_scale=0.2)
+    assert y.dtype == q_dtype
+    assert rel_err(y, paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.2)) < OUT_TOL[q_dtype]
+
+
+def test_torch_path_chunks_sequences(monkeypatch):
+    # A tiny chunk budget forces one sequence per chunk; lengths far apart split chunks too.
+    import rarefy.kernels.paged_attention.torch_decode as td
+    c = make_case([3, 90, 40, 41, 1], 6, 3, 32, 8, "int8", seed=9)
+    ref = ref_of(c)
+    monkeypatch.setattr(td, "CHUNK_ELEMS", 1)
+    assert rel_err(paged_decode_attention_torch(*args(c, "cpu"), 1 / math.sqrt(32)), ref) < 2e-6
+
+
+# ----------------------------------------------------------------------------- Triton decode
+
+
+def _dot_ok_in_interpreter(q_dtype, kv_dtype, dec):
+    return CUDA or dec.dot_code(q_dtype, kv_dtype) != dec._DOT_BF16
+
+
+def _variants(c, dec, combos=((True, 1), (True, 3), (False, 2))):
+    """(label, plan) pairs: (tl.dot or FMA, splits) with 16-token tiles (many iterations),
+    then the default plan."""
+    q, kc, bt, kvd = c["q"], c["k_cache"], c["block_tables"], c["kv_dtype"]
+    out = []
+    for use_dot, splits in combos:
+        if use_dot and not _dot_ok_in_interpreter(q.dtype, kvd, dec):
+            continue
+        out.append((f"dot={use_dot} splits={splits}",
+                    dec.make_plan(q, kc, bt, kvd, num_splits=splits, use_dot=use_dot, tile_n=16)))
+    default = dec.make_plan(q, kc, bt, kvd)
+    if not default.use_dot or _dot_ok_in_interpreter(q.dtype, kvd, dec):
+        out.append(("default", default))
+    return out
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_triton_decode_matches_reference(dec, kv_dtype, case):
+    lens, hq, hkv, d, bs = CASES[case]
+    c = make_case(lens, hq, hkv, d, bs, kv_dtype, seed=10 + case)
+    ref, sdpa = ref_of(c), sdpa_of(c)
+    for label, plan in _variants(c, dec):
+        y = dec.paged_decode_attention_triton(*args(c), 1 / math.sqrt(d), plan=plan)
+        assert y.shape == c["q"].shape and y.dtype == c["q"].dtype
+        assert rel_err(y, ref) < OUT_TOL[torch.float32], label
+        assert rel_err(y, sdpa) < SDPA_TOL[kv_dtype], label
+        assert all(float(y[b].abs().max()) == 0.0 for b, n in enumerate(lens) if n == 0), label
+
+
+@pytest.mark.parametrize("q_dtype,kv_dtype", [(torch.float16, "fp16"), (torch.float16, "int8"),
+                                              (torch.float16, "fp8_e5m2"), (torch.bfloat16, "bf16"),
+                                              (torch.bfloat16, "fp8_e4m3"), (torch.float16, "bf16")])
+def test_triton_decode_half_queries(dec, q_dtype, kv_dtype):
+    c = make_case([37, 1, 64, 0, 100], 8, 2, 64, 16, kv_dtype, seed=3, q_dtype=q_dtype)
+    ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.1)
+    for label, plan in _variants(c, dec, combos=((True, 2), (False, 1))):
+        y = dec.paged_decode_attention_triton(*args(c), 0.1, plan=plan)
+        assert y.dtype == q_dtype
+        assert rel_err(y, ref) < OUT_TOL[q_dtype], label
+
+
+def test_triton_decode_short_sequences_leave_splits_empty(dec):
+    # max_seq_len far above the real lengths: most splits of every sequence have no tokens
+    # (LSE -inf), one sequence is empty, and the reduction must still be exact.
+    c = make_case([1, 2, 0, 17], 4, 2, 32, 8, "fp16", seed=4, extra_blocks=20)
+    plan = dec.make_plan(c["q"], c["k_cache"], c["block_tables"], "fp16", num_splits=7, tile_n=16,
+                         max_seq_len=200)
+    y = dec.paged_decode_attention_triton(*args(c), 0.3, plan=plan)
+    assert rel_err(y, paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.3)) < 2e-6
+    assert float(y[2].abs().max()) == 0.0
+
+
+def test_triton_decode_plan_too_small_is_still_right(dec):
+    # The last split takes everything past num_splits * tokens_per_split.
+    c = make_case([120, 70], 4, 2, 32, 16, "int8", seed=6)
+    plan = dec.make_plan(c["q"], c["k_cache"], c["block_tables"], "int8", num_splits=2, tile_n=16, max_seq_len=20)
+    assert plan.num_splits * plan.tokens_per_split < 120
+    y = dec.paged_decode_attention_triton(*args(c), 0.25, plan=plan)
+    assert rel_err(y, paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.25)) < 2e-6
+
+
+# ----------------------------------------------------------------------------- store
+
+
+def _store_inputs(n, hkv, d, x_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.logspace(-5, 3, n)[:, None, None]  # tiny (scale clamp, subnormals) .. large
+    k = (torch.randn(n, hkv, d, generator=g) * mag).to(x_dtype)
+    v = torch.randn(n, hkv, d, generator=g).to(x_dtype)
+    k[2, 0] = 0.0
+    k[3, 1, 5] = 1e4  # one outlier
+    return k, v
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_store_bit_identical(st, kv_dtype, x_dtype):
+    n, hkv, d, bs, nb = 24, 2, 64, 16, 4
+    k, v = _store_inputs(n, hkv, d, x_dtype, seed=1)
+    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(2))[:n]
+    slots[7] = -1  # padding: skipped
+    want = [poison_cache(nb, hkv, bs, d, kv_dtype) for _ in range(2)]
+    store_kv_torch(k, v, slots, *want[0], kv_dtype)
+    got = poison_cache(nb, hkv, bs, d, kv_dtype, DEV)
+    st.store_kv_triton(k.to(DEV), v.to(DEV), slots.to(DEV), *got, kv_dtype)
+    for w, g in zip(want[0], got):
+        if w is None:
+            continue
+        g = g.cpu()
+        same = _bits(w) == _bits(g)
+        if not CUDA and kv_dtype.startswith("fp8"):
+            # the interpreter flushes fp8 subnormals to zero on its final cast
+            tiny = 2.0 ** (-6 if kv_dtype == "fp8_e4m3" else -14)
+            same |= (w.float().abs() < tiny) & (g.float() == 0)
+        assert bool(same.all()), f"{int((~same).sum())} stored values differ"
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_store_round_trip(kv_dtype):
+    # store_kv (the dispatcher: torch on a CPU, Triton on a GPU), then read the slots back.
+    n, hkv, d, bs, nb = 10, 3, 32, 8, 3
+    k, v = _store_inputs(n, hkv, d, torch.float32, seed=3)
+    slots = torch.tensor([0, 9, 8, 23, 1, 2, 12, 13, 14, 20])
+    kc, vc, ks, vs = poison_cache(nb, hkv, bs, d, kv_dtype, DEV)
+    store_kv(k.to(DEV), v.to(DEV), slots.to(DEV), kc, vc, ks, vs, kv_dtype)
+    blk, off = slots // bs, slots % bs
+    for x, c, s in ((k, kc, ks), (v, vc, vs)):
+        got = c.cpu()[blk, :, off].float()
+        if s is not None:
+            got = got * s.cpu()[blk, :, off].float()[..., None]
+        assert torch.equal(got, roundtrip(x, kv_dtype).float())
+
+
+def test_store_then_decode_end_to_end():
+    c = make_case([12, 30], 4, 2, 32, 8, "int8", seed=8)
+    kc, vc, ks, vs = poison_cache(c["k_cache"].shape[0], 2, 8, 32, "int8", DEV)
+    slots = []
+    for b, n in enumerate(c["lens"]):
+        slots += [int(c["block_tables"][b, t // 8]) * 8 + t % 8 for t in range(n)]
+    store_kv(c["k"].to(DEV), c["v"].to(DEV), torch.tensor(slots, device=DEV), kc, vc, ks, vs, "int8")
+    y = paged_decode_attention(c["q"].to(DEV), kc, vc, ks, vs, c["block_tables"].to(DEV), c["seq_lens"].to(DEV), "int8")
+    assert rel_err(y, ref_of(c)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_plan_shapes():
+    p = plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132)
+    assert p.grid[:2] == (1, 8) and p.grid[2] == p.num_splits > 1
+    assert p.num_splits * p.tokens_per_split >= 32768 and p.tokens_per_split % p.tile_n == 0
+    assert p.reduce_grid == (1, 32) and p.use_dot and p.group == 4 and p.group_pad == 16
+    assert p.programs >= 2 * 132 * 0.9 and p.smem_bytes > 0 and p.occupancy >= 1
+    p = plan_decode(32, 4096, 32, 8, 128, "bf16", 16, 132)
+    assert p.programs >= 132
+    p = plan_decode(2, 100, 8, 8, 64, "fp8_e4m3", 16, 132, num_splits=3)
+    assert p.num_splits == 3 and not p.use_dot and p.group_pad == 1 and p.workspace_bytes == 2 * 8 * 3 * 65 * 4
+    for bad in (dict(num_kv_heads=3), dict(head_dim=96), dict(head_dim=512), dict(batch=0)):
+        kw = dict(batch=1, max_seq_len=10, num_heads=8, num_kv_heads=2, head_dim=64, kv_dtype="bf16",
+                  block_size=16, sm_count=132)
+        kw.update(bad)
+        with pytest.raises(RarefyError):
+            plan_decode(**kw)
+    with pytest.raises(RarefyError):
+        plan_decode(1, 10, 8, 2, 64, "fp4", 16, 132)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_input_errors():
+    c = make_case([10, 3], 4, 2, 32, 8, "int8", seed=1)
+    a = dict(zip(ARGS, args(c, "cpu")))
+
+    def call(**kw):
+        d = dict(a)
+        d.update(kw)
+        return paged_decode_attention(*[d[k] for k in ARGS])
+
+    call()  # fine
+    bad = [
+        dict(q=a["q"][0]),                                   # not 3-D
+        dict(q=a["q"].to(torch.int32)),                      # dtype
+        dict(q=torch.randn(2, 4, 16)),                       # head_dim mismatch
+        dict(q=torch.randn(2, 3, 32)),                       # 3 heads over 2 KV heads
+        dict(k_cache=a["k_cache"].float()),                  # storage dtype
+        dict(v_cache=a["v_cache"][:, :1].contiguous()),      # K/V shapes differ
+        dict(k_scale=None),                                  # missing scale
+        dict(v_scale=a["v_scale"].float()),                  # scale dtype
+        dict(block_tables=a["block_tables"][:1]),            # batch mismatch
+        dict(block_tables=a["block_tables"].float()),        # table dtype
+        dict(seq_lens=torch.tensor([10, 300], dtype=torch.int32)),  # longer than the table
+        dict(seq_lens=torch.tensor([-1, 3], dtype=torch.int32)),    # negative
+        dict(kv_dtype="fp4"),
+    ]
+    for kw in bad:
+        with pytest.raises(RarefyError):
+            call(**kw)
+    with pytest.raises(RarefyError):
+        paged_decode_attention(*args(c, "cpu"), num_splits=0)
+    kc, vc, ks, vs = poison_cache(2, 2, 8, 32, "fp16")
+    k = torch.randn(3, 2, 32)
+    with pytest.raises(RarefyError):
+        store_kv(k, k, torch.tensor([0, 1, 99]), kc, vc, ks, vs, "fp16")  # slot past the cache
+    with pytest.raises(RarefyError):
+        store_kv(k, k[:, :1], torch.tensor([0, 1, 2]), kc, vc, ks, vs, "fp16")
+    with pytest.raises(RarefyError):
+        store_kv(k, k, torch.tensor([0, 1]), kc, vc, ks, vs, "fp16")
+    with pytest.raises(RarefyError):
+        store_kv(k, k, torch.tensor([0, 1, 2]), kc, vc, ks, vs, "int8")  # cache dtype / no scales
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_bench_attention_cli_cpu(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rarefy.cli import app
+    out = tmp_path / "attn.md"
+    r = CliRunner().invoke(app, ["bench", "attention", "--device", "cpu", "--quick", "--json", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(next(line for line in r.output.splitlines() if line.startswith("{")))
+    rows = data["rows"]
+    from rarefy.bench.attention import DTYPES
+    assert rows and {row["kv_dtype"] for row in rows} == set(DTYPES)
+    assert all(row["check"] == "ok" and row["us"] > 0 and row["sdpa_us"] > 0 for row in rows)
+    assert "| kv" in out.read_text()
+    assert r.output.rstrip().splitlines()[-1].split()[0] in DTYPES  # the table comes last
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decode_realistic(kv_dtype, q_dtype):
+    c = make_case([4096, 1, 333, 2048 + 5], 32, 8, 128, 16, kv_dtype, seed=21, q_dtype=q_dtype)
+    ref = ref_of(c)
+    for splits in (None, 1, 7):
+        y = paged_decode_attention(*args(c), num_splits=splits)
+        assert rel_err(y, ref) < OUT_TOL[q_dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_decode_graph_capture_and_fma():
+    from rarefy.kernels.paged_attention.triton_decode import make_plan, paged_decode_attention_triton
+    c = make_case([700, 65], 8, 8, 64, 32, "fp8_e4m3", seed=22, q_dtype=torch.bfloat16)
+    a = args(c)
+    ref = ref_of(c)
+    plan = make_plan(a[0], a[1], a[5], "fp8_e4m3", use_dot=True)
+    assert rel_err(paged_decode_attention_triton(*a, 0.125, plan=plan), ref) < OUT_TOL[torch.bfloat16]
+    paged_decode_attention(*a, 0.125, max_seq_len=700)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = paged_decode_attention(*a, 0.125)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, ref) < OUT_TOL[torch.bfloat16]
