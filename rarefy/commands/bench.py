@@ -95,3 +95,57 @@ def kernels(
         typer.echo(f"wrote {out}", err=True)
     if as_json:
         emit_json(result)
+
+
+@bench_app.command("attention")
+@user_errors
+def attention(
+    device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when visible)"),
+    as_json: bool = JsonOpt,
+    out: Optional[str] = typer.Option(None, "--out", help="write the results as markdown to this file"),
+    quick: bool = typer.Option(False, "--quick", help="GPU: 32k x 1, 4k x 32, 1k/8k/128k x 1; CPU: 256 tokens, "
+                               "batches 1 and 2"),
+    contexts: Optional[str] = typer.Option(None, "--contexts", help="comma list of context lengths (e.g. 1k,32k)"),
+    batches: Optional[str] = typer.Option(None, "--batches", help="comma list of batch sizes"),
+    kv_dtypes: Optional[str] = typer.Option(None, "--kv-dtypes", help="comma list (default: bf16, fp16, fp8_e4m3, "
+                                            "fp8_e5m2, int8)"),
+    sweep: bool = typer.Option(False, "--sweep", help="GPU: also time one-at-a-time plan changes at 32k x 1 and "
+                               "4k x 32 (bf16, fp8_e4m3, int8)"),
+    no_sdpa: bool = typer.Option(False, "--no-sdpa", help="skip the torch SDPA baseline"),
+    samples: int = typer.Option(7, "--samples", help="timed graph replays (GPU) or bursts (CPU) per row; median"),
+):
+    """Paged decode attention (rarefy's kernel) vs the copy bandwidth and torch SDPA, per KV dtype."""
+    import torch
+
+    from rarefy.bench import attention as ab
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise RarefyError(f"--device must be cuda, cpu or auto, got {device}")
+    if samples < 1:
+        raise RarefyError("--samples must be at least 1")
+    cfg = ab.default_config(device, quick, command=ab.command_line())
+    cfg.samples = samples if device == "cuda" or samples != 7 else cfg.samples
+    if contexts is not None or batches is not None:
+        ctxs = ab.parse_ints(contexts, "--contexts") if contexts else tuple(sorted({c for c, _ in cfg.points}))
+        bats = ab.parse_ints(batches, "--batches") if batches else tuple(sorted({b for _, b in cfg.points}))
+        cfg.points = ab.grid_points(ctxs, bats, cfg.max_tokens)
+        if not cfg.points:
+            raise RarefyError(f"every batch x context is over the {cfg.max_tokens} token cap")
+    if kv_dtypes is not None:
+        cfg.kv_dtypes = ab.parse_dtypes(kv_dtypes)
+    cfg.sweep = sweep and device == "cuda"
+    cfg.sdpa = not no_sdpa
+
+    result = ab.run_bench(cfg, progress=ab._stderr_progress)
+    if out:
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(ab.format_markdown(result))
+        except OSError as e:
+            raise RarefyError(f"cannot write --out {out}: {e.strerror or e}") from None
+        typer.echo(f"wrote {out}", err=True)
+    if as_json:
+        emit_json(result)
+    typer.echo(ab.format_table(result))
