@@ -2,6 +2,12 @@
 
 Continuous batching: sequences join (add_request) and leave (finish, abort) between
 any two steps; each step runs whatever the scheduler picked.
+
+Steady decoding is pipelined on CUDA: step N+1 is queued on the GPU (its input tokens
+taken from step N's samples on the device, marked PENDING on the host) before the
+host reads step N's tokens, so the host's scheduling and bookkeeping overlap the GPU's
+work instead of adding to it. A sequence that ends on a token of step N (EOS, stop
+string) has already been given step N+1; that one token is computed and dropped.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from dataclasses import dataclass
 
 from rarefy.engine.model_runner import ModelRunner
 from rarefy.engine.scheduler import Scheduler
-from rarefy.engine.sequence import Sequence, SequenceStatus
+from rarefy.engine.sequence import PENDING, Sequence, SequenceStatus
 from rarefy.engine.stop import cut_at_stop, visible_length
 from rarefy.errors import RarefyError
 from rarefy.kv.paged import PagedKVCache
@@ -26,6 +32,7 @@ class EngineOptions:
     max_num_seqs: int = 64
     max_step_tokens: int = 1024
     use_cuda_graph: bool = True  # CUDA: replay captured graphs for decode-only steps
+    pipeline: bool | None = None  # overlap host work with the GPU's decode (default: with CUDA graphs)
 
 
 DEFAULT_KV_TOKENS = 32768
@@ -51,6 +58,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, o.use_cuda_graph)
         self.eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
         self._emitted: dict[int, int] = {}
+        self._inflight = None  # (seqs, device tokens) of a launched step not yet read back
+        self.pipeline = self.runner.use_cuda_graph if o.pipeline is None else o.pipeline
         self.max_context = cfg.max_position_embeddings
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
@@ -70,37 +79,68 @@ class LLMEngine:
         """Stop a sequence now (a client went away); its KV blocks are freed."""
         if not seq.is_finished:
             self.scheduler.finish(seq, "abort")
+        _drop_pending(seq)
         self._emitted.pop(seq.seq_id, None)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     def step(self) -> list[StepOutput]:
+        outs = []
+        if self._inflight is not None and (self.scheduler.waiting or not self.pipeline):
+            outs += self._resolve()  # an eager step (prefill) needs every token on the host
         step = self.scheduler.schedule()
         if not step:
-            if self.scheduler.waiting:  # nothing fits although the cache is empty: cannot happen
+            outs += self._resolve()
+            if not outs and self.scheduler.waiting:
                 raise RuntimeError("scheduler made no progress with an idle engine")
-            return []
-        tokens = self.runner.run(step)
-        outs = []
-        for seq, tok in zip(step.seqs, tokens):
-            if tok is None:
-                continue
-            seq.output_ids.append(tok)
-            outs.append(self._postprocess(seq, tok))
+            return outs
+        if self.pipeline and self.runner.decode_only(step):
+            tokens = self.runner.launch_decode(step, self._inflight)
+            for seq in step.seqs:
+                seq.output_ids.append(PENDING)
+            outs += self._resolve()
+            self._inflight = (step.seqs, tokens)
+            return outs
+        if self._inflight is not None:
+            outs += self._resolve()
+            keep = [i for i, q in enumerate(step.seqs) if not q.is_finished]  # some just ended
+            step.seqs, step.num_new = [step.seqs[i] for i in keep], [step.num_new[i] for i in keep]
+            if not step:
+                return outs
+        for seq, tok in zip(step.seqs, self.runner.run(step)):
+            if tok is not None:
+                seq.output_ids.append(tok)
+                outs.append(self._postprocess(seq, len(seq.output_ids)))
         return outs
 
-    def _postprocess(self, seq: Sequence, tok: int) -> StepOutput:
-        p = seq.params
+    def _resolve(self) -> list[StepOutput]:
+        """Read back the in-flight step's tokens and post-process them."""
+        if self._inflight is None:
+            return []
+        seqs, tokens = self._inflight
+        self._inflight = None
+        outs = []
+        for seq, tok in zip(seqs, tokens.tolist()):
+            if seq.is_finished:  # ended (or was aborted) while this step was in flight
+                continue
+            i = seq.output_ids.index(PENDING)
+            seq.output_ids[i] = tok
+            outs.append(self._postprocess(seq, i + 1))
+        return outs
+
+    def _postprocess(self, seq: Sequence, n: int) -> StepOutput:
+        """The sequence's first n output tokens are known; the n-th was just sampled."""
+        p, tok = seq.params, seq.output_ids[n - 1]
         reason = None
         if tok in self.eos and not p.ignore_eos:
             reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens:
+        elif n >= p.max_tokens:
             reason = "length"
         delta = ""
         if self.tokenizer is not None:
-            ids = seq.output_ids[:-1] if reason == "stop" else seq.output_ids
+            ids = seq.output_ids[:n - 1] if reason == "stop" else seq.output_ids[:n]
             text, stopped = cut_at_stop(self.tokenizer.decode(ids), p.stop)
             if stopped:
                 reason = "stop"
@@ -111,9 +151,15 @@ class LLMEngine:
                 delta = text[done:visible]
                 self._emitted[seq.seq_id] = visible
         if reason is not None:
+            del seq.output_ids[n:]  # a token sampled after the end (pipelining) is dropped
             self.scheduler.finish(seq, reason)
             self._emitted.pop(seq.seq_id, None)
         return StepOutput(seq, tok, delta, seq.status is SequenceStatus.FINISHED)
 
     def kv_usage(self) -> float:
         return self.cache.usage()
+
+
+def _drop_pending(seq: Sequence) -> None:
+    if PENDING in seq.output_ids:
+        del seq.output_ids[seq.output_ids.index(PENDING):]

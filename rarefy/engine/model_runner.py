@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from rarefy.engine.scheduler import ScheduledStep
-from rarefy.engine.sequence import Sequence
+from rarefy.engine.sequence import PENDING, Sequence
 from rarefy.kv.paged import PagedKVCache, StepMeta
 from rarefy.layers.sampler import sample
 
@@ -61,13 +61,20 @@ class ModelRunner:
         if self.device.type == "cuda":
             model.fuse_projections()
 
+    @staticmethod
+    def decode_only(step: ScheduledStep) -> bool:
+        return all(n == 1 and s.num_uncomputed == 1 for s, n in zip(step.seqs, step.num_new))
+
+    def graphable(self, step: ScheduledStep) -> bool:
+        """A decode-only step that a captured graph can run."""
+        return self.use_cuda_graph and len(step.seqs) <= GRAPH_BUCKETS[-1] and self.decode_only(step)
+
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> list[int | None]:
         """Run the step; returns the sampled token of each scheduled sequence (None for a
         prefill chunk that leaves part of its prompt for a later step)."""
-        if (self.use_cuda_graph and len(step.seqs) <= GRAPH_BUCKETS[-1]
-                and all(n == 1 and s.num_uncomputed == 1 for s, n in zip(step.seqs, step.num_new))):
-            return self._run_graph(step)
+        if self.graphable(step):
+            return self.launch_decode(step).tolist()
         ids, pos, last, sampling = [], [], [], []
         start = 0
         for seq, n in zip(step.seqs, step.num_new):
@@ -88,12 +95,19 @@ class ModelRunner:
             self.model(input_ids, positions, self.cache, last_index=torch.tensor([start - 1], device=dev))
             return [None] * len(step.seqs)
         logits = self.model(input_ids, positions, self.cache, last_index=torch.tensor(last, device=dev))
-        tokens = self._sample(logits, sampling)
+        tokens = self._sample(logits, sampling).tolist()
         by_seq = dict(zip((s.seq_id for s in sampling), tokens))
         return [by_seq.get(s.seq_id) for s in step.seqs]
 
-    def _run_graph(self, step: ScheduledStep) -> list[int]:
+    @torch.inference_mode()
+    def launch_decode(self, step: ScheduledStep, prev=None) -> torch.Tensor:
+        """Queue a decode-only step on the GPU as a graph replay; returns its sampled tokens
+        [B] on the device without waiting for them. A sequence whose last token is still
+        PENDING takes it from `prev` = (seqs, tokens) of the step before, on the device, so
+        the host can prepare this step while the GPU still runs that one."""
         B = len(step.seqs)
+        if not self.graphable(step):  # eager (CPU, or no graph for this size): same inputs
+            return self._eager_decode(step, prev)
         bucket = next(b for b in GRAPH_BUCKETS if b >= B)
         g = self._graphs.get(bucket)
         if g is None:
@@ -101,40 +115,60 @@ class ModelRunner:
         blocks = self.cache.blocks
         slots = blocks.append([s.seq_id for s in step.seqs], [1] * B)
         pad = bucket - B
-        table = torch.zeros(bucket, self.max_blocks, dtype=torch.int32)
-        lens = []
-        for row, s in enumerate(step.seqs):
+        bs, width = blocks.block_size, self.max_blocks
+        rows, lens = [], []
+        for s in step.seqs:
             sb = blocks.seqs[s.seq_id]
-            table[row, :len(sb.blocks)] = torch.tensor(sb.blocks, dtype=torch.int32)
-            lens.append(sb.stored(blocks.block_size))
-        host = torch.tensor([[s.token_ids[-1] for s in step.seqs] + [0] * pad,
+            rows.append(sb.blocks + [0] * (width - len(sb.blocks)))
+            lens.append(sb.stored(bs))
+        table = torch.tensor(rows, dtype=torch.int32)
+        last = [s.token_ids[-1] for s in step.seqs]
+        host = torch.tensor([last + [0] * pad,
                              [s.num_tokens - 1 for s in step.seqs] + [0] * pad,
                              [sl[0] for sl in slots] + [-1] * pad,
-                             lens + [0] * pad], dtype=torch.long)
-        host = host.to(self.device, non_blocking=True)
-        g.ids.copy_(host[0, :, None])
+                             lens + [0] * pad], dtype=torch.long).to(self.device, non_blocking=True)
+        g.ids.copy_(self._resolve_ids(host[0], step.seqs, last, prev, pad)[:, None])
         g.positions.copy_(host[1, :, None])
         g.meta.slot_mapping.copy_(host[2, :, None])
         g.meta.seq_lens.copy_(host[3])
-        g.meta.block_tables.copy_(table, non_blocking=True)
+        g.meta.block_tables[:B].copy_(table, non_blocking=True)
+        if pad:
+            g.meta.block_tables[B:].zero_()
         self.cache.meta = g.meta
         g.graph.replay()
         for s in step.seqs:
             s.num_computed += 1
         return self._sample(g.logits[:B], step.seqs)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits: [R, vocab]; each sequence samples with its own parameters and seed."""
-        out = [0] * len(seqs)
-        greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0.0]
-        if greedy:
-            picked = logits[greedy].argmax(dim=-1).tolist()
-            for i, t in zip(greedy, picked):
-                out[i] = t
+    def _resolve_ids(self, ids, seqs, last, prev, pad: int = 0):
+        """Input ids on the device: a PENDING last token is read from the previous step's
+        samples (still on the device)."""
+        if prev is None or PENDING not in last:
+            return ids
+        prev_row = {s.seq_id: r for r, s in enumerate(prev[0])}
+        src = torch.tensor([prev_row[s.seq_id] if t == PENDING else -1 for s, t in zip(seqs, last)] + [-1] * pad,
+                           device=self.device)
+        return torch.where(src >= 0, prev[1][src.clamp_min(0)], ids)
+
+    def _eager_decode(self, step: ScheduledStep, prev) -> torch.Tensor:
+        seqs = step.seqs
+        self.cache.begin_step([s.seq_id for s in seqs], [1] * len(seqs))
+        last = [s.token_ids[-1] for s in seqs]
+        ids = self._resolve_ids(torch.tensor(last, device=self.device), seqs, last, prev)
+        positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
+        logits = self.model(ids[:, None], positions, self.cache)[:, -1]
+        for s in seqs:
+            s.num_computed += 1
+        return self._sample(logits, seqs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits: [R, vocab] → tokens [R] on the device; each sequence samples with its own
+        parameters and seed."""
+        out = logits.argmax(dim=-1)
         for i, s in enumerate(seqs):
             if s.params.temperature == 0.0:
                 continue
             if s.generator is None and s.params.seed is not None:
                 s.generator = torch.Generator(device=self.device).manual_seed(s.params.seed)
-            out[i] = int(sample(logits[i:i + 1], s.params, s.generator)[0])
+            out[i] = sample(logits[i:i + 1], s.params, s.generator)[0]
         return out

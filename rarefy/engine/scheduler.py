@@ -85,6 +85,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if len(seq.output_ids) >= seq.params.max_tokens:
+                continue  # its last token is in flight (pipelined decode); it finishes on read-back
             n = min(seq.num_uncomputed, budget)
             extra = self.blocks.new_blocks(seq.seq_id, n)
             while need + extra > self.blocks.num_free:

@@ -10,6 +10,7 @@ from enum import Enum
 from rarefy.layers.sampler import SamplingParams
 
 _next_id = itertools.count()
+PENDING = -1  # an output token sampled on the GPU that the host has not read yet
 
 
 class SequenceStatus(Enum):

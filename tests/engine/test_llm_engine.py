@@ -92,3 +92,44 @@ def test_abort_frees_blocks_and_bad_requests(tiny):
         eng.add_request([], SamplingParams())
     with pytest.raises(RarefyError, match="context"):
         eng.add_request([5] * 250, SamplingParams(max_tokens=100))
+
+
+@pytest.mark.parametrize("small_cache", [False, True])
+def test_pipelined_decode_equals_sequential(tiny, small_cache):
+    """The pipelined loop (tokens read back one step late) gives the same tokens, including
+    when sequences end on EOS mid-flight, and when a small cache forces preemptions."""
+    prompts, params = prompts_and_params(10, seed=7)
+    want = sequential(tiny, prompts, params)
+    cfg = tiny.model.config
+    per_block = 8 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    opts = EngineOptions(kv_dtype="fp32", block_size=8, max_step_tokens=48, pipeline=True,
+                         kv_memory_bytes=(12 if small_cache else 200) * per_block)
+    llm = LLM(loaded=tiny, options=opts)
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert llm.engine.cache.allocator.num_used == 0 and not llm.engine.has_work
+    # EOS: make a token that greedy decoding produces mid-sequence the end-of-sequence token
+    eos = want[0][len(want[0]) // 2] if len(want[0]) > 2 else want[0][0]
+    llm.engine.eos = {eos}
+    p_eos = [SamplingParams(max_tokens=sp.max_tokens) for sp in params]
+    outs = llm.generate(prompts, p_eos)
+    for o, w in zip(outs, want):
+        cut = w.index(eos) + 1 if eos in w else len(w)
+        assert o.token_ids == w[:cut]
+        assert o.finish_reason == ("stop" if eos in w else "length")
+    assert llm.engine.cache.allocator.num_used == 0
+
+
+def test_pipelined_abort_mid_flight(tiny):
+    llm = LLM(loaded=tiny, options=EngineOptions(kv_dtype="fp32", block_size=4, pipeline=True))
+    eng = llm.engine
+    a = eng.add_request([5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True))
+    b = eng.add_request([8, 9], SamplingParams(max_tokens=6, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    assert eng._inflight is not None
+    eng.abort(a)
+    assert -1 not in a.output_ids and a.finish_reason == "abort"
+    while eng.has_work:
+        eng.step()
+    assert len(b.output_ids) == 6 and eng.cache.allocator.num_used == 0
