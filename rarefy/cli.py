@@ -34,11 +34,13 @@ def _register_commands() -> None:
     from rarefy.commands.prune import prune
     from rarefy.commands.quantize import quantize
     from rarefy.commands.roofline import roofline
+    from rarefy.commands.serve import serve
     from rarefy.commands.train_predictors import train_predictors_cmd
     app.command("analyze")(analyze)
     app.command("prune")(prune)
     app.command("quantize")(quantize)
     app.command("roofline")(roofline)
+    app.command("serve")(serve)
     app.command("compile")(compile_model)
     app.command("calibrate-activations")(calibrate_activations)
     app.command("train-predictors")(train_predictors_cmd)

@@ -110,6 +110,7 @@ class RequestStream:
         self.engine, self.request_id, self.loop = engine, request_id, loop
         self.queue = queue if queue is not None else asyncio.Queue()
         self.arrival = time.monotonic()
+        self.tokens = 0  # generated so far (counted by the engine thread)
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.finished = False
@@ -257,7 +258,7 @@ class AsyncEngine:
                 eng.abort(seq)
                 self.stats.finished["abort"] += 1
                 out[stream.loop].append((stream, RequestOutput(
-                    seq.request_id, None, "", True, "abort", len(seq.prompt_ids), len(seq.output_ids),
+                    seq.request_id, None, "", True, "abort", len(seq.prompt_ids), stream.tokens,
                     seq.text, list(seq.output_ids))))
 
     def _step(self, out) -> None:
@@ -274,11 +275,14 @@ class AsyncEngine:
             if entry is None or entry[0] is not seq:
                 continue
             stream = entry[1]
-            self.stats.generated_tokens += r.new_token is not None
+            if r.new_token is not None:
+                self.stats.generated_tokens += 1
+                stream.tokens += 1  # counted here: output_ids may hold a token still on the device
             o = RequestOutput(seq.request_id, r.new_token, r.text_delta, r.finished,
-                              prompt_tokens=len(seq.prompt_ids), output_tokens=len(seq.output_ids))
+                              prompt_tokens=len(seq.prompt_ids), output_tokens=stream.tokens)
             if r.finished:
                 o.finish_reason, o.text, o.token_ids = seq.finish_reason, seq.text, list(seq.output_ids)
+                o.output_tokens = len(o.token_ids)
                 del self._active[seq.request_id]
                 self.stats.finished[seq.finish_reason] += 1
                 self.stats.preemptions += seq.num_preemptions
@@ -301,7 +305,7 @@ class AsyncEngine:
                 log.exception("aborting %s failed", rid)
             out[stream.loop].append((stream, RequestOutput(rid, None, "", True, error=error,
                                                            prompt_tokens=len(seq.prompt_ids),
-                                                           output_tokens=len(seq.output_ids))))
+                                                           output_tokens=stream.tokens)))
         self._active.clear()
         self._send(out)
 
