@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 from typing import Optional
 
@@ -63,9 +62,8 @@ def quantize(
     meta = {
         "format": to, "group_size": group_size,
         "granularity": ("group" if group_size else ("tensor" if to == "ternary" else "channel")),
-        "scale_dtype": scale_dtype, "skip": list(patterns), "skipped": report.skipped,
-        "kept_lowbit": report.kept, "source": os.path.abspath(source),
-        "date": datetime.date.today().isoformat(),
+        "scale_dtype": str(scale_dtype_of(scale_dtype)).removeprefix("torch."), "skip": list(patterns),
+        "skipped": report.skipped, "kept_lowbit": report.kept,
     }
     dtype = DTYPES[save_dtype] if save_dtype else _default_save_dtype(loaded)
     summary = save_lowbit(loaded.model, out, source_path=source, tokenizer_files_from=loaded.tokenizer,
