@@ -32,6 +32,7 @@ class EngineOptions:
     max_num_seqs: int = 64
     max_step_tokens: int = 1024
     use_cuda_graph: bool = True  # CUDA: replay captured graphs for decode-only steps
+    compile: bool = False  # CUDA: torch.compile the decode step before capture (slow warm-up per bucket)
     pipeline: bool | None = None  # overlap host work with the GPU's decode (default: with CUDA graphs)
 
 
@@ -55,7 +56,7 @@ class LLMEngine:
         self.cache = PagedKVCache.for_model(cfg, device=model.device, kv_dtype=o.kv_dtype,
                                             block_size=o.block_size, policy=o.attention_policy, **size)
         self.scheduler = Scheduler(self.cache.blocks, o.max_num_seqs, o.max_step_tokens)
-        self.runner = ModelRunner(model, self.cache, o.use_cuda_graph)
+        self.runner = ModelRunner(model, self.cache, o.use_cuda_graph, compile=o.compile)
         self.eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
         self._emitted: dict[int, int] = {}
         self._inflight = None  # (seqs, device tokens) of a launched step not yet read back

@@ -25,7 +25,7 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 class _DecodeGraph:
     """A decode step of `batch` rows captured once; static inputs refilled per replay."""
 
-    def __init__(self, model, cache: PagedKVCache, batch: int, max_blocks: int):
+    def __init__(self, model, cache: PagedKVCache, batch: int, max_blocks: int, compile: bool = False):
         dev = model.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -37,6 +37,8 @@ class _DecodeGraph:
             q_start=torch.zeros(batch, dtype=torch.long, device=dev),
             token_start=list(range(batch)), max_len=max_blocks * cache.block_size)
         cache.meta = self.meta
+        if compile:  # fuse the step's small element-wise kernels before capturing
+            model = torch.compile(model, dynamic=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compile/autotune the kernels outside the capture
@@ -49,8 +51,10 @@ class _DecodeGraph:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, use_cuda_graph: bool = True, max_model_len: int | None = None):
+    def __init__(self, model, cache: PagedKVCache, use_cuda_graph: bool = True, max_model_len: int | None = None,
+                 compile: bool = False):
         self.model, self.cache = model, cache
+        self.compile = compile
         self.device = model.device
         # masking policies (top-k, threshold, entropy) gather with data-dependent shapes
         maskers = [p for p in cache.layer_policy if p is not None and p is not cache.evict_policy]
@@ -111,7 +115,7 @@ class ModelRunner:
         bucket = next(b for b in GRAPH_BUCKETS if b >= B)
         g = self._graphs.get(bucket)
         if g is None:
-            g = self._graphs[bucket] = _DecodeGraph(self.model, self.cache, bucket, self.max_blocks)
+            g = self._graphs[bucket] = _DecodeGraph(self.model, self.cache, bucket, self.max_blocks, self.compile)
         blocks = self.cache.blocks
         slots = blocks.append([s.seq_id for s in step.seqs], [1] * B)
         pad = bucket - B
@@ -123,11 +127,15 @@ class ModelRunner:
             lens.append(sb.stored(bs))
         table = torch.tensor(rows, dtype=torch.int32)
         last = [s.token_ids[-1] for s in step.seqs]
+        # One host tensor, one non-blocking copy: a blocking one (torch.tensor(..., device=))
+        # would wait for the step still running on the GPU and undo the pipelining.
         host = torch.tensor([last + [0] * pad,
                              [s.num_tokens - 1 for s in step.seqs] + [0] * pad,
                              [sl[0] for sl in slots] + [-1] * pad,
-                             lens + [0] * pad], dtype=torch.long).to(self.device, non_blocking=True)
-        g.ids.copy_(self._resolve_ids(host[0], step.seqs, last, prev, pad)[:, None])
+                             lens + [0] * pad,
+                             self._pending_rows(step.seqs, last, prev) + [-1] * pad],
+                            dtype=torch.long).to(self.device, non_blocking=True)
+        g.ids.copy_(self._resolve_ids(host[0], host[4], prev)[:, None])
         g.positions.copy_(host[1, :, None])
         g.meta.slot_mapping.copy_(host[2, :, None])
         g.meta.seq_lens.copy_(host[3])
@@ -140,21 +148,27 @@ class ModelRunner:
             s.num_computed += 1
         return self._sample(g.logits[:B], step.seqs)
 
-    def _resolve_ids(self, ids, seqs, last, prev, pad: int = 0):
-        """Input ids on the device: a PENDING last token is read from the previous step's
-        samples (still on the device)."""
+    @staticmethod
+    def _pending_rows(seqs, last, prev) -> list[int]:
+        """For each row, the row of the previous step holding its PENDING last token, else -1."""
         if prev is None or PENDING not in last:
-            return ids
+            return [-1] * len(seqs)
         prev_row = {s.seq_id: r for r, s in enumerate(prev[0])}
-        src = torch.tensor([prev_row[s.seq_id] if t == PENDING else -1 for s, t in zip(seqs, last)] + [-1] * pad,
-                           device=self.device)
+        return [prev_row[s.seq_id] if t == PENDING else -1 for s, t in zip(seqs, last)]
+
+    @staticmethod
+    def _resolve_ids(ids, src, prev):
+        """Input ids on the device, PENDING ones read from the previous step's samples."""
+        if prev is None:
+            return ids
         return torch.where(src >= 0, prev[1][src.clamp_min(0)], ids)
 
     def _eager_decode(self, step: ScheduledStep, prev) -> torch.Tensor:
         seqs = step.seqs
         self.cache.begin_step([s.seq_id for s in seqs], [1] * len(seqs))
         last = [s.token_ids[-1] for s in seqs]
-        ids = self._resolve_ids(torch.tensor(last, device=self.device), seqs, last, prev)
+        host = torch.tensor([last, self._pending_rows(seqs, last, prev)]).to(self.device, non_blocking=True)
+        ids = self._resolve_ids(host[0], host[1], prev)
         positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
         logits = self.model(ids[:, None], positions, self.cache)[:, -1]
         for s in seqs:
