@@ -23,7 +23,8 @@ Bytes are what the kernel must read and write: K + V as stored, their float16 sc
 (quantized dtypes), the block tables, seq_lens, the query and the output. TB/s = bytes /
 time; "% copy" compares it with the device-to-device copy bandwidth (read + write)
 measured in the same run. ``--sweep`` also times one-at-a-time changes to the plan
-(splits, tile, stages, warps, dot/FMA) at the target points, for tuning plan_decode.
+(splits, tile, stages, warps, dot/FMA, fused/separate reduction) at the target points, for
+tuning plan_decode.
 """
 
 from __future__ import annotations
@@ -364,6 +365,8 @@ class _Runner:
             if w != base.num_warps:
                 variants[f"warps={w}"] = dict(num_warps=w)
         variants["fma" if base.use_dot else "dot"] = dict(use_dot=not base.use_dot)
+        if s > 1:
+            variants["two kernels" if base.fused_reduce else "fused reduce"] = dict(fused_reduce=not base.fused_reduce)
         ref = None
         for label, kw in variants.items():
             r = dict(kv_dtype=case.kv_dtype, ctx=case.ctx, batch=case.batch, variant=label, us=None, tbs=None,

@@ -178,16 +178,17 @@ def _dot_ok_in_interpreter(q_dtype, kv_dtype, dec):
     return CUDA or dec.dot_code(q_dtype, kv_dtype) != dec._DOT_BF16
 
 
-def _variants(c, dec, combos=((True, 1), (True, 3), (False, 2))):
-    """(label, plan) pairs: (tl.dot or FMA, splits) with 16-token tiles (many iterations),
-    then the default plan."""
+def _variants(c, dec, combos=((True, 1, True), (True, 3, False), (False, 2, True))):
+    """(label, plan) pairs: (tl.dot or FMA, splits, fused reduction) with 16-token tiles (many
+    iterations), then the default plan."""
     q, kc, bt, kvd = c["q"], c["k_cache"], c["block_tables"], c["kv_dtype"]
     out = []
-    for use_dot, splits in combos:
+    for use_dot, splits, fused in combos:
         if use_dot and not _dot_ok_in_interpreter(q.dtype, kvd, dec):
             continue
-        out.append((f"dot={use_dot} splits={splits}",
-                    dec.make_plan(q, kc, bt, kvd, num_splits=splits, use_dot=use_dot, tile_n=16)))
+        out.append((f"dot={use_dot} splits={splits} fused={fused}",
+                    dec.make_plan(q, kc, bt, kvd, num_splits=splits, use_dot=use_dot, tile_n=16,
+                                  fused_reduce=fused)))
     default = dec.make_plan(q, kc, bt, kvd)
     if not default.use_dot or _dot_ok_in_interpreter(q.dtype, kvd, dec):
         out.append(("default", default))
@@ -214,7 +215,7 @@ def test_triton_decode_matches_reference(dec, kv_dtype, case):
 def test_triton_decode_half_queries(dec, q_dtype, kv_dtype):
     c = make_case([37, 1, 64, 0, 100], 8, 2, 64, 16, kv_dtype, seed=3, q_dtype=q_dtype)
     ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.1)
-    for label, plan in _variants(c, dec, combos=((True, 2), (False, 1))):
+    for label, plan in _variants(c, dec, combos=((True, 2, True), (False, 1, True))):
         y = dec.paged_decode_attention_triton(*args(c), 0.1, plan=plan)
         assert y.dtype == q_dtype
         assert rel_err(y, ref) < OUT_TOL[q_dtype], label
@@ -224,11 +225,16 @@ def test_triton_decode_short_sequences_leave_splits_empty(dec):
     # max_seq_len far above the real lengths: most splits of every sequence have no tokens
     # (LSE -inf), one sequence is empty, and the reduction must still be exact.
     c = make_case([1, 2, 0, 17], 4, 2, 32, 8, "fp16", seed=4, extra_blocks=20)
-    plan = dec.make_plan(c["q"], c["k_cache"], c["block_tables"], "fp16", num_splits=7, tile_n=16,
-                         max_seq_len=200)
-    y = dec.paged_decode_attention_triton(*args(c), 0.3, plan=plan)
-    assert rel_err(y, paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.3)) < 2e-6
-    assert float(y[2].abs().max()) == 0.0
+    ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.3)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEV)
+    for fused, launches in ((True, 2), (False, 1)):  # fused twice: the counters must be re-armed
+        plan = dec.make_plan(c["q"], c["k_cache"], c["block_tables"], "fp16", num_splits=7, tile_n=16,
+                             max_seq_len=200, fused_reduce=fused)
+        for _ in range(launches):
+            y = dec.paged_decode_attention_triton(*args(c), 0.3, plan=plan, counters=counters)
+            assert rel_err(y, ref) < 2e-6
+            assert float(y[2].abs().max()) == 0.0
+            assert int(counters.abs().sum()) == 0
 
 
 def test_triton_decode_plan_too_small_is_still_right(dec):
@@ -260,7 +266,7 @@ def _bits(t):
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_store_bit_identical(st, kv_dtype, x_dtype):
-    n, hkv, d, bs, nb = 24, 2, 64, 16, 4
+    n, hkv, d, bs, nb = 14, 2, 64, 16, 2
     k, v = _store_inputs(n, hkv, d, x_dtype, seed=1)
     slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(2))[:n]
     slots[7] = -1  # padding: skipped
@@ -314,7 +320,8 @@ def test_plan_shapes():
     p = plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132)
     assert p.grid[:2] == (1, 8) and p.grid[2] == p.num_splits > 1
     assert p.num_splits * p.tokens_per_split >= 32768 and p.tokens_per_split % p.tile_n == 0
-    assert p.reduce_grid == (1, 32) and p.use_dot and p.group == 4 and p.group_pad == 16
+    assert p.fused_reduce and p.reduce_grid is None and p.use_dot and p.group == 4 and p.group_pad == 16
+    assert plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132, fused_reduce=False).reduce_grid == (1, 32)
     assert p.programs >= 2 * 132 * 0.9 and p.smem_bytes > 0 and p.occupancy >= 1
     p = plan_decode(32, 4096, 32, 8, 128, "bf16", 16, 132)
     assert p.programs >= 132

@@ -15,8 +15,15 @@ so a plan made for a too-small ``max_seq_len`` is slow, never wrong). It walks t
 iteration, loads each K and V tile once for all ``group = num_heads // num_kv_heads`` query
 heads of the KV head (padded to ``group_pad`` rows), and keeps an fp32 online softmax.
 With ``num_splits == 1`` it writes the output directly; otherwise it writes each split's
-normalised partial output and log-sum-exp, and a reduction kernel with grid
-``reduce_grid = (batch, num_heads)`` combines them.
+normalised partial output and log-sum-exp (fp32 workspace, ``workspace_bytes``) and they are
+combined by the LSE weights either
+
+* in the same launch (``fused_reduce``, the default): the last split of each
+  (sequence, KV head) to finish, found with an arrival counter (one int32 atomic per
+  program, reset by that last program, so CUDA graphs can replay it), combines the
+  partials of its ``group`` query heads; or
+* by a second kernel with grid ``reduce_grid = (batch, num_heads)`` (``fused_reduce=False``;
+  ``reduce_grid`` is None otherwise).
 
 Choosing the split count
 ------------------------
@@ -117,7 +124,8 @@ class DecodePlan:
     num_stages: int
     smem_bytes: int                     # estimated shared memory per program (module doc formula)
     occupancy: int                      # estimated resident programs per SM
-    reduce_grid: tuple[int, int] | None  # (batch, num_heads) when num_splits > 1, else None
+    fused_reduce: bool                  # splits combined by the last program of each (b, kv head)
+    reduce_grid: tuple[int, int] | None  # (batch, num_heads): the separate reduction kernel, if any
     workspace_bytes: int                # fp32 partial outputs + LSEs (0 with one split)
     sm_count: int
 
@@ -126,7 +134,8 @@ class DecodePlan:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
     def describe(self) -> str:
-        red = f", reduce {self.reduce_grid[0]}x{self.reduce_grid[1]}" if self.reduce_grid else ""
+        red = f", reduce {self.reduce_grid[0]}x{self.reduce_grid[1]}" if self.reduce_grid else \
+            (", fused reduce" if self.fused_reduce else "")
         kind = "dot" if self.use_dot else "fma"
         return (f"grid {self.grid[0]}x{self.grid[1]}x{self.grid[2]} ({self.programs} programs), "
                 f"{self.tokens_per_split} tok/split, tile {self.tile_n}, {kind} g{self.group}->{self.group_pad}, "
@@ -166,13 +175,13 @@ def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, tile_n: int, 
 def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
                 kv_dtype: str, block_size: int, sm_count: int, *, num_splits: int | None = None,
                 use_dot: bool | None = None, tile_n: int | None = None, num_stages: int | None = None,
-                num_warps: int | None = None, min_programs_per_sm: int = 2,
+                num_warps: int | None = None, fused_reduce: bool = True, min_programs_per_sm: int = 2,
                 smem_per_sm: int = SMEM_PER_SM) -> DecodePlan:
     """The launch of the Triton decode kernel for this shape (see the module doc).
 
     ``max_seq_len`` is the longest context in the batch (the block-table capacity when it is
     not known on the host). Keyword overrides (``num_splits``, ``use_dot``, ``tile_n``,
-    ``num_stages``, ``num_warps``) replace the heuristic's choice; the kernel launches with
+    ``num_stages``, ``num_warps``, ``fused_reduce``) replace the heuristic's choice; the kernel launches with
     whatever plan it is given, so benchmarks can sweep them.
     """
     _validate(batch, max_seq_len, num_heads, num_kv_heads, head_dim, block_size, sm_count)
@@ -216,10 +225,11 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     by_regs = 65536 // (128 * 32 * num_warps)
     occupancy = max(1, min(by_smem, by_regs))
 
-    reduce_grid = (batch, num_heads) if num_splits > 1 else None
+    fused = bool(fused_reduce) and num_splits > 1
+    reduce_grid = (batch, num_heads) if num_splits > 1 and not fused else None
     workspace = batch * num_heads * num_splits * (head_dim + 1) * 4 if num_splits > 1 else 0
     return DecodePlan(grid=(batch, num_kv_heads, num_splits), num_splits=num_splits, tokens_per_split=tps,
                       tile_n=tile_n, pages_per_tile=pages_per_tile, group=group, group_pad=group_pad,
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages, smem_bytes=smem,
-                      occupancy=occupancy, reduce_grid=reduce_grid, workspace_bytes=workspace,
+                      occupancy=occupancy, fused_reduce=fused, reduce_grid=reduce_grid, workspace_bytes=workspace,
                       sm_count=sm_count)

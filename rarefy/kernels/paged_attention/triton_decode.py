@@ -25,9 +25,18 @@
 
   One split writes ``out`` directly; several write a normalised partial output and its
   log-sum-exp (base 2) to fp32 workspaces. A split with no tokens (short sequence)
-  writes LSE = -inf; a sequence of length 0 produces zeros.
-* ``_reduce_kernel``, grid ``(batch, num_heads)``: combines the partials of each head
-  weighted by ``exp2(lse_s - max lse)``.
+  writes LSE = -inf; a sequence of length 0 produces zeros. With ``fused_reduce`` (the
+  default) each program then bumps the arrival counter of its (sequence, KV head) (an
+  acq_rel atomic after a barrier, the pattern of rarefy.kernels.gemv's split-K) and the
+  last to arrive combines the splits of the group's heads (``_combine``, reading the
+  partials with ``.cg`` loads) and resets the counter to zero.
+* ``_reduce_kernel``, grid ``(batch, num_heads)`` (``fused_reduce=False``): combines the
+  partials of each head weighted by ``exp2(lse_s - max lse)``.
+
+The arrival counters are one int32 per (sequence, KV head), zero between launches, cached
+per device (64K of them up front, grown outside graph capture; a launch that would need more
+while a graph is being captured falls back to the two-kernel reduction). Launches running
+concurrently on different streams of one device must not share them: pass ``counters=``.
 
 No host synchronisation and no data-dependent allocation: CUDA-graph capturable. The split
 count and tokens per split are runtime arguments, so a changing context length never
@@ -54,7 +63,7 @@ _DOT_F32, _DOT_BF16, _DOT_F16 = 0, 1, 2
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, sl_ptr, out_ptr, po_ptr, plse_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, sl_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
@@ -68,9 +77,11 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     SPLIT: tl.constexpr,
+    FUSED: tl.constexpr,
     QUANT: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -167,6 +178,54 @@ def _decode_kernel(
         tl.store(po_ptr + hrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_mask[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(plse_ptr + hrow, lse, mask=g_mask)
+        if FUSED:
+            # The last split of (b, kvh) to arrive combines all splits of its GROUP heads.
+            tl.debug_barrier()  # every thread's partial stores are issued before the release
+            cnt = cnt_ptr + b * tl.num_programs(1) + kvh
+            arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                for g in range(GROUP):
+                    head = kvh * GROUP + g
+                    base = (b * (tl.num_programs(1) * GROUP) + head).to(tl.int64) * num_splits
+                    _combine(po_ptr, plse_ptr, out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh, base,
+                             num_splits, HEAD_DIM, CHUNK, True)
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # re-armed for the next launch
+
+
+@triton.jit
+def _load_cg(ptrs, mask, other, CG: tl.constexpr):
+    if CG:  # written by other programs of this launch: read from L2, never a stale L1 line
+        return tl.load(ptrs, mask=mask, other=other, cache_modifier=".cg")
+    else:
+        return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
+def _combine(po_ptr, plse_ptr, o_ptr, base, num_splits, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+             CG: tl.constexpr):
+    """out = sum_s exp2(lse_s - max) * po_s / sum_s exp2(lse_s - max) over one head's splits
+    (rows base .. base + num_splits of the workspaces); zeros when every split is empty."""
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    m = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), axis=0)
+    for c in range(0, num_splits, CHUNK):
+        lse = _load_cg(plse_ptr + base + c + offs_c, c + offs_c < num_splits, float("-inf"), CG)
+        m = tl.maximum(m, tl.max(lse, axis=0))
+
+    m = tl.where(m > float("-inf"), m, 0.0)  # all splits empty (length 0): keep -inf - m finite-free
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    den = tl.sum(tl.zeros([CHUNK], tl.float32), axis=0)
+    for c in range(0, num_splits, CHUNK):
+        rows = c + offs_c
+        lse = _load_cg(plse_ptr + base + rows, rows < num_splits, float("-inf"), CG)
+        live = lse > float("-inf")
+        w = tl.exp2(lse - m)  # 0 for an empty split
+        part = _load_cg(po_ptr + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], live[:, None], 0.0, CG)
+        acc += tl.sum(w[:, None] * part, axis=0)
+        den += tl.sum(w, axis=0)
+    o = acc / tl.where(den > 0.0, den, 1.0)
+    tl.store(o_ptr + offs_d, o.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -180,27 +239,8 @@ def _reduce_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     base = (b * NUM_HEADS + h).to(tl.int64) * num_splits
-    offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM)
-
-    m = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), axis=0)
-    for c in range(0, num_splits, CHUNK):
-        lse = tl.load(plse_ptr + base + c + offs_c, mask=c + offs_c < num_splits, other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse, axis=0))
-
-    m = tl.where(m > float("-inf"), m, 0.0)  # all splits empty (length 0): keep -inf - m finite-free
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    den = tl.sum(tl.zeros([CHUNK], tl.float32), axis=0)
-    for c in range(0, num_splits, CHUNK):
-        rows = c + offs_c
-        lse = tl.load(plse_ptr + base + rows, mask=rows < num_splits, other=float("-inf"))
-        live = lse > float("-inf")
-        w = tl.exp2(lse - m)  # 0 for an empty split
-        part = tl.load(po_ptr + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
-        acc += tl.sum(w[:, None] * part, axis=0)
-        den += tl.sum(w, axis=0)
-    o = acc / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+    _combine(po_ptr, plse_ptr, out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh, base, num_splits,
+             HEAD_DIM, CHUNK, False)
 
 
 # --------------------------------------------------------------------------
@@ -249,13 +289,29 @@ def make_plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor
                        sm_count_of(q.device), num_splits=num_splits, **overrides)
 
 
+_COUNTERS: dict = {}
+
+
+def counters_for(device: torch.device, n: int) -> torch.Tensor | None:
+    """The device's cached zeroed arrival counters (at least n), or None when they would have to
+    grow during CUDA-graph capture."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16, 2 * (0 if buf is None else buf.numel())),
+                                              dtype=torch.int32, device=device)
+    return buf
+
+
 def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, kv_dtype,
                                   sm_scale, num_splits=None, max_seq_len=None, plan: DecodePlan | None = None,
-                                  return_kernel: bool = False):
+                                  return_kernel: bool = False, counters: torch.Tensor | None = None):
     """Launch the kernels (inputs are validated by the dispatcher in ``__init__``).
 
     ``plan`` replaces :func:`make_plan`'s; ``return_kernel`` also returns the compiled main
-    kernel (its ``metadata.shared`` is the real shared memory per program).
+    kernel (its ``metadata.shared`` is the real shared memory per program); ``counters``
+    (int32 zeros, >= batch * num_kv_heads) replaces the cached arrival counters.
     """
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
@@ -269,11 +325,17 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         plse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         po = plse = out  # unused
+    fused = plan.fused_reduce and splits > 1
+    cnt = None
+    if fused:
+        cnt = counters if counters is not None else counters_for(q.device, batch * num_kv_heads)
+        fused = cnt is not None
+    chunk = 16 if splits > 8 else 8  # few distinct values: no recompiles as the split count changes
     ks = k_scale if quant else k_cache
     vs = v_scale if quant else v_cache
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
     kernel = _decode_kernel[plan.grid](
-        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse,
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
         float(sm_scale) * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -282,13 +344,12 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         out.stride(0), out.stride(1),
         plan.tokens_per_split, splits,
         GROUP=plan.group, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=plan.tile_n, SPLIT=splits > 1, QUANT=quant, USE_DOT=plan.use_dot,
-        DOT=dot_code(q.dtype, kv_dtype),
+        TILE_N=plan.tile_n, SPLIT=splits > 1, FUSED=fused, QUANT=quant, USE_DOT=plan.use_dot,
+        DOT=dot_code(q.dtype, kv_dtype), CHUNK=chunk,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    if splits > 1:
-        chunk = 16 if splits > 8 else 8  # few distinct values: no recompiles as the split count changes
-        _reduce_kernel[plan.reduce_grid](
+    if splits > 1 and not fused:
+        _reduce_kernel[(batch, num_heads)](
             po, plse, out, out.stride(0), out.stride(1), splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, CHUNK=chunk,
             num_warps=4 if head_dim * chunk >= 2048 else 2,
