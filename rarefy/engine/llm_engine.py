@@ -59,7 +59,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, o.use_cuda_graph, compile=o.compile)
         self.eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
         self._emitted: dict[int, int] = {}
-        self._inflight = None  # (seqs, device tokens) of a launched step not yet read back
+        self._inflight = None  # InFlight: a launched step whose tokens are not read back yet
         self.pipeline = self.runner.use_cuda_graph if o.pipeline is None else o.pipeline
         self.max_context = cfg.max_position_embeddings
 
@@ -102,7 +102,7 @@ class LLMEngine:
             for seq in step.seqs:
                 seq.output_ids.append(PENDING)
             outs += self._resolve()
-            self._inflight = (step.seqs, tokens)
+            self._inflight = tokens
             return outs
         if self._inflight is not None:
             outs += self._resolve()
@@ -120,14 +120,16 @@ class LLMEngine:
         """Read back the in-flight step's tokens and post-process them."""
         if self._inflight is None:
             return []
-        seqs, tokens = self._inflight
-        self._inflight = None
+        flight, self._inflight = self._inflight, None
         outs = []
-        for seq, tok in zip(seqs, tokens.tolist()):
+        for seq, tok in zip(flight.seqs, flight.read()):
             if seq.is_finished:  # ended (or was aborted) while this step was in flight
                 continue
-            i = seq.output_ids.index(PENDING)
-            seq.output_ids[i] = tok
+            ids = seq.output_ids
+            i = len(ids) - 1  # the first PENDING: at most one newer step is in flight
+            while i > 0 and ids[i - 1] == PENDING:
+                i -= 1
+            ids[i] = tok
             outs.append(self._postprocess(seq, i + 1))
         return outs
 

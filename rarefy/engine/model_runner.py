@@ -12,6 +12,8 @@ metadata from static buffers that each replay refills.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rarefy.engine.scheduler import ScheduledStep
@@ -20,6 +22,20 @@ from rarefy.kv.paged import PagedKVCache, StepMeta
 from rarefy.layers.sampler import sample
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class InFlight:
+    """A launched step's sampled tokens: on the device, and (once `done`) on the host."""
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [B] on the device
+    host: torch.Tensor  # [B] pinned host copy, valid after `done`
+    done: object  # torch.cuda.Event, or None on the CPU
+
+    def read(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 class _DecodeGraph:
@@ -78,7 +94,7 @@ class ModelRunner:
         """Run the step; returns the sampled token of each scheduled sequence (None for a
         prefill chunk that leaves part of its prompt for a later step)."""
         if self.graphable(step):
-            return self.launch_decode(step).tolist()
+            return self.launch_decode(step).read()
         ids, pos, last, sampling = [], [], [], []
         start = 0
         for seq, n in zip(step.seqs, step.num_new):
@@ -106,8 +122,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch_decode(self, step: ScheduledStep, prev=None) -> torch.Tensor:
         """Queue a decode-only step on the GPU as a graph replay; returns its sampled tokens
-        [B] on the device without waiting for them. A sequence whose last token is still
-        PENDING takes it from `prev` = (seqs, tokens) of the step before, on the device, so
+        as an InFlight without waiting for them. A sequence whose last token is still
+        PENDING takes it from `prev` (the InFlight of the step before) on the device, so
         the host can prepare this step while the GPU still runs that one."""
         B = len(step.seqs)
         if not self.graphable(step):  # eager (CPU, or no graph for this size): same inputs
@@ -126,7 +142,7 @@ class ModelRunner:
             rows.append(sb.blocks + [0] * (width - len(sb.blocks)))
             lens.append(sb.stored(bs))
         table = torch.tensor(rows, dtype=torch.int32)
-        last = [s.token_ids[-1] for s in step.seqs]
+        last = [s.last_token for s in step.seqs]
         # One host tensor, one non-blocking copy: a blocking one (torch.tensor(..., device=))
         # would wait for the step still running on the GPU and undo the pipelining.
         host = torch.tensor([last + [0] * pad,
@@ -146,14 +162,25 @@ class ModelRunner:
         g.graph.replay()
         for s in step.seqs:
             s.num_computed += 1
-        return self._sample(g.logits[:B], step.seqs)
+        return self._in_flight(step.seqs, self._sample(g.logits[:B], step.seqs))
+
+    def _in_flight(self, seqs, tokens: torch.Tensor) -> "InFlight":
+        """Start copying the sampled tokens to the host now, ahead of the next step in the
+        stream: reading them later with .tolist() would wait for that next step too."""
+        if tokens.device.type != "cuda":
+            return InFlight(seqs, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return InFlight(seqs, tokens, host, done)
 
     @staticmethod
     def _pending_rows(seqs, last, prev) -> list[int]:
         """For each row, the row of the previous step holding its PENDING last token, else -1."""
         if prev is None or PENDING not in last:
             return [-1] * len(seqs)
-        prev_row = {s.seq_id: r for r, s in enumerate(prev[0])}
+        prev_row = {s.seq_id: r for r, s in enumerate(prev.seqs)}
         return [prev_row[s.seq_id] if t == PENDING else -1 for s, t in zip(seqs, last)]
 
     @staticmethod
@@ -161,19 +188,19 @@ class ModelRunner:
         """Input ids on the device, PENDING ones read from the previous step's samples."""
         if prev is None:
             return ids
-        return torch.where(src >= 0, prev[1][src.clamp_min(0)], ids)
+        return torch.where(src >= 0, prev.tokens[src.clamp_min(0)], ids)
 
     def _eager_decode(self, step: ScheduledStep, prev) -> torch.Tensor:
         seqs = step.seqs
         self.cache.begin_step([s.seq_id for s in seqs], [1] * len(seqs))
-        last = [s.token_ids[-1] for s in seqs]
+        last = [s.last_token for s in seqs]
         host = torch.tensor([last, self._pending_rows(seqs, last, prev)]).to(self.device, non_blocking=True)
         ids = self._resolve_ids(host[0], host[1], prev)
         positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
         logits = self.model(ids[:, None], positions, self.cache)[:, -1]
         for s in seqs:
             s.num_computed += 1
-        return self._sample(logits, seqs)
+        return self._in_flight(seqs, self._sample(logits, seqs))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits: [R, vocab] → tokens [R] on the device; each sequence samples with its own
