@@ -149,3 +149,81 @@ def attention(
     if as_json:
         emit_json(result)
     typer.echo(ab.format_table(result))
+
+
+@bench_app.command("serve")
+@user_errors
+def serve_bench(
+    url: Optional[str] = typer.Option(None, "--url", help="a running OpenAI-compatible server, e.g. "
+                                      "http://127.0.0.1:8000 (default: start rarefy's in this process)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RAREFY_API_KEY", help="the server's key"),
+    num_prompts: int = typer.Option(32, "--num-prompts", "-n", help="requests per concurrency level"),
+    concurrency: str = typer.Option("1,8", "--concurrency", help="comma list: requests in flight, one run each"),
+    request_rate: float = typer.Option(float("inf"), "--request-rate",
+                                       help="Poisson arrivals per second (default inf: all at once, "
+                                            "--concurrency at a time)"),
+    dataset: str = typer.Option("synthetic", "--dataset", help="synthetic (random token ids) or wikitext "
+                                "(WikiText-2 validation paragraphs)"),
+    dataset_path: Optional[str] = typer.Option(None, "--dataset-path", help="the WikiText-2 valid.txt to use"),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", help="tokens per prompt"),
+    output_tokens: int = typer.Option(64, "--output-tokens", help="tokens generated per request (ignore_eos)"),
+    warmup: int = typer.Option(2, "--warmup", help="unmeasured requests first"),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="in-process server: HF checkpoint directory "
+                                        "or GGUF file (default: the embedded SmolLM2-135M-Instruct)"),
+    device: str = typer.Option("cpu", "--device", help="in-process server: cpu or cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="in-process server: auto, fp32, fp16w, bf16, fp16"),
+    sparse: str = typer.Option("auto", "--sparse", help="in-process server: as for rarefy serve"),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="in-process server"),
+    max_step_tokens: int = typer.Option(1024, "--max-step-tokens", help="in-process server"),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype", help="in-process server: auto, bf16, fp16, fp32, fp8_e4m3, "
+                                 "fp8_e5m2, int8"),
+    kv_block_size: int = typer.Option(16, "--kv-block-size", help="in-process server"),
+    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="in-process server, e.g. 2GiB"),
+    attention_policy: Optional[str] = typer.Option(None, "--attention-policy", help="in-process server"),
+    out: Optional[str] = typer.Option(None, "--out", help="write the results as markdown to this file"),
+    as_json: bool = JsonOpt,
+):
+    """Load-test a server: requests/s, output tokens/s, TTFT and time per output token p50/p90/p99."""
+    import math
+
+    from rarefy.bench import serve as sb
+
+    try:
+        levels = tuple(int(x) for x in concurrency.split(",") if x.strip())
+    except ValueError:
+        raise RarefyError(f"--concurrency must be a comma list of integers, got {concurrency!r}") from None
+    if not levels or min(levels) < 1:
+        raise RarefyError("--concurrency: give one or more integers >= 1")
+    if num_prompts < 1 or prompt_tokens < 1 or output_tokens < 1 or warmup < 0:
+        raise RarefyError("--num-prompts, --prompt-tokens and --output-tokens must be >= 1, --warmup >= 0")
+    if not (request_rate > 0 or math.isinf(request_rate)):
+        raise RarefyError("--request-rate must be positive (or inf)")
+    cfg = sb.ServeBenchConfig(url=url, api_key=api_key, num_prompts=num_prompts, concurrency=levels,
+                              request_rate=request_rate, dataset=dataset, dataset_path=dataset_path,
+                              prompt_tokens=prompt_tokens, output_tokens=output_tokens, warmup=warmup, seed=seed,
+                              command="rarefy " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "rarefy bench serve")
+    loaded = options = None
+    if url is None:
+        from rarefy.cli_common import load_for_cli
+        from rarefy.commands.serve import engine_options
+        options = engine_options(device, kv_dtype, kv_block_size, kv_memory, attention_policy, max_num_seqs,
+                                 max_step_tokens)
+        loaded = load_for_cli(model, device, dtype, sparse)
+
+    def progress(r):
+        typer.echo(f"concurrency {r['concurrency']}: {r['completed']}/{r['requests']} ok, "
+                   f"{r['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {r['ttft_ms']['p50'] or 0:.0f} ms",
+                   err=True)
+
+    result = sb.run_bench(cfg, loaded, options, progress)
+    typer.echo(sb.format_markdown(result))
+    if out:
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(sb.format_markdown(result))
+        except OSError as e:
+            raise RarefyError(f"cannot write --out {out}: {e.strerror or e}") from None
+        typer.echo(f"wrote {out}", err=True)
+    if as_json:
+        emit_json(result)

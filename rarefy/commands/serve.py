@@ -93,4 +93,8 @@ def serve(
                    f"(pid {os.getpid()}, KV cache {app.state.serving.num_blocks * app.state.serving.block_size} "
                    f"tokens, {options.kv_dtype}); Ctrl-C stops", err=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean stop here
+            pass
+    typer.echo("server stopped", err=True)

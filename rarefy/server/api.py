@@ -103,6 +103,8 @@ class ServingState:
         if not 0.0 <= temperature <= 2.0:
             raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}.",
                            param="temperature")
+        if temperature < 1e-5:  # dividing logits by a tiny temperature overflows: it is greedy anyway
+            temperature = 0.0
         top_p = 1.0 if req.top_p is None else req.top_p
         if not 0.0 < top_p <= 1.0:
             raise ApiError(400, f"top_p must be in (0, 1], got {top_p}.", param="top_p")
@@ -114,8 +116,15 @@ class ServingState:
             raise ApiError(400, f"At most {MAX_STOP} stop strings, got {len(stop)}.", param="stop")
         if any(not s for s in stop):
             raise ApiError(400, "Stop strings must not be empty.", param="stop")
+        seed = None if req.seed is None else req.seed % 2**63  # any integer; torch takes 64 bits
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=req.seed, stop=tuple(stop), ignore_eos=req.ignore_eos)
+                              seed=seed, stop=tuple(stop), ignore_eos=req.ignore_eos)
+
+    def encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except Exception as e:  # the tokenizer refuses some strings (lone surrogates)
+            raise ApiError(400, f"The {param} cannot be tokenized: {e}", param=param) from None
 
     def check_common(self, req) -> None:
         self.check_model(req.model)
@@ -271,7 +280,7 @@ class _Completion:
             return [list(p) for p in prompt]
         if tk is None:
             raise ApiError(400, "This model has no tokenizer: give the prompt as token ids.", param="prompt")
-        return [tk.encode(p) for p in prompt]
+        return [self.state.encode(p, "prompt") for p in prompt]
 
     def choice(self, i: int, text: str, reason: str | None) -> dict:
         return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
@@ -303,9 +312,10 @@ class _Chat(_Completion):
             raise ApiError(400, "This model has no chat template; use /v1/completions.", param="messages")
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            ids = tk.encode(tk.apply_chat_template(msgs))
+            text = tk.apply_chat_template(msgs)
         except RarefyError as e:
             raise ApiError(400, str(e), param="messages") from None
+        ids = state.encode(text, "messages")
         state.check_prompt(ids, "messages")
         self.prompts = [ids]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -52,6 +52,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise RarefyError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)  # connections wait in the backlog until uvicorn serves them
     sock.set_inheritable(True)
     return sock
 
