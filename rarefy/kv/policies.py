@@ -55,9 +55,11 @@ def _pos(p: torch.Tensor | None, axis: str, device) -> torch.Tensor | None:
     return p[:, None, :, None] if axis == "q" else p[:, None, None, :]
 
 
-def _causal(scores: torch.Tensor, q_pos, k_pos, extra_drop=None):
+def _causal(scores: torch.Tensor, q_pos, k_pos, extra_drop=None, inplace: bool = False):
     """Mask keys after their query (and where the policy's `extra_drop(qp, kp)` bool mask is
-    True) in one pass; returns (scores, qp, kp) with positions broadcastable to scores."""
+    True) in one pass; returns (scores, qp, kp) with positions broadcastable to scores. The
+    returned scores are always a tensor the policy may modify in place (a copy of the input
+    unless inplace)."""
     if scores.dim() != 4:
         raise ValueError(f"scores must be [B, H, Tq, Tk], got shape {tuple(scores.shape)}")
     qp, kp = _pos(q_pos, "q", scores.device), _pos(k_pos, "k", scores.device)
@@ -65,21 +67,42 @@ def _causal(scores: torch.Tensor, q_pos, k_pos, extra_drop=None):
         drop = kp > qp
         if extra_drop is not None:
             drop = drop | extra_drop(qp, kp)
-        scores = scores.masked_fill(drop, NEG_INF)
+        scores = scores.masked_fill_(drop, NEG_INF) if inplace else scores.masked_fill(drop, NEG_INF)
+    elif not inplace:
+        scores = scores.clone()
     return scores, qp, kp
+
+
+def _kth_largest(rows: torch.Tensor, k: torch.Tensor, hi: int, lo: int) -> torch.Tensor:
+    """rows [R, N], k [R] with lo < k ≤ hi ≤ N → the k-th largest value of each row [R, 1].
+    An unsorted top-hi (a selection, O(N)) then a sorted pass over its hi − lo smallest."""
+    top = torch.topk(rows, hi, dim=-1, sorted=False).values
+    tail = torch.topk(top, hi - lo, dim=-1, largest=False, sorted=True).values  # ascending
+    return tail.gather(-1, (hi - k)[:, None])
 
 
 def _keep_top_per_row(scores: torch.Tensor, k_row: torch.Tensor) -> torch.Tensor:
     """Keep the k_row[...] highest finite entries of each row of `scores` (ties at the
-    k-th value are all kept); k_row has scores.shape[:-1] and is ≥ 1."""
-    n_visible = torch.isfinite(scores).sum(-1)
+    k-th value are all kept); k_row has scores.shape[:-1] and is ≥ 1. Rows are bucketed by
+    k (powers of two) so that a few wide heads do not make every row pay for a large k."""
+    n_visible = (scores != NEG_INF).sum(-1)
     k_row = torch.minimum(k_row, n_visible).clamp_min(1)
-    if bool((k_row >= n_visible).all()):
+    cut = k_row < n_visible  # rows that drop something
+    if not bool(cut.any()):
         return scores
-    kmax = int(k_row.max())
-    top = torch.topk(scores, kmax, dim=-1, sorted=True).values  # [..., kmax] descending
-    kth = top.gather(-1, (k_row - 1)[..., None])
-    return scores.masked_fill(scores < kth, NEG_INF)
+    flat = scores.reshape(-1, scores.shape[-1])
+    k_flat, cut_flat = k_row.reshape(-1), cut.reshape(-1)
+    kth = torch.full((flat.shape[0], 1), NEG_INF, dtype=scores.dtype, device=scores.device)
+    n = flat.shape[-1]
+    lo = 0
+    while lo < n:
+        hi = min(n, max(16, 2 * lo))
+        sel = cut_flat & (k_flat > lo) & (k_flat <= hi)
+        idx = sel.nonzero().flatten()
+        if idx.numel():
+            kth[idx] = _kth_largest(flat[idx], k_flat[idx], hi, lo)
+        lo = hi
+    return scores.masked_fill_(scores < kth.view(*scores.shape[:-1], 1), NEG_INF)
 
 
 def _probs(scores: torch.Tensor) -> torch.Tensor:
@@ -95,7 +118,17 @@ class Policy:
     name = "policy"
     evicts = False
 
-    def apply(self, scores: torch.Tensor, q_pos=None, k_pos=None) -> torch.Tensor:
+    # True when the kept set depends on positions only (dense, window): then
+    # keep_mask(q_pos, k_pos) gives it without scores, and evaluation can use a fused kernel.
+    score_independent = False
+
+    def apply(self, scores: torch.Tensor, q_pos=None, k_pos=None, inplace: bool = False) -> torch.Tensor:
+        """scores [B, H, Tq, Tk] → the same with -inf where a key is not read. inplace: the
+        caller lets the policy overwrite `scores` (saves a copy)."""
+        raise NotImplementedError
+
+    def keep_mask(self, q_pos, k_pos) -> torch.Tensor:
+        """Score-independent policies: bool [B|1, 1, Tq, Tk], True where the key is read."""
         raise NotImplementedError
 
     def kept_blocks(self, num_tokens: int, block_size: int) -> list[int]:
@@ -118,8 +151,13 @@ class Policy:
 class Dense(Policy):
     name = "dense"
 
-    def apply(self, scores, q_pos=None, k_pos=None):
-        return _causal(scores, q_pos, k_pos)[0]
+    score_independent = True
+
+    def apply(self, scores, q_pos=None, k_pos=None, inplace=False):
+        return _causal(scores, q_pos, k_pos, inplace=inplace)[0]
+
+    def keep_mask(self, q_pos, k_pos):
+        return _pos(k_pos, "k", None) <= _pos(q_pos, "q", None)
 
     @property
     def spec(self) -> str:
@@ -147,9 +185,9 @@ class TopK(Policy):
             return torch.full_like(n_visible, self.k)
         return torch.ceil(n_visible.double() * self.frac - 1e-9).long().clamp_min(1)
 
-    def apply(self, scores, q_pos=None, k_pos=None):
-        scores = _causal(scores, q_pos, k_pos)[0]
-        return _keep_top_per_row(scores, self.k_for(torch.isfinite(scores).sum(-1)))
+    def apply(self, scores, q_pos=None, k_pos=None, inplace=False):
+        scores = _causal(scores, q_pos, k_pos, inplace=inplace)[0]
+        return _keep_top_per_row(scores, self.k_for((scores != NEG_INF).sum(-1)))
 
     @property
     def spec(self) -> str:
@@ -167,14 +205,14 @@ class Threshold(Policy):
         if not 0.0 <= self.t < 1.0:
             raise RarefyError(f"threshold t must be in [0, 1), got {self.t}")
 
-    def apply(self, scores, q_pos=None, k_pos=None):
-        scores = _causal(scores, q_pos, k_pos)[0]
+    def apply(self, scores, q_pos=None, k_pos=None, inplace=False):
+        scores = _causal(scores, q_pos, k_pos, inplace=inplace)[0]
         # p_j = exp(s_j - logsumexp(s)) < t  <=>  s_j < logsumexp(s) + log t; the top key stays
         if self.t <= 0.0:
             return scores
         cut = torch.minimum(torch.logsumexp(scores, -1, keepdim=True) + math.log(self.t),
                             scores.amax(-1, keepdim=True))
-        return scores.masked_fill(scores < cut, NEG_INF)
+        return scores.masked_fill_(scores < cut, NEG_INF)
 
     @property
     def spec(self) -> str:
@@ -204,8 +242,8 @@ class Entropy(Policy):
         k = torch.ceil(self.factor * torch.exp(h) - 1e-6).long()
         return k.clamp_min(self.k_min)
 
-    def apply(self, scores, q_pos=None, k_pos=None):
-        scores = _causal(scores, q_pos, k_pos)[0]
+    def apply(self, scores, q_pos=None, k_pos=None, inplace=False):
+        scores = _causal(scores, q_pos, k_pos, inplace=inplace)[0]
         return _keep_top_per_row(scores, self.k_for(scores))
 
     @property
@@ -258,10 +296,17 @@ class Window(Policy):
             keep = keep | (kb % self.stride == 0)
         return keep
 
-    def apply(self, scores, q_pos=None, k_pos=None):
+    score_independent = True
+
+    def apply(self, scores, q_pos=None, k_pos=None, inplace=False):
         if q_pos is None or k_pos is None:
             raise ValueError("the window policy needs q_pos and k_pos")
-        return _causal(scores, q_pos, k_pos, lambda qp, kp: ~self.block_keep(kp // self.block_size, qp))[0]
+        return _causal(scores, q_pos, k_pos, lambda qp, kp: ~self.block_keep(kp // self.block_size, qp),
+                       inplace=inplace)[0]
+
+    def keep_mask(self, q_pos, k_pos):
+        qp, kp = _pos(q_pos, "q", None), _pos(k_pos, "k", None)
+        return (kp <= qp) & self.block_keep(kp // self.block_size, qp)
 
     def kept_blocks(self, num_tokens: int, block_size: int) -> list[int]:
         """Blocks that the query at position num_tokens − 1 (the newest stored token, whose

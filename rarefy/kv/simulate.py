@@ -18,6 +18,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
 from rarefy.kv.policies import Dense, Policy, PolicyConfig, resolve_policy_config
 from rarefy.kv.quant import check_kv_dtype, roundtrip
@@ -38,42 +39,79 @@ def _as_policy(policy) -> Policy:
 
 def simulated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         kv_dtype: str = "bf16", policy=None, sm_scale: float | None = None,
-                        q_chunk: int = DEFAULT_Q_CHUNK, stats: dict | None = None) -> torch.Tensor:
-    """q [B, Hq, T, D], k/v [B, Hkv, T, D] (after rotary), positions [B, T] or [T]
-    → [B, Hq, T, D] in q's dtype.
+                        q_chunk: int = DEFAULT_Q_CHUNK, stats: dict | None = None,
+                        q_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, Tq, D], k/v [B, Hkv, T, D] (after rotary), positions [B, T] or [T] (of the
+    keys, and of the queries unless q_positions [B, Tq] or [Tq] is given, e.g. to evaluate
+    only some queries) → [B, Hq, Tq, D] in q's dtype.
 
     stats: if a dict, "kept" and "visible" are incremented by the number of (query head,
-    query, key) entries the policy kept and the number that were causally visible."""
+    query, key) entries the policy kept and the number that were causally visible, counting
+    only queries at positions ≥ stats.get("from_pos", 0)."""
     check_kv_dtype(kv_dtype)
     policy = _as_policy(policy)
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq, Tq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    positions = torch.as_tensor(positions, device=q.device).long()
     if positions.dim() == 1:
         positions = positions[None].expand(B, T)
-    positions = positions.to(q.device).long()
+    if q_positions is None:
+        if Tq != T:
+            raise ValueError("q has a different length from k: pass q_positions")
+        q_positions = positions
+    q_positions = torch.as_tensor(q_positions, device=q.device).long()
+    if q_positions.dim() == 1:
+        q_positions = q_positions[None].expand(B, Tq)
     kf = roundtrip(k.float(), kv_dtype)  # what a kernel reads back: float(q) * float(scale)
     vf = roundtrip(v.float(), kv_dtype)
-    qf = q.float().reshape(B, Hkv, G, T, D)  # query head h uses kv head h // G
     ascending = T < 2 or bool((positions[:, 1:] > positions[:, :-1]).all())
-    out = torch.empty(B, Hkv, G, T, D, dtype=torch.float32, device=q.device)
-    for s in range(0, T, q_chunk):
-        e = min(T, s + q_chunk)
-        qpos = positions[:, s:e]
-        # with ascending positions the keys this chunk can see are a prefix
+    from_pos = stats.get("from_pos", 0) if stats is not None else 0
+    if policy.score_independent:
+        return _masked_sdpa(q, kf, vf, positions, q_positions, policy, scale, ascending, stats, from_pos)
+    qf = (q.float() * scale).reshape(B, Hkv, G, Tq, D)  # query head h uses kv head h // G
+    out = torch.empty(B, Hkv, G, Tq, D, dtype=torch.float32, device=q.device)
+    for s in range(0, Tq, q_chunk):
+        e = min(Tq, s + q_chunk)
+        qpos = q_positions[:, s:e]
+        # with ascending key positions the keys this chunk can see are a prefix
         ke = int((positions <= qpos.amax(1, keepdim=True)).sum(1).max()) if ascending else T
+        ke = max(ke, 1)
         kpos = positions[:, :ke]
-        scores = torch.matmul(qf[:, :, :, s:e], kf[:, :, None, :ke].transpose(-1, -2)) * scale
-        scores = policy.apply(scores.view(B, Hq, e - s, ke), qpos, kpos)
+        scores = torch.matmul(qf[:, :, :, s:e], kf[:, :, None, :ke].transpose(-1, -2))
+        scores = policy.apply(scores.view(B, Hq, e - s, ke), qpos, kpos, inplace=True)
         if stats is not None:
-            stats["kept"] = stats.get("kept", 0) + int(torch.isfinite(scores).sum())
-            stats["visible"] = stats.get("visible", 0) + Hq * int((kpos[:, None, :] <= qpos[:, :, None]).sum())
+            counted = (qpos >= from_pos)  # [B, Tq']
+            kept = (scores != float("-inf")) & counted[:, None, :, None]
+            visible = (kpos[:, None, :] <= qpos[:, :, None]) & counted[:, :, None]
+            stats["kept"] = stats.get("kept", 0) + int(kept.sum())
+            stats["visible"] = stats.get("visible", 0) + Hq * int(visible.sum())
         probs = torch.softmax(scores, dim=-1).view(B, Hkv, G, e - s, ke)
         out[:, :, :, s:e] = torch.matmul(probs, vf[:, :, None, :ke])
-    return out.view(B, Hq, T, D).to(q.dtype)
+    return out.view(B, Hq, Tq, D).to(q.dtype)
+
+
+def _masked_sdpa(q, kf, vf, positions, q_positions, policy, scale, ascending, stats, from_pos):
+    """Dense and window policies: the kept set depends on positions only, so the fused SDPA
+    kernel with a boolean mask (or is_causal) computes the same softmax over the same keys."""
+    B, Hq, Tq, _ = q.shape
+    gqa = Hq != kf.shape[1]
+    plain_causal = (policy.name == "dense" and ascending and Tq == kf.shape[2]
+                    and bool((q_positions == positions).all()))
+    mask = None if plain_causal and stats is None else policy.keep_mask(q_positions, positions)
+    if stats is not None:
+        counted = (q_positions >= from_pos)[:, None, :, None]
+        visible = (positions[:, None, None, :] <= q_positions[:, None, :, None]) & counted
+        stats["kept"] = stats.get("kept", 0) + Hq * int((mask & counted).sum())
+        stats["visible"] = stats.get("visible", 0) + Hq * int(visible.sum())
+    if plain_causal:
+        out = F.scaled_dot_product_attention(q.float(), kf, vf, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.to(q.dtype)
 
 
 class SimulatedAttention:
@@ -160,11 +198,11 @@ def decode_attention_with_policy(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if q_pos is None:
         q_pos = seq_lens - 1
     q_pos = torch.as_tensor(q_pos, device=q.device).long().reshape(B, 1)
-    scores = torch.matmul(q.float().reshape(B, Hkv, G, 1, D), k.float()[:, :, None].transpose(-1, -2)) * scale
+    scores = torch.matmul((q.float() * scale).reshape(B, Hkv, G, 1, D), k.float()[:, :, None].transpose(-1, -2))
     scores = scores.view(B, Hq, 1, L)
     pad = torch.arange(L, device=q.device)[None] >= seq_lens[:, None]  # [B, L]
-    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-    scores = policy.apply(scores, q_pos, k_pos)
+    scores = scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    scores = policy.apply(scores, q_pos, k_pos, inplace=True)
     probs = torch.softmax(scores, dim=-1).view(B, Hkv, G, 1, L)
     out = torch.matmul(probs, v.float()[:, :, None])  # [B, Hkv, G, 1, D]
     return out.view(B, Hq, D).to(q.dtype)

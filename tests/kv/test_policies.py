@@ -190,3 +190,17 @@ def test_config_missing_file_and_bad_dict(tmp_path):
         resolve_policy_config(str(tmp_path / "nope.json"))
     with pytest.raises(RarefyError, match="'layers' must map"):
         policy_config_from_dict({"layers": ["dense"]})
+
+
+@pytest.mark.parametrize("spec", ["dense", "topk:k=3", "topk:frac=0.3", "threshold:t=0.05", "entropy:factor=1,min=2",
+                                  "window:sinks=2,window=3,stride=2,block=2"])
+def test_apply_leaves_input_alone_and_keep_mask_agrees(spec):
+    pol = parse_policy(spec)
+    s = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    before = s.clone()
+    pos = torch.arange(9)
+    out = pol.apply(s, pos, pos)
+    assert torch.equal(s, before)
+    assert torch.equal(pol.apply(s.clone(), pos, pos, inplace=True), out)
+    if pol.score_independent:
+        assert torch.equal(pol.keep_mask(pos, pos).expand_as(out), torch.isfinite(out))

@@ -165,3 +165,16 @@ def test_per_layer_config_and_errors(tmp_path):
     with pytest.raises(RarefyError, match="unknown attention policy"):
         configure_eval_attention(m, "bf16", "sliding:w=3")
     assert all(layer.self_attn.eval_attention is None for layer in m.model.layers)
+
+
+def test_query_subset_and_read_counts():
+    q, k, v, pos = _qkv(T=40)
+    full = simulated_attention(q, k, v, pos, "fp8_e4m3", "topk:frac=0.5")
+    part = simulated_attention(q[:, :, 25:], k, v, pos, "fp8_e4m3", "topk:frac=0.5", q_positions=pos[25:])
+    torch.testing.assert_close(part, full[:, :, 25:], atol=1e-6, rtol=1e-6)
+    stats = {"from_pos": 30}
+    simulated_attention(q, k, v, pos, "bf16", "topk:k=4", stats=stats, q_chunk=7)
+    assert stats["visible"] == 2 * 6 * sum(p + 1 for p in range(30, 40))
+    assert stats["kept"] == 2 * 6 * 10 * 4
+    with pytest.raises(ValueError, match="q_positions"):
+        simulated_attention(q[:, :, 25:], k, v, pos)
