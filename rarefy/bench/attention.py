@@ -358,7 +358,7 @@ class _Runner:
         for t in (32, 64, 128):
             if t != base.tile_n:
                 variants[f"tile_n={t}"] = dict(tile_n=t)
-        for st in (2, 3, 4):
+        for st in (3, 5, 7):
             if st != base.num_stages:
                 variants[f"stages={st}"] = dict(num_stages=st)
         for w in (4, 8):

@@ -129,7 +129,7 @@ SDPA_TOL = {"fp32": 2e-6, "bf16": 1e-2, "fp16": 2e-3, "int8": 2e-2, "fp8_e4m3": 
 # (lens, hq, hkv, head_dim, block_size): GQA 4/3/1, head dims 64/128/32, blocks 8/16/32/64,
 # lengths 0, 1, not multiples of the block, one long.
 CASES = [
-    ([37, 1, 64, 0, 100], 8, 2, 64, 16),
+    ([37, 1, 70, 0], 8, 2, 64, 16),
     ([5, 130, 17], 3, 1, 128, 8),
     ([33, 9], 4, 4, 64, 32),
     ([150, 64], 8, 2, 32, 64),
@@ -189,7 +189,7 @@ def _variants(c, dec, combos=((True, 1, True), (True, 3, False), (False, 2, True
         out.append((f"dot={use_dot} splits={splits} fused={fused}",
                     dec.make_plan(q, kc, bt, kvd, num_splits=splits, use_dot=use_dot, tile_n=16,
                                   fused_reduce=fused)))
-    default = dec.make_plan(q, kc, bt, kvd)
+    default = dec.make_plan(q, kc, bt, kvd, max_seq_len=max(c["lens"]))  # what the dispatcher launches
     if not default.use_dot or _dot_ok_in_interpreter(q.dtype, kvd, dec):
         out.append(("default", default))
     return out
@@ -213,7 +213,7 @@ def test_triton_decode_matches_reference(dec, kv_dtype, case):
                                               (torch.float16, "fp8_e5m2"), (torch.bfloat16, "bf16"),
                                               (torch.bfloat16, "fp8_e4m3"), (torch.float16, "bf16")])
 def test_triton_decode_half_queries(dec, q_dtype, kv_dtype):
-    c = make_case([37, 1, 64, 0, 100], 8, 2, 64, 16, kv_dtype, seed=3, q_dtype=q_dtype)
+    c = make_case([37, 1, 70, 0], 8, 2, 64, 16, kv_dtype, seed=3, q_dtype=q_dtype)
     ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.1)
     for label, plan in _variants(c, dec, combos=((True, 2, True), (False, 1, True))):
         y = dec.paged_decode_attention_triton(*args(c), 0.1, plan=plan)
@@ -326,7 +326,12 @@ def test_plan_shapes():
     p = plan_decode(32, 4096, 32, 8, 128, "bf16", 16, 132)
     assert p.programs >= 132
     p = plan_decode(2, 100, 8, 8, 64, "fp8_e4m3", 16, 132, num_splits=3)
-    assert p.num_splits == 3 and not p.use_dot and p.group_pad == 1 and p.workspace_bytes == 2 * 8 * 3 * 65 * 4
+    assert p.num_splits == 3 and p.use_dot and p.group_pad == 16 and p.workspace_bytes == 2 * 8 * 3 * 65 * 4
+    p = plan_decode(2, 100, 8, 8, 64, "fp8_e4m3", 16, 132, use_dot=False)
+    assert not p.use_dot and p.group_pad == 1
+    assert plan_decode(1, 4096, 32, 8, 128, "bf16", 16, 132, q_dtype="fp32").tile_n == 16
+    with pytest.raises(RarefyError):
+        plan_decode(1, 10, 64, 4, 64, "bf16", 16, 132, use_dot=False)  # FMA takes groups <= 8
     for bad in (dict(num_kv_heads=3), dict(head_dim=96), dict(head_dim=512), dict(batch=0)):
         kw = dict(batch=1, max_seq_len=10, num_heads=8, num_kv_heads=2, head_dim=64, kv_dtype="bf16",
                   block_size=16, sm_count=132)

@@ -42,33 +42,38 @@ softmax with loads. E.g. (132 SMs, 8 KV heads, D = 128 bf16, tile 64): 32k conte
 batch 1 -> 32 splits of 1024 tokens (256 programs); 4k at batch 32 -> 1 split (256
 programs, no reduction kernel); 1k at batch 1 -> 16 splits of 64 tokens.
 
-For (b), ``tile_n`` is chosen so one K tile is about 16 KiB (``tile_n * head_dim *
-kv_bytes``), at least one page and at most 128 tokens, and the loop is software-pipelined
-``num_stages`` deep, so each program has ``(num_stages - 1)`` K+V tiles in flight while it
-computes on one.
+For (b), ``tile_n`` is chosen so one K tile holds about 8192 values (``tile_n * head_dim``:
+64 tokens at D = 128, 16 KiB of bf16; 16..128 tokens; half that for an fp32 cache), and
+Triton's software pipeliner stages the K and V tiles through shared memory with cp.async.
+Each iteration's K/V addresses come from a block-table load in the same iteration (an
+indirect load), and Triton 3.6 gives the pipeline ``buffers = max(1, (num_stages - 1) // 2)``
+K and V buffers (``num_stages`` 3 or 4: one buffer, i.e. no prefetch; 5: two, so the next
+tile is in flight while one is computed; 7: three; observed in sm_90 TTGIR), hence the
+default ``num_stages = 5``. With the FMA path the loads are not staged (register loads; latency
+is hidden by resident programs).
 
 Shared memory estimate (``smem_bytes``, per program)
 ----------------------------------------------------
-``tl.dot`` path (``use_dot``: the query group is padded to ``group_pad >= 16`` rows and
-both products run on tensor cores; K and V tiles are staged through shared memory by the
-pipeliner)::
+``tl.dot`` path (``use_dot``, the default for every group size: the query group is padded
+to ``group_pad >= 16`` rows and both products run on tensor cores; K and V tiles are staged
+through shared memory by the pipeliner)::
 
-    smem = num_stages * tile_n * (2 * head_dim * kv_bytes + 2 * scale_bytes)   # K, V (+ scales) ring
-         + group_pad * head_dim * dot_bytes                                   # q operand
-         + group_pad * tile_n * 4                                             # score layout conversion
+    smem = buffers * tile_n * (2 * head_dim * kv_bytes + 4)   # K and V tiles + the tile's block ids (int32)
+         + group_pad * head_dim * 2                           # q, the first dot's A operand
+         + group_pad * tile_n * 2                             # P, converted for the second dot
 
 FMA path (``use_dot=False``: broadcast multiply-add in registers, ``group_pad =
-next_pow2(group)``)::
+next_pow2(group)``; nothing staged)::
 
-    smem = num_stages * tile_n * (2 * head_dim * kv_bytes + 2 * scale_bytes)   # K, V (+ scales) ring
-         + group_pad * tile_n * 4                                             # cross-warp reductions
+    smem = max(4096, group_pad * tile_n * 4)                  # cross-warp reduction scratch
 
-``kv_bytes`` = 4 (fp32), 2 (bf16/fp16) or 1 (int8/fp8), ``scale_bytes`` = 2 for quantized dtypes
-(float16 scales) else 0, ``dot_bytes`` = 2 (4 when the query is float32; the estimate
-assumes 2). These are estimates of the dominant buffers; the compiled kernel's own figure
-is ``kernel.metadata.shared`` (``rarefy bench attention`` prints it next to this one).
-``occupancy`` estimates resident programs per SM from ``smem_per_sm`` and a 128-register
-per thread budget.
+``kv_bytes`` = 4 (fp32), 2 (bf16/fp16) or 1 (int8/fp8); the float16 scales are loaded into
+registers, not staged. Checked against Triton 3.6's sm_90 compilation (``metadata.shared``):
+70 vs 70.5 KiB (bf16, D 128, tile 64, 5 stages), 38 vs 38.5 KiB (int8/fp8), 73 vs 73 KiB
+(D 256, tile 32); the GQA-64 case is 113 vs 97 KiB. ``rarefy bench attention`` prints the
+compiled kernel's figure next to this one. ``occupancy`` estimates resident programs per SM
+from ``smem_per_sm`` and a 128-register per thread budget (the dot path compiles to 96-128
+registers at D 128, group 4, 4 warps; 166 for fp8_e4m3 with a bf16 query).
 """
 
 from __future__ import annotations
@@ -82,8 +87,8 @@ __all__ = ["DecodePlan", "plan_decode", "kv_storage_bytes", "MAX_SPLITS"]
 
 #: Most splits per sequence (bounds the partial-output workspace and the reduction).
 MAX_SPLITS = 256
-#: Target bytes of one K tile per loop iteration.
-TILE_BYTES = 16 * 1024
+#: Target values (tile_n * head_dim) of one K tile per loop iteration.
+TILE_VALUES = 8192
 #: Most tokens per loop iteration.
 MAX_TILE_N = 128
 #: Shared memory an SM can give to resident programs (H100: 228 KiB, 1 KiB reserved per block).
@@ -176,27 +181,35 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                 kv_dtype: str, block_size: int, sm_count: int, *, num_splits: int | None = None,
                 use_dot: bool | None = None, tile_n: int | None = None, num_stages: int | None = None,
                 num_warps: int | None = None, fused_reduce: bool = True, min_programs_per_sm: int = 2,
-                smem_per_sm: int = SMEM_PER_SM) -> DecodePlan:
+                smem_per_sm: int = SMEM_PER_SM, q_dtype: str = "bf16") -> DecodePlan:
     """The launch of the Triton decode kernel for this shape (see the module doc).
 
     ``max_seq_len`` is the longest context in the batch (the block-table capacity when it is
     not known on the host). Keyword overrides (``num_splits``, ``use_dot``, ``tile_n``,
     ``num_stages``, ``num_warps``, ``fused_reduce``) replace the heuristic's choice; the kernel launches with
-    whatever plan it is given, so benchmarks can sweep them.
+    whatever plan it is given, so benchmarks can sweep them. ``q_dtype`` ("bf16", "fp16" or
+    "fp32"): a float32 query (or an fp32 cache) makes the products fp32 (IEEE) dots, which
+    need 16-token tiles (and 8 warps for an fp32 query) to stay out of local memory.
     """
     _validate(batch, max_seq_len, num_heads, num_kv_heads, head_dim, block_size, sm_count)
     kv_bytes = kv_storage_bytes(kv_dtype)
-    scale_bytes = 2 if kv_dtype in ("int8", "fp8_e4m3", "fp8_e5m2") else 0
     group = num_heads // num_kv_heads
 
+    if q_dtype not in ("bf16", "fp16", "fp32"):
+        raise RarefyError(f"q_dtype must be bf16, fp16 or fp32, got {q_dtype!r}")
+    fp32_dot = q_dtype == "fp32" or kv_dtype == "fp32"
     if use_dot is None:
-        use_dot = group >= 2
+        use_dot = True  # even at group 1: the FMA path is not pipelined (see the module doc)
+    if not use_dot and group > 8:
+        raise RarefyError(f"the FMA path takes at most 8 query heads per KV head (registers), got {group}")
     group_pad = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
 
     if tile_n is None:
-        tile_n = max(16, min(MAX_TILE_N, _next_pow2(TILE_BYTES // (head_dim * kv_bytes))))
+        tile_n = max(16, min(MAX_TILE_N, _pow2_floor(TILE_VALUES * 2 // (head_dim * max(2, kv_bytes)))))
+        if fp32_dot and use_dot:
+            tile_n = 16
         if not use_dot:  # the FMA path holds group_pad x tile_n x head_dim products in registers
-            tile_n = max(16, min(tile_n, _pow2_floor(max(1, 8192 // (group_pad * head_dim)))))
+            tile_n = max(16, min(tile_n, _pow2_floor(max(1, 4096 // (group_pad * head_dim)))))
     if tile_n & (tile_n - 1) or tile_n < 1:
         raise RarefyError(f"tile_n must be a power of two, got {tile_n}")
     if use_dot and tile_n < 16:
@@ -211,16 +224,16 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
         num_splits = int(num_splits)
         tps = max(tile_n, math.ceil(math.ceil(max(1, max_seq_len) / num_splits) / tile_n) * tile_n)
 
-    kv_tile = tile_n * (2 * head_dim * kv_bytes + 2 * scale_bytes)
     if num_stages is None:
-        num_stages = 3 if 3 * kv_tile <= 100 * 1024 else 2
+        num_stages = 5 if use_dot else 2
     if num_warps is None:
-        rows = group_pad if use_dot else 1
-        num_warps = 8 if rows * head_dim >= 64 * 128 or head_dim * tile_n >= 256 * 64 else 4
+        num_warps = 8 if use_dot and (group_pad >= 64 or q_dtype == "fp32") else 4
 
-    smem = num_stages * kv_tile + group_pad * tile_n * 4
     if use_dot:
-        smem += group_pad * head_dim * 2
+        buffers = max(1, (num_stages - 1) // 2)
+        smem = buffers * tile_n * (2 * head_dim * kv_bytes + 4) + group_pad * head_dim * 2 + group_pad * tile_n * 2
+    else:
+        smem = max(4096, group_pad * tile_n * 4)
     by_smem = smem_per_sm // (smem + 1024)
     by_regs = 65536 // (128 * 32 * num_warps)
     occupancy = max(1, min(by_smem, by_regs))

@@ -285,8 +285,9 @@ def make_plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor
     _, num_kv_heads, block_size, _ = k_cache.shape
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
+    q_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[q.dtype]
     return plan_decode(batch, max_seq_len, num_heads, num_kv_heads, head_dim, kv_dtype, block_size,
-                       sm_count_of(q.device), num_splits=num_splits, **overrides)
+                       sm_count_of(q.device), num_splits=num_splits, q_dtype=q_dtype, **overrides)
 
 
 _COUNTERS: dict = {}
