@@ -77,7 +77,9 @@ class BlockManager:
         s = self.seqs[seq_id]
         if self.evict_policy is None or not s.blocks:
             return
-        keep = set(self.evict_policy.kept_blocks(s.length, self.block_size))
+        # called before appending: the step's first query is at position s.length, and
+        # kept_blocks(n) keeps what the query at n - 1 and every later one reads
+        keep = set(self.evict_policy.kept_blocks(s.length + 1, self.block_size))
         keep.add(s.logical[-1])  # the partial last block is still being written
         kept = [(b, lb) for b, lb in zip(s.blocks, s.logical) if lb in keep]
         for b, lb in zip(s.blocks, s.logical):
