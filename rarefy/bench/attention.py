@@ -481,7 +481,8 @@ def _table(cols, cells, right) -> list[str]:
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
 
     def line(vals):
-        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths))).rstrip()
+        cells = (v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+        return "  ".join(cells).rstrip()
 
     return [line(cols), line(["-" * w for w in widths])] + [line(c) for c in cells]
 
@@ -490,8 +491,9 @@ def header(result: dict) -> str:
     info, cfg = result["info"], result["config"]
     return (f"rarefy bench attention: {info['device']}, torch {info['torch']}"
             + (f", triton {info['triton']}" if info.get("triton") else "")
-            + f"; {cfg['num_heads']} q / {cfg['num_kv_heads']} kv heads, D {cfg['head_dim']}, block {cfg['block_size']},"
-            f" {cfg['q_dtype']} query; copy bandwidth {info['copy_tbs']:.2f} TB/s (read + write);"
+            + f"; {cfg['num_heads']} q / {cfg['num_kv_heads']} kv heads, D {cfg['head_dim']},"
+            f" block {cfg['block_size']}, {cfg['q_dtype']} query;"
+            f" copy bandwidth {info['copy_tbs']:.2f} TB/s (read + write);"
             f" {info['seconds']:.0f} s")
 
 

@@ -48,8 +48,12 @@ Triton's software pipeliner stages the K and V tiles through shared memory with 
 Each iteration's K/V addresses come from a block-table load in the same iteration (an
 indirect load), and Triton 3.6 gives the pipeline ``buffers = max(1, (num_stages - 1) // 2)``
 K and V buffers (``num_stages`` 3 or 4: one buffer, i.e. no prefetch; 5: two, so the next
-tile is in flight while one is computed; 7: three; observed in sm_90 TTGIR), hence the
-default ``num_stages = 5``. With the FMA path the loads are not staged (register loads; latency
+tile is in flight while one is computed; 7: three; observed in sm_90 TTGIR). The plan takes
+enough buffers for ``IN_FLIGHT_BYTES`` (32 KiB) of K+V to be in flight per program while it
+computes on one tile: ``buffers = 1 + ceil(32 KiB / tile bytes)`` (at most 4), ``num_stages
+= 2 * buffers + 1``: 5 for bf16/fp16 at D 128 (32 KiB tiles), 7 for int8/fp8 (16.5 KiB).
+Two resident programs per SM then keep 64 KiB per SM in flight, about 2.5 µs of an
+H100 SM's share of DRAM bandwidth, well above the ~1 µs loaded latency. With the FMA path the loads are not staged (register loads; latency
 is hidden by resident programs).
 
 Shared memory estimate (``smem_bytes``, per program)
@@ -68,12 +72,13 @@ next_pow2(group)``; nothing staged)::
     smem = max(4096, group_pad * tile_n * 4)                  # cross-warp reduction scratch
 
 ``kv_bytes`` = 4 (fp32), 2 (bf16/fp16) or 1 (int8/fp8); the float16 scales are loaded into
-registers, not staged. Checked against Triton 3.6's sm_90 compilation (``metadata.shared``):
-70 vs 70.5 KiB (bf16, D 128, tile 64, 5 stages), 38 vs 38.5 KiB (int8/fp8), 73 vs 73 KiB
-(D 256, tile 32); the GQA-64 case is 113 vs 97 KiB. ``rarefy bench attention`` prints the
-compiled kernel's figure next to this one. ``occupancy`` estimates resident programs per SM
-from ``smem_per_sm`` and a 128-register per thread budget (the dot path compiles to 96-128
-registers at D 128, group 4, 4 warps; 166 for fp8_e4m3 with a bf16 query).
+registers, not staged. Checked against Triton 3.6's sm_90 compilation (``metadata.shared``
+of the default plans, compiled ahead of time without a GPU): 70 KiB both (bf16/fp16, D 128,
+tile 64, 5 stages), 54 KiB both (int8/fp8, D 128, tile 64, 7 stages), 55 / 57 KiB (D 64 /
+256); fp32-dot plans are up to 5 KiB above the estimate and the GQA-64 case 16 KiB.
+``rarefy bench attention`` prints the compiled kernel's figure next to this one.
+``occupancy`` estimates resident programs per SM from ``smem_per_sm`` and a 128-register per
+thread budget (those compiles: 96-128 registers at 32k x 1, 128-166 at 4k x 32, no spills).
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ __all__ = ["DecodePlan", "plan_decode", "kv_storage_bytes", "MAX_SPLITS"]
 MAX_SPLITS = 256
 #: Target values (tile_n * head_dim) of one K tile per loop iteration.
 TILE_VALUES = 8192
+#: K+V bytes each program keeps in flight (sets the pipeline depth).
+IN_FLIGHT_BYTES = 32 * 1024
 #: Most tokens per loop iteration.
 MAX_TILE_N = 128
 #: Shared memory an SM can give to resident programs (H100: 228 KiB, 1 KiB reserved per block).
@@ -225,7 +232,11 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
         tps = max(tile_n, math.ceil(math.ceil(max(1, max_seq_len) / num_splits) / tile_n) * tile_n)
 
     if num_stages is None:
-        num_stages = 5 if use_dot else 2
+        if use_dot:
+            tile_bytes = tile_n * (2 * head_dim * kv_bytes + (4 if kv_bytes == 1 else 0))
+            num_stages = 2 * min(4, 1 + math.ceil(IN_FLIGHT_BYTES / tile_bytes)) + 1
+        else:
+            num_stages = 2
     if num_warps is None:
         num_warps = 8 if use_dot and (group_pad >= 64 or q_dtype == "fp32") else 4
 
