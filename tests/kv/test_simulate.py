@@ -15,6 +15,15 @@ from rarefy.kv.simulate import (attention_read_fraction, clear_eval_attention, c
                                 decode_attention_with_policy, eval_attention, simulated_attention)
 from rarefy.models.llama import DecoderLM
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and robust on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 POLICIES = ["dense", "topk:k=5", "topk:frac=0.3", "threshold:t=0.02", "entropy:factor=1.5,min=2",
             "window:sinks=3,window=6,stride=0,block=4", "window:sinks=1,window=5,stride=2,block=4"]
 
@@ -61,7 +70,7 @@ def test_eval_equals_decode(spec):
     """Row p of the evaluation output == one decode step for the query at p over keys 0..p
     (padded to a common length, rows of different lengths in one batch)."""
     policy = parse_policy(spec)
-    q, k, v, pos = _qkv(T=29)
+    q, k, v, pos = _qkv(T=21)
     kq = roundtrip(k, "int8")
     vq = roundtrip(v, "int8")
     full = simulated_attention(q, k, v, pos, "int8", policy)
@@ -79,7 +88,7 @@ def test_window_eval_equals_dense_decode_over_kept_blocks(spec):
     """What the paged cache does: evict to kept_blocks, then dense attention over the rest."""
     policy = parse_policy(spec)
     bs = policy.block_size
-    q, k, v, pos = _qkv(B=1, T=41)
+    q, k, v, pos = _qkv(B=1, T=33)
     full = simulated_attention(q, k, v, pos, "bf16", policy)
     kb, vb = roundtrip(k, "bf16"), roundtrip(v, "bf16")
     for p in range(q.shape[2]):
@@ -104,7 +113,7 @@ def _model(layers=3, seed=0):
     return m.eval()
 
 
-def _ids(T=96, B=2):
+def _ids(T=64, B=2):
     return torch.randint(0, 300, (B, T), generator=torch.Generator().manual_seed(7))
 
 
@@ -126,19 +135,18 @@ def test_model_hooks_bf16_dense_match_normal_forward():
 
 
 @torch.no_grad()
-def test_policies_on_tiny_model_finite_and_ordered():
+def test_policies_on_tiny_model_finite():
     m = _model()
     ids = _ids()
     dense = m(ids)
-    for kv in ("bf16", "int8", "fp8_e5m2"):
-        for spec in POLICIES:
-            with eval_attention(m, kv, spec, track_reads=True):
-                out = m(ids)
-                frac = attention_read_fraction(m)
-            assert torch.isfinite(out).all(), (kv, spec)
-            assert 0 < frac <= 1
-            if spec == "dense":
-                assert frac == 1
+    for kv, spec in [(kv, "dense") for kv in ("fp16", "fp8_e4m3", "fp8_e5m2")] + [("int8", p) for p in POLICIES]:
+        with eval_attention(m, kv, spec, track_reads=True):
+            out = m(ids)
+            frac = attention_read_fraction(m)
+        assert torch.isfinite(out).all(), (kv, spec)
+        assert 0 < frac <= 1
+        if spec == "dense":
+            assert frac == 1
     # a window covering the whole context is dense
     with eval_attention(m, "bf16", "window:sinks=0,window=256"):
         wide = m(ids)
