@@ -263,8 +263,11 @@ def _bits(t):
     return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16)
 
 
-@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+_STORE_CASES = [(kvd, x) for kvd in QUANT for x in (torch.float32, torch.bfloat16, torch.float16)] + [
+    ("bf16", torch.float32), ("bf16", torch.float16), ("fp16", torch.bfloat16), ("fp32", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("kv_dtype,x_dtype", _STORE_CASES)
 def test_triton_store_bit_identical(st, kv_dtype, x_dtype):
     n, hkv, d, bs, nb = 14, 2, 64, 16, 2
     k, v = _store_inputs(n, hkv, d, x_dtype, seed=1)
@@ -437,3 +440,71 @@ def test_gpu_decode_graph_capture_and_fma():
     g.replay()
     torch.cuda.synchronize()
     assert rel_err(y, ref) < OUT_TOL[torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------- sm_90 compile
+
+_AOT = r'''
+import json, re, subprocess, sys, tempfile, os
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rarefy.kernels.paged_attention import triton_decode as td
+from rarefy.kernels.paged_attention.plan import plan_decode
+import torch
+
+kvd, ctx, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+p = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, 132)
+quant = kvd in ("int8", "fp8_e4m3", "fp8_e5m2")
+ptr = {"bf16": "*bf16", "fp8_e4m3": "*fp8e4nv", "int8": "*i8"}[kvd]
+types = dict(q_ptr="*bf16", k_ptr=ptr, v_ptr=ptr, ks_ptr="*fp16" if quant else ptr, vs_ptr="*fp16" if quant else ptr,
+             bt_ptr="*i32", sl_ptr="*i32", out_ptr="*bf16", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32",
+             qk_scale="fp32")
+cx = dict(GROUP=p.group, GROUP_PAD=p.group_pad, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=p.tile_n,
+          SPLIT=p.num_splits > 1, FUSED=p.fused_reduce, QUANT=quant, USE_DOT=p.use_dot,
+          DOT=td.dot_code(torch.bfloat16, kvd), CHUNK=16 if p.num_splits > 8 else 8)
+fn = td._decode_kernel
+sig = {n: "constexpr" if n in cx else types.get(n, "i32") for n in fn.arg_names}
+div = [n for n in fn.arg_names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_btb")]
+attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+k = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=p.num_warps, num_stages=p.num_stages))
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(k.asm["cubin"]); f.flush()
+    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+bufs = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x%dx128" % p.tile_n, k.asm["ttgir"])
+print(json.dumps(dict(shared=k.metadata.shared, est=p.smem_bytes, regs=int(m.group(1)), stack=int(m.group(2)),
+                      bufs=[int(b) for b in bufs], stages=p.num_stages)))
+'''
+
+
+def _ptxas_available() -> bool:
+    try:
+        import triton
+        return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas is missing")
+@pytest.mark.parametrize("kv_dtype,ctx,batch", [("fp8_e4m3", 32768, 1), ("bf16", 4096, 32)])
+def test_compiles_for_sm90_as_planned(kv_dtype, ctx, batch):
+    """Compile the Triton kernel for an H100 (sm_90) ahead of time, no GPU needed: the default
+    plan builds, stays out of local memory, gets the K/V buffers the plan counts on
+    (max(1, (stages - 1) // 2)) and the shared memory the plan estimates."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT, kv_dtype, str(ctx), str(batch)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["stack"] == 0 and got["regs"] <= 168, got
+    assert got["bufs"] == [max(1, (got["stages"] - 1) // 2)] * 2, got
+    assert abs(got["shared"] - got["est"]) <= 2048, got
