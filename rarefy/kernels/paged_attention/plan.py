@@ -53,8 +53,8 @@ enough buffers for ``IN_FLIGHT_BYTES`` (32 KiB) of K+V to be in flight per progr
 computes on one tile: ``buffers = 1 + ceil(32 KiB / tile bytes)`` (at most 4), ``num_stages
 = 2 * buffers + 1``: 5 for bf16/fp16 at D 128 (32 KiB tiles), 7 for int8/fp8 (16.5 KiB).
 Two resident programs per SM then keep 64 KiB per SM in flight, about 2.5 µs of an
-H100 SM's share of DRAM bandwidth, well above the ~1 µs loaded latency. With the FMA path the loads are not staged (register loads; latency
-is hidden by resident programs).
+H100 SM's share of DRAM bandwidth, well above the ~1 µs loaded latency. With the FMA path
+the loads are not staged (register loads; latency is hidden by resident programs).
 
 Shared memory estimate (``smem_bytes``, per program)
 ----------------------------------------------------
