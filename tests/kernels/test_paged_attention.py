@@ -433,7 +433,8 @@ def test_gpu_decode_graph_capture_and_fma():
     ref = ref_of(c)
     plan = make_plan(a[0], a[1], a[5], "fp8_e4m3", use_dot=True)
     assert rel_err(paged_decode_attention_triton(*a, 0.125, plan=plan), ref) < OUT_TOL[torch.bfloat16]
-    paged_decode_attention(*a, 0.125, max_seq_len=700)
+    capacity = a[5].shape[1] * 32  # the plan a capture uses (seq_lens are not read while capturing)
+    paged_decode_attention(*a, 0.125, max_seq_len=capacity)  # compile + counters before capturing
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         y = paged_decode_attention(*a, 0.125)
