@@ -352,8 +352,9 @@ class _Runner:
                            cfg.block_size, sm_count_of(self.device))
         s = base.num_splits
         variants = {"default": {}}
-        for ns in sorted({1, max(1, s // 2), 2 * s, 4 * s, math.ceil(132 / max(1, case.batch * cfg.num_kv_heads)),
-                          math.ceil(2 * 132 / max(1, case.batch * cfg.num_kv_heads))} - {s}):
+        sms, pairs = sm_count_of(self.device), max(1, case.batch * cfg.num_kv_heads)
+        for ns in sorted({1, max(1, s // 2), 2 * s, 4 * s, math.ceil(sms / pairs), math.ceil(2 * sms / pairs),
+                          math.ceil(3 * sms / pairs)} - {s}):
             variants[f"splits={ns}"] = dict(num_splits=ns)
         for t in (32, 64, 128):
             if t != base.tile_n:
