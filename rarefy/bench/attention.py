@@ -348,8 +348,9 @@ class _Runner:
         from rarefy.kernels.paged_attention.triton_decode import paged_decode_attention_triton, sm_count_of
 
         cfg = self.cfg
+        qd = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[cfg.q_dtype]
         base = plan_decode(case.batch, case.ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, case.kv_dtype,
-                           cfg.block_size, sm_count_of(self.device))
+                           cfg.block_size, sm_count_of(self.device), q_dtype=qd)
         s = base.num_splits
         variants = {"default": {}}
         sms, pairs = sm_count_of(self.device), max(1, case.batch * cfg.num_kv_heads)
@@ -374,7 +375,7 @@ class _Runner:
                      frac_copy=None, plan_str=None, note="")
             try:
                 plan = plan_decode(case.batch, case.ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, case.kv_dtype,
-                                   cfg.block_size, sm_count_of(self.device), **kw)
+                                   cfg.block_size, sm_count_of(self.device), q_dtype=qd, **kw)
                 r["plan_str"] = plan.describe()
                 y = paged_decode_attention_triton(*case.args(0), case.sm_scale, plan=plan)
                 if ref is None:
