@@ -369,6 +369,12 @@ class _Runner:
         variants["fma" if base.use_dot else "dot"] = dict(use_dot=not base.use_dot)
         if s > 1:
             variants["two kernels" if base.fused_reduce else "fused reduce"] = dict(fused_reduce=not base.fused_reduce)
+        if s > 1:  # combinations the one-at-a-time rows pointed to (H100, 2026-11-23)
+            for t in (64, 128):
+                for mult in (1, 2):
+                    for w in (4, 8):
+                        variants[f"2k t{t} s{mult * s} w{w}"] = dict(fused_reduce=False, tile_n=t,
+                                                                    num_splits=mult * s, num_warps=w)
         ref = None
         for label, kw in variants.items():
             r = dict(kv_dtype=case.kv_dtype, ctx=case.ctx, batch=case.batch, variant=label, us=None, tbs=None,

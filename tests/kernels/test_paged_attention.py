@@ -323,8 +323,8 @@ def test_plan_shapes():
     p = plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132)
     assert p.grid[:2] == (1, 8) and p.grid[2] == p.num_splits > 1
     assert p.num_splits * p.tokens_per_split >= 32768 and p.tokens_per_split % p.tile_n == 0
-    assert p.fused_reduce and p.reduce_grid is None and p.use_dot and p.group == 4 and p.group_pad == 16
-    assert plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132, fused_reduce=False).reduce_grid == (1, 32)
+    assert not p.fused_reduce and p.reduce_grid == (1, 32) and p.use_dot and p.group == 4 and p.group_pad == 16
+    assert plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132, fused_reduce=True).reduce_grid is None
     assert p.programs >= 2 * 132 * 0.9 and p.smem_bytes > 0 and p.occupancy >= 1
     p = plan_decode(32, 4096, 32, 8, 128, "bf16", 16, 132)
     assert p.programs >= 132

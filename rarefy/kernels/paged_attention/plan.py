@@ -18,12 +18,13 @@ With ``num_splits == 1`` it writes the output directly; otherwise it writes each
 normalised partial output and log-sum-exp (fp32 workspace, ``workspace_bytes``) and they are
 combined by the LSE weights either
 
-* in the same launch (``fused_reduce``, the default): the last split of each
+* in the same launch (``fused_reduce=True``): the last split of each
   (sequence, KV head) to finish, found with an arrival counter (one int32 atomic per
   program, reset by that last program, so CUDA graphs can replay it), combines the
   partials of its ``group`` query heads; or
-* by a second kernel with grid ``reduce_grid = (batch, num_heads)`` (``fused_reduce=False``;
-  ``reduce_grid`` is None otherwise).
+* by a second kernel with grid ``reduce_grid = (batch, num_heads)`` (``fused_reduce=False``,
+  the default; ``reduce_grid`` is None otherwise). Measured on the H100 at 32k x 1, bf16:
+  54.4 µs with two kernels against 66.0 µs fused (82% against 69% of the copy bandwidth).
 
 Choosing the split count
 ------------------------
@@ -187,7 +188,7 @@ def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, tile_n: int, 
 def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
                 kv_dtype: str, block_size: int, sm_count: int, *, num_splits: int | None = None,
                 use_dot: bool | None = None, tile_n: int | None = None, num_stages: int | None = None,
-                num_warps: int | None = None, fused_reduce: bool = True, min_programs_per_sm: int = 2,
+                num_warps: int | None = None, fused_reduce: bool = False, min_programs_per_sm: int = 2,
                 smem_per_sm: int = SMEM_PER_SM, q_dtype: str = "bf16") -> DecodePlan:
     """The launch of the Triton decode kernel for this shape (see the module doc).
 
