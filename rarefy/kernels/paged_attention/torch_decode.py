@@ -70,12 +70,14 @@ def paged_decode_attention_torch(q, k_cache, v_cache, k_scale, v_scale, block_ta
         n, nblk = len(idx), math.ceil(top / bs)
         length = nblk * bs
         sel = torch.tensor(idx, device=q.device)
-        table = block_tables[sel, :nblk].long().clamp(0, num_blocks - 1).reshape(-1)  # index_select: faster than [:, t]
-        k = _to_float(kt.index_select(1, table)).reshape(hkv, n, length, head_dim)
-        v = _to_float(vt.index_select(1, table)).reshape(hkv, n, length, head_dim)
+        table = block_tables[sel, :nblk].long().clamp(0, num_blocks - 1).reshape(-1)
+        # kt[:, table], not kt.index_select(1, table): on this transposed view index_select
+        # copies the whole cache first, so every layer's decode cost grew with the cache size
+        k = _to_float(kt[:, table]).reshape(hkv, n, length, head_dim)
+        v = _to_float(vt[:, table]).reshape(hkv, n, length, head_dim)
         s = torch.matmul(qf[:, sel], k.transpose(-1, -2))                # [Hkv, n, G, L]
         if quant:
-            ks = k_scale.transpose(0, 1).index_select(1, table).reshape(hkv, n, 1, length).float()
+            ks = k_scale.transpose(0, 1)[:, table].reshape(hkv, n, 1, length).float()
             s = s * ks
         s = s * sm_scale
         lens_t = torch.tensor([lens[b] for b in idx], device=q.device)
@@ -83,7 +85,7 @@ def paged_decode_attention_torch(q, k_cache, v_cache, k_scale, v_scale, block_ta
         s = s.masked_fill(pad[None, :, None, :], float("-inf"))
         p = torch.softmax(s, dim=-1)
         if quant:
-            vs = v_scale.transpose(0, 1).index_select(1, table).reshape(hkv, n, 1, length).float()
+            vs = v_scale.transpose(0, 1)[:, table].reshape(hkv, n, 1, length).float()
             p = p * vs.masked_fill(pad[None, :, None, :], 0.0)
         lo = (min(lens[b] for b in idx) // bs) * bs  # before lo every position is a cached token
         if lo < length:  # the rest may be never-written memory (NaN): 0 * NaN must not reach the sum
