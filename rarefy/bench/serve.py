@@ -392,7 +392,7 @@ def load_avg() -> str:
         return "n/a"
 
 
-def run_bench(cfg: ServeBenchConfig, loaded=None, options=None, progress=None) -> dict:
+def run_bench(cfg: ServeBenchConfig, loaded=None, options=None, progress=None, labels: dict | None = None) -> dict:
     """Run the workload once per concurrency level, against cfg.url or a server started here
     over `loaded` (rarefy.models.loader's result) with engine `options`."""
     from rarefy.bench.machine import cpu_name
@@ -407,9 +407,12 @@ def run_bench(cfg: ServeBenchConfig, loaded=None, options=None, progress=None) -
             srv = ServerThread(app).start()
             url = srv.url
             st = app.state.serving
+            import torch
             info["server"] = {"in_process": True, "model": st.model_name,
                               "device": str(loaded.model.device),
                               "dtype": str(loaded.model.dtype).removeprefix("torch."),
+                              "weights": _weight_kinds(loaded.model),
+                              "torch_threads": torch.get_num_threads(), **(labels or {}),
                               "kv_dtype": options.kv_dtype, "kv_tokens": st.num_blocks * st.block_size,
                               "max_num_seqs": options.max_num_seqs, "max_step_tokens": options.max_step_tokens}
         else:
@@ -452,6 +455,14 @@ def run_bench(cfg: ServeBenchConfig, loaded=None, options=None, progress=None) -
     finally:
         if srv is not None:
             srv.stop()
+
+
+def _weight_kinds(model) -> str:
+    """The projection classes in the model, e.g. 'HalfWeightLinear x211'."""
+    from collections import Counter
+    kinds = Counter(type(m).__name__ for name, m in model.named_modules()
+                    if name.endswith("_proj") or name.endswith("lm_head"))
+    return ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
 
 
 def format_markdown(result: dict) -> str:

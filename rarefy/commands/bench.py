@@ -181,6 +181,7 @@ def serve_bench(
     kv_block_size: int = typer.Option(16, "--kv-block-size", help="in-process server"),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="in-process server, e.g. 2GiB"),
     attention_policy: Optional[str] = typer.Option(None, "--attention-policy", help="in-process server"),
+    threads: int = typer.Option(0, "--threads", help="in-process server, CPU: torch threads (0: torch's default)"),
     out: Optional[str] = typer.Option(None, "--out", help="write the results as markdown to this file"),
     as_json: bool = JsonOpt,
 ):
@@ -206,9 +207,10 @@ def serve_bench(
     loaded = options = None
     if url is None:
         from rarefy.cli_common import load_for_cli
-        from rarefy.commands.serve import engine_options
+        from rarefy.commands.serve import engine_options, set_threads
         options = engine_options(device, kv_dtype, kv_block_size, kv_memory, attention_policy, max_num_seqs,
                                  max_step_tokens)
+        set_threads(threads)
         loaded = load_for_cli(model, device, dtype, sparse)
 
     def progress(r):
@@ -216,7 +218,8 @@ def serve_bench(
                    f"{r['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {r['ttft_ms']['p50'] or 0:.0f} ms",
                    err=True)
 
-    result = sb.run_bench(cfg, loaded, options, progress)
+    labels = None if url else {"dtype_option": dtype, "sparse": sparse}
+    result = sb.run_bench(cfg, loaded, options, progress, labels)
     typer.echo(sb.format_markdown(result))
     if out:
         try:

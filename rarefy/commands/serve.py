@@ -44,6 +44,14 @@ def engine_options(device: str, kv_dtype: str, kv_block_size: int, kv_memory: st
                          max_num_seqs=max_num_seqs, max_step_tokens=max_step_tokens)
 
 
+def set_threads(threads: int) -> None:
+    if threads < 0:
+        raise RarefyError("--threads must not be negative")
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
 @user_errors
 def serve(
     model: Optional[str] = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, sparse: str = SparseOpt,
@@ -64,6 +72,8 @@ def serve(
                                           help="directory (or file) from `rarefy calibrate-activations`"),
     act_level: Optional[float] = typer.Option(None, "--activation-level",
                                               help="which calibrated sparsity to apply, e.g. 0.4"),
+    threads: int = typer.Option(0, "--threads", help="CPU: torch threads (0: torch's default, one per core); "
+                                "fewer can help on a machine shared with other work"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug"),
 ):
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
@@ -78,6 +88,7 @@ def serve(
         raise RarefyError("--api-key must not be empty")
     options = engine_options(device, kv_dtype, kv_block_size, kv_memory, attention_policy,
                              max_num_seqs, max_step_tokens)
+    set_threads(threads)
     sock = bind_socket(host, port)  # fail before the model loads when the port is taken
     if not is_loopback(host) and api_key is None:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine "

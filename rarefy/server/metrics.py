@@ -73,7 +73,7 @@ def render(model: str, stats: EngineStats, requests: RequestCounter) -> str:
     for (endpoint, status), n in requests.items():
         w.sample("rarefy_http_requests_total", n, endpoint=endpoint, status=str(status))
     w.head("rarefy_request_finished_total", "counter", "Sequences finished, by finish reason.")
-    for reason, n in sorted(stats.finished.items()):
+    for reason, n in sorted(dict(stats.finished).items()):  # a copy: the engine thread adds keys
         w.sample("rarefy_request_finished_total", n, finish_reason=reason)
     w.metric("rarefy_num_requests_running", "gauge", "Sequences in the running batch.", stats.running)
     w.metric("rarefy_num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", stats.waiting)
