@@ -47,10 +47,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=24)
     ap.add_argument("--kv-memory", default="256MiB")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
     a = ap.parse_args()
 
     from rarefy.kv.options import parse_memory
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
     loaded = load_model(a.model, dtype=a.dtype)
     opts = EngineOptions(kv_dtype="fp32", kv_memory_bytes=parse_memory(a.kv_memory))
     app = build_server(loaded, opts)
