@@ -50,7 +50,7 @@ class _DecodeGraph:
             slot_mapping=torch.full((batch, 1), -1, dtype=torch.long, device=dev),
             block_tables=torch.zeros(batch, max_blocks, dtype=torch.int32, device=dev),
             seq_lens=torch.zeros(batch, dtype=torch.int32, device=dev),
-            q_start=torch.zeros(batch, dtype=torch.long, device=dev),
+            q_start=torch.zeros(batch, dtype=torch.long, device=dev), q_start_host=[0] * batch,
             token_start=list(range(batch)), max_len=max_blocks * cache.block_size)
         cache.meta = self.meta
         if compile:  # fuse the step's small element-wise kernels before capturing

@@ -40,6 +40,7 @@ class StepMeta:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32: tokens stored after this step
     q_start: torch.Tensor  # [B] int64: stored index of each row's first new token
+    q_start_host: list[int]  # the same, on the host
     token_start: list[int]  # packed: index of each row's first token in the step
     max_len: int  # max(seq_lens), known on the host (spares the kernel a device sync)
     key_positions: torch.Tensor | None = None  # [B, L] int64, built on demand for masking policies
@@ -185,7 +186,7 @@ class PagedKVCache:
         self.meta = StepMeta(list(seq_ids), list(num_new), packed, mapping.to(dev), table.to(dev),
                              torch.tensor(lens, dtype=torch.int32, device=dev),
                              torch.tensor([n - k for n, k in zip(lens, num_new)], dtype=torch.long, device=dev),
-                             token_start, max(lens))
+                             [n - k for n, k in zip(lens, num_new)], token_start, max(lens))
         return self.meta
 
     def make_mask(self, positions, kv_len):
@@ -222,10 +223,25 @@ class PagedKVCache:
             idx = torch.tensor([m.token_start[r] for r in dec], device=q.device)
             rows = torch.tensor(dec, device=q.device)
             out[0, :, idx] = self._decode(layer, q[0, :, idx].transpose(0, 1), rows).transpose(0, 1)
+        # Fresh prompts (nothing cached before) of equal length attend among themselves in one
+        # batched causal SDPA over their own keys/values, instead of one gather per row. Only
+        # where the cache stores the values exactly (unquantized, same dtype as the model).
+        fresh: dict[int, list[int]] = {}
+        exact = not quant.is_quantized(self.kv_dtype) and quant.storage_dtype(self.kv_dtype) == k.dtype
         for r, n in enumerate(m.num_new):
-            if n > 1:
+            if n == 1:
+                continue
+            if exact and m.q_start_host[r] == 0:
+                fresh.setdefault(n, []).append(r)
+            else:
                 a = m.token_start[r]
                 out[:, :, a:a + n] = self._prefill(layer, q[:, :, a:a + n], torch.tensor([r], device=q.device))
+        for n, rows in fresh.items():
+            seg = [slice(m.token_start[r], m.token_start[r] + n) for r in rows]
+            qs, ks, vs = (torch.stack([t[0, :, sl] for sl in seg]) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=Hq != self.num_kv_heads)
+            for i, sl in enumerate(seg):
+                out[0, :, sl] = o[i]
         return out
 
     def _decode(self, layer: int, q, rows):
