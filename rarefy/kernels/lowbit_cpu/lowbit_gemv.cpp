@@ -69,6 +69,7 @@ enum Act : int64_t { kFixed16 = 0, kInt8 = 1 };
 enum Qt : int { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
 
 constexpr int64_t kRowBlock = 4;  // rows of W per work item (tiles of x reuse them from cache)
+constexpr int64_t kPrefetchBytes = 8192;  // software prefetch distance in the weight stream
 
 inline float h2f(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 inline uint16_t ld16(const uint8_t* p) {
@@ -109,6 +110,7 @@ struct Lin {
   bool ter;
   int64_t nch, chunkcols, lanecols;
   uint64_t tailmask;  // bytes of the last chunk inside the row
+  int64_t pfd;        // software prefetch distance (bytes ahead in the weight stream, whole rows)
   // scales: element (n, g) at sc[n * sc_row + g]
   const void* sc;
   bool sc16;
@@ -185,7 +187,9 @@ void lin_rows_scalar(const Lin& L, int64_t n0, int64_t n1) {
 #define RF_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,f16c,fma,bmi2")))
 #define RF_256 __attribute__((target("avx2,fma,f16c,bmi2")))
 
-inline void prefetch(const void* a) { _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0); }
+// (inline asm: GCC 12 dropped _mm_prefetch from the inlined tile loops, together with the flag
+// that guards it; an asm statement cannot be dropped)
+inline void prefetch(const void* a) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(a))); }
 
 // ----------------------------------------------------------------------------- AVX-512 (VNNI)
 // One chunk of R weight rows, unpacked to unsigned bytes: ternary -> 4 vectors of codes 0..2,
@@ -196,7 +200,7 @@ RF_512 __attribute__((always_inline)) inline void unpack512(const Lin& L, const 
   const __m512i m3 = _mm512_set1_epi8(3);
   RF_UNROLL for (int r = 0; r < R; ++r) {
     const uint8_t* a = wr[r] + 64 * c;
-    if (pf) prefetch(a + kRowBlock * L.kb);
+    if (pf) prefetch(a + L.pfd);
     const __m512i v = (c == L.nch - 1) ? _mm512_maskz_loadu_epi8(L.tailmask, a) : _mm512_loadu_si512(a);
     if constexpr (TER) {
       u[r][0] = _mm512_and_si512(v, m3);
@@ -309,7 +313,7 @@ RF_256 __attribute__((always_inline)) inline void unpack256(const Lin& L, const 
   const __m256i m3 = _mm256_set1_epi8(3);
   RF_UNROLL for (int r = 0; r < R; ++r) {
     const uint8_t* a = wr[r] + 64 * c;
-    if (pf) prefetch(a + kRowBlock * L.kb);
+    if (pf) prefetch(a + L.pfd);
     __m256i v[2];
     if (c == L.nch - 1 && L.tailmask != ~uint64_t(0)) {
       alignas(64) uint8_t buf[64] = {0};
@@ -806,6 +810,10 @@ at::Tensor lin_gemv(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
   L.N = N, L.K = K, L.kb = kb, L.ter = ter;
   L.chunkcols = ter ? 256 : 64, L.lanecols = ter ? 16 : 4;
   L.nch = (kb + 63) / 64;
+  {  // prefetch whole rows ahead, at least kPrefetchBytes: short rows are consumed fast
+    const int64_t rows = std::max<int64_t>(kRowBlock, (kPrefetchBytes + kb - 1) / kb);
+    L.pfd = ((rows + kRowBlock - 1) / kRowBlock) * kRowBlock * kb;
+  }
   const int64_t tb = kb - (L.nch - 1) * 64;
   L.tailmask = tb >= 64 ? ~uint64_t(0) : ((uint64_t(1) << tb) - 1);
   L.sc = scale.data_ptr(), L.sc16 = scale.scalar_type() == at::kHalf;

@@ -1,0 +1,281 @@
+"""CPU low-bit GEMV benchmark: rarefy's ternary / int8 / GGUF kernels against torch's dense paths.
+
+For each shape (a 4096 x 4096 matrix and the embedded model's decode shapes), batch (M) and
+thread count, in one run and interleaved repeat after repeat:
+
+- torch fp32 ``F.linear`` (the dequantized weights in fp32),
+- torch bf16 ``F.linear`` on a cached dequantized bf16 copy ("dequantize-once-and-cache", the
+  baseline issue 7 names: what ``TernaryLinear``/``Int8Linear`` do in ``cache`` mode),
+- rarefy's fp16-weight GEMV (``gemv_cpu.gemv_f16``: the engine's default dense CPU path; for
+  GGUF, the dequantized fp16 path),
+- ``ternary_gemv_cpu`` (16-bit activations, and ``act_quant="int8"``), ``int8_gemv_cpu``
+  (per channel; both activation modes), ``gguf_gemv_cpu`` on Q4_0 / Q4_1 / Q8_0 blocks.
+
+Every variant rotates over its own weight copies (more than --min-mb MB in all), so each call
+streams its weights from memory as in decode, not from L2. Median over --repeats of ~20 ms
+samples. Timing means something only on a quiet machine: the script waits (polling every 30 s,
+up to --max-wait s) until the 1-minute load average is below --max-load, and records the load
+before and after each table.
+
+    python3 benchmarks/cpu_lowbit_gemv.py --out docs/results/lowbit-cpu-gemv.md
+    python3 benchmarks/cpu_lowbit_gemv.py --probe ...    # also the kernel-design probe (g++)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rarefy.bench.machine import cpu_name  # noqa: E402
+from rarefy.formats import gguf_blocks  # noqa: E402
+from rarefy.kernels import gemv_cpu, lowbit_cpu  # noqa: E402
+from rarefy.lowbit.int8 import quantize_int8  # noqa: E402
+from rarefy.lowbit.ternary import dequantize_ternary, pack_ternary  # noqa: E402
+
+SHAPES = [  # (N, K, what)
+    (4096, 4096, "4096 x 4096"),
+    (576, 576, "q_proj / o_proj"),
+    (192, 576, "k_proj / v_proj"),
+    (1536, 576, "gate_proj / up_proj"),
+    (576, 1536, "down_proj"),
+    (49152, 576, "lm_head"),
+]
+PROBE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "rarefy", "kernels", "lowbit_cpu", "probe_ternary.cpp")
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    want = ["avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512vbmi",
+                            "avx512_bf16", "amx_tile"]
+                    return " ".join(w for w in want if w in have)
+    except OSError:
+        pass
+    return ""
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_quiet(max_load: float, max_wait: float) -> tuple[float, float]:
+    """Poll every 30 s until the 1-minute load is below max_load; returns (load, seconds waited)."""
+    t0 = time.time()
+    while load1() >= max_load and time.time() - t0 < max_wait:
+        print(f"  load {load1():.2f} >= {max_load}: waiting", flush=True)
+        time.sleep(30)
+    return load1(), time.time() - t0
+
+
+def build_variants(n: int, k: int, m: int, min_mb: float, seed: int):
+    """name -> (fn(x, w), x, list of weight copies, weight bytes per call)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def copies(nbytes: int) -> int:
+        return max(2, math.ceil(min_mb * 1e6 / nbytes))
+
+    def rot(t: torch.Tensor, c: int) -> list:
+        return [t] + [t.clone() for _ in range(c - 1)]
+
+    x32 = torch.randn(m, k, generator=g)
+    xbf = x32.bfloat16()
+    dense = torch.randn(n, k, generator=g) / math.sqrt(k)
+    codes = torch.randint(-1, 2, (n, k), generator=g)
+    packed = pack_ternary(codes)
+    tscale = torch.tensor([[0.02]])
+    tern_bf = dequantize_ternary(packed, tscale, k, None, torch.bfloat16)
+    iw = quantize_int8(dense)
+    v = {
+        "fp32": (lambda x, w: F.linear(x, w), x32, rot(dense, copies(4 * n * k)), 4 * n * k),
+        "bf16 cache": (lambda x, w: F.linear(x, w), xbf, rot(tern_bf, copies(2 * n * k)), 2 * n * k),
+        "fp16w": (lambda x, w: gemv_cpu.gemv_f16(x, w), x32, rot(dense.half(), copies(2 * n * k)), 2 * n * k),
+        "ternary": (lambda x, w: lowbit_cpu.ternary_gemv_cpu(x, w, tscale), x32, rot(packed, copies(packed.numel())),
+                    packed.numel()),
+        "ternary A8": (lambda x, w: lowbit_cpu.ternary_gemv_cpu(x, w, tscale, act_quant="int8"), x32,
+                       rot(packed, copies(packed.numel())), packed.numel()),
+        "int8": (lambda x, w: lowbit_cpu.int8_gemv_cpu(x, w, iw.scale), x32, rot(iw.qweight, copies(n * k)), n * k),
+        "int8 A8": (lambda x, w: lowbit_cpu.int8_gemv_cpu(x, w, iw.scale, act_quant="int8"), x32,
+                    rot(iw.qweight, copies(n * k)), n * k),
+    }
+    for qt in ("Q4_0", "Q4_1", "Q8_0"):
+        b = gguf_blocks.quantize(dense, qt)
+        v[qt] = ((lambda q: lambda x, w: lowbit_cpu.gguf_gemv_cpu(x, w, q, (n, k)))(qt), x32,
+                 rot(b, copies(b.numel())), b.numel())
+    # spot checks (the tests do the thorough job)
+    ref = lowbit_cpu.ternary_gemv_ref(x32, packed, tscale)
+    assert torch.allclose(v["ternary"][0](x32, packed).double(), ref, rtol=1e-4, atol=1e-3)
+    b = v["Q4_1"][2][0]
+    assert torch.allclose(v["Q4_1"][0](x32, b).double(), lowbit_cpu.gguf_gemv_ref(x32, b, "Q4_1", (n, k)),
+                          rtol=1e-4, atol=1e-3)
+    return v
+
+
+def time_rotating(fn, x, ws, rounds: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for w in ws:
+            fn(x, w)
+    return (time.perf_counter() - t0) / (rounds * len(ws))
+
+
+def bench(variants: dict, repeats: int) -> dict:
+    """name -> (median seconds per call, GB/s of weights)."""
+    rounds = {}
+    with torch.inference_mode():
+        for name, (fn, x, ws, _) in variants.items():
+            time_rotating(fn, x, ws, 1)  # warm-up (first touch, thread pool)
+            t = time_rotating(fn, x, ws, 1)
+            rounds[name] = max(1, round(0.02 / (t * len(ws))))
+        samples = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, (fn, x, ws, _) in variants.items():
+                samples[name].append(time_rotating(fn, x, ws, rounds[name]))
+    out = {}
+    for name, (_, _, _, nbytes) in variants.items():
+        t = statistics.median(samples[name])
+        out[name] = (t, nbytes / t / 1e9)
+    return out
+
+
+def run_probe() -> str:
+    """Compile and run the ternary kernel-design probe; its stdout (or why it could not run)."""
+    with tempfile.TemporaryDirectory() as d:
+        exe = os.path.join(d, "probe")
+        r = subprocess.run(["g++", "-O3", "-fopenmp", "-o", exe, PROBE], capture_output=True, text=True)
+        if r.returncode:
+            return f"(probe build failed: {r.stderr.strip()[:300]})"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        r = subprocess.run([exe], capture_output=True, text=True, env=env)
+        return r.stdout.strip() if r.returncode == 0 else f"(probe failed: {r.stderr.strip()[:300]})"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--min-mb", type=float, default=300.0, help="weight copies per variant exceed this (MB)")
+    ap.add_argument("--max-load", type=float, default=1.5)
+    ap.add_argument("--max-wait", type=float, default=1200.0)
+    ap.add_argument("--probe", action="store_true", help="also compile and run probe_ternary.cpp")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    t0 = time.perf_counter()
+    for ext in (lowbit_cpu, gemv_cpu):
+        if not ext.warm_up():
+            sys.exit(f"extension unavailable: {ext._state['error']}")
+    load_s = time.perf_counter() - t0
+    isa = lowbit_cpu.ISA_NAMES[lowbit_cpu.best_isa()]
+    dev = f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
+    print(f"device: {dev}\nflags: {cpu_flags()}\nlowbit path: {isa}; extensions ready in {load_s:.1f} s", flush=True)
+    shapes = [SHAPES[i] for i in a.shapes] if a.shapes else SHAPES
+
+    sections, headline = [], {}
+    for threads in a.threads:
+        torch.set_num_threads(threads)
+        for m in a.m:
+            before, waited = wait_quiet(a.max_load, a.max_wait)
+            rows = []
+            for i, (n, k, what) in enumerate(shapes):
+                r = bench(build_variants(n, k, m, a.min_mb, seed=n + k), a.repeats)
+                rows.append((n, k, what, r))
+                if (n, k) == (4096, 4096):
+                    headline[(threads, m)] = r
+                us = {name: t * 1e6 for name, (t, _) in r.items()}
+                print(f"threads {threads} M {m} {n}x{k}: " + ", ".join(f"{nm} {u:.1f}" for nm, u in us.items()),
+                      flush=True)
+            after = load1()
+            sections.append((threads, m, before, after, waited, rows))
+
+    probe = run_probe() if a.probe else None
+    if probe:
+        print(probe)
+    if a.out:
+        write_report(a, dev, isa, sections, headline, probe)
+        print(f"wrote {a.out}")
+
+
+def _fmt_rows(rows, cols, ratio_cols):
+    out = []
+    for n, k, what, r in rows:
+        cells = [f"{n} x {k}", what] + [f"{r[c][0] * 1e6:.1f}" for c in cols]
+        cells += [f"{r[num][0] / r[den][0]:.2f}x" for num, den in ratio_cols]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def write_report(a, dev, isa, sections, headline, probe):
+    cmd = "python3 benchmarks/cpu_lowbit_gemv.py " + " ".join(sys.argv[1:])
+    L = [
+        "# CPU low-bit GEMV: ternary, int8 and GGUF blocks against torch's dense paths",
+        "",
+        f"Date: {datetime.date.today().isoformat()}  ",
+        f"Device: {dev}  ",
+        f"CPU flags: {cpu_flags()}  ",
+        f"Kernel path: `{isa}` (rarefy/kernels/lowbit_cpu)  ",
+        f"Command: `{cmd}`",
+        "",
+        "Times are µs per call, median of interleaved repeats; every variant rotates over its own weight"
+        f" copies (> {a.min_mb:.0f} MB per variant) so weights stream from memory as in decode (the L3 is"
+        " large and shared, so part of that may be L3 hits). `bf16 cache` is torch's bf16 F.linear on a"
+        " cached dequantized bf16 copy (the dequantize-once-and-cache baseline); `fp16w` is rarefy's"
+        " fp16-weight GEMV (the engine's dense CPU default; for GGUF the dequantized fp16 path); `fp32`"
+        " is F.linear on the dequantized fp32 weights. `ternary` / `int8` use 16-bit fixed-point"
+        " activations (two int8 planes), `A8` BitNet's per-token int8 activations; GGUF kernels quantize"
+        " activations per block of 32 (llama.cpp's scheme). Ratios are baseline time / kernel time.",
+        "",
+    ]
+    if (2, 1) in headline:
+        r = headline[(2, 1)]
+        L += ["## Targets (4096 x 4096, batch 1, 2 threads)", "",
+              f"- ternary GEMV vs torch fp32 matvec: {r['fp32'][0] / r['ternary'][0]:.1f}x"
+              f" (A8: {r['fp32'][0] / r['ternary A8'][0]:.1f}x); target >= 4x",
+              f"- ternary GEMV vs the dequantize-once-and-cache bf16 path: {r['bf16 cache'][0] / r['ternary'][0]:.1f}x"
+              f" (A8: {r['bf16 cache'][0] / r['ternary A8'][0]:.1f}x); target > 1x",
+              ""]
+    for threads, m, before, after, waited, rows in sections:
+        L += [f"## {threads} thread{'s' if threads > 1 else ''}, M = {m}", "",
+              f"1-minute load average: {before:.2f} before (after waiting {waited:.0f} s), {after:.2f} after.", ""]
+        cols = ["fp32", "bf16 cache", "fp16w", "ternary", "ternary A8", "int8", "int8 A8"]
+        L += ["| shape N x K | layer | " + " | ".join(f"{c} µs" for c in cols)
+              + " | ternary vs fp32 | vs bf16 cache | int8 vs fp32 |",
+              "|" + "---|" * (len(cols) + 5)]
+        L += _fmt_rows(rows, cols, [("fp32", "ternary"), ("bf16 cache", "ternary"), ("fp32", "int8")])
+        L += [""]
+        cols = ["fp32", "fp16w", "Q4_0", "Q4_1", "Q8_0"]
+        L += ["| shape N x K | layer | " + " | ".join(f"{c} µs" for c in cols)
+              + " | Q4_1 vs fp32 | Q4_1 vs fp16w | Q8_0 vs fp16w | Q4_1 GB/s |",
+              "|" + "---|" * (len(cols) + 6)]
+        for line, (n, k, what, r) in zip(_fmt_rows(rows, cols, [("fp32", "Q4_1"), ("fp16w", "Q4_1"),
+                                                                  ("fp16w", "Q8_0")]), rows):
+            L.append(line + f" {r['Q4_1'][1]:.1f} |")
+        L += [""]
+    if probe:
+        L += ["## Ternary kernel-design probe (one thread, hot weights)", "",
+              "`rarefy/kernels/lowbit_cpu/probe_ternary.cpp`, built and run by `--probe`: the same 1024 x 4096"
+              " ternary GEMV (M = 1) computed by each candidate inner loop.", "", "```", probe, "```", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write("\n".join(L).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    main()
