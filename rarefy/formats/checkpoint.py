@@ -97,17 +97,31 @@ def save_pruned(model, out_dir: str | os.PathLike, *, source_path: str | os.Path
     cfg = dict(config_dict) if config_dict is not None else _source_config(source, gguf)
     tensors = _state_tensors(model)
 
+    def fill(tmp: Path) -> dict:
+        stats = _write_weights(tmp, tensors, compress, shard_size_bytes, dtype)
+        stats["cfg"] = _final_config(cfg, stats, tensors, source, rarefy_meta or {})
+        _write_json(tmp / "config.json", stats["cfg"])
+        if tok_src is not None:
+            _write_tokenizer(tmp, tok_src, gguf)
+        return stats
+
+    stats = write_dir_atomically(out, fill)
+    cfg = stats["cfg"]
+    return {"out_dir": str(out), "files": stats["files"], "compressed": stats["compressed"],
+            "bytes": stats["bytes"], "dense_bytes": stats["dense_bytes"],
+            "measured": cfg["rarefy"]["measured"]}
+
+
+def write_dir_atomically(out: Path, fill):
+    """Run fill(tmp) in a fresh directory beside `out`, fsync it and move it into place;
+    on any failure remove it, so nothing half-written is left. Returns fill's result."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
         raise RarefyError(f"cannot create a directory next to {out}: {e}") from None
     try:
-        stats = _write_weights(tmp, tensors, compress, shard_size_bytes, dtype)
-        cfg = _final_config(cfg, stats, tensors, source, rarefy_meta or {})
-        _write_json(tmp / "config.json", cfg)
-        if tok_src is not None:
-            _write_tokenizer(tmp, tok_src, gguf)
+        result = fill(tmp)
         _fsync_dir(tmp)
         _move_into_place(tmp, out)
     except BaseException as e:
@@ -115,9 +129,7 @@ def save_pruned(model, out_dir: str | os.PathLike, *, source_path: str | os.Path
         if isinstance(e, OSError):
             raise RarefyError(f"cannot write {out}: {e}") from None
         raise
-    return {"out_dir": str(out), "files": stats["files"], "compressed": stats["compressed"],
-            "bytes": stats["bytes"], "dense_bytes": stats["dense_bytes"],
-            "measured": cfg["rarefy"]["measured"]}
+    return result
 
 
 # -- destination -----------------------------------------------------------------------

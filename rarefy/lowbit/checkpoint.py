@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,9 +26,8 @@ from torch import nn
 
 import rarefy
 from rarefy.errors import RarefyError
-from rarefy.formats.checkpoint import (DEFAULT_SHARD_SIZE, _check_destination, _fsync_dir, _fsync_file,
-                                       _GGUFCache, _move_into_place, _source_config, _write_json,
-                                       _write_tokenizer)
+from rarefy.formats.checkpoint import (DEFAULT_SHARD_SIZE, _check_destination, _fsync_file, _GGUFCache,
+                                       _source_config, _write_json, _write_tokenizer, write_dir_atomically)
 from rarefy.layers.lowbit_linear import LOWBIT_CLASSES, MODES, is_lowbit, set_lowbit_mode
 from rarefy.lowbit import ternary
 from rarefy.models.safetensors_dir import read_rarefy_metadata
@@ -123,24 +120,14 @@ def save_lowbit(model: nn.Module, out_dir: str | os.PathLike, *,
     except (TypeError, ValueError) as e:
         raise RarefyError(f"lowbit_meta is not JSON-serialisable: {e}") from None
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise RarefyError(f"cannot create a directory next to {out}: {e}") from None
-    try:
+    def fill(tmp: Path) -> dict:
         stats = _write_weights(tmp, tensors, specs, shard_size_bytes, dtype)
-        cfg = _final_config(cfg, stats, specs, source, meta)
-        _write_json(tmp / "config.json", cfg)
+        _write_json(tmp / "config.json", _final_config(cfg, stats, specs, source, meta))
         if tok_src is not None:
             _write_tokenizer(tmp, tok_src, gguf)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise RarefyError(f"cannot write {out}: {e}") from None
-        raise
+        return stats
+
+    stats = write_dir_atomically(out, fill)
     return {"out_dir": str(out), "files": stats["files"], "bytes": stats["bytes"],
             "lowbit_bytes": stats["lowbit_bytes"], "lowbit_bf16_bytes": stats["lowbit_bf16_bytes"],
             "lowbit_modules": len(specs)}
