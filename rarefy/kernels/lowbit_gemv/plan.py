@@ -149,7 +149,7 @@ def pick_ternary_config(M: int, N: int, K: int, group_size: int | None, x_dtype:
         block_n = 128 if N >= 2048 else 64
         tiles = cdiv(N, block_n) * cdiv(M, block_m)
         steps = cdiv(K // 16, bu)
-        split = _split_for(tiles, steps, 2 * num_sms)
+        split = _split_for(tiles, steps, num_sms)
         return TernaryConfig("dot", block_n, bu, split, block_m, ppd, num_warps=4, num_stages=2)
     units = K // 16 if ternary_word_path(K, group_size) else cdiv(K, 4)
     num_warps = 4
