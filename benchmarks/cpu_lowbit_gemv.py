@@ -19,6 +19,14 @@ before and after each table.
 
     python3 benchmarks/cpu_lowbit_gemv.py --out docs/results/lowbit-cpu-gemv.md
     python3 benchmarks/cpu_lowbit_gemv.py --probe ...    # also the kernel-design probe (g++)
+    python3 benchmarks/cpu_lowbit_gemv.py --e2e --append docs/results/lowbit-cpu-gemv.md
+
+``--e2e`` instead measures decode of the embedded Q4_1 GGUF end to end: rarefy with every
+projection and lm_head kept as GGUF blocks (``lowbit_cpu.gguf_linear.use_gguf_blocks``),
+rarefy's default fp16w and fp32 (dequantized) engines, and llama.cpp through
+llama-cpp-python (a benchmark peer, never a dependency of rarefy), on the same file and thread
+count, batch 1, 128 new tokens, greedy; plus WikiText-2 perplexity of the GGUF-kernel model
+(kernel path forced for every row count) against the dequantized fp32 model.
 """
 
 from __future__ import annotations
@@ -165,6 +173,99 @@ def run_probe() -> str:
         return r.stdout.strip() if r.returncode == 0 else f"(probe failed: {r.stderr.strip()[:300]})"
 
 
+PROMPT = "The history of the city of Paris begins in the"
+
+
+def llama_cpp_rate(path: str, threads: int, prompt: str, new_tokens: int) -> tuple[float, list[int]] | None:
+    """llama.cpp decode tok/s (time from the first to the last generated token) and its tokens."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
+                verbose=False, logits_all=False)
+    toks = llm.tokenize(prompt.encode(), add_bos=True)
+    out, stamps = [], []
+    for tok in llm.generate(toks, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        stamps.append(time.perf_counter())
+        out.append(int(tok))
+        if len(out) == new_tokens:
+            break
+    del llm
+    return (new_tokens - 1) / (stamps[-1] - stamps[0]), out
+
+
+def run_e2e(a) -> list[str]:
+    from rarefy.engine.generate import Generator
+    from rarefy.eval.perplexity import perplexity
+    from rarefy.kernels.lowbit_cpu import gguf_linear
+    from rarefy.layers.sampler import SamplingParams
+    from rarefy.models.default_model import default_model_path
+    from rarefy.models.loader import load_model
+
+    path = default_model_path()
+    threads = a.threads[0]
+    torch.set_num_threads(threads)
+    engines = {"rarefy GGUF blocks (gguf_gemv_cpu)": load_model(None, dtype="fp32"),
+               "rarefy fp16w (default)": load_model(None, dtype="fp16w"),
+               "rarefy fp32 (dequantized)": load_model(None, dtype="fp32")}
+    n_swapped = gguf_linear.use_gguf_blocks(engines["rarefy GGUF blocks (gguf_gemv_cpu)"].model, path)
+    tk = engines["rarefy fp32 (dequantized)"].tokenizer
+    prompt = tk.encode(PROMPT)
+    params = SamplingParams(max_tokens=a.new_tokens, ignore_eos=True)
+    gens = {k: Generator(v.model, v.tokenizer) for k, v in engines.items()}
+    for g in gens.values():
+        g.generate([prompt], params)
+    before, waited = wait_quiet(a.max_load, a.max_wait)
+    rates = {k: [] for k in [*gens, "llama.cpp (llama-cpp-python)"]}
+    tokens = {}
+    for i in range(a.e2e_repeats):  # alternate engines so load drift hits all of them
+        for k, g in gens.items():
+            (c,), st = g.generate([prompt], params)
+            rates[k].append(st.decode_tok_s)
+            tokens[k] = c.token_ids
+        r = llama_cpp_rate(path, threads, PROMPT, a.new_tokens)
+        if r is not None:
+            rates["llama.cpp (llama-cpp-python)"].append(r[0])
+            tokens["llama.cpp (llama-cpp-python)"] = r[1]
+        print(f"run {i}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v), flush=True)
+    after = load1()
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt"),
+              encoding="utf-8") as f:
+        ids = tk.encode(f.read(), add_special_tokens=False)
+    gguf_linear.MAX_KERNEL_ROWS = 1 << 30  # perplexity through the kernel, not the dense fallback
+    ppl = {k: perplexity(engines[k].model, ids, ctx=512, max_chunks=a.ppl_chunks).ppl
+           for k in ("rarefy GGUF blocks (gguf_gemv_cpu)", "rarefy fp32 (dequantized)")}
+    ref = tokens["rarefy fp32 (dequantized)"]
+    peer = statistics.median(rates["llama.cpp (llama-cpp-python)"]) if rates["llama.cpp (llama-cpp-python)"] else None
+    L = ["## End to end: decode of the embedded Q4_1 GGUF", "",
+         f"Command: `python3 benchmarks/cpu_lowbit_gemv.py {' '.join(sys.argv[1:])}`  ",
+         f"Date: {datetime.date.today().isoformat()}; {threads} threads; batch 1, {len(prompt)}-token prompt,"
+         f" {a.new_tokens} new tokens, greedy, EOS ignored; median of {a.e2e_repeats} alternating runs."
+         f" 1-minute load: {before:.2f} before (waited {waited:.0f} s), {after:.2f} after.  ",
+         f"rarefy GGUF blocks: {n_swapped} layers (every projection and the tied lm_head) run"
+         " `gguf_gemv_cpu` on the file's Q4_1 / Q8_0 bytes; embeddings, norms, attention as in rarefy's"
+         " fp32 engine. llama.cpp: llama-cpp-python"
+         + (f" {__import__('llama_cpp').__version__}" if peer else " (not installed: no figure)")
+         + ", same file, same threads; its decode rate is timed from the first to the last generated token.",
+         "",
+         "| engine | decode tok/s | vs llama.cpp | greedy tokens equal to fp32 (dequantized) | runs (tok/s) |",
+         "| --- | --- | --- | --- | --- |"]
+    for k, v in rates.items():
+        if not v:
+            continue
+        r = statistics.median(v)
+        same = sum(x == y for x, y in zip(tokens[k], ref))
+        L.append(f"| {k} | {r:.1f} | {r / peer:.2f}x |" if peer else f"| {k} | {r:.1f} | - |")
+        L[-1] += f" {same}/{len(ref)} | {', '.join(f'{x:.1f}' for x in v)} |"
+    p_k, p_d = ppl["rarefy GGUF blocks (gguf_gemv_cpu)"], ppl["rarefy fp32 (dequantized)"]
+    L += ["", f"WikiText-2 valid perplexity (first {a.ppl_chunks} chunks of 512): GGUF blocks through"
+          f" gguf_gemv_cpu {p_k:.4f}, dequantized fp32 {p_d:.4f}: {100 * (p_k / p_d - 1):+.3f}% (target: within 0.1%).",
+          ""]
+    return L
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
@@ -176,7 +277,22 @@ def main():
     ap.add_argument("--max-wait", type=float, default=1200.0)
     ap.add_argument("--probe", action="store_true", help="also compile and run probe_ternary.cpp")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--e2e", action="store_true", help="end-to-end decode against llama.cpp instead")
+    ap.add_argument("--e2e-repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--ppl-chunks", type=int, default=8)
+    ap.add_argument("--append", default=None, help="--e2e: append the section to this file")
     a = ap.parse_args()
+    if a.e2e:
+        if a.threads == [1, 2]:
+            a.threads = [2]
+        lines = run_e2e(a)
+        print("\n".join(lines))
+        if a.append:
+            with open(a.append, "a") as f:
+                f.write("\n" + "\n".join(lines).rstrip() + "\n")
+            print(f"appended to {a.append}")
+        return
 
     t0 = time.perf_counter()
     for ext in (lowbit_cpu, gemv_cpu):

@@ -18,10 +18,11 @@ For the 4-bit types ``q_j = qs[j] & 0xF`` for ``j < 16`` and ``q_j = qs[j - 16] 
 This module is the reference (``dequantize``: exactly gguf-py's arithmetic, fp16 scales
 widened to fp32, one fp32 multiply (+ add)), a quantizer with llama.cpp's reference rounding
 (``quantize``: for tests and synthetic files), and lossless row permutations. The CPU kernel
-(``rarefy.kernels.lowbit_cpu.gguf_gemv_cpu``) reads these bytes in place: a kernel-friendly
-repack was measured unnecessary (docs/lowbit-kernels.md, CPU part); the one repack the
-engine needs is the row permutation that undoes llama.cpp's q/k rope interleave
-(``undo_rope_permute``), which moves whole rows and so whole blocks, bit for bit.
+(``rarefy.kernels.lowbit_cpu.gguf_gemv_cpu``) reads these bytes in place (one ``vpermt2b``
+gathers the quants of 4 blocks into a register), so no kernel-friendly copy is made
+(docs/lowbit-kernels.md, CPU part, says why); the one repack the engine needs is the row
+permutation that undoes llama.cpp's q/k rope interleave (``undo_rope_permute``), which moves
+whole rows and so whole blocks, bit for bit.
 """
 
 from __future__ import annotations

@@ -391,3 +391,40 @@ def test_bad_arguments_raise_rarefy_error():
     for i, (call, words) in enumerate(bad):
         with pytest.raises(RarefyError, match=words):
             call()
+
+
+def test_gguf_linear_swaps_layers_of_the_embedded_model():
+    """use_gguf_blocks on modules named like the model's: q_proj (rope rows un-interleaved),
+    down_proj and the tied lm_head run on the file's blocks and match the dequantized weights."""
+    pytest.importorskip("gguf")
+    from torch import nn
+
+    from rarefy.kernels.lowbit_cpu.gguf_linear import GGUFLinear, use_gguf_blocks
+    from rarefy.layers.linear import DenseLinear
+    from rarefy.models.default_model import default_model_path
+    from rarefy.models.gguf_file import GGUFCheckpoint
+
+    ckpt = GGUFCheckpoint(default_model_path())
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([nn.Module()])
+    layer = model.model.layers[0]
+    layer.self_attn, layer.mlp = nn.Module(), nn.Module()
+    layer.self_attn.q_proj = DenseLinear(576, 576)
+    layer.mlp.down_proj = DenseLinear(1536, 576)
+    model.lm_head = DenseLinear(576, 49152)
+    assert use_gguf_blocks(model, ckpt) == 3
+    gen = torch.Generator().manual_seed(14)
+    for mod, name in [(layer.self_attn.q_proj, "model.layers.0.self_attn.q_proj.weight"),
+                      (layer.mlp.down_proj, "model.layers.0.mlp.down_proj.weight"),
+                      (model.lm_head, "model.embed_tokens.weight")]:
+        assert isinstance(mod, GGUFLinear)
+        w = ckpt.load(name)  # dequantized, rope rows undone
+        assert torch.equal(mod.dequantized_weight(), w)
+        x = torch.randn(2, 1, mod.in_features, generator=gen)
+        ref = act_q8_blocks(x.reshape(2, -1)) @ w.double().t()
+        _close(mod(x).reshape(2, -1), ref, act_q8_blocks(x.reshape(2, -1)).abs() @ w.double().abs().t(),
+               mod.in_features, name)
+        xs = torch.randn(70, mod.in_features, generator=gen)  # past MAX_KERNEL_ROWS: dense fallback
+        torch.testing.assert_close(mod(xs), xs @ w.t(), rtol=1e-4, atol=1e-4)
+        assert mod(x.bfloat16()).dtype == torch.bfloat16

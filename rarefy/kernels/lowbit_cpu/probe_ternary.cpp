@@ -13,6 +13,9 @@
 //                 byte -> sum (c_i - 1) x_i, one table load + add per byte
 //   tl-gather     the same table read 16 bytes at a time with vpgatherdd
 //   fp32-dense    fp32 weights, FMA (the same matrix as 16x the bytes), for scale
+// and for weight-only int8 (the same 1024 x 4096 shape, int8 codes, 4 MiB):
+//   int8-vnni-2p  w + 128 (one xor) x two int8 activation planes, vpdpbusd (what int8_gemv ships)
+//   int8-widen    int8 -> int32 -> fp32 in registers, FMA with fp32 activations (exact)
 //
 // Build: g++ -O3 -fopenmp -o probe probe_ternary.cpp   (needs AVX-512 VNNI/VBMI/BF16 to run)
 
@@ -173,6 +176,39 @@ TGT void fp32_dense(const float* W, const float* x, float* y) {
   }
 }
 
+TGT void int8_vnni_2p(const int8_t* W, const int8_t* x1, const int8_t* x2, float* y) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int n = 0; n < N; n += 4) {
+    __m512i a[4][2];
+    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
+    for (int k = 0; k < K; k += 64) {
+      const __m512i xa = _mm512_load_si512(x1 + k), xb = _mm512_load_si512(x2 + k);
+      for (int r = 0; r < 4; ++r) {
+        const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(W + static_cast<size_t>(n + r) * K + k), flip);
+        a[r][0] = _mm512_dpbusd_epi32(a[r][0], u, xa);
+        a[r][1] = _mm512_dpbusd_epi32(a[r][1], u, xb);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      y[n + r] = static_cast<float>(_mm512_reduce_add_epi32(a[r][0])) + static_cast<float>(_mm512_reduce_add_epi32(a[r][1]));
+  }
+}
+
+TGT void int8_widen(const int8_t* W, const float* x, float* y) {
+  for (int n = 0; n < N; n += 4) {
+    __m512 a[4];
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      for (int r = 0; r < 4; ++r) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + static_cast<size_t>(n + r) * K + k));
+        a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, a[r]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) y[n + r] = _mm512_reduce_add_ps(a[r]);
+  }
+}
+
 uint16_t bf16_rne(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
@@ -262,6 +298,26 @@ int main() {
   run("tl-scalar", [&] { tl_scalar(W.data(), T.data(), y.data()); });
   run("tl-gather", [&] { tl_gather(W.data(), T.data(), y.data()); });
   run("fp32-dense", [&] { fp32_dense(Wf.data(), x.data(), y.data()); });
+  // weight-only int8 (times only: these compute a different product)
+  std::vector<int8_t> W8(static_cast<size_t>(N) * K);
+  for (auto& v : W8) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+  auto time_only = [&](const char* name, auto f) {
+    double best = 1e9;
+    for (int r = 0; r < 200; ++r) {
+      const double t0 = now();
+      f();
+      best = std::min(best, now() - t0);
+    }
+    std::printf("%-14s %8.1f us\n", name, best * 1e6);
+  };
+  int8_t* n1 = static_cast<int8_t*>(std::aligned_alloc(64, K));
+  int8_t* n2 = static_cast<int8_t*>(std::aligned_alloc(64, K));
+  std::memcpy(n1, q1.data(), K);
+  std::memcpy(n2, q2.data(), K);
+  time_only("int8-vnni-2p", [&] { int8_vnni_2p(W8.data(), n1, n2, y.data()); });
+  time_only("int8-widen", [&] { int8_widen(W8.data(), x.data(), y.data()); });
+  std::free(n1);
+  std::free(n2);
   std::free(xp1);
   std::free(xp2);
   return 0;
