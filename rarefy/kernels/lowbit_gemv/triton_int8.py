@@ -28,6 +28,7 @@ from .plan import Int8Config, cdiv, fit_int8_config, next_pow2, pick_int8_config
 from .triton_common import (
     GemvWorkspace,
     device_sms,
+    pdl_launch_dependents,
     pdl_wait,
     store_tile,
     workspace_for,
@@ -113,6 +114,7 @@ def _int8_fma_kernel(
             acc += part
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    pdl_launch_dependents(PDL)
 
     res = tl.sum(acc, axis=1)
     if not GROUPED:
@@ -172,6 +174,7 @@ def _int8_dot_kernel(
             acc = tl.dot(wq, x, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    pdl_launch_dependents(PDL)
 
     if not GROUPED:
         acc = acc * tl.load(s_ptr + rows_n).to(tl.float32)[:, None]

@@ -54,6 +54,7 @@ from .plan import TernaryConfig, cdiv, next_pow2, pick_ternary_config, ternary_w
 from .triton_common import (
     GemvWorkspace,
     device_sms,
+    pdl_launch_dependents,
     pdl_wait,
     store_tile,
     workspace_for,
@@ -158,6 +159,8 @@ def _ternary_fma_kernel(
             acc += p
             xacc += xsum
         w_ptrs += BLOCK_U
+    # the next kernel may start its prologue (it waits for this grid before reading our output)
+    pdl_launch_dependents(PDL)
 
     # sum_k (c - 1) x = sum c x - sum x ; c x was accumulated at 2^(X_EXP - 149)
     if GROUPED:
@@ -320,6 +323,7 @@ def _ternary_dot_kernel(
                 acc = step
         w_ptrs += BLOCK_W
         x_base += BLOCK_W * 16
+    pdl_launch_dependents(PDL)
 
     if I8MMA:
         if not GROUPED:
