@@ -157,7 +157,7 @@ def serve_bench(
     url: Optional[str] = typer.Option(None, "--url", help="a running OpenAI-compatible server, e.g. "
                                       "http://127.0.0.1:8000 (default: start rarefy's in this process)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RAREFY_API_KEY", help="the server's key"),
-    num_prompts: int = typer.Option(32, "--num-prompts", "-n", help="requests per concurrency level"),
+    num_prompts: int = typer.Option(32, "--num-prompts", "--requests", "-n", help="requests per concurrency level"),
     concurrency: str = typer.Option("1,8", "--concurrency", help="comma list: requests in flight, one run each"),
     request_rate: float = typer.Option(float("inf"), "--request-rate",
                                        help="Poisson arrivals per second (default inf: all at once, "
