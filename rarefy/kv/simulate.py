@@ -97,7 +97,7 @@ def simulated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 def _masked_sdpa(q, kf, vf, positions, q_positions, policy, scale, ascending, stats, from_pos):
     """Dense and window policies: the kept set depends on positions only, so the fused SDPA
     kernel with a boolean mask (or is_causal) computes the same softmax over the same keys."""
-    B, Hq, Tq, _ = q.shape
+    _, Hq, Tq, _ = q.shape
     gqa = Hq != kf.shape[1]
     plain_causal = (policy.name == "dense" and ascending and Tq == kf.shape[2]
                     and bool((q_positions == positions).all()))

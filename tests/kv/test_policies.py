@@ -14,6 +14,7 @@ from rarefy.errors import RarefyError
 from rarefy.kv.policies import (Dense, Entropy, PolicyConfig, Threshold, TopK, Window, load_policy_config,
                                 parse_policy, policy_config_from_dict, resolve_policy_config)
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster, and robust on a busy machine."""

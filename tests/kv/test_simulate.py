@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 from rarefy.config import ModelConfig
 from rarefy.errors import RarefyError
-from rarefy.kv.policies import PolicyConfig, Dense, Window, parse_policy
+from rarefy.kv.policies import Dense, PolicyConfig, Window, parse_policy
 from rarefy.kv.quant import roundtrip
 from rarefy.kv.simulate import (attention_read_fraction, clear_eval_attention, configure_eval_attention,
                                 decode_attention_with_policy, eval_attention, simulated_attention)
 from rarefy.models.llama import DecoderLM
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
