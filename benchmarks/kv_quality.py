@@ -332,13 +332,13 @@ def notes(rows, bf16_bpt) -> list[str]:
                    "the value reads unless keys are pre-selected per page (Quest).")
     if have(("int8", W25), ("bf16", W25), ("int8", "dense")):
         x = by[("int8", W25)]
-        out.append(f"- **Effects add up**: int8 + the 25% window costs {d('int8', W25)} (window alone "
+        out.append(f"- **Effects add up (roughly)**: int8 + the 25% window costs {d('int8', W25)} (window alone "
                    f"{d('bf16', W25)}, int8 alone {d('int8', 'dense')}) at "
                    f"{x['effective_bytes_per_token']:,.0f} bytes per token, "
                    f"{x['effective_bytes_per_token'] / bf16_bpt:.1%} of bf16 dense.")
     out.append("- The \"cos worst layer\" of top-k and threshold is layer 0, whose heads attend diffusely (the "
                "entropy policy keeps nearly all of its keys: cosine 1.000 there). The minimum per-(token, head) "
-               "cosine of every row is in the JSON (`cos_min_token`).")
+               "cosine of every row goes to the `--json-out` file (`cos_min_token`).")
     return out
 
 
