@@ -114,6 +114,21 @@ def test_ternary_activation_error_bound(act):
         assert ((y.double() - exact).abs() <= tol).all()
 
 
+def test_int8_mode_is_fake_quant_int8_per_token():
+    """act_quant="int8" quantizes exactly as the layers' reference (fake_quant_int8_per_token)."""
+    from rarefy.layers.lowbit_linear import fake_quant_int8_per_token
+
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(64, 1000, generator=gen) * torch.rand(64, 1, generator=gen) * 10
+    assert torch.equal(act_int8(x).float(), fake_quant_int8_per_token(x))
+    # the kernel's quantized activations: an identity int8 weight returns them, q * (1/s) instead
+    # of q / s (one fp32 rounding apart); a different q would be off by >= 1/127 relative
+    eye = torch.eye(1000, dtype=torch.int8)
+    for isa in _isas():
+        y = int8_gemv_cpu(x, eye, torch.ones(1000, 1), act_quant="int8", isa=isa)
+        torch.testing.assert_close(y, fake_quant_int8_per_token(x), rtol=2.5e-7, atol=0)
+
+
 def test_ternary_special_inputs():
     """All-zero / all-±1 rows of W, all-zero and constant rows of x, tiny and huge x."""
     n, k = 6, 576
@@ -221,8 +236,9 @@ def _random_blocks(qtype, n, k, gen):
 GGUF_CASES = [(1, 7, 32), (3, 5, 96), (16, 3, 128), (1, 9, 160), (3, 33, 576), (16, 5, 1536), (2, 1, 4096)]
 
 
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("qtype", list(gb.QTYPES))
-def test_gguf_matches_reference(qtype):
+def test_gguf_matches_reference(qtype, act):
     gen = torch.Generator().manual_seed(7)
     for i, (m, n, k) in enumerate(GGUF_CASES):
         blocks = gb.quantize(torch.randn(n, k, generator=gen), qtype) if i % 2 else _random_blocks(qtype, n, k, gen)
@@ -231,17 +247,19 @@ def test_gguf_matches_reference(qtype):
             x[1] = 0.0
             x[2, :32] = 0.0  # an all-zero activation block
         bias = torch.randn(n, generator=gen) if i % 2 else None
-        ref = lb.gguf_gemv_ref(x, blocks, qtype, (n, k), bias=bias)
+        ref = lb.gguf_gemv_ref(x, blocks, qtype, (n, k), act_quant=act, bias=bias)
         w = gb.dequantize(blocks, qtype, (n, k), torch.float64)
-        bound = act_q8_blocks(x).abs() @ w.abs().t() + (bias.double().abs() if bias is not None else 0)
+        bound = act_q8_blocks(x, act).abs() @ w.abs().t() + (bias.double().abs() if bias is not None else 0)
         for isa in _isas():
-            y = gguf_gemv_cpu(x, blocks, qtype, (n, k), bias=bias, isa=isa)
-            _close(y, ref, bound, k, f"{qtype} {m}x{n}x{k} isa={isa}")
-        # activation quantization: per block of 32, error <= amax_b / 254 per element
+            y = gguf_gemv_cpu(x, blocks, qtype, (n, k), act_quant=act, bias=bias, isa=isa)
+            _close(y, ref, bound, k, f"{qtype} {m}x{n}x{k} act={act} isa={isa}")
+        # activation quantization per block of 32: error <= amax_b/254 (int8), amax_b/64516 (16-bit)
         exact = x.double() @ w.t() + (bias.double() if bias is not None else 0)
         amax = x.double().abs().reshape(m, k // 32, 32).amax(-1, keepdim=True).expand(m, k // 32, 32).reshape(m, k)
-        tol = (amax / 254 * (1 + 1e-6)) @ w.abs().t() + 1e-5 * bound
-        assert ((gguf_gemv_cpu(x, blocks, qtype, (n, k), bias=bias).double() - exact).abs() <= tol).all()
+        per = amax / 254 * (1 + 1e-6) if act == "int8" else amax / 64516 * (1 + 1e-3) + amax * 2.0**-23
+        tol = per @ w.abs().t() + 1e-5 * bound
+        y = gguf_gemv_cpu(x, blocks, qtype, (n, k), act_quant=act, bias=bias)
+        assert ((y.double() - exact).abs() <= tol).all()
 
 
 def test_gguf_nan_never_passes():
@@ -250,8 +268,8 @@ def test_gguf_nan_never_passes():
         blocks = gb.quantize(torch.randn(3, 96, generator=gen), qtype)
         x = torch.randn(3, 96, generator=gen)
         x[0, 40] = float("nan")
-        for isa in _isas():
-            y = gguf_gemv_cpu(x, blocks, qtype, (3, 96), isa=isa)
+        for isa, act in itertools.product(_isas(), ACTS):
+            y = gguf_gemv_cpu(x, blocks, qtype, (3, 96), act_quant=act, isa=isa)
             assert torch.isnan(y[0]).all() and torch.isfinite(y[1:]).all()
         nanblk = blocks.clone().view(3, -1)
         nanblk[1, :2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # fp16 NaN as row 1's first d
@@ -319,9 +337,11 @@ def test_embedded_model_tensors():
             n = 1024
             blocks = blocks[: n * gb.row_nbytes(qt, k)].contiguous()
         x = torch.randn(3, k, generator=gen)
-        ref = lb.gguf_gemv_ref(x, blocks, qt, (n, k))
         w = gb.dequantize(blocks, qt, (n, k), torch.float64)
-        _close(gguf_gemv_cpu(x, blocks, qt, (n, k)), ref, act_q8_blocks(x).abs() @ w.abs().t(), k, t.name)
+        for act in ACTS:
+            ref = lb.gguf_gemv_ref(x, blocks, qt, (n, k), act_quant=act)
+            _close(gguf_gemv_cpu(x, blocks, qt, (n, k), act_quant=act), ref, act_q8_blocks(x, act).abs() @ w.abs().t(),
+                   k, t.name)
 
 
 # --------------------------------------------------------------------------- shared behaviour
@@ -387,6 +407,7 @@ def test_bad_arguments_raise_rarefy_error():
         (lambda: gguf_gemv_cpu(x, blocks.view(torch.int8), "Q4_0", (8, 64)), "uint8"),
         (lambda: gguf_gemv_cpu(x[:, :32], blocks, "Q4_0", (8, 64)), "columns"),
         (lambda: gguf_gemv_cpu(x, blocks, "Q4_0", (8, 64), isa=7), "not available"),
+        (lambda: gguf_gemv_cpu(x, blocks, "Q4_0", (8, 64), act_quant="q8"), "act_quant"),
     ]
     for i, (call, words) in enumerate(bad):
         with pytest.raises(RarefyError, match=words):
@@ -422,9 +443,8 @@ def test_gguf_linear_swaps_layers_of_the_embedded_model():
         w = ckpt.load(name)  # dequantized, rope rows undone
         assert torch.equal(mod.dequantized_weight(), w)
         x = torch.randn(2, 1, mod.in_features, generator=gen)
-        ref = act_q8_blocks(x.reshape(2, -1)) @ w.double().t()
-        _close(mod(x).reshape(2, -1), ref, act_q8_blocks(x.reshape(2, -1)).abs() @ w.double().abs().t(),
-               mod.in_features, name)
+        xh = act_q8_blocks(x.reshape(2, -1), None)
+        _close(mod(x).reshape(2, -1), xh @ w.double().t(), xh.abs() @ w.double().abs().t(), mod.in_features, name)
         xs = torch.randn(70, mod.in_features, generator=gen)  # past MAX_KERNEL_ROWS: dense fallback
         torch.testing.assert_close(mod(xs), xs @ w.t(), rtol=1e-4, atol=1e-4)
         assert mod(x.bfloat16()).dtype == torch.bfloat16

@@ -16,7 +16,8 @@ are spread over torch's threads. Activation modes (``act_quant``):
   every element above amax/128). Two dot products per weight byte, one weight read.
 - ``"int8"`` (ternary, int8): BitNet b1.58's per-token absmax int8, the same numbers as
   ``fake_quant_int8_per_token`` (W1.58A8 / W8A8). Half the work of ``None``.
-- GGUF always uses llama.cpp's scheme: int8 per block of 32 activations with an fp32 scale.
+- GGUF: the same two modes per block of 32 activations (fp32 block scales): None = 16-bit
+  (two planes), "int8" = llama.cpp's Q8 scheme.
 
 A row of x holding NaN/inf gives a NaN row of y. Results do not depend on the thread count.
 Design, measurements and the alternatives tried: docs/lowbit-kernels.md (CPU part).
@@ -220,8 +221,8 @@ def _diagnose_int8(x, qweight, scale, group_size, act_quant, bias, isa) -> None:
     _isa(isa, fn)
 
 
-def gguf_gemv_cpu(x: torch.Tensor, blocks: torch.Tensor, qtype: str, shape, *, bias: torch.Tensor | None = None,
-                  isa: int = -1) -> torch.Tensor:
+def gguf_gemv_cpu(x: torch.Tensor, blocks: torch.Tensor, qtype: str, shape, *, act_quant: str | None = None,
+                  bias: torch.Tensor | None = None, isa: int = -1) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with W the GGUF tensor given by its raw bytes.
 
     Args:
@@ -232,18 +233,20 @@ def gguf_gemv_cpu(x: torch.Tensor, blocks: torch.Tensor, qtype: str, shape, *, b
         shape: ``(N, K)`` = (out_features, in_features), HF order (GGUF's ``ne`` reversed);
             K a multiple of 32.
 
-    Activations are quantized to int8 per block of 32 (llama.cpp's Q8 scheme, fp32 scales).
+        act_quant: None: activations per block of 32 in 16-bit fixed point (two int8 planes,
+            ``x ~ (q1 + q2/254) amax_b/127``; perplexity equals the dequantized model's);
+            "int8": llama.cpp's Q8 scheme (``q = round(x * 127/amax_b)``), half the arithmetic.
     """
     ops = _OPS or _load_ops()
     try:
         n, k = shape
-        return ops[2](x, blocks, QTYPES[qtype], n, k, bias, isa)
+        return ops[2](x, blocks, QTYPES[qtype], n, k, _ACT[act_quant], bias, isa)
     except Exception as e:
-        _diagnose_gguf(x, blocks, qtype, shape, bias, isa)
+        _diagnose_gguf(x, blocks, qtype, shape, act_quant, bias, isa)
         raise RarefyError(f"gguf_gemv_cpu: {e}") from e
 
 
-def _diagnose_gguf(x, blocks, qtype, shape, bias, isa) -> None:
+def _diagnose_gguf(x, blocks, qtype, shape, act_quant, bias, isa) -> None:
     fn = "gguf_gemv_cpu"
     x2, _ = _check_x(x, fn)
     if qtype not in QTYPES:
@@ -257,6 +260,7 @@ def _diagnose_gguf(x, blocks, qtype, shape, bias, isa) -> None:
     if not blocks.is_contiguous():
         raise RarefyError(f"{fn}: blocks must be contiguous")
     _check_bias(bias, n, fn)
+    _act(act_quant, fn)
     _isa(isa, fn)
 
 

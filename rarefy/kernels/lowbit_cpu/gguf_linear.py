@@ -25,13 +25,15 @@ MAX_KERNEL_ROWS = 64
 class GGUFLinear(nn.Module):
     """y = x @ W^T (+ b), W given by GGUF blocks (uint8 buffer ``blocks``); x, b, y float32."""
 
-    def __init__(self, blocks: torch.Tensor, qtype: str, shape, bias: torch.Tensor | None = None):
+    def __init__(self, blocks: torch.Tensor, qtype: str, shape, bias: torch.Tensor | None = None,
+                 act_quant: str | None = None):
         super().__init__()
         n, k = gguf_blocks.check_blocks(blocks, qtype, shape)
         if qtype not in QTYPES:
             raise RarefyError(f"GGUFLinear: unsupported block type {qtype!r}")
         self.qtype, self.out_features, self.in_features = qtype, n, k
         self.shape = (n, k)
+        self.act_quant = act_quant  # None: 16-bit activations per block; "int8": llama.cpp's Q8
         self.register_buffer("blocks", blocks.contiguous())
         self.bias = nn.Parameter(bias.detach().float().contiguous(), requires_grad=False) if bias is not None else None
 
@@ -43,14 +45,15 @@ class GGUFLinear(nn.Module):
             w = gguf_blocks.dequantize(self.blocks, self.qtype, self.shape)
             y = F.linear(x, w, self.bias)
         else:
-            y = gguf_gemv_cpu(x, self.blocks, self.qtype, self.shape, bias=self.bias)
+            y = gguf_gemv_cpu(x, self.blocks, self.qtype, self.shape, act_quant=self.act_quant, bias=self.bias)
         return y if dt == torch.float32 else y.to(dt)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return gguf_blocks.dequantize(self.blocks, self.qtype, self.shape, dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, weight={self.qtype}"
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, weight={self.qtype}, "
+                f"act={'int8' if self.act_quant else '16-bit'}")
 
 
 def _blocks_in_hf_order(ckpt, hf_name: str):
@@ -65,7 +68,7 @@ def _blocks_in_hf_order(ckpt, hf_name: str):
     return blocks, qtype, shape
 
 
-def use_gguf_blocks(model: nn.Module, path_or_ckpt) -> int:
+def use_gguf_blocks(model: nn.Module, path_or_ckpt, act_quant: str | None = None) -> int:
     """Replace every projection (and lm_head) whose GGUF tensor is Q4_0/Q4_1/Q8_0 by a
     GGUFLinear reading the file's blocks; returns how many were replaced. The model must have
     been loaded from that file (same names and shapes)."""
@@ -92,6 +95,6 @@ def use_gguf_blocks(model: nn.Module, path_or_ckpt) -> int:
                 raise RarefyError(f"{wname}: GGUF shape {shape} does not match the layer's "
                                   f"({child.out_features}, {child.in_features})")
             bias = getattr(child, "bias", None)
-            setattr(parent, child_name, GGUFLinear(blocks, qtype, shape, bias))
+            setattr(parent, child_name, GGUFLinear(blocks, qtype, shape, bias, act_quant))
             count += 1
     return count

@@ -77,6 +77,10 @@ inline uint16_t ld16(const uint8_t* p) {
   std::memcpy(&v, p, 2);
   return v;
 }
+// The quantization multiplier 127 / amax, rounded as torch's `127.0 / amax` is (reciprocal,
+// then times 127: two roundings), so that the int8 mode reproduces fake_quant_int8_per_token
+// (and BitNet's activation_quant) bit for bit.
+inline float act_scale(float amax) { return (1.f / amax) * 127.f; }
 inline int8_t q8(float v) {  // round half to even (default FP environment), clamp to +-127
   float r = std::nearbyint(v);
   r = std::min(127.f, std::max(-127.f, r));
@@ -682,11 +686,11 @@ void lin_prep(Lin& L, const float* x, int64_t act, int64_t off, int64_t isa, Are
       for (int64_t pl = 0; pl < L.planes; ++pl) std::memset(xn + (m * L.planes + pl) * kpad, 0, kpad);
       const float nan = std::numeric_limits<float>::quiet_NaN();
       if (act == kInt8) {
-        const float s = 127.f / std::max(amax, 1e-5f);
+        const float s = act_scale(std::max(amax, 1e-5f));
         if (finite) row_quant(xr, K, s, xn + m * kpad, nullptr, isa);
         dq[m] = finite ? static_cast<float>(1.0 / static_cast<double>(s)) : nan;
       } else {
-        const float s = amax > 0.f ? 127.f / amax : 0.f;
+        const float s = amax > 0.f ? act_scale(amax) : 0.f;
         if (finite && amax > 0.f) row_quant(xr, K, s, xn + 2 * m * kpad, xn + (2 * m + 1) * kpad, isa);
         const double d = amax > 0.f ? 1.0 / static_cast<double>(s) : 0.0;
         dq[2 * m] = finite ? static_cast<float>(d) : nan;
@@ -869,24 +873,26 @@ struct GG {
   const uint8_t* w;
   int64_t N, K, nb, rowbytes;
   int qt;
-  int64_t M;
-  const int8_t* xn;   // [M][xnstride] natural q, padded with zeros
+  int64_t M, planes;  // planes: 1 (int8 per block) or 2 (q1 + q2 / 254 per block)
+  // per virtual row p = m * planes + plane:
+  const int8_t* xn;   // [P][xnstride] natural q, padded with zeros
   int64_t xnstride;
-  const float* dx;    // [M][nb]  activation block scales
-  const float* sx;    // [M][nb]  dx * sum(q)   (Q4_1)
-  // AVX-512: groups of 4 blocks (Q4) or 2 (Q8)
-  int64_t ngrp;
-  const int8_t* xa;   // Q4: [M][ngrp][128] (lanes of block i: q[0..15] | q[16..31])
-  const int32_t* corr;  // [M][ngrp][16]: Q4_0 -8 * lane sums, Q8_0 -128 * lane sums
+  const int8_t* xa;   // AVX-512 Q4: [P][ngrp][128] (lanes of block i: q[0..15] | q[16..31])
+  const int32_t* corr;  // AVX-512 [P][ngrp][16]: Q4_0 -8 * lane sums, Q8_0 -128 * lane sums
+  const int16_t* ps8; // AVX2 Q4_0: [P][nb][16] 8 * (q[2j] + q[2j+1])
+  // per row of x:
+  const float* dx;    // [M][nb]  activation block scales (plane 2 weighs dx / 254)
+  const float* sx;    // [M][nb]  dx * (sum q1 + sum q2 / 254)   (Q4_1)
+  int64_t ngrp;       // AVX-512: groups of 4 blocks (Q4) or 2 (Q8)
   const float* dxe;   // [M][ngrp][16]: each lane's block dx
   const float* sxe;   // Q4_1 [M][ngrp][16]: [0, sx0, 0, sx1, ...]
-  const int16_t* ps8; // AVX2 Q4_0: [M][nb][16] 8 * (q[2j] + q[2j+1])
   const uint8_t* bad; // [M]
   const float* bias;
   float* y;
 };
 
 constexpr int kBlockBytes[3] = {18, 20, 34};
+constexpr float kInv254 = 1.f / 254.f;
 
 inline void gg_store(const GG& g, int64_t n, int64_t m, float v) {
   g.y[m * g.N + n] = g.bad[m] ? std::numeric_limits<float>::quiet_NaN() : v + (g.bias ? g.bias[n] : 0.f);
@@ -897,24 +903,26 @@ void gg_rows_scalar(const GG& g, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = g.w + n * g.rowbytes;
     for (int64_t m = 0; m < g.M; ++m) {
-      const int8_t* x = g.xn + m * g.xnstride;
       float F = 0.f;
       for (int64_t b = 0; b < g.nb; ++b) {
         const uint8_t* blk = row + b * BS;
-        const int8_t* xb = x + 32 * b;
         const float d = h2f(ld16(blk));
-        int32_t s = 0;
-        if (g.qt == kQ8_0) {
-          const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
-          for (int j = 0; j < 32; ++j) s += qs[j] * xb[j];
-          F += d * g.dx[m * g.nb + b] * static_cast<float>(s);
-        } else {
-          const uint8_t* qs = blk + (g.qt == kQ4_0 ? 2 : 4);
-          const int o = g.qt == kQ4_0 ? 8 : 0;
-          for (int j = 0; j < 16; ++j) s += ((qs[j] & 15) - o) * xb[j] + ((qs[j] >> 4) - o) * xb[j + 16];
-          F += d * g.dx[m * g.nb + b] * static_cast<float>(s);
-          if (g.qt == kQ4_1) F += h2f(ld16(blk + 2)) * g.sx[m * g.nb + b];
+        float f = 0.f;
+        for (int64_t pl = 0; pl < g.planes; ++pl) {
+          const int8_t* xb = g.xn + (m * g.planes + pl) * g.xnstride + 32 * b;
+          int32_t s = 0;
+          if (g.qt == kQ8_0) {
+            const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
+            for (int j = 0; j < 32; ++j) s += qs[j] * xb[j];
+          } else {
+            const uint8_t* qs = blk + (g.qt == kQ4_0 ? 2 : 4);
+            const int o = g.qt == kQ4_0 ? 8 : 0;
+            for (int j = 0; j < 16; ++j) s += ((qs[j] & 15) - o) * xb[j] + ((qs[j] >> 4) - o) * xb[j + 16];
+          }
+          f += pl == 0 ? static_cast<float>(s) : static_cast<float>(s) * kInv254;
         }
+        F += d * g.dx[m * g.nb + b] * f;
+        if (g.qt == kQ4_1) F += h2f(ld16(blk + 2)) * g.sx[m * g.nb + b];
       }
       gg_store(g, n, m, F);
     }
@@ -948,7 +956,7 @@ struct GGIdx {
 };
 const GGIdx kGGIdx;
 
-template <int QT, int PT>
+template <int QT, int PT, int PL>
 RF_512 void gg_tile512(const GG& g, int64_t n, int64_t m0, bool pf) {
   constexpr int BS = kBlockBytes[QT];
   constexpr int GB = (QT == kQ8_0 ? 2 : 4) * BS;
@@ -985,15 +993,21 @@ RF_512 void gg_tile512(const GG& g, int64_t n, int64_t m0, bool pf) {
     RF_UNROLL for (int pp = 0; pp < PT; ++pp) {
       const int64_t m = m0 + pp;
       const int64_t gx = m * g.ngrp + gi;
-      __m512i acc = QT == kQ4_1 ? _mm512_setzero_si512() : _mm512_load_si512(g.corr + 16 * gx);
-      if constexpr (QT == kQ8_0) {
-        acc = _mm512_dpbusd_epi32(acc, lo, _mm512_load_si512(g.xn + m * g.xnstride + 64 * gi));
-      } else {
-        acc = _mm512_dpbusd_epi32(acc, lo, _mm512_load_si512(g.xa + 128 * gx));
-        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_load_si512(g.xa + 128 * gx + 64));
+      __m512 f[PL];
+      RF_UNROLL for (int pl = 0; pl < PL; ++pl) {
+        const int64_t p = m * PL + pl, px = p * g.ngrp + gi;
+        __m512i acc = QT == kQ4_1 ? _mm512_setzero_si512() : _mm512_load_si512(g.corr + 16 * px);
+        if constexpr (QT == kQ8_0) {
+          acc = _mm512_dpbusd_epi32(acc, lo, _mm512_load_si512(g.xn + p * g.xnstride + 64 * gi));
+        } else {
+          acc = _mm512_dpbusd_epi32(acc, lo, _mm512_load_si512(g.xa + 128 * px));
+          acc = _mm512_dpbusd_epi32(acc, hi, _mm512_load_si512(g.xa + 128 * px + 64));
+        }
+        f[pl] = _mm512_cvtepi32_ps(acc);
       }
+      if constexpr (PL == 2) f[0] = _mm512_fmadd_ps(f[1], _mm512_set1_ps(kInv254), f[0]);
       const __m512 sc = _mm512_mul_ps(dexp, _mm512_load_ps(g.dxe + 16 * gx));
-      F[pp] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc, F[pp]);
+      F[pp] = _mm512_fmadd_ps(f[0], sc, F[pp]);
       if constexpr (QT == kQ4_1) F[pp] = _mm512_fmadd_ps(hf, _mm512_load_ps(g.sxe + 16 * gx), F[pp]);
     }
   }
@@ -1001,7 +1015,7 @@ RF_512 void gg_tile512(const GG& g, int64_t n, int64_t m0, bool pf) {
 }
 
 // AVX2, llama.cpp-style, one block (32 weights) per step, activations in natural order.
-template <int QT, int PT>
+template <int QT, int PT, int PL>
 RF_256 void gg_tile256(const GG& g, int64_t n, int64_t m0, bool pf) {
   constexpr int BS = kBlockBytes[QT];
   const uint8_t* row = g.w + n * g.rowbytes;
@@ -1025,24 +1039,29 @@ RF_256 void gg_tile256(const GG& g, int64_t n, int64_t m0, bool pf) {
     const float mw = QT == kQ4_1 ? _cvtsh_ss(ld16(blk + 2)) : 0.f;
     RF_UNROLL for (int pp = 0; pp < PT; ++pp) {
       const int64_t m = m0 + pp;
-      const __m256i X = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.xn + m * g.xnstride + 32 * b));
-      __m256i s;
-      if constexpr (QT == kQ8_0) {
-        s = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(X, wv));
-      } else {
-        s = _mm256_maddubs_epi16(wv, X);
-        if constexpr (QT == kQ4_0)
-          s = _mm256_sub_epi16(s, _mm256_load_si256(reinterpret_cast<const __m256i*>(g.ps8 + 16 * (m * g.nb + b))));
+      __m256 f[PL];
+      RF_UNROLL for (int pl = 0; pl < PL; ++pl) {
+        const int64_t p = m * PL + pl;
+        const __m256i X = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.xn + p * g.xnstride + 32 * b));
+        __m256i s;
+        if constexpr (QT == kQ8_0) {
+          s = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(X, wv));
+        } else {
+          s = _mm256_maddubs_epi16(wv, X);
+          if constexpr (QT == kQ4_0)
+            s = _mm256_sub_epi16(s, _mm256_load_si256(reinterpret_cast<const __m256i*>(g.ps8 + 16 * (p * g.nb + b))));
+        }
+        f[pl] = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
       }
-      const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
-      F[pp] = _mm256_fmadd_ps(f, _mm256_set1_ps(d * g.dx[m * g.nb + b]), F[pp]);
+      if constexpr (PL == 2) f[0] = _mm256_fmadd_ps(f[1], _mm256_set1_ps(kInv254), f[0]);
+      F[pp] = _mm256_fmadd_ps(f[0], _mm256_set1_ps(d * g.dx[m * g.nb + b]), F[pp]);
       if constexpr (QT == kQ4_1) Fm[pp] += mw * g.sx[m * g.nb + b];
     }
   }
   RF_UNROLL for (int pp = 0; pp < PT; ++pp) gg_store(g, n, m0 + pp, hsum256_ps(F[pp]) + Fm[pp]);
 }
 
-template <int QT, bool V512>
+template <int QT, bool V512, int PL>
 void gg_block(const GG& g, int64_t n0) {
   const int64_t n1 = std::min(n0 + kRowBlock, g.N);
   int64_t m = 0;
@@ -1050,8 +1069,8 @@ void gg_block(const GG& g, int64_t n0) {
   auto run = [&](auto PT_) {
     constexpr int PT = decltype(PT_)::value;
     for (int64_t n = n0; n < n1; ++n) {
-      if constexpr (V512) gg_tile512<QT, PT>(g, n, m, first);
-      else gg_tile256<QT, PT>(g, n, m, first);
+      if constexpr (V512) gg_tile512<QT, PT, PL>(g, n, m, first);
+      else gg_tile256<QT, PT, PL>(g, n, m, first);
     }
     first = false;
     m += PT;
@@ -1063,12 +1082,14 @@ void gg_block(const GG& g, int64_t n0) {
 }
 #endif
 
+// Per row of x and block of 32: amax, d = amax/127, t = x * 127/amax, q1 = round(t) and (two
+// planes) q2 = round((t - q1) * 254); then the per-path arrangements and corrections.
 void gg_prep(GG& g, const float* x, int64_t isa, Arena& A) {
-  const int64_t M = g.M, nb = g.nb, K = g.K;
+  const int64_t M = g.M, nb = g.nb, K = g.K, PL = g.planes, P = M * PL;
   const int64_t bpg = g.qt == kQ8_0 ? 2 : 4;
   g.ngrp = (nb + bpg - 1) / bpg;
   g.xnstride = g.ngrp * bpg * 32;
-  int8_t* xn = A.take<int8_t>(M * g.xnstride);
+  int8_t* xn = A.take<int8_t>(P * g.xnstride);
   float* dx = A.take<float>(M * nb);
   float* sx = A.take<float>(M * nb);
   uint8_t* bad = A.take<uint8_t>(M);
@@ -1077,32 +1098,33 @@ void gg_prep(GG& g, const float* x, int64_t isa, Arena& A) {
   float *dxe = nullptr, *sxe = nullptr;
   int16_t* ps8 = nullptr;
   if (isa == kAvx512) {
-    if (g.qt != kQ8_0) xa = A.take<int8_t>(M * g.ngrp * 128);
-    corr = A.take<int32_t>(M * g.ngrp * 16);
+    if (g.qt != kQ8_0) xa = A.take<int8_t>(P * g.ngrp * 128);
+    corr = A.take<int32_t>(P * g.ngrp * 16);
     dxe = A.take<float>(M * g.ngrp * 16);
     if (g.qt == kQ4_1) sxe = A.take<float>(M * g.ngrp * 16);
   }
-  if (isa == kAvx2 && g.qt == kQ4_0) ps8 = A.take<int16_t>(M * nb * 16);
+  if (isa == kAvx2 && g.qt == kQ4_0) ps8 = A.take<int16_t>(P * nb * 16);
   g.xn = xn, g.dx = dx, g.sx = sx, g.bad = bad, g.xa = xa, g.corr = corr, g.dxe = dxe, g.sxe = sxe, g.ps8 = ps8;
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = x + m * K;
-      int8_t* q = xn + m * g.xnstride;
-      std::memset(q, 0, g.xnstride);
+      int8_t* q1 = xn + (m * PL) * g.xnstride;
+      int8_t* q2 = PL == 2 ? xn + (m * PL + 1) * g.xnstride : nullptr;
+      std::memset(q1, 0, PL * g.xnstride);  // the planes of a row are adjacent
       bool finite = true;
       for (int64_t b = 0; b < nb; ++b) {
         bool fin = true;
         const float amax = row_amax(xr + 32 * b, 32, &fin, isa);
         finite &= fin;
-        if (fin && amax > 0.f) row_quant(xr + 32 * b, 32, 127.f / amax, q + 32 * b, nullptr, isa);
-        int32_t s = 0;
-        for (int j = 0; j < 32; ++j) s += q[32 * b + j];
+        if (fin && amax > 0.f) row_quant(xr + 32 * b, 32, act_scale(amax), q1 + 32 * b, q2 ? q2 + 32 * b : nullptr, isa);
+        int32_t s1 = 0, s2 = 0;
+        for (int j = 0; j < 32; ++j) s1 += q1[32 * b + j], s2 += q2 ? q2[32 * b + j] : 0;
         dx[m * nb + b] = amax / 127.f;
-        sx[m * nb + b] = dx[m * nb + b] * static_cast<float>(s);
+        sx[m * nb + b] = dx[m * nb + b] * (static_cast<float>(s1) + static_cast<float>(s2) * kInv254);
       }
       bad[m] = finite ? 0 : 1;
       if (!finite) {  // keep the integer paths clean; the row's outputs are NaN
-        std::memset(q, 0, g.xnstride);
+        std::memset(q1, 0, PL * g.xnstride);
         for (int64_t b = 0; b < nb; ++b) dx[m * nb + b] = sx[m * nb + b] = 0.f;
       }
       if (isa == kAvx512) {
@@ -1111,42 +1133,57 @@ void gg_prep(GG& g, const float* x, int64_t isa, Arena& A) {
           for (int l = 0; l < 16; ++l) {
             const int64_t b = gi * bpg + (g.qt == kQ8_0 ? l / 8 : l / 4);
             dxe[16 * gx + l] = b < nb ? dx[m * nb + b] : 0.f;
-            int32_t s = 0;
-            if (b < nb) {
-              if (g.qt == kQ8_0) {
-                for (int t = 0; t < 4; ++t) s += q[32 * b + 4 * (l % 8) + t];
-                s *= -128;
-              } else {
-                for (int t = 0; t < 4; ++t) s += q[32 * b + 4 * (l % 4) + t] + q[32 * b + 16 + 4 * (l % 4) + t];
-                s *= -8;
-              }
-            }
-            corr[16 * gx + l] = s;
             if (sxe) sxe[16 * gx + l] = (l < 8 && (l & 1) && gi * 4 + l / 2 < nb) ? sx[m * nb + gi * 4 + l / 2] : 0.f;
           }
-          if (xa) {
-            for (int i = 0; i < 4; ++i) {
-              const int64_t b = gi * 4 + i;
-              for (int t = 0; t < 16; ++t) {
-                xa[128 * gx + 16 * i + t] = b < nb ? q[32 * b + t] : 0;
-                xa[128 * gx + 64 + 16 * i + t] = b < nb ? q[32 * b + 16 + t] : 0;
+        }
+        for (int64_t pl = 0; pl < PL; ++pl) {
+          const int64_t p = m * PL + pl;
+          const int8_t* q = xn + p * g.xnstride;
+          for (int64_t gi = 0; gi < g.ngrp; ++gi) {
+            const int64_t px = p * g.ngrp + gi;
+            for (int l = 0; l < 16; ++l) {
+              const int64_t b = gi * bpg + (g.qt == kQ8_0 ? l / 8 : l / 4);
+              int32_t s = 0;
+              if (b < nb) {
+                if (g.qt == kQ8_0) {
+                  for (int t = 0; t < 4; ++t) s += q[32 * b + 4 * (l % 8) + t];
+                  s *= -128;
+                } else {
+                  for (int t = 0; t < 4; ++t) s += q[32 * b + 4 * (l % 4) + t] + q[32 * b + 16 + 4 * (l % 4) + t];
+                  s *= -8;
+                }
+              }
+              corr[16 * px + l] = s;
+            }
+            if (xa) {
+              for (int i = 0; i < 4; ++i) {
+                const int64_t b = gi * 4 + i;
+                for (int t = 0; t < 16; ++t) {
+                  xa[128 * px + 16 * i + t] = b < nb ? q[32 * b + t] : 0;
+                  xa[128 * px + 64 + 16 * i + t] = b < nb ? q[32 * b + 16 + t] : 0;
+                }
               }
             }
           }
         }
       }
       if (ps8)
-        for (int64_t b = 0; b < nb; ++b)
-          for (int j = 0; j < 16; ++j)
-            ps8[16 * (m * nb + b) + j] = static_cast<int16_t>(8 * (q[32 * b + 2 * j] + q[32 * b + 2 * j + 1]));
+        for (int64_t pl = 0; pl < PL; ++pl) {
+          const int64_t p = m * PL + pl;
+          const int8_t* q = xn + p * g.xnstride;
+          for (int64_t b = 0; b < nb; ++b)
+            for (int j = 0; j < 16; ++j)
+              ps8[16 * (p * nb + b) + j] = static_cast<int16_t>(8 * (q[32 * b + 2 * j] + q[32 * b + 2 * j + 1]));
+        }
     }
   });
 }
 
-at::Tensor gguf_gemv(const at::Tensor& x_in, const at::Tensor& blocks, int64_t qt, int64_t N, int64_t K,
+at::Tensor gguf_gemv(const at::Tensor& x_in, const at::Tensor& blocks, int64_t qt, int64_t N, int64_t K, int64_t act,
                      const c10::optional<at::Tensor>& bias, int64_t isa) {
   const char* fn = "gguf_gemv";
   TORCH_CHECK_VALUE(qt >= 0 && qt <= 2, fn, ": unknown block type ", qt);
+  TORCH_CHECK_VALUE(act == kFixed16 || act == kInt8, fn, ": unknown activation mode ", act);
   TORCH_CHECK_VALUE(N >= 0 && K >= 0 && K % 32 == 0, fn, ": K = ", K, " must be a multiple of 32");
   std::vector<int64_t> out_shape;
   const at::Tensor x = check_x(x_in, fn, N, out_shape);
@@ -1169,9 +1206,11 @@ at::Tensor gguf_gemv(const at::Tensor& x_in, const at::Tensor& blocks, int64_t q
   g.w = static_cast<const uint8_t*>(blocks.data_ptr());
   g.N = N, g.K = K, g.nb = nb, g.rowbytes = rowbytes, g.qt = static_cast<int>(qt), g.M = M;
   g.bias = bptr, g.y = y.data_ptr<float>();
+  g.planes = act == kInt8 ? 1 : 2;
+  const int64_t P = M * g.planes;
   const int64_t gmax = (nb + 1) / 2 + 1;  // groups of 2 blocks bound both group sizes
-  const size_t bytes = up64(M * gmax * 64) + 2 * up64(M * nb * 4) + up64(M) + up64(M * gmax * 128) +
-                       3 * up64(M * gmax * 64) + up64(M * nb * 32) + 1024;
+  const size_t bytes = up64(P * gmax * 64) + 2 * up64(M * nb * 4) + up64(M) + up64(P * gmax * 128) +
+                       up64(P * gmax * 64) + 2 * up64(M * gmax * 64) + up64(P * nb * 32) + 1024;
   Arena A{scratch(bytes)};
   gg_prep(g, x.data_ptr<float>(), isa, A);
   const int64_t nblocks = (N + kRowBlock - 1) / kRowBlock;
@@ -1181,13 +1220,14 @@ at::Tensor gguf_gemv(const at::Tensor& x_in, const at::Tensor& blocks, int64_t q
     if (isa == kScalar) return gg_rows_scalar(g, n0, n1);
 #if RAREFY_X86
     for (int64_t n = n0; n < n1; n += kRowBlock) {
+      const bool two = g.planes == 2;
       switch (g.qt * 2 + (isa == kAvx512 ? 1 : 0)) {
-        case 0: gg_block<kQ4_0, false>(g, n); break;
-        case 1: gg_block<kQ4_0, true>(g, n); break;
-        case 2: gg_block<kQ4_1, false>(g, n); break;
-        case 3: gg_block<kQ4_1, true>(g, n); break;
-        case 4: gg_block<kQ8_0, false>(g, n); break;
-        default: gg_block<kQ8_0, true>(g, n); break;
+        case 0: two ? gg_block<kQ4_0, false, 2>(g, n) : gg_block<kQ4_0, false, 1>(g, n); break;
+        case 1: two ? gg_block<kQ4_0, true, 2>(g, n) : gg_block<kQ4_0, true, 1>(g, n); break;
+        case 2: two ? gg_block<kQ4_1, false, 2>(g, n) : gg_block<kQ4_1, false, 1>(g, n); break;
+        case 3: two ? gg_block<kQ4_1, true, 2>(g, n) : gg_block<kQ4_1, true, 1>(g, n); break;
+        case 4: two ? gg_block<kQ8_0, false, 2>(g, n) : gg_block<kQ8_0, false, 1>(g, n); break;
+        default: two ? gg_block<kQ8_0, true, 2>(g, n) : gg_block<kQ8_0, true, 1>(g, n); break;
       }
     }
 #endif
@@ -1202,6 +1242,6 @@ TORCH_LIBRARY(rarefy_lowbit, m) {
         &ternary_gemv);
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scale, int group_size, int act, Tensor? bias, int isa) -> Tensor",
         &int8_gemv);
-  m.def("gguf_gemv(Tensor x, Tensor blocks, int qtype, int N, int K, Tensor? bias, int isa) -> Tensor", &gguf_gemv);
+  m.def("gguf_gemv(Tensor x, Tensor blocks, int qtype, int N, int K, int act, Tensor? bias, int isa) -> Tensor", &gguf_gemv);
   m.def("best_isa() -> int", &best_isa);
 }

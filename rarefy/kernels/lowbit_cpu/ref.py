@@ -1,6 +1,9 @@
 """float64 references for the low-bit CPU kernels, and the kernels' activation quantization
 mirrored in torch (the same fp32 operations, so the quantized values are identical).
 
+Note: torch computes ``127.0 / amax`` as ``reciprocal(amax) * 127`` (two roundings); the
+kernels do the same, so their int8 mode is ``fake_quant_int8_per_token`` bit for bit.
+
 ``*_ref(..., exact=False)`` computes with the activations as the kernel quantizes them, in
 float64: the kernel must match it up to fp32 summation error. ``exact=True`` uses x itself:
 the difference is the activation quantization error, bounded in ``act_error_bound``.
@@ -41,15 +44,20 @@ def act_int8(x: torch.Tensor) -> torch.Tensor:
     return torch.where(_bad_rows(x), torch.full_like(xh, float("nan")), xh)
 
 
-def act_q8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """GGUF kernels' activations: per block of 32, q = round(x * 127/amax), d = amax/127. float64."""
+def act_q8_blocks(x: torch.Tensor, act_quant: str | None = "int8") -> torch.Tensor:
+    """GGUF kernels' activations, per block of 32: t = x * 127/amax, q1 = round(t), and with
+    act_quant None also q2 = round((t - q1) * 254); x ~ (q1 [+ q2/254]) * amax/127. float64."""
     x = x.float()
     m, k = x.shape
     xb = x.reshape(m, k // 32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(xb * inv).clamp(-127, 127)
-    xh = (q.double() * (amax / 127.0).double()).reshape(m, k)
+    t = xb * inv
+    q = torch.round(t).clamp(-127, 127)
+    qh = q.double()
+    if act_quant is None:
+        qh = qh + torch.round((t - q) * 254.0).clamp(-127, 127).double() / 254.0
+    xh = (qh * (amax / 127.0).double()).reshape(m, k)
     return torch.where(_bad_rows(x), torch.full_like(xh, float("nan")), xh)
 
 
@@ -80,8 +88,8 @@ def int8_gemv_ref(x, qweight, scale, group_size=None, *, act_quant=None, bias=No
     return y + bias.double() if bias is not None else y
 
 
-def gguf_gemv_ref(x, blocks, qtype, shape, *, bias=None, exact=False):
+def gguf_gemv_ref(x, blocks, qtype, shape, *, act_quant=None, bias=None, exact=False):
     w = gguf_blocks.dequantize(blocks, qtype, shape, torch.float64)
-    xh = x.double() if exact else act_q8_blocks(x)
+    xh = x.double() if exact else act_q8_blocks(x, act_quant)
     y = xh @ w.t()
     return y + bias.double() if bias is not None else y
