@@ -1,12 +1,16 @@
 """TernaryLinear and Int8Linear: projections whose weights stay packed in memory.
 
-The forward here is the *reference*: unpack and dequantize the whole weight, then one
-`F.linear` — correct, not fast (the fused kernels of issue 7 replace it). Two modes:
+Three modes:
 
-- "reference": dequantize on every call; only the packed weight stays resident.
+- "reference": unpack and dequantize the whole weight on every call, then one
+  `F.linear`; only the packed weight stays resident. Correct, not fast.
 - "cache": dequantize once (in the compute dtype) and keep that matrix — the
   "dequantize-once-and-cache" baseline: as fast as a dense layer, but it saves no
   memory or bandwidth.
+- "fused": the fused dequantize-and-multiply kernels read the packed weight directly:
+  Triton on CUDA (rarefy.kernels.lowbit_gemv; any batch, > 32 rows fall back inside),
+  C++ on CPU for float32 inputs of at most 16 rows (rarefy.kernels.lowbit_cpu; longer
+  inputs, i.e. prompts, take the reference path).
 
 `act_quant="int8"` fake-quantizes the activations per token to int8 first (absmax,
 as BitNet b1.58's W1.58A8 forward does); BitNet checkpoints load with it on.
@@ -27,7 +31,8 @@ from rarefy.lowbit.int8 import Int8Weight, dequantize_int8, quantize_int8
 from rarefy.lowbit.ternary import (TernaryWeight, dequantize_ternary, packed_cols, quantize_ternary,
                                    unpack_ternary)
 
-MODES = ("reference", "cache")
+MODES = ("reference", "cache", "fused")
+CPU_FUSED_MAX_ROWS = 16
 ACT_QUANT = (None, "int8")
 
 
@@ -71,7 +76,15 @@ class _LowBitLinear(nn.Module):
         else:
             self.weight_cache = None
 
+    def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused kernel's output, or None where it does not apply."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fused":
+            y = self._fused(x)
+            if y is not None:
+                return y
         if self.act_quant == "int8":
             x = fake_quant_int8_per_token(x)
         w = self.weight_cache if self.weight_cache is not None else self.dequantized_weight(x.dtype)
@@ -117,6 +130,20 @@ class TernaryLinear(_LowBitLinear):
         m = cls.from_weight(tw, dense.bias, act_quant)
         return m.to(dense.weight.device)
 
+    def _fused(self, x):
+        scale = self.weight_scale.reshape(-1) if self.group_size is None else self.weight_scale
+        if x.is_cuda:
+            from rarefy.kernels.lowbit_gemv import ternary_matmul, ternary_matmul_int8act
+            fn = ternary_matmul_int8act if self.act_quant == "int8" else ternary_matmul
+            y = fn(x, self.weight_ternary, scale, self.group_size)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if x.dtype == torch.float32 and x.numel() <= CPU_FUSED_MAX_ROWS * x.shape[-1]:
+            from rarefy.kernels.lowbit_cpu import ternary_gemv_cpu
+            return ternary_gemv_cpu(x, self.weight_ternary, self.weight_scale.reshape(-1, scale.shape[-1])
+                                    if self.group_size else self.weight_scale.reshape(1, 1), self.group_size,
+                                    act_quant=self.act_quant, bias=self.bias)
+        return None
+
     def codes(self) -> torch.Tensor:
         return unpack_ternary(self.weight_ternary, self.in_features)
 
@@ -152,6 +179,20 @@ class Int8Linear(_LowBitLinear):
                    scale_dtype: torch.dtype = torch.float32, act_quant: str | None = None) -> "Int8Linear":
         iw = quantize_int8(dense.weight.detach(), group_size, scale_dtype)
         return cls.from_weight(iw, dense.bias, act_quant).to(dense.weight.device)
+
+    def _fused(self, x):
+        if x.is_cuda:
+            if self.act_quant == "int8":  # no int8 x int8 GPU kernel: the reference path
+                return None
+            from rarefy.kernels.lowbit_gemv import int8_matmul
+            scale = self.weight_scale.reshape(-1) if self.group_size is None else self.weight_scale
+            y = int8_matmul(x, self.weight_int8, scale, self.group_size)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if x.dtype == torch.float32 and x.numel() <= CPU_FUSED_MAX_ROWS * x.shape[-1]:
+            from rarefy.kernels.lowbit_cpu import int8_gemv_cpu
+            return int8_gemv_cpu(x, self.weight_int8, self.weight_scale, self.group_size,
+                                 act_quant=self.act_quant, bias=self.bias)
+        return None
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.weight_int8, self.weight_scale, self.group_size, dtype)
