@@ -206,6 +206,9 @@ def run_e2e(a) -> list[str]:
     path = default_model_path()
     threads = a.threads[0]
     torch.set_num_threads(threads)
+    # with another process on a core, every parallel region waits a scheduler slice: even the
+    # warm-up would crawl, so wait for a quiet machine first (and again before measuring)
+    wait_quiet(a.max_load, a.max_wait)
     engines = {"rarefy GGUF blocks (gguf_gemv_cpu)": load_model(None, dtype="fp32"),
                "rarefy GGUF blocks, int8 activations": load_model(None, dtype="fp32"),
                "rarefy fp16w (default)": load_model(None, dtype="fp16w"),

@@ -38,15 +38,16 @@ class GGUFLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().float().contiguous(), requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode calls this ~200 times a token: the common case goes straight to the op
+        if x.dtype == torch.float32 and x.numel() <= MAX_KERNEL_ROWS * self.in_features:
+            return gguf_gemv_cpu(x, self.blocks, self.qtype, self.shape, act_quant=self.act_quant, bias=self.bias)
         dt = x.dtype
-        if dt != torch.float32:
-            x = x.float()
+        x = x.float()
         if x.numel() // self.in_features > MAX_KERNEL_ROWS:
-            w = gguf_blocks.dequantize(self.blocks, self.qtype, self.shape)
-            y = F.linear(x, w, self.bias)
+            y = F.linear(x, gguf_blocks.dequantize(self.blocks, self.qtype, self.shape), self.bias)
         else:
             y = gguf_gemv_cpu(x, self.blocks, self.qtype, self.shape, act_quant=self.act_quant, bias=self.bias)
-        return y if dt == torch.float32 else y.to(dt)
+        return y.to(dt)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return gguf_blocks.dequantize(self.blocks, self.qtype, self.shape, dtype)

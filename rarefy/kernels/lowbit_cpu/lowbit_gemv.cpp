@@ -1082,6 +1082,44 @@ void gg_block(const GG& g, int64_t n0) {
 }
 #endif
 
+#if RAREFY_X86
+// The AVX-512 arrangement of one virtual row (q: ngrp groups, zero padded): Q4 activations as
+// [q[0..15] of blocks 0-3 | q[16..31] of blocks 0-3] per group (two 128-bit lane shuffles) and
+// the offset corrections (-8 / -128 times the sums each vpdpbusd lane sees).
+RF_512 void gg_arrange512(const int8_t* q, int qt, int64_t ngrp, int8_t* xa, int32_t* corr) {
+  const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+  for (int64_t gi = 0; gi < ngrp; ++gi) {
+    if (qt == kQ8_0) {
+      const __m512i s = _mm512_dpbusd_epi32(zero, ones, _mm512_load_si512(q + 64 * gi));
+      _mm512_store_si512(corr + 16 * gi, _mm512_sub_epi32(zero, _mm512_slli_epi32(s, 7)));
+      continue;
+    }
+    const __m512i a = _mm512_load_si512(q + 128 * gi), b = _mm512_load_si512(q + 128 * gi + 64);
+    const __m512i lo = _mm512_shuffle_i64x2(a, b, 0x88), hi = _mm512_shuffle_i64x2(a, b, 0xDD);
+    _mm512_store_si512(xa + 128 * gi, lo);
+    _mm512_store_si512(xa + 128 * gi + 64, hi);
+    if (qt == kQ4_0) {
+      const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ones, lo), ones, hi);
+      _mm512_store_si512(corr + 16 * gi, _mm512_sub_epi32(zero, _mm512_slli_epi32(s, 3)));
+    }
+  }
+}
+// Per-lane block scales of one row of x: dxe (every lane: its block's dx) and, for Q4_1,
+// sxe = [0, sx0, 0, sx1, 0, sx2, 0, sx3, 0 ...].
+RF_512 void gg_scales512(const float* dx, const float* sx, int qt, int64_t nb, int64_t ngrp, float* dxe, float* sxe) {
+  const int64_t bpg = qt == kQ8_0 ? 2 : 4;
+  const __m512i ie = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i i8 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i is = _mm512_setr_epi32(0, 0, 0, 1, 0, 2, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t gi = 0; gi < ngrp; ++gi) {
+    const int64_t b0 = gi * bpg;
+    const __mmask16 m = static_cast<__mmask16>(_bzhi_u32(0xffffu, static_cast<unsigned>(std::min(bpg, nb - b0))));
+    _mm512_store_ps(dxe + 16 * gi, _mm512_permutexvar_ps(qt == kQ8_0 ? i8 : ie, _mm512_maskz_loadu_ps(m, dx + b0)));
+    if (sxe) _mm512_store_ps(sxe + 16 * gi, _mm512_maskz_permutexvar_ps(0x00AA, is, _mm512_maskz_loadu_ps(m, sx + b0)));
+  }
+}
+#endif
+
 // Per row of x and block of 32: amax, d = amax/127, t = x * 127/amax, q1 = round(t) and (two
 // planes) q2 = round((t - q1) * 254); then the per-path arrangements and corrections.
 void gg_prep(GG& g, const float* x, int64_t isa, Arena& A) {
@@ -1127,46 +1165,16 @@ void gg_prep(GG& g, const float* x, int64_t isa, Arena& A) {
         std::memset(q1, 0, PL * g.xnstride);
         for (int64_t b = 0; b < nb; ++b) dx[m * nb + b] = sx[m * nb + b] = 0.f;
       }
+#if RAREFY_X86
       if (isa == kAvx512) {
-        for (int64_t gi = 0; gi < g.ngrp; ++gi) {
-          const int64_t gx = m * g.ngrp + gi;
-          for (int l = 0; l < 16; ++l) {
-            const int64_t b = gi * bpg + (g.qt == kQ8_0 ? l / 8 : l / 4);
-            dxe[16 * gx + l] = b < nb ? dx[m * nb + b] : 0.f;
-            if (sxe) sxe[16 * gx + l] = (l < 8 && (l & 1) && gi * 4 + l / 2 < nb) ? sx[m * nb + gi * 4 + l / 2] : 0.f;
-          }
-        }
+        gg_scales512(dx + m * nb, sx + m * nb, g.qt, nb, g.ngrp, dxe + m * g.ngrp * 16,
+                     sxe ? sxe + m * g.ngrp * 16 : nullptr);
         for (int64_t pl = 0; pl < PL; ++pl) {
           const int64_t p = m * PL + pl;
-          const int8_t* q = xn + p * g.xnstride;
-          for (int64_t gi = 0; gi < g.ngrp; ++gi) {
-            const int64_t px = p * g.ngrp + gi;
-            for (int l = 0; l < 16; ++l) {
-              const int64_t b = gi * bpg + (g.qt == kQ8_0 ? l / 8 : l / 4);
-              int32_t s = 0;
-              if (b < nb) {
-                if (g.qt == kQ8_0) {
-                  for (int t = 0; t < 4; ++t) s += q[32 * b + 4 * (l % 8) + t];
-                  s *= -128;
-                } else {
-                  for (int t = 0; t < 4; ++t) s += q[32 * b + 4 * (l % 4) + t] + q[32 * b + 16 + 4 * (l % 4) + t];
-                  s *= -8;
-                }
-              }
-              corr[16 * px + l] = s;
-            }
-            if (xa) {
-              for (int i = 0; i < 4; ++i) {
-                const int64_t b = gi * 4 + i;
-                for (int t = 0; t < 16; ++t) {
-                  xa[128 * px + 16 * i + t] = b < nb ? q[32 * b + t] : 0;
-                  xa[128 * px + 64 + 16 * i + t] = b < nb ? q[32 * b + 16 + t] : 0;
-                }
-              }
-            }
-          }
+          gg_arrange512(xn + p * g.xnstride, g.qt, g.ngrp, xa ? xa + p * g.ngrp * 128 : nullptr, corr + p * g.ngrp * 16);
         }
       }
+#endif
       if (ps8)
         for (int64_t pl = 0; pl < PL; ++pl) {
           const int64_t p = m * PL + pl;
