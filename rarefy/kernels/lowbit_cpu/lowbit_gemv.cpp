@@ -956,62 +956,79 @@ struct GGIdx {
 };
 const GGIdx kGGIdx;
 
-template <int QT, int PT, int PL>
-RF_512 void gg_tile512(const GG& g, int64_t n, int64_t m0, bool pf) {
+template <int QT, int R, int PT, int PL>
+RF_512 void gg_tile512(const GG& g, int64_t n0, int64_t m0, bool pf) {
+  // R weight rows (rows past N repeat the last one; their outputs are dropped) against PT rows
+  // of x: R * PT independent accumulators, and each activation vector is loaded once for R rows.
   constexpr int BS = kBlockBytes[QT];
   constexpr int GB = (QT == kQ8_0 ? 2 : 4) * BS;
   constexpr uint64_t hmask = QT == kQ4_0 ? 0xffull : QT == kQ4_1 ? 0xffffull : 0xfull;
-  const uint8_t* row = g.w + n * g.rowbytes;
+  const uint8_t* row[R];
+  RF_UNROLL for (int r = 0; r < R; ++r) row[r] = g.w + std::min(n0 + r, g.N - 1) * g.rowbytes;
   const __m512i iq = _mm512_load_si512(kGGIdx.q[QT]), ih = _mm512_load_si512(kGGIdx.h[QT]);
   const __m512i ie = _mm512_load_si512(kGGIdx.e[QT]);
   const __m512i m15 = _mm512_set1_epi8(15);
-  __m512 F[PT];
-  RF_UNROLL for (int pp = 0; pp < PT; ++pp) F[pp] = _mm512_setzero_ps();
+  __m512 F[R][PT];
+  RF_UNROLL for (int r = 0; r < R; ++r) RF_UNROLL for (int pp = 0; pp < PT; ++pp) F[r][pp] = _mm512_setzero_ps();
   for (int64_t gi = 0; gi < g.ngrp; ++gi) {
     const int64_t off = gi * GB, rem = g.rowbytes - off;
-    const uint8_t* a = row + off;
-    if (pf) prefetch(a + kRowBlock * g.rowbytes), prefetch(a + kRowBlock * g.rowbytes + 64);
-    __m512i v0, v1;
-    if (rem >= 128) {
-      v0 = _mm512_loadu_si512(a);
-      v1 = _mm512_loadu_si512(a + 64);
-    } else {
-      v0 = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, static_cast<unsigned>(std::min<int64_t>(rem, 64))), a);
-      v1 = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, static_cast<unsigned>(std::max<int64_t>(rem - 64, 0))), a + 64);
-    }
-    const __m512i q = _mm512_permutex2var_epi8(v0, iq, v1);
-    const __m512i h = _mm512_maskz_permutex2var_epi8(hmask, v0, ih, v1);
-    const __m512 hf = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-    const __m512 dexp = _mm512_permutexvar_ps(ie, hf);
-    __m512i lo, hi;
-    if constexpr (QT == kQ8_0) {
-      lo = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
-    } else {
-      lo = _mm512_and_si512(q, m15);
-      hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m15);
+    __m512i lo[R], hi[R];
+    __m512 hf[R], dexp[R];
+    RF_UNROLL for (int r = 0; r < R; ++r) {
+      const uint8_t* a = row[r] + off;
+      if (pf) prefetch(a + kRowBlock * g.rowbytes), prefetch(a + kRowBlock * g.rowbytes + 64);
+      __m512i v0, v1;
+      if (rem >= 128) {
+        v0 = _mm512_loadu_si512(a);
+        v1 = _mm512_loadu_si512(a + 64);
+      } else {
+        v0 = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, static_cast<unsigned>(std::min<int64_t>(rem, 64))), a);
+        v1 = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, static_cast<unsigned>(std::max<int64_t>(rem - 64, 0))), a + 64);
+      }
+      const __m512i q = _mm512_permutex2var_epi8(v0, iq, v1);
+      const __m512i h = _mm512_maskz_permutex2var_epi8(hmask, v0, ih, v1);
+      hf[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+      dexp[r] = _mm512_permutexvar_ps(ie, hf[r]);
+      if constexpr (QT == kQ8_0) {
+        lo[r] = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
+      } else {
+        lo[r] = _mm512_and_si512(q, m15);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m15);
+      }
     }
     RF_UNROLL for (int pp = 0; pp < PT; ++pp) {
       const int64_t m = m0 + pp;
       const int64_t gx = m * g.ngrp + gi;
-      __m512 f[PL];
+      __m512 f[R][PL];
       RF_UNROLL for (int pl = 0; pl < PL; ++pl) {
         const int64_t p = m * PL + pl, px = p * g.ngrp + gi;
-        __m512i acc = QT == kQ4_1 ? _mm512_setzero_si512() : _mm512_load_si512(g.corr + 16 * px);
+        __m512i acc[R];
+        const __m512i init = QT == kQ4_1 ? _mm512_setzero_si512() : _mm512_load_si512(g.corr + 16 * px);
         if constexpr (QT == kQ8_0) {
-          acc = _mm512_dpbusd_epi32(acc, lo, _mm512_load_si512(g.xn + p * g.xnstride + 64 * gi));
+          const __m512i xv = _mm512_load_si512(g.xn + p * g.xnstride + 64 * gi);
+          RF_UNROLL for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(init, lo[r], xv);
         } else {
-          acc = _mm512_dpbusd_epi32(acc, lo, _mm512_load_si512(g.xa + 128 * px));
-          acc = _mm512_dpbusd_epi32(acc, hi, _mm512_load_si512(g.xa + 128 * px + 64));
+          const __m512i xl = _mm512_load_si512(g.xa + 128 * px), xh = _mm512_load_si512(g.xa + 128 * px + 64);
+          RF_UNROLL for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo[r], xl), hi[r], xh);
         }
-        f[pl] = _mm512_cvtepi32_ps(acc);
+        RF_UNROLL for (int r = 0; r < R; ++r) f[r][pl] = _mm512_cvtepi32_ps(acc[r]);
       }
-      if constexpr (PL == 2) f[0] = _mm512_fmadd_ps(f[1], _mm512_set1_ps(kInv254), f[0]);
-      const __m512 sc = _mm512_mul_ps(dexp, _mm512_load_ps(g.dxe + 16 * gx));
-      F[pp] = _mm512_fmadd_ps(f[0], sc, F[pp]);
-      if constexpr (QT == kQ4_1) F[pp] = _mm512_fmadd_ps(hf, _mm512_load_ps(g.sxe + 16 * gx), F[pp]);
+      const __m512 dxe = _mm512_load_ps(g.dxe + 16 * gx);
+      __m512 sxe;
+      if constexpr (QT == kQ4_1) sxe = _mm512_load_ps(g.sxe + 16 * gx);
+      RF_UNROLL for (int r = 0; r < R; ++r) {
+        __m512 v = f[r][0];
+        if constexpr (PL == 2) v = _mm512_fmadd_ps(f[r][1], _mm512_set1_ps(kInv254), v);
+        F[r][pp] = _mm512_fmadd_ps(v, _mm512_mul_ps(dexp[r], dxe), F[r][pp]);
+        if constexpr (QT == kQ4_1) F[r][pp] = _mm512_fmadd_ps(hf[r], sxe, F[r][pp]);
+      }
     }
   }
-  RF_UNROLL for (int pp = 0; pp < PT; ++pp) gg_store(g, n, m0 + pp, _mm512_reduce_add_ps(F[pp]));
+  RF_UNROLL for (int r = 0; r < R; ++r) {
+    if (n0 + r >= g.N) break;
+    RF_UNROLL for (int pp = 0; pp < PT; ++pp) gg_store(g, n0 + r, m0 + pp, _mm512_reduce_add_ps(F[r][pp]));
+  }
 }
 
 // AVX2, llama.cpp-style, one block (32 weights) per step, activations in natural order.
@@ -1068,9 +1085,11 @@ void gg_block(const GG& g, int64_t n0) {
   bool first = true;
   auto run = [&](auto PT_) {
     constexpr int PT = decltype(PT_)::value;
-    for (int64_t n = n0; n < n1; ++n) {
-      if constexpr (V512) gg_tile512<QT, PT, PL>(g, n, m, first);
-      else gg_tile256<QT, PT, PL>(g, n, m, first);
+    if constexpr (V512) {
+      constexpr int R = PT * PL <= 4 ? 2 : 1;  // small tiles: two weight rows at a time
+      for (int64_t n = n0; n < n1; n += R) gg_tile512<QT, R, PT, PL>(g, n, m, first);
+    } else {
+      for (int64_t n = n0; n < n1; ++n) gg_tile256<QT, PT, PL>(g, n, m, first);
     }
     first = false;
     m += PT;
