@@ -215,6 +215,9 @@ def run_e2e(a) -> list[str]:
                "rarefy fp32 (dequantized)": load_model(None, dtype="fp32")}
     n_swapped = gguf_linear.use_gguf_blocks(engines["rarefy GGUF blocks (gguf_gemv_cpu)"].model, path)
     gguf_linear.use_gguf_blocks(engines["rarefy GGUF blocks, int8 activations"].model, path, act_quant="int8")
+    n_fused = 0
+    for k in ("rarefy GGUF blocks (gguf_gemv_cpu)", "rarefy GGUF blocks, int8 activations"):
+        n_fused = gguf_linear.fuse_gguf_projections(engines[k].model)
     tk = engines["rarefy fp32 (dequantized)"].tokenizer
     prompt = tk.encode(PROMPT)
     params = SamplingParams(max_tokens=a.new_tokens, ignore_eos=True)
@@ -251,8 +254,9 @@ def run_e2e(a) -> list[str]:
          f" {a.new_tokens} new tokens, greedy, EOS ignored; median of {a.e2e_repeats} alternating runs."
          f" 1-minute load: {before:.2f} before (waited {waited:.0f} s), {after:.2f} after.  ",
          f"rarefy GGUF blocks: {n_swapped} layers (every projection and the tied lm_head) run"
-         " `gguf_gemv_cpu` on the file's Q4_1 / Q8_0 bytes; embeddings, norms, attention as in rarefy's"
-         " fp32 engine. llama.cpp: llama-cpp-python"
+         " `gguf_gemv_cpu` on the file's Q4_1 / Q8_0 bytes, q/k/v and gate/up stacked"
+         f" (`fuse_gguf_projections`, {n_fused} fused layers: 4 calls per decoder layer); embeddings,"
+         " norms, attention as in rarefy's fp32 engine. llama.cpp: llama-cpp-python"
          + (f" {__import__('llama_cpp').__version__}" if peer else " (not installed: no figure)")
          + ", same file, same threads; its decode rate is timed from the first to the last generated token.",
          "",

@@ -448,3 +448,16 @@ def test_gguf_linear_swaps_layers_of_the_embedded_model():
         xs = torch.randn(70, mod.in_features, generator=gen)  # past MAX_KERNEL_ROWS: dense fallback
         torch.testing.assert_close(mod(xs), xs @ w.t(), rtol=1e-4, atol=1e-4)
         assert mod(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_fuse_gguf_is_exact():
+    from rarefy.kernels.lowbit_cpu.gguf_linear import GGUFLinear, fuse_gguf
+
+    gen = torch.Generator().manual_seed(16)
+    parts = [GGUFLinear(gb.quantize(torch.randn(n, 96, generator=gen), "Q4_1"), "Q4_1", (n, 96),
+                        torch.randn(n, generator=gen)) for n in (8, 4, 4)]
+    fused = fuse_gguf(parts)
+    x = torch.randn(3, 96, generator=gen)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    with pytest.raises(RarefyError):
+        fuse_gguf([parts[0], GGUFLinear(gb.quantize(torch.randn(4, 96, generator=gen), "Q8_0"), "Q8_0", (4, 96))])
