@@ -78,7 +78,17 @@ class _LowBitLinear(nn.Module):
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused kernel's output, or None where it does not apply."""
-        raise NotImplementedError
+        if x.is_cuda:
+            y = self._gpu_kernel(x)
+            if y is None:
+                return None
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if x.dtype == torch.float32 and x.numel() <= CPU_FUSED_MAX_ROWS * x.shape[-1]:
+            return self._cpu_kernel(x)
+        return None
+
+    def _gpu_scale(self) -> torch.Tensor:
+        return self.weight_scale.reshape(-1) if self.group_size is None else self.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "fused":
@@ -130,19 +140,16 @@ class TernaryLinear(_LowBitLinear):
         m = cls.from_weight(tw, dense.bias, act_quant)
         return m.to(dense.weight.device)
 
-    def _fused(self, x):
-        scale = self.weight_scale.reshape(-1) if self.group_size is None else self.weight_scale
-        if x.is_cuda:
-            from rarefy.kernels.lowbit_gemv import ternary_matmul, ternary_matmul_int8act
-            fn = ternary_matmul_int8act if self.act_quant == "int8" else ternary_matmul
-            y = fn(x, self.weight_ternary, scale, self.group_size)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
-        if x.dtype == torch.float32 and x.numel() <= CPU_FUSED_MAX_ROWS * x.shape[-1]:
-            from rarefy.kernels.lowbit_cpu import ternary_gemv_cpu
-            return ternary_gemv_cpu(x, self.weight_ternary, self.weight_scale.reshape(-1, scale.shape[-1])
-                                    if self.group_size else self.weight_scale.reshape(1, 1), self.group_size,
-                                    act_quant=self.act_quant, bias=self.bias)
-        return None
+    def _gpu_kernel(self, x):
+        from rarefy.kernels.lowbit_gemv import ternary_matmul, ternary_matmul_int8act
+        fn = ternary_matmul_int8act if self.act_quant == "int8" else ternary_matmul
+        return fn(x, self.weight_ternary, self._gpu_scale(), self.group_size)
+
+    def _cpu_kernel(self, x):
+        from rarefy.kernels.lowbit_cpu import ternary_gemv_cpu
+        scale = self.weight_scale.reshape(1, 1) if self.group_size is None else self.weight_scale
+        return ternary_gemv_cpu(x, self.weight_ternary, scale, self.group_size, act_quant=self.act_quant,
+                                bias=self.bias)
 
     def codes(self) -> torch.Tensor:
         return unpack_ternary(self.weight_ternary, self.in_features)
@@ -180,19 +187,16 @@ class Int8Linear(_LowBitLinear):
         iw = quantize_int8(dense.weight.detach(), group_size, scale_dtype)
         return cls.from_weight(iw, dense.bias, act_quant).to(dense.weight.device)
 
-    def _fused(self, x):
-        if x.is_cuda:
-            if self.act_quant == "int8":  # no int8 x int8 GPU kernel: the reference path
-                return None
-            from rarefy.kernels.lowbit_gemv import int8_matmul
-            scale = self.weight_scale.reshape(-1) if self.group_size is None else self.weight_scale
-            y = int8_matmul(x, self.weight_int8, scale, self.group_size)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
-        if x.dtype == torch.float32 and x.numel() <= CPU_FUSED_MAX_ROWS * x.shape[-1]:
-            from rarefy.kernels.lowbit_cpu import int8_gemv_cpu
-            return int8_gemv_cpu(x, self.weight_int8, self.weight_scale, self.group_size,
-                                 act_quant=self.act_quant, bias=self.bias)
-        return None
+    def _gpu_kernel(self, x):
+        if self.act_quant == "int8":  # no int8 x int8 GPU kernel: the reference path
+            return None
+        from rarefy.kernels.lowbit_gemv import int8_matmul
+        return int8_matmul(x, self.weight_int8, self._gpu_scale(), self.group_size)
+
+    def _cpu_kernel(self, x):
+        from rarefy.kernels.lowbit_cpu import int8_gemv_cpu
+        return int8_gemv_cpu(x, self.weight_int8, self.weight_scale, self.group_size, act_quant=self.act_quant,
+                             bias=self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.weight_int8, self.weight_scale, self.group_size, dtype)
