@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 import os
 import statistics
@@ -123,8 +124,7 @@ def build_variants(n: int, k: int, m: int, min_mb: float, seed: int):
     }
     for qt in ("Q4_0", "Q4_1", "Q8_0"):
         b = gguf_blocks.quantize(dense, qt)
-        v[qt] = ((lambda q: lambda x, w: lowbit_cpu.gguf_gemv_cpu(x, w, q, (n, k)))(qt), x32,
-                 rot(b, copies(b.numel())), b.numel())
+        v[qt] = (functools.partial(_gguf_call, qtype=qt, shape=(n, k)), x32, rot(b, copies(b.numel())), b.numel())
     # spot checks (the tests do the thorough job)
     ref = lowbit_cpu.ternary_gemv_ref(x32, packed, tscale)
     assert torch.allclose(v["ternary"][0](x32, packed).double(), ref, rtol=1e-4, atol=1e-3)
@@ -132,6 +132,10 @@ def build_variants(n: int, k: int, m: int, min_mb: float, seed: int):
     assert torch.allclose(v["Q4_1"][0](x32, b).double(), lowbit_cpu.gguf_gemv_ref(x32, b, "Q4_1", (n, k)),
                           rtol=1e-4, atol=1e-3)
     return v
+
+
+def _gguf_call(x, w, qtype, shape):
+    return lowbit_cpu.gguf_gemv_cpu(x, w, qtype, shape)
 
 
 def time_rotating(fn, x, ws, rounds: int) -> float:
@@ -174,6 +178,11 @@ def run_probe() -> str:
 
 
 PROMPT = "The history of the city of Paris begins in the"
+
+
+def _llama_cpp_version() -> str:
+    import llama_cpp
+    return llama_cpp.__version__
 
 
 def llama_cpp_rate(path: str, threads: int, prompt: str, new_tokens: int) -> tuple[float, list[int]] | None:
@@ -257,7 +266,7 @@ def run_e2e(a) -> list[str]:
          " `gguf_gemv_cpu` on the file's Q4_1 / Q8_0 bytes, q/k/v and gate/up stacked"
          f" (`fuse_gguf_projections`, {n_fused} fused layers: 4 calls per decoder layer); embeddings,"
          " norms, attention as in rarefy's fp32 engine. llama.cpp: llama-cpp-python"
-         + (f" {__import__('llama_cpp').__version__}" if peer else " (not installed: no figure)")
+         + (f" {_llama_cpp_version()}" if peer else " (not installed: no figure)")
          + ", same file, same threads; its decode rate is timed from the first to the last generated token.",
          "",
          "| engine | decode tok/s | vs llama.cpp | greedy tokens equal to fp32 (dequantized) | runs (tok/s) |",

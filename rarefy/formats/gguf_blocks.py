@@ -156,7 +156,7 @@ def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
 
 def permute_rows(blocks: torch.Tensor, qtype: str, shape, perm: torch.Tensor) -> torch.Tensor:
     """Rows reordered, ``new[i] = old[perm[i]]``: lossless (rows are whole blocks)."""
-    n, k = check_blocks(blocks, qtype, shape)
+    n, _ = check_blocks(blocks, qtype, shape)
     perm = torch.as_tensor(perm, dtype=torch.long)
     if perm.shape != (n,) or not torch.equal(torch.sort(perm).values, torch.arange(n)):
         raise RarefyError(f"permute_rows needs a permutation of {n} rows")
