@@ -21,7 +21,8 @@ from rarefy.errors import RarefyError
 
 KvDtypeServeOpt = typer.Option("auto", "--kv-dtype", help="KV-cache storage: auto (fp32 on cpu, bf16 on cuda), "
                                "bf16, fp16, fp32, fp8_e4m3, fp8_e5m2, int8")
-KvMemoryServeOpt = typer.Option(None, "--kv-memory", help="KV-cache budget, e.g. 2GiB (default: 32768 tokens' worth)")
+KvMemoryServeOpt = typer.Option(None, "--kv-memory", help="KV-cache budget, e.g. 2GiB "
+                                "(default: 32768 tokens' worth on cuda, 8192 on cpu)")
 
 
 def engine_options(device: str, kv_dtype: str, kv_block_size: int, kv_memory: str | None,

@@ -27,7 +27,7 @@ from rarefy.layers.sampler import SamplingParams
 class EngineOptions:
     kv_dtype: str = "bf16"
     block_size: int = 16
-    kv_memory_bytes: int | None = None  # default: DEFAULT_KV_TOKENS tokens' worth
+    kv_memory_bytes: int | None = None  # default: DEFAULT_KV_TOKENS[device type] tokens' worth
     attention_policy: object = None
     max_num_seqs: int = 64
     max_step_tokens: int = 1024
@@ -36,7 +36,9 @@ class EngineOptions:
     pipeline: bool | None = None  # overlap host work with the GPU's decode (default: with CUDA graphs)
 
 
-DEFAULT_KV_TOKENS = 32768
+# A CPU cache of 32k tokens would be 1.5 GB in fp32 for a 135M model; 8k is the model's
+# whole context and preemption takes care of bursts.
+DEFAULT_KV_TOKENS = {"cuda": 32768, "cpu": 8192}
 
 
 @dataclass
@@ -52,7 +54,8 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.options = o = options or EngineOptions()
         cfg = model.config
-        size = {"memory_bytes": o.kv_memory_bytes} if o.kv_memory_bytes else {"tokens": DEFAULT_KV_TOKENS}
+        default_tokens = DEFAULT_KV_TOKENS.get(model.device.type, DEFAULT_KV_TOKENS["cpu"])
+        size = {"memory_bytes": o.kv_memory_bytes} if o.kv_memory_bytes else {"tokens": default_tokens}
         self.cache = PagedKVCache.for_model(cfg, device=model.device, kv_dtype=o.kv_dtype,
                                             block_size=o.block_size, policy=o.attention_policy, **size)
         self.scheduler = Scheduler(self.cache.blocks, o.max_num_seqs, o.max_step_tokens)
