@@ -144,8 +144,7 @@ def test_gpu_mapping():
     assert big["kernel"].startswith("cuBLAS") and big["programs"] == 32
     r = dr.decode_roofline("llama3-8b", gpu="h100", ctx=32768, batch=1)
     a = r["mapping"]["attention"]
-    if "error" in a:
-        pytest.skip(a["error"])
+    assert "error" not in a, a.get("error")  # plan_decode exists: its launch must be reported
     splits = a["num_splits"]
     assert a["grid"] == [1, 8, splits] and a["programs"] == 8 * splits and a["waves"] > 0
     ops = _ops(r["layer"]["ops"])
