@@ -1,7 +1,6 @@
 """`rarefy roofline`: hand-checked FLOPs and bytes, bounds, GPU mapping, CLI and bad input."""
 
 import json
-import math
 
 import pytest
 from typer.testing import CliRunner
