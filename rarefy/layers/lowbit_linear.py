@@ -64,6 +64,21 @@ class _LowBitLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def from_weight(cls, w, bias: torch.Tensor | None = None, act_quant: str | None = None):
+        """From a quantized weight (TernaryWeight for TernaryLinear, Int8Weight for Int8Linear)."""
+        m = cls(w.in_features, w.out_features, w.group_size, bias is not None, act_quant)
+        m._set_weight(w)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, group_size: int | None = None,
+                   scale_dtype: torch.dtype = torch.float32, act_quant: str | None = None):
+        w = cls._quantize(dense.weight.detach(), group_size, scale_dtype)
+        return cls.from_weight(w, dense.bias, act_quant).to(dense.weight.device)
+
     def set_mode(self, mode: str, dtype: torch.dtype | None = None) -> None:
         """"reference" or "cache" (materialise the dequantized weight now, in `dtype`,
         default: the bias's dtype or fp32)."""
@@ -123,22 +138,12 @@ class TernaryLinear(_LowBitLinear):
         self.register_buffer("weight_ternary", torch.zeros(out_features, packed_cols(in_features), dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(*n_scales, dtype=torch.float32))
 
-    @classmethod
-    def from_weight(cls, tw: TernaryWeight, bias: torch.Tensor | None = None,
-                    act_quant: str | None = None) -> "TernaryLinear":
-        m = cls(tw.in_features, tw.out_features, tw.group_size, bias is not None, act_quant)
-        m.weight_ternary = tw.packed
-        m.weight_scale = tw.scale
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return m
+    @staticmethod
+    def _quantize(w, group_size, scale_dtype) -> TernaryWeight:
+        return quantize_ternary(w, group_size, scale_dtype)
 
-    @classmethod
-    def from_dense(cls, dense: nn.Module, group_size: int | None = None,
-                   scale_dtype: torch.dtype = torch.float32, act_quant: str | None = None) -> "TernaryLinear":
-        tw = quantize_ternary(dense.weight.detach(), group_size, scale_dtype)
-        m = cls.from_weight(tw, dense.bias, act_quant)
-        return m.to(dense.weight.device)
+    def _set_weight(self, tw: TernaryWeight) -> None:
+        self.weight_ternary, self.weight_scale = tw.packed, tw.scale
 
     def _gpu_kernel(self, x):
         from rarefy.kernels.lowbit_gemv import ternary_matmul, ternary_matmul_int8act
@@ -171,21 +176,12 @@ class Int8Linear(_LowBitLinear):
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32))
 
-    @classmethod
-    def from_weight(cls, iw: Int8Weight, bias: torch.Tensor | None = None,
-                    act_quant: str | None = None) -> "Int8Linear":
-        m = cls(iw.in_features, iw.out_features, iw.group_size, bias is not None, act_quant)
-        m.weight_int8 = iw.qweight
-        m.weight_scale = iw.scale
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return m
+    @staticmethod
+    def _quantize(w, group_size, scale_dtype) -> Int8Weight:
+        return quantize_int8(w, group_size, scale_dtype)
 
-    @classmethod
-    def from_dense(cls, dense: nn.Module, group_size: int | None = None,
-                   scale_dtype: torch.dtype = torch.float32, act_quant: str | None = None) -> "Int8Linear":
-        iw = quantize_int8(dense.weight.detach(), group_size, scale_dtype)
-        return cls.from_weight(iw, dense.bias, act_quant).to(dense.weight.device)
+    def _set_weight(self, iw: Int8Weight) -> None:
+        self.weight_int8, self.weight_scale = iw.qweight, iw.scale
 
     def _gpu_kernel(self, x):
         if self.act_quant == "int8":  # no int8 x int8 GPU kernel: the reference path
