@@ -18,6 +18,19 @@ import typer
 from rarefy.cli_common import JsonOpt, emit_json, user_errors
 from rarefy.errors import RarefyError
 
+def _write_results(result: dict, to_markdown, out: Optional[str], as_json: bool) -> None:
+    """--out: the markdown table to a file; --json: the result as the last stdout line."""
+    if out:
+        try:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(to_markdown(result))
+        except OSError as e:
+            raise RarefyError(f"cannot write --out {out}: {e.strerror or e}") from None
+        typer.echo(f"wrote {out}", err=True)
+    if as_json:
+        emit_json(result)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels against dense and torch.sparse baselines.")
 
 
@@ -86,15 +99,7 @@ def kernels(
 
     result = kb.run_bench(cfg, progress=kb._stderr_progress)  # one line per row on stderr as it is measured
     typer.echo(kb.format_table(result))
-    if out:
-        try:
-            with open(out, "w", encoding="utf-8") as f:
-                f.write(kb.format_markdown(result))
-        except OSError as e:
-            raise RarefyError(f"cannot write --out {out}: {e.strerror or e}") from None
-        typer.echo(f"wrote {out}", err=True)
-    if as_json:
-        emit_json(result)
+    _write_results(result, kb.format_markdown, out, as_json)
 
 
 @bench_app.command("attention")
@@ -139,16 +144,8 @@ def attention(
     cfg.sdpa = not no_sdpa
 
     result = ab.run_bench(cfg, progress=ab._stderr_progress)
-    if out:
-        try:
-            with open(out, "w", encoding="utf-8") as f:
-                f.write(ab.format_markdown(result))
-        except OSError as e:
-            raise RarefyError(f"cannot write --out {out}: {e.strerror or e}") from None
-        typer.echo(f"wrote {out}", err=True)
-    if as_json:
-        emit_json(result)
     typer.echo(ab.format_table(result))
+    _write_results(result, ab.format_markdown, out, as_json)  # JSON stays the last line
 
 
 @bench_app.command("serve")
@@ -221,12 +218,4 @@ def serve_bench(
     labels = None if url else {"dtype_option": dtype, "sparse": sparse}
     result = sb.run_bench(cfg, loaded, options, progress, labels)
     typer.echo(sb.format_markdown(result))
-    if out:
-        try:
-            with open(out, "w", encoding="utf-8") as f:
-                f.write(sb.format_markdown(result))
-        except OSError as e:
-            raise RarefyError(f"cannot write --out {out}: {e.strerror or e}") from None
-        typer.echo(f"wrote {out}", err=True)
-    if as_json:
-        emit_json(result)
+    _write_results(result, sb.format_markdown, out, as_json)
