@@ -402,13 +402,14 @@ def test_bench_attention_cli_cpu(tmp_path):
     out = tmp_path / "attn.md"
     r = CliRunner().invoke(app, ["bench", "attention", "--device", "cpu", "--quick", "--json", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    data = json.loads(next(line for line in r.output.splitlines() if line.startswith("{")))
+    lines = r.output.rstrip().splitlines()
+    data = json.loads(lines[-1])  # --json: one JSON object, the last line (README convention)
     rows = data["rows"]
     from rarefy.bench.attention import DTYPES
     assert rows and {row["kv_dtype"] for row in rows} == set(DTYPES)
     assert all(row["check"] == "ok" and row["us"] > 0 and row["sdpa_us"] > 0 for row in rows)
     assert "| kv" in out.read_text()
-    assert r.output.rstrip().splitlines()[-1].split()[0] in DTYPES  # the table comes last
+    assert any(line.split() and line.split()[0] in DTYPES for line in lines[:-1])  # the table before it
 
 
 # ----------------------------------------------------------------------------- GPU
