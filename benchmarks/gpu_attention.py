@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", help="comma list, e.g. 1,8,32")
     ap.add_argument("--kv-dtypes", help="comma list (default: bf16,fp16,fp8_e4m3,fp8_e5m2,int8)")
     ap.add_argument("--sweep", action="store_true", help="also time plan variants at 32k x 1 and 4k x 32")
+    ap.add_argument("--sweep-quant", action="store_true",
+                    help="sweep only the int8/fp8 variants (conversion path, warps, tile, splits)")
     ap.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA baseline")
     ap.add_argument("--samples", type=int, default=7, help="timed graph replays per row (median)")
     ap.add_argument("--json", help="also write the full results as JSON to this file")
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
             cfg.points = ab.grid_points(ctxs, bats, cfg.max_tokens)
         if args.kv_dtypes:
             cfg.kv_dtypes = ab.parse_dtypes(args.kv_dtypes)
-        cfg.sweep = args.sweep and device == "cuda"
+        cfg.sweep = (args.sweep or args.sweep_quant) and device == "cuda"
+        cfg.sweep_quant_only = args.sweep_quant and not args.sweep
         cfg.sdpa = not args.no_sdpa
         result = ab.run_bench(cfg, progress=ab._stderr_progress)
     except RarefyError as e:

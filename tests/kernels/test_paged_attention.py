@@ -221,6 +221,33 @@ def test_triton_decode_half_queries(dec, q_dtype, kv_dtype):
         assert rel_err(y, ref) < OUT_TOL[q_dtype], label
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+def test_triton_decode_quantized_tile_conversions(dec, kv_dtype, q_dtype):
+    """Every way an int8/fp8 tile reaches the tensor cores (plan.dot_dtype / convert / qk_int8)
+    against the float64 reference; on a GPU "bits" runs the inline-PTX conversions, in the
+    interpreter their plain equivalents (int8 exact, e4m3 scaled by 1/256 and back). Values
+    span 1e-3..1e2 per token so the fp16 P path meets small and large scales in one tile."""
+    c = make_case([45, 1, 130, 0, 17], 8, 2, 64, 16, kv_dtype, seed=21, q_dtype=q_dtype)
+    g = torch.Generator().manual_seed(5)
+    for scale in (c["k_scale"], c["v_scale"]):  # per-token scales over five decades
+        scale.mul_(torch.logspace(-3, 2, scale.numel(), dtype=torch.float32)[torch.randperm(scale.numel(), generator=g)]
+                   .view(scale.shape).to(scale.device).to(scale.dtype))
+    ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.05)
+    kw = [dict(dot_dtype="fp16", convert="plain"), dict()]
+    if CUDA:
+        kw.append(dict(dot_dtype="bf16", convert="plain"))
+    if kv_dtype != "fp8_e5m2":
+        kw.append(dict(dot_dtype="fp16", convert="bits"))
+    if kv_dtype == "int8":
+        kw.append(dict(qk_int8=True))
+    for o in kw:
+        plan = dec.make_plan(c["q"], c["k_cache"], c["block_tables"], kv_dtype, num_splits=2, tile_n=32, **o)
+        y = dec.paged_decode_attention_triton(*args(c), 0.05, plan=plan)
+        assert bool(torch.isfinite(y).all()), o
+        assert rel_err(y, ref) < (1e-2 if o.get("qk_int8") else OUT_TOL[q_dtype]), (o, rel_err(y, ref))
+
+
 def test_triton_decode_short_sequences_leave_splits_empty(dec):
     # max_seq_len far above the real lengths: most splits of every sequence have no tokens
     # (LSE -inf), one sequence is empty, and the reduction must still be exact.
@@ -464,7 +491,8 @@ types = dict(q_ptr="*bf16", k_ptr=ptr, v_ptr=ptr, ks_ptr="*fp16" if quant else p
              qk_scale="fp32")
 cx = dict(GROUP=p.group, GROUP_PAD=p.group_pad, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=p.tile_n,
           SPLIT=p.num_splits > 1, FUSED=p.fused_reduce, QUANT=quant, USE_DOT=p.use_dot,
-          DOT=td.dot_code(torch.bfloat16, kvd), CHUNK=16 if p.num_splits > 8 else 8)
+          DOT=td.dot_code(torch.bfloat16, kvd), CHUNK=16 if p.num_splits > 8 else 8, CONV=td.conv_code(p, kvd),
+          QK_I8=p.qk_int8, KV_MUL=256.0 if td.conv_code(p, kvd) in (2, 3) else 1.0)
 fn = td._decode_kernel
 sig = {n: "constexpr" if n in cx else types.get(n, "i32") for n in fn.arg_names}
 div = [n for n in fn.arg_names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_btb")]

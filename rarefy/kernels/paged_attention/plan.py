@@ -141,6 +141,9 @@ class DecodePlan:
     reduce_grid: tuple[int, int] | None  # (batch, num_heads): the separate reduction kernel, if any
     workspace_bytes: int                # fp32 partial outputs + LSEs (0 with one split)
     sm_count: int
+    dot_dtype: str = "bf16"             # tensor-core operand dtype: bf16, fp16 or fp32 (module doc)
+    convert: str = "plain"              # int8/fp8 -> dot dtype: "plain" (.to) or "bits" (packed bit tricks)
+    qk_int8: bool = False               # q quantized per head to int8, q.K^T as an int8 MMA (int8 caches)
 
     @property
     def programs(self) -> int:
@@ -149,7 +152,11 @@ class DecodePlan:
     def describe(self) -> str:
         red = f", reduce {self.reduce_grid[0]}x{self.reduce_grid[1]}" if self.reduce_grid else \
             (", fused reduce" if self.fused_reduce else "")
-        kind = "dot" if self.use_dot else "fma"
+        kind = f"dot {self.dot_dtype}" if self.use_dot else "fma"
+        if self.convert != "plain":
+            kind += f" {self.convert}"
+        if self.qk_int8:
+            kind += " qk-int8"
         return (f"grid {self.grid[0]}x{self.grid[1]}x{self.grid[2]} ({self.programs} programs), "
                 f"{self.tokens_per_split} tok/split, tile {self.tile_n}, {kind} g{self.group}->{self.group_pad}, "
                 f"warps {self.num_warps}, stages {self.num_stages}, smem~{self.smem_bytes // 1024} KiB{red}")
@@ -189,7 +196,8 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                 kv_dtype: str, block_size: int, sm_count: int, *, num_splits: int | None = None,
                 use_dot: bool | None = None, tile_n: int | None = None, num_stages: int | None = None,
                 num_warps: int | None = None, fused_reduce: bool = False, min_programs_per_sm: int = 2,
-                smem_per_sm: int = SMEM_PER_SM, q_dtype: str = "bf16") -> DecodePlan:
+                smem_per_sm: int = SMEM_PER_SM, q_dtype: str = "bf16", dot_dtype: str | None = None,
+                convert: str | None = None, qk_int8: bool = False) -> DecodePlan:
     """The launch of the Triton decode kernel for this shape (see the module doc).
 
     ``max_seq_len`` is the longest context in the batch (the block-table capacity when it is
@@ -198,6 +206,8 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     whatever plan it is given, so benchmarks can sweep them. ``q_dtype`` ("bf16", "fp16" or
     "fp32"): a float32 query (or an fp32 cache) makes the products fp32 (IEEE) dots, which
     need 16-token tiles (and 8 warps for an fp32 query) to stay out of local memory.
+    ``dot_dtype``, ``convert`` and ``qk_int8`` choose how int8/fp8 tiles reach the tensor cores
+    (module doc, "Quantized caches"); the defaults are the measured best.
     """
     _validate(batch, max_seq_len, num_heads, num_kv_heads, head_dim, block_size, sm_count)
     kv_bytes = kv_storage_bytes(kv_dtype)
@@ -211,6 +221,19 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     if not use_dot and group > 8:
         raise RarefyError(f"the FMA path takes at most 8 query heads per KV head (registers), got {group}")
     group_pad = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
+    quant = kv_dtype in ("int8", "fp8_e4m3", "fp8_e5m2")
+    if dot_dtype is None:
+        dot_dtype = "fp32" if fp32_dot else ("fp16" if quant else kv_dtype)
+    if dot_dtype not in ("bf16", "fp16", "fp32"):
+        raise RarefyError(f"dot_dtype must be bf16, fp16 or fp32, got {dot_dtype!r}")
+    if convert is None:
+        convert = "bits" if use_dot and dot_dtype == "fp16" and kv_dtype in ("int8", "fp8_e4m3") else "plain"
+    if convert not in ("plain", "bits"):
+        raise RarefyError(f"convert must be plain or bits, got {convert!r}")
+    if convert == "bits" and (not use_dot or dot_dtype != "fp16" or kv_dtype not in ("int8", "fp8_e4m3")):
+        raise RarefyError("convert='bits' needs an int8 or fp8_e4m3 cache and the tl.dot path in fp16")
+    if qk_int8 and (kv_dtype != "int8" or not use_dot):
+        raise RarefyError("qk_int8 needs an int8 cache and the tl.dot path")
 
     if tile_n is None:
         tile_n = max(16, min(MAX_TILE_N, _pow2_floor(TILE_VALUES * 2 // (head_dim * max(2, kv_bytes)))))
@@ -257,4 +280,4 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                       tile_n=tile_n, pages_per_tile=pages_per_tile, group=group, group_pad=group_pad,
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages, smem_bytes=smem,
                       occupancy=occupancy, fused_reduce=fused, reduce_grid=reduce_grid, workspace_bytes=workspace,
-                      sm_count=sm_count)
+                      sm_count=sm_count, dot_dtype=dot_dtype, convert=convert, qk_int8=bool(qk_int8))

@@ -60,6 +60,78 @@ LOG2E = 1.4426950408889634
 #: DOT codes for the constexpr DOT argument.
 _DOT_F32, _DOT_BF16, _DOT_F16 = 0, 1, 2
 
+# --------------------------------------------------------------------------
+# int8 / fp8 -> fp16 in registers (CONV codes: module doc)
+# --------------------------------------------------------------------------
+#
+# Triton's own int8 -> fp16 conversion is one I2F per value, which runs at a quarter of the
+# FMA rate on sm_90 and made the quantized kernels conversion-bound (docs/results/attention.md).
+# These convert four packed bytes with a handful of integer ops:
+#
+# * int8: x ^ 0x80 is x + 128 as an unsigned byte u; fp16 bits 0x6400 | u are 1024 + u
+#   exactly, and 1024 + u - 1152 = x. Two byte permutes and two packed fp16 subtractions.
+# * fp8 e4m3 (bits s eeee mmm): placed in the high byte of a 16-bit lane and shifted right by
+#   one under the sign, it is the fp16 number with exponent field 0eeee and mantissa mmm0000000,
+#   i.e. the e4m3 value times 2^(7 - 15) = 2^-8 (subnormals included); the kernel multiplies
+#   the 2^8 back into the scores and the output (KV_MUL). e4m3 NaN (never stored) is not kept.
+# fp8 e5m2 needs nothing: it is the high byte of an fp16, and Triton's own conversion is a byte
+# permute.
+
+
+@triton.jit
+def _i8x4_to_f16(x):
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, a, b, c, m;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 c, 0x64646464;
+        prmt.b32 a, t, c, 0x4140;
+        prmt.b32 b, t, c, 0x4342;
+        mov.b32 m, 0x64806480;
+        sub.f16x2 $0, a, m;
+        sub.f16x2 $1, b, m;
+        }""",
+        constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _e4m3x4_to_f16_div256(x):
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 a, b, z, s;
+        mov.b32 z, 0;
+        prmt.b32 a, $2, z, 0x1404;
+        prmt.b32 b, $2, z, 0x3424;
+        shr.b32 s, a, 1;
+        and.b32 s, s, 0x3F803F80;
+        and.b32 a, a, 0x80008000;
+        or.b32 $0, s, a;
+        shr.b32 s, b, 1;
+        and.b32 s, s, 0x3F803F80;
+        and.b32 b, b, 0x80008000;
+        or.b32 $1, s, b;
+        }""",
+        constraints="=r,=r,r", args=[x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _to_dot(x, DOT: tl.constexpr, CONV: tl.constexpr):
+    """A loaded K/V tile as the dot dtype. CONV: 0 plain .to(); 1 int8 bit trick (fp16);
+    2 e4m3 bit trick (fp16, value / 256); 3 the same value / 256 by plain conversions (the
+    interpreter has no inline assembly)."""
+    if CONV == 1:
+        return _i8x4_to_f16(x)
+    elif CONV == 2:
+        return _e4m3x4_to_f16_div256(x)
+    elif CONV == 3:
+        return (x.to(tl.float32) * 0.00390625).to(tl.float16)
+    elif DOT == 1:
+        return x.to(tl.bfloat16)
+    elif DOT == 2:
+        return x.to(tl.float16)
+    else:
+        return x.to(tl.float32)
+
 
 @triton.jit
 def _decode_kernel(
@@ -82,6 +154,9 @@ def _decode_kernel(
     USE_DOT: tl.constexpr,
     DOT: tl.constexpr,
     CHUNK: tl.constexpr,
+    CONV: tl.constexpr,
+    QK_I8: tl.constexpr,
+    KV_MUL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -108,6 +183,11 @@ def _decode_kernel(
         q = q.to(tl.float16)
     else:  # the FMA path multiplies in fp32 whatever the dot dtype would be
         q = q.to(tl.float32)
+    if QK_I8:  # per-head symmetric int8 query: scores = (q_i8 . k_i8) * q_sc * k_scale
+        qf = q.to(tl.float32)
+        q_amax = tl.max(tl.abs(qf), axis=1)
+        q_sc = tl.where(q_amax > 0.0, q_amax / 127.0, 1.0)
+        q_i8 = tl.floor(qf / q_sc[:, None] + 0.5).to(tl.int8)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -126,13 +206,10 @@ def _decode_kernel(
         kv_offs = row[:, None] + offs_d[None, :]
 
         k = tl.load(k_ptr + kv_offs, mask=t_mask[:, None], other=0.0)
-        if USE_DOT:
-            if DOT == 1:
-                kd = k.to(tl.bfloat16)
-            elif DOT == 2:
-                kd = k.to(tl.float16)
-            else:
-                kd = k.to(tl.float32)
+        if QK_I8:  # int8 x int8 -> int32 on the tensor cores: K is never converted
+            s = tl.dot(q_i8, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_sc[:, None]
+        elif USE_DOT:
+            kd = _to_dot(k, DOT, CONV)
             if DOT == 0:
                 s = tl.dot(q, tl.trans(kd), input_precision="ieee")
             else:
@@ -152,19 +229,28 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
         v = tl.load(v_ptr + kv_offs, mask=t_mask[:, None], other=0.0)
-        if QUANT:
-            v_s = tl.load(vs_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
-            p = p * v_s[None, :]
         acc = acc * alpha[:, None]
-        if USE_DOT:
-            if DOT == 1:
-                acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc)
-            elif DOT == 2:
-                acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
-            else:
-                acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        if QUANT and USE_DOT and DOT == 2:
+            # fp16 P would underflow if it carried the per-token scales (p * 1e-4 * 1e-4), so
+            # the scales are normalised by the tile's largest and that factor multiplies the
+            # tile's fp32 product instead.
+            v_s = tl.load(vs_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
+            v_top = tl.maximum(tl.max(v_s, axis=0), 1e-30)
+            pv = tl.dot((p * (v_s / v_top)[None, :]).to(tl.float16), _to_dot(v, DOT, CONV))
+            acc += pv * (v_top * KV_MUL)
         else:
-            acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            if QUANT:
+                v_s = tl.load(vs_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
+                p = p * v_s[None, :]
+            if USE_DOT:
+                if DOT == 1:
+                    acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc)
+                elif DOT == 2:
+                    acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+                else:
+                    acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
 
     has = l_i > 0.0
@@ -267,15 +353,21 @@ def sm_count_of(device: torch.device) -> int:
 
 
 def dot_code(q_dtype: torch.dtype, kv_dtype: str) -> int:
-    """The dot dtype (module doc): fp32 for a float32 query or cache, else the cache's for
-    bf16/fp16 caches, the query's for quantized ones."""
+    """The default plan's dot dtype as the kernel's DOT code: fp32 for a float32 query or cache,
+    bf16 for a bf16 cache, fp16 for fp16 and quantized caches (plan.py, "Quantized caches")."""
     if q_dtype == torch.float32 or kv_dtype == "fp32":
         return _DOT_F32
-    if kv_dtype == "bf16":
-        return _DOT_BF16
-    if kv_dtype == "fp16":
-        return _DOT_F16
-    return _DOT_BF16 if q_dtype == torch.bfloat16 else _DOT_F16
+    return _DOT_BF16 if kv_dtype == "bf16" else _DOT_F16
+
+
+def conv_code(plan: DecodePlan, kv_dtype: str) -> int:
+    """The kernel's CONV code for a plan: the bit tricks need inline PTX, so the interpreter
+    runs the plain conversion for int8 (exact either way) and the same value / 256 for e4m3."""
+    if plan.convert != "bits":
+        return 0
+    if kv_dtype == "int8":
+        return 0 if _interpreting() else 1
+    return 3 if _interpreting() else 2
 
 
 def make_plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, kv_dtype: str,
@@ -332,12 +424,15 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         cnt = counters if counters is not None else counters_for(q.device, batch * num_kv_heads)
         fused = cnt is not None
     chunk = 16 if splits > 8 else 8  # few distinct values: no recompiles as the split count changes
+    dot = {"fp32": _DOT_F32, "bf16": _DOT_BF16, "fp16": _DOT_F16}[plan.dot_dtype]
+    conv = conv_code(plan, kv_dtype)
+    kv_mul = 256.0 if conv in (2, 3) else 1.0
     ks = k_scale if quant else k_cache
     vs = v_scale if quant else v_cache
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
     kernel = _decode_kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
-        float(sm_scale) * LOG2E,
+        float(sm_scale) * LOG2E * kv_mul,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         stride_sb, stride_sh,
@@ -346,7 +441,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         plan.tokens_per_split, splits,
         GROUP=plan.group, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE_N=plan.tile_n, SPLIT=splits > 1, FUSED=fused, QUANT=quant, USE_DOT=plan.use_dot,
-        DOT=dot_code(q.dtype, kv_dtype), CHUNK=chunk,
+        DOT=dot, CHUNK=chunk, CONV=conv, QK_I8=plan.qk_int8, KV_MUL=kv_mul,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if splits > 1 and not fused:
