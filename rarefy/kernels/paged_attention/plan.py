@@ -144,6 +144,7 @@ class DecodePlan:
     dot_dtype: str = "bf16"             # tensor-core operand dtype: bf16, fp16 or fp32 (module doc)
     convert: str = "plain"              # int8/fp8 -> dot dtype: "plain" (.to) or "bits" (packed bit tricks)
     qk_int8: bool = False               # q quantized per head to int8, q.K^T as an int8 MMA (int8 caches)
+    max_regs: int | None = None         # ptxas register cap per thread (more resident programs per SM)
 
     @property
     def programs(self) -> int:
@@ -157,6 +158,8 @@ class DecodePlan:
             kind += f" {self.convert}"
         if self.qk_int8:
             kind += " qk-int8"
+        if self.max_regs:
+            kind += f" regs<={self.max_regs}"
         return (f"grid {self.grid[0]}x{self.grid[1]}x{self.grid[2]} ({self.programs} programs), "
                 f"{self.tokens_per_split} tok/split, tile {self.tile_n}, {kind} g{self.group}->{self.group_pad}, "
                 f"warps {self.num_warps}, stages {self.num_stages}, smem~{self.smem_bytes // 1024} KiB{red}")
@@ -197,7 +200,7 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                 use_dot: bool | None = None, tile_n: int | None = None, num_stages: int | None = None,
                 num_warps: int | None = None, fused_reduce: bool = False, min_programs_per_sm: int = 2,
                 smem_per_sm: int = SMEM_PER_SM, q_dtype: str = "bf16", dot_dtype: str | None = None,
-                convert: str | None = None, qk_int8: bool = False) -> DecodePlan:
+                convert: str | None = None, qk_int8: bool = False, max_regs: int | None = None) -> DecodePlan:
     """The launch of the Triton decode kernel for this shape (see the module doc).
 
     ``max_seq_len`` is the longest context in the batch (the block-table capacity when it is
@@ -236,7 +239,9 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
         raise RarefyError("qk_int8 needs an int8 cache and the tl.dot path")
 
     if tile_n is None:
-        tile_n = max(16, min(MAX_TILE_N, _pow2_floor(TILE_VALUES * 2 // (head_dim * max(2, kv_bytes)))))
+        # 16 KiB of K per tile: 64 bf16 tokens or 128 int8/fp8 tokens at D = 128 (an 8-bit
+        # cache at 64 tokens ran 17% slower: its time per tile barely depends on the bytes)
+        tile_n = max(16, min(MAX_TILE_N, _pow2_floor(TILE_VALUES * 2 // (head_dim * kv_bytes))))
         if fp32_dot and use_dot:
             tile_n = 16
         if not use_dot:  # the FMA path holds group_pad x tile_n x head_dim products in registers
@@ -270,7 +275,9 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     else:
         smem = max(4096, group_pad * tile_n * 4)
     by_smem = smem_per_sm // (smem + 1024)
-    by_regs = 65536 // (128 * 32 * num_warps)
+    if max_regs is not None and not (isinstance(max_regs, int) and 24 <= max_regs <= 255):
+        raise RarefyError(f"max_regs must be an integer in 24..255, got {max_regs!r}")
+    by_regs = 65536 // ((max_regs or 128) * 32 * num_warps)
     occupancy = max(1, min(by_smem, by_regs))
 
     fused = bool(fused_reduce) and num_splits > 1
@@ -280,4 +287,5 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                       tile_n=tile_n, pages_per_tile=pages_per_tile, group=group, group_pad=group_pad,
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages, smem_bytes=smem,
                       occupancy=occupancy, fused_reduce=fused, reduce_grid=reduce_grid, workspace_bytes=workspace,
-                      sm_count=sm_count, dot_dtype=dot_dtype, convert=convert, qk_int8=bool(qk_int8))
+                      sm_count=sm_count, dot_dtype=dot_dtype, convert=convert, qk_int8=bool(qk_int8),
+                      max_regs=max_regs)

@@ -443,6 +443,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         TILE_N=plan.tile_n, SPLIT=splits > 1, FUSED=fused, QUANT=quant, USE_DOT=plan.use_dot,
         DOT=dot, CHUNK=chunk, CONV=conv, QK_I8=plan.qk_int8, KV_MUL=kv_mul,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}),
     )
     if splits > 1 and not fused:
         _reduce_kernel[(batch, num_heads)](
