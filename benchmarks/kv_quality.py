@@ -6,6 +6,12 @@ the cache memory per token.
         [--out docs/results/kv-and-attention.md] [--json-out kv.json]
     python3 benchmarks/kv_quality.py --render kv.json --out docs/results/kv-and-attention.md
 
+Per-layer window budgets (docs/results/kv-and-attention.md, "Per-layer window budgets"):
+extra rows with `--row KV:POLICY` (a spec or a config file from `rarefy calibrate-attention`,
+repeatable), `--rows` to pick built-in rows, `--section-out FILE` for a compact table of the
+rows run, and `--first-chunk N` to evaluate on other chunks (e.g. held-out chunks to choose
+between calibration variants without touching the evaluation chunks 0..7).
+
 Every row runs the same chunks of `--ctx` tokens from the start of WikiText-2 valid and
 scores the second half of each chunk (every scored token sees ≥ ctx/2 tokens of context,
 so a window policy is actually cutting its context). The model runs in float32 on CPU;
@@ -35,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rarefy.eval.perplexity import chunk_tokens  # noqa: E402
-from rarefy.kv.policies import parse_policy  # noqa: E402
+from rarefy.kv.policies import resolve_policy_config  # noqa: E402
 from rarefy.kv.quant import bytes_per_token  # noqa: E402
 from rarefy.kv.simulate import clear_eval_attention, configure_eval_attention, simulated_attention  # noqa: E402
 from rarefy.models.loader import load_model  # noqa: E402
@@ -114,7 +120,13 @@ def main():
     ap.add_argument("--cos-chunks", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--q-chunk", type=int, default=512)
-    ap.add_argument("--rows", default=None, help="comma-separated row indices to run (default: all)")
+    ap.add_argument("--rows", default=None, help="comma-separated row indices to run (default: all; "
+                                                 "'none' = only the baseline and --row rows)")
+    ap.add_argument("--row", action="append", default=[], metavar="KV:POLICY",
+                    help="extra row: a KV dtype and a policy spec or config file, e.g. bf16:window-25.toml")
+    ap.add_argument("--first-chunk", type=int, default=0, help="evaluate chunks first..first+chunks-1")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the float32 plain-SDPA reference")
+    ap.add_argument("--section-out", default=None, help="also write a compact markdown table of the rows run")
     ap.add_argument("--date", default=None, help="date written in the report (default: today)")
     ap.add_argument("--device-label", default="CPU, 2 cores (Intel Xeon, shared), float32")
     ap.add_argument("--out", default=None)
@@ -126,11 +138,24 @@ def main():
             saved = json.load(f)
         for k in ("ctx", "chunks", "cos_chunks", "threads", "device_label"):
             setattr(a, k, saved["args"][k])
+        a.first_chunk = saved["args"].get("first_chunk", 0)
         a.date = a.date or saved["args"]["date"]
         print(write(a, saved))
         return
     torch.set_num_threads(a.threads)
-    rows = ROWS if a.rows is None else [ROWS[int(i)] for i in a.rows.split(",")]
+    if a.rows is None:
+        rows = list(ROWS)
+    elif a.rows.strip().lower() == "none":
+        rows = []
+    else:
+        rows = [ROWS[int(i)] for i in a.rows.split(",")]
+    for extra in a.row:
+        kv, sep, pol = extra.partition(":")
+        if not sep or not pol:
+            ap.error(f"--row takes KV:POLICY, got {extra!r}")
+        rows.append(("extra", kv, pol))
+    if not rows:
+        rows = [ROWS[0]]
     if rows[0][1:] != ("bf16", "dense"):
         rows = [ROWS[0]] + rows
     t_start = time.perf_counter()
@@ -138,7 +163,7 @@ def main():
     model, cfg = loaded.model, loaded.config
     with open(VALID, encoding="utf-8") as f:
         ids = loaded.tokenizer.encode(f.read(), add_special_tokens=False)
-    chunks = chunk_tokens(ids, a.ctx, a.chunks)
+    chunks = chunk_tokens(ids, a.ctx, a.first_chunk + a.chunks)[a.first_chunk:]
     print(f"{len(ids)} tokens; {chunks.shape[0]} chunks of {a.ctx}, scoring the second half of each", flush=True)
 
     result = {"rows": [], "args": vars(a), "model": {"layers": cfg.num_layers, "kv_heads": cfg.num_kv_heads,
@@ -146,14 +171,15 @@ def main():
     # float32 reference without any KV rounding (plain SDPA), for context
     t0 = time.perf_counter()
     clear_eval_attention(model)
-    fp32 = torch.cat([chunk_nll(model, c) for c in chunks])
-    result["fp32_sdpa"] = {"ppl": math.exp(fp32.mean().item()), "seconds": time.perf_counter() - t0}
-    print(f"fp32 SDPA (no KV rounding): ppl {result['fp32_sdpa']['ppl']:.4f} ({time.perf_counter() - t0:.0f} s)",
-          flush=True)
+    if not a.no_fp32:
+        fp32 = torch.cat([chunk_nll(model, c) for c in chunks])
+        result["fp32_sdpa"] = {"ppl": math.exp(fp32.mean().item()), "seconds": time.perf_counter() - t0}
+        print(f"fp32 SDPA (no KV rounding): ppl {result['fp32_sdpa']['ppl']:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     base_nll = None
     for group, kv, spec in rows:
-        policy = parse_policy(spec)
+        policy = resolve_policy_config(spec)
         configure_eval_attention(model, kv, policy, q_chunk=a.q_chunk, track_reads=True)
         hooks = []
         for layer in model.model.layers:
@@ -178,13 +204,15 @@ def main():
         ratio = math.exp(d.mean().item())
         dc = torch.tensor([n.mean().item() - b for n, b in zip(nlls, base_chunks, strict=True)], dtype=torch.float64)
         se_tok, se_chunk = ratio * paired_se(d), ratio * paired_se(dc)
-        mem_frac = policy.memory_fraction(a.ctx, BLOCK)
+        mem_frac = policy.memory_fraction(cfg.num_layers, a.ctx, BLOCK)
         bpt = bytes_per_token(kv, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
         row = {"group": group, "kv": kv, "policy": spec, "ppl": math.exp(nll.mean().item()), "nll": nll.mean().item(),
                "delta": ratio - 1, "se": se_tok, "se_chunks": se_chunk, "reads": reads,
                "memory_fraction": mem_frac, "bytes_per_token": bpt, "effective_bytes_per_token": bpt * mem_frac,
                "evicts": policy.evicts, "seconds": time.perf_counter() - t0,
-               "chunk_nll": [n.mean().item() for n in nlls]}
+               "chunk_nll": [n.mean().item() for n in nlls], "resolved": policy.spec,
+               "layer_memory_fraction": [policy.for_layer(i).memory_fraction(a.ctx, BLOCK)
+                                         for i in range(cfg.num_layers)]}
         if a.cos_chunks > 0:
             per_layer = [h.acc[0] / h.acc[1] for h in hooks]
             row.update(cos_layers=per_layer, cos_mean=sum(per_layer) / len(per_layer), cos_min_layer=min(per_layer),
@@ -208,7 +236,33 @@ def write(a, result) -> str:
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
+    if getattr(a, "section_out", None):
+        with open(a.section_out, "w") as f:
+            f.write(section(result, a))
     return text
+
+
+def section(r, a) -> str:
+    """A compact table of the rows run (for the per-layer window budget section)."""
+    m = r["model"]
+    bf16_bpt = bytes_per_token("bf16", m["layers"], m["kv_heads"], m["head_dim"])
+    first = getattr(a, "first_chunk", 0)
+    lines = [f"Chunks {first}..{first + a.chunks - 1} of {a.ctx} tokens, second halves scored "
+             f"({a.chunks * (a.ctx - a.ctx // 2)} tokens); Δ against bf16-KV dense on the same chunks.", "",
+             "| KV dtype | policy | ppl | Δ ppl ± SE (tokens) | SE (chunks) | reads | memory (peak blocks, "
+             "mean over layers) | memory/token (bytes) | cos mean | cos worst layer |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in r["rows"]:
+        is_base = x is r["rows"][0]
+        delta = "baseline" if is_base else f"{_pct(x['delta'])} ± {x['se']:.2%}"
+        sec = "-" if is_base else f"{x['se_chunks']:.2%}"
+        cos_m = "1" if is_base else f"{x.get('cos_mean', float('nan')):.5f}"
+        cos_w = "1" if is_base else (f"{x['cos_min_layer']:.5f} (layer {x['cos_min_layer_index']})"
+                                     if "cos_min_layer" in x else "-")
+        eff = x["effective_bytes_per_token"]
+        lines.append(f"| {x['kv']} | `{x['policy']}` | {x['ppl']:.4f} | {delta} | {sec} | {x['reads']:.3f} | "
+                     f"{x['memory_fraction']:.1%} | {eff:,.0f} ({eff / bf16_bpt:.1%} of bf16) | {cos_m} | {cos_w} |")
+    return "\n".join(lines) + "\n"
 
 
 def _pct(x):
@@ -247,7 +301,8 @@ def report(r, a) -> str:
              "chunks: in the row's own forward, each layer's output is compared with bf16-dense attention on the "
              "same q, k, v (the layer's attention error alone, no accumulation through layers): mean over layers, "
              "and the worst layer's mean.", "",
-             f"Float32 without any KV rounding (plain SDPA): ppl {r['fp32_sdpa']['ppl']:.4f}.", "",
+             (f"Float32 without any KV rounding (plain SDPA): ppl {r['fp32_sdpa']['ppl']:.4f}." if "fp32_sdpa" in r
+              else ""), "",
              "| KV dtype | policy | ppl | Δ ppl ± SE (tokens) | SE (chunks) | reads | memory/token (bytes) | "
              "vs bf16 memory | cos mean | cos worst layer |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -29,6 +29,7 @@ def _register_commands() -> None:
     from rarefy.commands.analyze import analyze
     from rarefy.commands.bench import bench_app
     from rarefy.commands.calibrate_activations import calibrate_activations
+    from rarefy.commands.calibrate_attention import calibrate_attention
     from rarefy.commands.compile import compile_model
     from rarefy.commands.experiment import experiment_app
     from rarefy.commands.prune import prune
@@ -43,6 +44,7 @@ def _register_commands() -> None:
     app.command("serve")(serve)
     app.command("compile")(compile_model)
     app.command("calibrate-activations")(calibrate_activations)
+    app.command("calibrate-attention")(calibrate_attention)
     app.command("train-predictors")(train_predictors_cmd)
     app.add_typer(experiment_app, name="experiment")
     app.add_typer(bench_app, name="bench")

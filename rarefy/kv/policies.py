@@ -135,6 +135,10 @@ class Policy:
         """Logical block indices the cache must keep with `num_tokens` tokens stored."""
         return list(range(-(-num_tokens // block_size)))
 
+    def held_blocks(self, num_tokens: int, block_size: int) -> int:
+        """Blocks the cache holds with `num_tokens` tokens stored (= len(kept_blocks))."""
+        return -(-max(num_tokens, 0) // block_size)
+
     def memory_fraction(self, ctx: int, block_size: int) -> float:
         """Peak cache blocks held while generating up to `ctx` tokens, over dense's."""
         return 1.0
@@ -322,22 +326,26 @@ class Window(Policy):
         return [b for b in range(n_blocks)
                 if b < self.sink_blocks or b >= start or (self.stride > 0 and b % self.stride == 0)]
 
+    def held_blocks(self, num_tokens: int, block_size: int) -> int:
+        """len(self.kept_blocks(num_tokens, block_size)) in O(1)."""
+        self._check_block(block_size)
+        if num_tokens <= 0:
+            return 0
+        n_blocks = -(-num_tokens // block_size)
+        start = max(0, num_tokens - self.window) // block_size
+        sink = min(self.sink_blocks, start)
+        held = n_blocks - start + sink
+        if self.stride > 0:  # multiples of stride in [sink, start)
+            held += max(0, -(-start // self.stride) - (-(-sink // self.stride)))
+        return held
+
     def memory_fraction(self, ctx: int, block_size: int) -> float:
         """Peak blocks held (max over 1..ctx stored tokens of len(kept_blocks)) / ceil(ctx / block)."""
         self._check_block(block_size)
         if ctx <= 0:
             return 1.0
         dense = -(-ctx // block_size)
-        peak = 0
-        for n in range(1, ctx + 1):  # O(ctx): the same count as len(self.kept_blocks(n, block))
-            n_blocks = -(-n // block_size)
-            start = max(0, n - self.window) // block_size
-            sink = min(self.sink_blocks, start)
-            held = n_blocks - start + sink
-            if self.stride > 0:  # multiples of stride in [sink, start)
-                held += max(0, -(-start // self.stride) - (-(-sink // self.stride)))
-            peak = max(peak, held)
-        return peak / dense
+        return max(self.held_blocks(n, block_size) for n in range(1, ctx + 1)) / dense
 
     @property
     def spec(self) -> str:
@@ -409,6 +417,20 @@ class PolicyConfig:
         if bad:
             raise RarefyError(f"the attention policy config overrides layer(s) {bad} but the model has "
                               f"{num_layers} layers (0..{num_layers - 1})")
+
+    def memory_fraction(self, num_layers: int, ctx: int, block_size: int) -> float:
+        """Peak blocks held by all layers together while generating up to `ctx` tokens (max over
+        1..ctx stored tokens of the sum over layers), over dense's num_layers · ceil(ctx / block).
+        For windows this is the mean of the layers' memory_fraction (every layer peaks at ctx)."""
+        if ctx <= 0:
+            return 1.0
+        dense = -(-ctx // block_size)
+        pols = [self.for_layer(i) for i in range(num_layers)]
+        for p in pols:
+            if isinstance(p, Window):
+                p._check_block(block_size)
+        peak = max(sum(p.held_blocks(n, block_size) for p in pols) for n in range(1, ctx + 1))
+        return peak / (num_layers * dense)
 
     def with_block_size(self, block_size: int) -> PolicyConfig:
         """The same config with every window policy deciding per `block_size` tokens."""

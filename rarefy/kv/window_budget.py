@@ -1,0 +1,345 @@
+"""Per-layer window budgets: give each layer the sink + recent window it needs under an
+average memory budget (docs/attention-policies.md, "Per-layer window budgets").
+
+A uniform window spends the same blocks on every layer, but layers differ a lot in how
+far back they read (PyramidKV, DuoAttention). Calibration measures, on text that is not
+used for evaluation, how much each layer's attention output changes when it only reads a
+candidate window instead of every key; an allocation then grows the windows of the layers
+where an extra block removes the most error, until the average budget is spent.
+
+    errs = measure_window_errors(model, chunks, candidates)       # one dense forward per chunk
+    alloc = allocate_windows(errs, budget=0.25)                     # greedy, per layer
+    alloc.config                                                    # a PolicyConfig
+    write_policy_config(alloc.config, "window-25.toml", header)    # --attention-policy FILE
+
+Memory is counted like `Window.memory_fraction`: peak blocks held while generating `ctx`
+tokens over dense's ceil(ctx / block), averaged over layers.
+
+Error metrics (both measured in the same pass, on the scored second half of each chunk,
+every layer isolated: its own dense output is what the next layer sees):
+
+- `out` (default): ‖o_proj(o_window − o_dense)‖² / ‖h‖² summed over tokens, h = the layer's
+  residual-stream input: how much the window perturbs the residual stream, relative to it.
+  Comparable across layers, which the greedy allocation needs.
+- `cos`: 1 − mean cosine of (token, query head) attention outputs against dense.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rarefy.errors import RarefyError
+from rarefy.kv.policies import PolicyConfig, Window, parse_policy
+from rarefy.kv.simulate import clear_eval_attention, simulated_attention
+
+METRICS = ("out", "cos")
+# total blocks held per layer (sinks included) tried by default, at ctx 2048 / block 16 = 128 blocks
+DEFAULT_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+
+
+def check_budget(budget: float) -> float:
+    if not isinstance(budget, (int, float)) or not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+        raise RarefyError(f"the memory budget is a fraction of the context in (0, 1], got {budget!r}")
+    return float(budget)
+
+
+def window_for_blocks(blocks: int, sinks: int, ctx: int, block_size: int) -> Window | None:
+    """The widest `window:sinks=S` whose peak blocks held at `ctx` is ≤ `blocks` (None if even
+    window=1 holds more)."""
+    def held(w):
+        return round(Window(sinks, w, 0, block_size).memory_fraction(ctx, block_size) * -(-ctx // block_size))
+    if held(1) > blocks:
+        return None
+    lo, hi = 1, ctx
+    while lo < hi:  # the largest w with held(w) <= blocks (held is non-decreasing in w)
+        mid = (lo + hi + 1) // 2
+        if held(mid) <= blocks:
+            lo = mid
+        else:
+            hi = mid - 1
+    return Window(sinks, lo, 0, block_size)
+
+
+def candidate_windows(ctx: int, block_size: int = 16, sinks=(16,), sizes=None) -> list[Window]:
+    """One window per (sinks, total blocks held) pair, each as wide as its blocks allow; the
+    sizes default to DEFAULT_SIZES scaled to ctx. Duplicates are dropped."""
+    dense = -(-ctx // block_size)
+    if sizes is None:
+        sizes = sorted({max(1, min(dense, round(s * dense / 128))) for s in DEFAULT_SIZES})
+    out, seen = [], set()
+    for s in sinks:
+        if s < 0:
+            raise RarefyError(f"sink tokens must be ≥ 0, got {s}")
+        for m in sizes:
+            w = window_for_blocks(int(m), int(s), ctx, block_size)
+            if w is not None and w not in seen:
+                seen.add(w)
+                out.append(w)
+    if not out:
+        raise RarefyError("no candidate window fits the sizes given")
+    return out
+
+
+# ----------------------------------------------------------------------------- measurement
+
+class _Probe:
+    """A layer's eval_attention hook: returns dense (kv-dtype rounded) attention and
+    accumulates every candidate's error on the queries at positions ≥ first."""
+
+    def __init__(self, attn, cands: list[Window], first: int, kv_dtype: str):
+        self.attn, self.cands, self.first, self.kv_dtype = attn, cands, first, kv_dtype
+        self.h_sq = 0.0  # Σ ‖h‖² over the measured tokens (set by the layer's pre-hook)
+        self.out_sq = torch.zeros(len(cands), dtype=torch.float64)
+        self.cos_sum = torch.zeros(len(cands), dtype=torch.float64)
+        self.count = 0  # (token, head) pairs
+        self.h_total = 0.0
+
+    def pre_hook(self, module, args):
+        h = args[0]
+        self.h_sq = float(h[:, self.first:].float().pow(2).sum())
+        self.h_total += self.h_sq
+
+    def __call__(self, q, k, v, positions):
+        dense = simulated_attention(q, k, v, positions, self.kv_dtype, None)
+        B, Hq, T, D = q.shape
+        qs, qpos = q[:, :, self.first:], positions[..., self.first:]
+        ref = dense[:, :, self.first:].float()
+        o_proj = self.attn.o_proj
+        for c, pol in enumerate(self.cands):
+            out = simulated_attention(qs, k, v, positions, self.kv_dtype, pol, q_positions=qpos).float()
+            cos = F.cosine_similarity(out, ref, dim=-1, eps=1e-12)
+            self.cos_sum[c] += float(cos.double().sum())
+            diff = (out - ref).transpose(1, 2).reshape(B, T - self.first, Hq * D)
+            self.out_sq[c] += float(o_proj(diff.to(q.dtype)).float().pow(2).sum())
+        self.count += B * Hq * (T - self.first)
+        return dense
+
+
+@dataclass
+class WindowErrors:
+    """Per-layer error of each candidate window, from `measure_window_errors`."""
+
+    candidates: list[Window]
+    out: list[list[float]]  # [layer][candidate] relative residual perturbation
+    cos: list[list[float]]  # [layer][candidate] 1 − mean cosine
+    ctx: int
+    block_size: int
+    tokens: int  # scored tokens per layer
+    source: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.out)
+
+    def metric(self, name: str) -> list[list[float]]:
+        if name not in METRICS:
+            raise RarefyError(f"unknown window error metric {name!r}; choose one of {', '.join(METRICS)}")
+        return getattr(self, name)
+
+    def blocks(self) -> list[int]:
+        dense = -(-self.ctx // self.block_size)
+        return [round(w.memory_fraction(self.ctx, self.block_size) * dense) for w in self.candidates]
+
+    def to_dict(self) -> dict:
+        return {"candidates": [w.spec for w in self.candidates], "out": self.out, "cos": self.cos,
+                "ctx": self.ctx, "block_size": self.block_size, "tokens": self.tokens, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WindowErrors:
+        try:
+            return cls([parse_policy(s) for s in d["candidates"]], d["out"], d["cos"], int(d["ctx"]),
+                       int(d["block_size"]), int(d["tokens"]), d.get("source", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RarefyError(f"not a window-error table: {e}") from None
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> WindowErrors:
+        if not os.path.isfile(path):
+            raise RarefyError(f"window-error table {path!r} not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except ValueError as e:
+            raise RarefyError(f"cannot parse window-error table {path!r}: {e}") from None
+
+
+@torch.inference_mode()
+def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window], kv_dtype: str = "bf16",
+                          progress: bool = False, source: str = "") -> WindowErrors:
+    """chunks [N, ctx] token ids → each layer's error for each candidate window, over the
+    second half of each chunk (every measured query has ≥ ctx/2 tokens of context). One
+    dense forward per chunk; each layer's candidates are evaluated on that layer's q, k, v."""
+    N, ctx = chunks.shape
+    if N < 1:
+        raise RarefyError("window calibration needs at least one chunk of text")
+    block = candidates[0].block_size
+    if any(w.block_size != block for w in candidates):
+        raise RarefyError("candidate windows must share one block size")
+    first = ctx // 2
+    layers = model.model.layers
+    probes, handles = [], []
+    try:
+        for layer in layers:
+            p = _Probe(layer.self_attn, candidates, first, kv_dtype)
+            layer.self_attn.eval_attention = p
+            handles.append(layer.register_forward_pre_hook(p.pre_hook))
+            probes.append(p)
+        it = range(N)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc="calibrating windows", unit="chunk", leave=False)
+        device = next(model.parameters()).device
+        for i in it:
+            model(chunks[i:i + 1].to(device), last_index=torch.tensor([ctx - 1], device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        clear_eval_attention(model)
+    out = [(p.out_sq / max(p.h_total, 1e-30)).tolist() for p in probes]
+    cos = [(1.0 - p.cos_sum / max(p.count, 1)).tolist() for p in probes]
+    return WindowErrors(list(candidates), out, cos, ctx, block, N * (ctx - first), source)
+
+
+# ----------------------------------------------------------------------------- allocation
+
+@dataclass
+class Allocation:
+    config: PolicyConfig
+    windows: list[Window]  # per layer
+    blocks: list[int]  # peak blocks held per layer at ctx
+    errors: list[float]  # the chosen candidate's error per layer (the metric used)
+    budget: float
+    memory_fraction: float  # mean over layers of blocks / dense blocks
+    metric: str
+    ctx: int
+    block_size: int
+    extra: dict = field(default_factory=dict)
+
+
+def _hull(costs: list[int], errs: list[float]) -> list[int]:
+    """Indices of the lower convex hull of (cost, err) points, by increasing cost, error
+    strictly decreasing (points that a cheaper one matches or beats are dropped)."""
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], errs[i]))
+    front = []
+    for i in order:  # Pareto front
+        if front and costs[i] == costs[front[-1]]:
+            continue
+        if front and errs[i] >= errs[front[-1]]:
+            continue
+        front.append(i)
+    hull: list[int] = []
+    for i in front:  # keep the slopes increasing (less gain per block as windows grow)
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            s_ab = (errs[a] - errs[b]) / (costs[b] - costs[a])
+            s_bi = (errs[b] - errs[i]) / (costs[i] - costs[b])
+            if s_bi >= s_ab:
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def allocate_windows(errors: WindowErrors, budget: float, metric: str = "out", sinks=None,
+                     fixed: dict[int, Window] | None = None) -> Allocation:
+    """Greedy per-layer allocation: every layer starts at its cheapest candidate (on the lower
+    convex hull of blocks vs error); then, while the average budget allows, the layer whose
+    next hull step removes the most error per extra block grows. sinks: restrict the
+    candidates to these sink counts (default: all measured). fixed: layers whose window is
+    forced (it must be a measured candidate)."""
+    budget = check_budget(budget)
+    errs = errors.metric(metric)
+    costs = errors.blocks()
+    L = errors.num_layers
+    dense = -(-errors.ctx // errors.block_size)
+    allowed = [c for c, w in enumerate(errors.candidates) if sinks is None or w.sinks in tuple(sinks)]
+    if not allowed:
+        raise RarefyError(f"no measured candidate has sinks in {sinks}")
+    hulls = []
+    for layer in range(L):
+        if fixed and layer in fixed:
+            if fixed[layer] not in errors.candidates:
+                raise RarefyError(f"layer {layer}: {fixed[layer].spec} was not measured")
+            hulls.append([errors.candidates.index(fixed[layer])])
+            continue
+        idx = _hull([costs[c] for c in allowed], [errs[layer][c] for c in allowed])
+        hulls.append([allowed[i] for i in idx])
+    total = budget * L * dense
+    pos = [0] * L
+    used = sum(costs[h[0]] for h in hulls)
+    if used > total + 1e-9:
+        raise RarefyError(f"a budget of {budget:g} of the context ({total:.0f} blocks over {L} layers) is below "
+                          f"the smallest windows measured ({used} blocks, {used / (L * dense):.3f}); "
+                          "raise --budget or measure smaller windows")
+    while True:
+        best, best_gain = None, 0.0
+        for layer, h in enumerate(hulls):
+            if pos[layer] + 1 >= len(h):
+                continue
+            a, b = h[pos[layer]], h[pos[layer] + 1]
+            extra = costs[b] - costs[a]
+            if used + extra > total + 1e-9:
+                continue
+            gain = (errs[layer][a] - errs[layer][b]) / extra
+            if best is None or gain > best_gain:
+                best, best_gain = layer, gain
+        if best is None:
+            break
+        h = hulls[best]
+        used += costs[h[pos[best] + 1]] - costs[h[pos[best]]]
+        pos[best] += 1
+    chosen = [h[p] for h, p in zip(hulls, pos)]
+    windows = [errors.candidates[c] for c in chosen]
+    blocks = [costs[c] for c in chosen]
+    default = Counter(windows).most_common(1)[0][0]
+    config = PolicyConfig(default, {i: w for i, w in enumerate(windows) if w != default})
+    return Allocation(config, windows, blocks, [errs[i][c] for i, c in enumerate(chosen)], budget,
+                      sum(blocks) / (L * dense), metric, errors.ctx, errors.block_size)
+
+
+# ----------------------------------------------------------------------------- files
+
+def _ranges(layers: dict) -> list[tuple[int, int, object]]:
+    """{i: policy} → [(first, last, policy)] merging consecutive equal policies."""
+    out: list[tuple[int, int, object]] = []
+    for i in sorted(layers):
+        if out and out[-1][1] == i - 1 and out[-1][2] == layers[i]:
+            out[-1] = (out[-1][0], i, layers[i])
+        else:
+            out.append((i, i, layers[i]))
+    return out
+
+
+def policy_config_text(config: PolicyConfig, path: str, header: list[str] | None = None) -> str:
+    """The config as a TOML (path ends in .toml) or JSON file that load_policy_config reads."""
+    layers = {(f"{a}" if a == b else f"{a}-{b}"): p.spec for a, b, p in _ranges(config.layers)}
+    if path.endswith(".toml"):
+        lines = [f"# {h}" for h in (header or [])]
+        lines.append(f'default = "{config.default.spec}"')
+        if layers:
+            lines += ["", "[layers]"] + [f'"{k}" = "{v}"' for k, v in layers.items()]
+        return "\n".join(lines) + "\n"
+    if path.endswith(".json"):
+        return json.dumps({"default": config.default.spec, "layers": layers}, indent=1) + "\n"
+    raise RarefyError(f"the policy config file name must end in .toml or .json, got {path!r}")
+
+
+def write_policy_config(config: PolicyConfig, path: str, header: list[str] | None = None) -> None:
+    text = policy_config_text(config, path, header)
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise RarefyError(f"directory {d!r} does not exist")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
