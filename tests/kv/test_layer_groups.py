@@ -236,3 +236,31 @@ def test_generate_greedy_equals_simulated_policy(tiny_model_dir, config):
     gen = Generator(model, loaded.tokenizer, kv=KVOptions(kv_dtype="fp32", block_size=4, policy=config))
     out, _ = gen.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True))
     assert out[0].token_ids == want[len(prompt):]
+
+
+def test_engine_with_per_layer_windows_and_a_small_cache(tiny_model_dir):
+    """Continuous batching (chunked prefill, preemption) over a grouped cache gives each request
+    the tokens Generator gives it alone with the same policy; all layer-blocks come back."""
+    import random as _random
+
+    from rarefy.engine.generate import Generator, KVOptions
+    from rarefy.engine.llm import LLM
+    from rarefy.engine.llm_engine import EngineOptions
+    from rarefy.layers.sampler import SamplingParams
+
+    tiny = _tiny(tiny_model_dir)
+    config = TINY_CONFIGS[0]
+    rng = _random.Random(5)
+    prompts = [[rng.randint(3, 300) for _ in range(rng.randint(1, 30))] for _ in range(6)]
+    params = [SamplingParams(max_tokens=rng.randint(8, 30), ignore_eos=True) for _ in prompts]
+    gen = Generator(tiny.model, tiny.tokenizer, kv=KVOptions(kv_dtype="fp32", block_size=4, policy=config))
+    want = [gen.generate([p], sp)[0][0].token_ids for p, sp in zip(prompts, params)]
+    cfg = tiny.model.config
+    per_layer_block = 4 * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    llm = LLM(loaded=tiny, options=EngineOptions(kv_dtype="fp32", block_size=4, max_step_tokens=16,
+                                                 kv_memory_bytes=40 * per_layer_block, attention_policy=config))
+    cache = llm.engine.cache
+    assert cache.grouped and cache.num_layer_blocks == 40
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert cache.allocator.num_free == cache.allocator.num_blocks
