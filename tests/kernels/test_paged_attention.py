@@ -56,7 +56,9 @@ def poison_cache(num_blocks, hkv, bs, d, kv_dtype, device="cpu"):
     if sd == torch.int8:
         kc = torch.full((num_blocks, hkv, bs, d), 127, dtype=sd, device=device)
     else:
-        kc = torch.full((num_blocks, hkv, bs, d), float("nan"), device=device).to(sd)
+        # made on the CPU and moved: a CUDA fp32 -> half cast gives NaN another bit pattern,
+        # and the store test compares never-written slots bit for bit
+        kc = torch.full((num_blocks, hkv, bs, d), float("nan")).to(sd).to(device)
     ks = torch.full((num_blocks, hkv, bs), float("nan"), dtype=torch.float16, device=device) \
         if is_quantized(kv_dtype) else None
     return kc, kc.clone(), ks, None if ks is None else ks.clone()
