@@ -16,6 +16,7 @@ from rarefy.errors import RarefyError
 
 FILE = "activation_thresholds.json"
 MODES = ("threshold", "topk", "adaptive")
+CRITERIA = ("magnitude", "weighted")
 MEASURE_WINDOWS = 4
 
 
@@ -29,9 +30,22 @@ def calibrate_activations(
                                   "of each token; adaptive: k per token from the entropy of its |x|"),
     greedy: bool = typer.Option(False, "--greedy", help="greedy per-layer allocation across the four inputs "
                                                         "(TEAL) instead of the same sparsity for every input"),
+    criterion: str = typer.Option("magnitude", "--criterion",
+                                  help="magnitude: rank entries by |x| (TEAL); weighted: by |x_i| times the norm of "
+                                       "the weight column reading channel i (WINA)"),
+    sequential: bool = typer.Option(False, "--sequential",
+                                    help="derive each input's threshold from activations already sparsified "
+                                         "upstream (one extra pass per level) instead of dense ones"),
+    global_alloc: bool = typer.Option(False, "--global",
+                                      help="allocate sparsity across all layers and inputs from each input's "
+                                           "output-KL sensitivity curve (instead of --greedy's per-layer search)"),
     greedy_step: float = typer.Option(0.05, "--greedy-step", help="sparsity step of the greedy search"),
     greedy_windows: int = typer.Option(2, "--greedy-windows", help="calibration windows the greedy search uses"),
     greedy_tokens: int = typer.Option(256, "--greedy-tokens", help="tokens the greedy search measures error on"),
+    greedy_upstream: str = typer.Option("dense", "--greedy-upstream",
+                                        help="dense: search every layer on its dense inputs (one search for all "
+                                             "levels); sparse: one search per level, on inputs with the earlier "
+                                             "layers sparsified"),
     samples: int = typer.Option(16, "--samples", help="calibration windows"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per window"),
     seed: int = typer.Option(0, "--seed"),
@@ -47,31 +61,42 @@ def calibrate_activations(
 
     if mode not in MODES:
         raise RarefyError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if criterion not in CRITERIA:
+        raise RarefyError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     try:
         levels = check_sparsities(s for s in sparsity.split(",") if s.strip())
     except ValueError:
         raise RarefyError(f"--sparsity takes numbers, got {sparsity!r}") from None
     if samples < 1 or seq_len < 8:
         raise RarefyError("--samples must be >= 1 and --seq-len >= 8")
+    if greedy and global_alloc:
+        raise RarefyError("choose one of --greedy and --global")
     if greedy:
-        check_greedy_options(levels, greedy_step, greedy_windows, greedy_tokens)
+        check_greedy_options(levels, greedy_step, greedy_windows, greedy_tokens, greedy_upstream)
+    if global_alloc:
+        from rarefy.sparsity.activation_global import DEFAULT_GRID, check_global_options
+        check_global_options(levels, DEFAULT_GRID)
     check_destination(out, model, overwrite)
     body = read_text_file(calib)
     loaded = load_for_cli(model, device, "auto", sparse="off")
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     th = calibrate_thresholds(loaded.model, ids, levels, seq_len=seq_len, samples=samples, seed=seed,
                               progress=not as_json, mode=mode, greedy=greedy, greedy_step=greedy_step,
-                              greedy_windows=greedy_windows, greedy_tokens=greedy_tokens)
+                              greedy_windows=greedy_windows, greedy_tokens=greedy_tokens, criterion=criterion,
+                              sequential=sequential, greedy_upstream=greedy_upstream,
+                              allocation="global" if global_alloc else None)
     # the sparsity actually reached, over all inputs, on calibration windows
     th.measured = measure_levels(loaded.model, ids, th, seq_len=seq_len, windows=min(samples, MEASURE_WINDOWS),
                                  seed=seed + 1)
     dest = write_directory(out, lambda tmp: save_thresholds(th, tmp / FILE))
     n_inputs = len(th.params[next(iter(th.params))])
     if as_json:
-        emit_json({"out": str(dest), "mode": mode, "allocation": th.allocation, "sparsities": levels,
+        emit_json({"out": str(dest), "mode": mode, "criterion": criterion, "allocation": th.allocation,
+                   "sequential": sequential, "sparsities": levels,
                    "inputs": n_inputs, "measured": th.measured})
     else:
-        typer.echo(f"{mode} mode, {th.allocation} allocation, {n_inputs} projection inputs; sparsity reached on "
+        typer.echo(f"{mode} mode, {criterion} criterion, {th.allocation} allocation"
+                   f"{', sequential' if sequential else ''}, {n_inputs} projection inputs; sparsity reached on "
                    f"{min(samples, MEASURE_WINDOWS)} calibration windows (weighted by gated weights / by entries):")
         for s in levels:
             m = th.measured[f"{s:.4f}"]
@@ -124,5 +149,5 @@ def activation_for_decode(model, directory: str | None, level: float | None):
         return sparsify_activations(model, th.rule(level))
     from rarefy.layers.activation_sparse import use_activation_sparsity
 
-    use_activation_sparsity(model, th.for_sparsity(level))
+    use_activation_sparsity(model, th.rule(level))  # folds the weighted criterion's scales
     return contextlib.nullcontext()

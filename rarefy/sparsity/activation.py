@@ -35,13 +35,28 @@ import torch
 from torch import nn
 
 from rarefy.errors import RarefyError
-from rarefy.sparsity.activation_modes import (MODES, PARAM_KEY, InputStats, apply_rule, check_mode, check_param,
-                                              effective_count, finite_number)
+from rarefy.sparsity.activation_criteria import (
+    CRITERIA,
+    check_criterion,
+    check_scales,
+    input_scales,
+    scale_summary,
+)
+from rarefy.sparsity.activation_modes import (
+    MODES,
+    PARAM_KEY,
+    InputStats,
+    apply_rule,
+    check_mode,
+    check_param,
+    effective_count,
+    finite_number,
+)
 
 FORMAT = "rarefy-activation-thresholds"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
-ALLOCATIONS = ("uniform", "greedy")
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+ALLOCATIONS = ("uniform", "greedy", "global")
 INPUT_NAMES = ("attn_in", "o_in", "mlp_in", "down_in")
 SAMPLE_PER_INPUT = 1 << 18  # |x| values kept per input for the quantiles
 
@@ -56,6 +71,7 @@ class LevelRule:
 
     mode: str
     params: dict[str, float]
+    criterion: str = "magnitude"  # or "weighted": rank by |x| * c (rarefy.sparsity.activation_criteria)
 
 
 @dataclass
@@ -80,6 +96,7 @@ class Thresholds:
     greedy: dict = field(default_factory=dict)  # per-level layer errors, greedy vs uniform
     measured: dict = field(default_factory=dict)  # level -> {"weighted", "entries"}
     version: int = VERSION
+    criterion: str = "magnitude"
 
     def __post_init__(self):
         if self.mode == "threshold" and not self.params:
@@ -94,15 +111,19 @@ class Thresholds:
         return key
 
     def for_sparsity(self, s: float) -> dict[str, float]:
-        """Threshold mode: the per-input thresholds of level s."""
+        """Threshold mode, magnitude criterion: the per-input thresholds of level s."""
         key = self._level(s)
         if self.mode != "threshold":
             raise RarefyError(f"this calibration is in {self.mode} mode: it has no thresholds "
                               "(apply it with rule(s) / sparsify_activations)")
+        if self.criterion != "magnitude":
+            raise RarefyError(f"this calibration uses the {self.criterion} criterion: its thresholds apply to "
+                              "|x| * c, not |x| (apply it with rule(s): sparsify_activations or "
+                              "use_activation_sparsity)")
         return self.thresholds[key]
 
     def rule(self, s: float) -> LevelRule:
-        return LevelRule(self.mode, self.params[self._level(s)])
+        return LevelRule(self.mode, self.params[self._level(s)], self.criterion)
 
     def sparsity_of_inputs(self, s: float) -> dict[str, float]:
         key = self._level(s)
@@ -184,28 +205,43 @@ def model_signature(model) -> dict:
 class CalibrationData:
     """Dense statistics of every input, and (for greedy) every layer's input on a few windows."""
 
-    stats: dict[str, InputStats]
+    stats: dict[str, InputStats]  # statistics of |x| (magnitude criterion), or of the first criterion
     layer_inputs: list[list[torch.Tensor]]  # [layer][window] hidden state entering the layer
     rope: list[tuple]  # [window] (cos, sin, positions)
     seq_len: int
     samples: int
     seed: int
+    criterion_stats: dict[str, dict[str, InputStats]] = field(default_factory=dict)  # criterion -> stats
+    scales: dict[str, dict[str, torch.Tensor] | None] = field(default_factory=dict)  # criterion -> c per input
+    windows: list[list[int]] = field(default_factory=list)  # the calibration windows' tokens
+
+    def stats_for(self, criterion: str) -> dict[str, InputStats]:
+        if criterion not in self.criterion_stats:
+            raise RarefyError(f"no calibration statistics for the {criterion} criterion; collected: "
+                              f"{', '.join(self.criterion_stats) or 'magnitude'}")
+        return self.criterion_stats[criterion]
 
 
 @torch.no_grad()
 def collect_statistics(model, token_ids: list[int], seq_len: int = 512, samples: int = 16, seed: int = 0,
-                       keep_windows: int = 0, progress: bool = False) -> CalibrationData:
-    """One dense pass over `samples` random windows of `seq_len` tokens. Keeps a uniform sample
-    of |x| and every token's effective channel count per input, and the inputs of every
-    decoder layer for the first `keep_windows` windows (for the greedy allocation)."""
+                       keep_windows: int = 0, progress: bool = False,
+                       criteria=("magnitude",)) -> CalibrationData:
+    """One dense pass over `samples` random windows of `seq_len` tokens. Keeps, per input and
+    criterion, a uniform sample of the scores (|x|, or |x| * c for ``weighted``) and every
+    token's effective channel count, and the inputs of every decoder layer for the first
+    `keep_windows` windows (for the greedy allocation)."""
+    criteria = list(dict.fromkeys(check_criterion(c) for c in criteria))
+    if not criteria:
+        raise RarefyError("give at least one criterion")
     if samples < 1 or seq_len < 2:
         raise RarefyError("calibration needs at least one window of at least 2 tokens")
     if len(token_ids) < seq_len + 1:
         raise RarefyError(f"calibration text has {len(token_ids)} tokens; need more than {seq_len}")
     gen = torch.Generator().manual_seed(seed)
     sites = input_sites(model)
-    pools: dict[str, list[torch.Tensor]] = {n: [] for n in sites}
-    neffs: dict[str, list[torch.Tensor]] = {n: [] for n in sites}
+    scales = {c: input_scales(model, c) for c in criteria}
+    pools = {c: {n: [] for n in sites} for c in criteria}
+    neffs = {c: {n: [] for n in sites} for c in criteria}
     per_window = max(1, SAMPLE_PER_INPUT // samples)
     layers = decoder_layers(model)
     layer_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -215,10 +251,12 @@ def collect_statistics(model, token_ids: list[int], seq_len: int = 512, samples:
     def hook(name):
         def pre(mod, args):
             x = args[0].detach()
-            a = x.abs().reshape(-1).float().cpu()
-            idx = torch.randint(0, a.numel(), (min(per_window, a.numel()),), generator=gen)
-            pools[name].append(a[idx])
-            neffs[name].append(effective_count(x).reshape(-1).double().cpu())
+            idx = torch.randint(0, x.numel(), (min(per_window, x.numel()),), generator=gen)
+            for c in criteria:
+                sc = scales[c]
+                score = x.abs() if sc is None else (x * sc[name].to(x.dtype)).abs()
+                pools[c][name].append(score.reshape(-1).float().cpu()[idx])
+                neffs[c][name].append(effective_count(score).reshape(-1).double().cpu())
         return pre
 
     def layer_hook(i):
@@ -232,6 +270,7 @@ def collect_statistics(model, token_ids: list[int], seq_len: int = 512, samples:
     handles = [s.hook.register_forward_pre_hook(hook(n)) for n, s in sites.items()]
     handles += [layer.register_forward_pre_hook(layer_hook(i)) for i, layer in enumerate(layers)]
     starts = torch.randint(0, len(token_ids) - seq_len, (samples,), generator=gen).tolist()
+    windows = [list(token_ids[s:s + seq_len]) for s in starts]
     it = starts
     if progress:
         from tqdm import tqdm
@@ -244,32 +283,61 @@ def collect_statistics(model, token_ids: list[int], seq_len: int = 512, samples:
     finally:
         for h in handles:
             h.remove()
-    stats = {n: InputStats(sites[n].width, sites[n].weights, torch.cat(pools[n]).double().sort().values,
-                           torch.cat(neffs[n])) for n in sites}
-    return CalibrationData(stats, layer_inputs, rope, seq_len, samples, seed)
+    by = {c: {n: InputStats(sites[n].width, sites[n].weights, torch.cat(pools[c][n]).double().sort().values,
+                            torch.cat(neffs[c][n])) for n in sites} for c in criteria}
+    return CalibrationData(by[criteria[0]], layer_inputs, rope, seq_len, samples, seed, criterion_stats=by,
+                           scales=scales, windows=windows)
 
 
 def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int = 512, samples: int = 16,
                          seed: int = 0, progress: bool = False, mode: str = "threshold", greedy: bool = False,
-                         greedy_step: float = 0.05, greedy_windows: int = 2, greedy_tokens: int = 256) -> Thresholds:
+                         greedy_step: float = 0.05, greedy_windows: int = 2, greedy_tokens: int = 256,
+                         criterion: str = "magnitude", sequential: bool = False,
+                         greedy_upstream: str = "dense", allocation: str | None = None) -> Thresholds:
     """Calibrate `mode` at each target sparsity from `samples` windows of `seq_len` tokens;
-    uniform allocation, or greedy per layer (see rarefy.sparsity.activation_greedy)."""
+    uniform allocation, or greedy per layer (see rarefy.sparsity.activation_greedy); entries
+    ranked by `criterion` (rarefy.sparsity.activation_criteria); with `sequential`, each
+    input's parameter comes from activations already sparsified upstream
+    (rarefy.sparsity.activation_sequential)."""
     check_mode(mode)
+    check_criterion(criterion)
     sparsities = check_sparsities(sparsities)
-    if greedy:
+    allocation = allocation or ("greedy" if greedy else "uniform")
+    if allocation not in ALLOCATIONS:
+        raise RarefyError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if allocation == "greedy":
         from rarefy.sparsity.activation_greedy import check_greedy_options
-        check_greedy_options(sparsities, greedy_step, greedy_windows, greedy_tokens)
+        check_greedy_options(sparsities, greedy_step, greedy_windows, greedy_tokens, greedy_upstream)
+    if allocation == "global":
+        from rarefy.sparsity.activation_global import DEFAULT_GRID, check_global_options
+        check_global_options(sparsities, DEFAULT_GRID)
     data = collect_statistics(model, token_ids, seq_len, samples, seed,
-                              keep_windows=min(greedy_windows, samples) if greedy else 0, progress=progress)
-    return calibrate_from_statistics(model, data, sparsities, mode, greedy, greedy_step, greedy_tokens, progress)
+                              keep_windows=min(greedy_windows, samples) if allocation != "uniform" else 0,
+                              progress=progress, criteria=(criterion,))
+    return calibrate_from_statistics(model, data, sparsities, mode, greedy_step=greedy_step,
+                                     greedy_tokens=greedy_tokens, progress=progress, criterion=criterion,
+                                     sequential=sequential, greedy_upstream=greedy_upstream, allocation=allocation)
 
 
 def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: str = "threshold",
                               greedy: bool = False, greedy_step: float = 0.05, greedy_tokens: int = 256,
-                              progress: bool = False) -> Thresholds:
+                              progress: bool = False, criterion: str = "magnitude",
+                              sequential: bool = False, sequential_windows: int | None = None,
+                              greedy_upstream: str = "dense", allocation: str | None = None,
+                              global_windows: int = 1, global_grid=None) -> Thresholds:
+    """Parameters per level and input from collected statistics. ``allocation``: "uniform",
+    "greedy" (rarefy.sparsity.activation_greedy) or "global" (rarefy.sparsity.activation_global);
+    None: greedy if ``greedy`` else uniform."""
     check_mode(mode)
+    check_criterion(criterion)
     sparsities = check_sparsities(sparsities)
-    names = list(data.stats)
+    allocation = allocation or ("greedy" if greedy else "uniform")
+    if allocation not in ALLOCATIONS:
+        raise RarefyError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    greedy = allocation == "greedy"
+    stats = data.stats_for(criterion) if data.criterion_stats else data.stats
+    scales = data.scales.get(criterion) if data.scales else input_scales(model, criterion)
+    names = list(stats)
     calibration = {"windows": data.samples, "seq_len": data.seq_len, "seed": data.seed}
     greedy_info: dict = {}
     if greedy:
@@ -277,17 +345,38 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
         if not data.layer_inputs or not data.layer_inputs[0]:
             raise RarefyError("greedy allocation needs layer inputs: collect_statistics(keep_windows > 0)")
         alloc, greedy_info = greedy_allocation(model, data, sparsities, mode, step=greedy_step,
-                                               tokens=greedy_tokens, seed=data.seed, progress=progress)
+                                               tokens=greedy_tokens, seed=data.seed, progress=progress,
+                                               stats=stats, scales=scales, upstream=greedy_upstream)
         per_input = {_key(s): alloc[j] for j, s in enumerate(sparsities)}
         calibration["greedy"] = {"step": greedy_step, "windows": len(data.layer_inputs[0]),
-                                 "tokens": greedy_info.pop("tokens")}
+                                 "tokens": greedy_info.pop("tokens"), "upstream": greedy_upstream}
+    elif allocation == "global":
+        from rarefy.sparsity.activation_global import DEFAULT_GRID, global_allocation
+        if not data.layer_inputs or not data.layer_inputs[0]:
+            raise RarefyError("global allocation needs layer inputs: collect_statistics(keep_windows > 0)")
+        alloc, greedy_info = global_allocation(model, data, sparsities, mode, stats, scales,
+                                               grid=global_grid or DEFAULT_GRID, windows=global_windows,
+                                               progress=progress)
+        per_input = {_key(s): alloc[j] for j, s in enumerate(sparsities)}
+        calibration["global"] = {"grid": greedy_info.pop("grid"), "windows": greedy_info.pop("windows")}
     else:
         per_input = {_key(s): {n: float(s) for n in names} for s in sparsities}
-    params = {lk: {n: data.stats[n].param(mode, sv) for n, sv in level.items()} for lk, level in per_input.items()}
-    inputs = {n: {"width": st.width, "weights": st.weights} for n, st in data.stats.items()}
+    if sequential:
+        from rarefy.sparsity.activation_sequential import sequential_params
+        if not data.windows:
+            raise RarefyError("sequential calibration needs the calibration windows (collect_statistics)")
+        windows = data.windows[:sequential_windows] if sequential_windows else data.windows
+        params = sequential_params(model, windows, per_input, mode, scales, seed=data.seed, progress=progress)
+        calibration["sequential"] = {"windows": len(windows)}
+    else:
+        params = {lk: {n: stats[n].param(mode, sv) for n, sv in level.items()} for lk, level in per_input.items()}
+    inputs = {n: {"width": st.width, "weights": st.weights} for n, st in stats.items()}
+    if scales is not None:
+        for n, v in scale_summary(scales).items():
+            inputs[n]["scale_norm"] = v
     return Thresholds(sparsities, params if mode == "threshold" else {}, model_signature(model), mode=mode,
-                      allocation="greedy" if greedy else "uniform", params=params, input_sparsity=per_input,
-                      inputs=inputs, calibration=calibration, greedy=greedy_info)
+                      allocation=allocation, params=params, input_sparsity=per_input,
+                      inputs=inputs, calibration=calibration, greedy=greedy_info, criterion=criterion)
 
 
 # -- applying ---------------------------------------------------------------------------
@@ -300,6 +389,7 @@ def sparsify_activations(model, rule):
     if not isinstance(rule, LevelRule):
         rule = LevelRule("threshold", rule)
     check_mode(rule.mode)
+    scales = input_scales(model, rule.criterion)
     sites = input_sites(model)
     missing = [n for n in sites if n not in rule.params]
     if missing:
@@ -312,11 +402,13 @@ def sparsify_activations(model, rule):
     counts = {n: [0, 0] for n in sites}
 
     def hook(name, width, param):
+        scale = None if scales is None else scales[name]
+
         def pre(mod, args):
             x = args[0]
             if x.shape[-1] != width:
                 raise RarefyError(f"input {name} has width {x.shape[-1]}, expected {width}")
-            y, dropped = apply_rule(rule.mode, param, x)
+            y, dropped = apply_rule(rule.mode, param, x, scale)
             counts[name][0] += int(dropped)
             counts[name][1] += x.numel()
             return (y,) + tuple(args[1:])
@@ -368,8 +460,8 @@ def measure_levels(model, token_ids: list[int], th: Thresholds, seq_len: int = 5
 # -- file -------------------------------------------------------------------------------
 
 def save_thresholds(th: Thresholds, path: str | os.PathLike) -> None:
-    data = {"format": FORMAT, "version": VERSION, "mode": th.mode, "allocation": th.allocation,
-            "model": th.model, "sparsities": th.sparsities}
+    data = {"format": FORMAT, "version": VERSION, "mode": th.mode, "criterion": th.criterion,
+            "allocation": th.allocation, "model": th.model, "sparsities": th.sparsities}
     if th.mode == "threshold":
         data["thresholds"] = th.thresholds
     else:
@@ -420,6 +512,11 @@ def _parse(data: dict, path) -> Thresholds:
         raise RarefyError(f"{path}: unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     if version == 1 and mode != "threshold":
         raise RarefyError(f"{path}: version 1 files hold thresholds only, not {mode!r}")
+    criterion = data.get("criterion", "magnitude")
+    if criterion not in CRITERIA:
+        raise RarefyError(f"{path}: unknown criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+    if version < 3 and criterion != "magnitude":
+        raise RarefyError(f"{path}: version {version} files use the magnitude criterion only, not {criterion!r}")
     sparsities = data["sparsities"]
     if not isinstance(sparsities, list):
         raise RarefyError(f"{path}: 'sparsities' must be a list")
@@ -448,7 +545,7 @@ def _parse(data: dict, path) -> Thresholds:
     return Thresholds(sparsities, params if mode == "threshold" else {}, data.get("model", {}), mode=mode,
                       allocation=allocation, params=params, input_sparsity=per_input, inputs=inputs,
                       calibration=data.get("calibration", {}), greedy=data.get("greedy", {}),
-                      measured=data.get("measured", {}), version=version)
+                      measured=data.get("measured", {}), version=version, criterion=criterion)
 
 
 def _levels(table, sparsities, path, what, check) -> dict[str, dict[str, float]]:
@@ -482,3 +579,8 @@ def _check_model(th: Thresholds, model, path) -> None:
         if width != sites[n].width:
             raise RarefyError(f"{path}: input {n} has width {width} in the file, {sites[n].width} in this model "
                               "(mismatched shapes)")
+    if th.criterion != "magnitude":
+        stored = {n: info["scale_norm"] for n, info in th.inputs.items()
+                  if isinstance(info, dict) and isinstance(info.get("scale_norm"), (int, float))}
+        if stored:
+            check_scales(stored, input_scales(model, th.criterion), path)

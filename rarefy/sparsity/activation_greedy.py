@@ -26,6 +26,12 @@ For every target the recorded allocation's error is compared with uniform alloca
 inputs at T) on the same tokens; if uniform is better, the layer keeps uniform for that target
 (reported as ``uniform_kept``). Only the stage of the layer downstream of the changed input is
 recomputed for each candidate.
+
+With ``upstream="sparse"`` the search runs once per target instead of once for all, on the
+layer inputs that the model produces with every earlier layer sparsified by its allocation
+for that target (the windows are carried from layer to layer); the error is still this
+layer's, against its own output with no sparsity in it, on those inputs. It costs about
+(sum of targets) / (largest target) times the dense-input search.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ from rarefy.errors import RarefyError
 from rarefy.sparsity.activation_modes import apply_rule
 
 CAP = 0.99  # highest sparsity the greedy search gives one input
+UPSTREAM = ("dense", "sparse")  # the layer inputs the search runs on
 _EPS = 1e-9
 
 
-def check_greedy_options(sparsities, step: float, windows: int, tokens: int) -> None:
+def check_greedy_options(sparsities, step: float, windows: int, tokens: int, upstream: str = "dense") -> None:
+    if upstream not in UPSTREAM:
+        raise RarefyError(f"greedy upstream must be one of {', '.join(UPSTREAM)}, got {upstream!r}")
     if not 0.0 < step <= 0.25:
         raise RarefyError(f"greedy step must be in (0, 0.25], got {step}")
     if windows < 1 or tokens < 1:
@@ -55,10 +64,13 @@ class _Stop(Exception):
 class _LayerProbe:
     """The layer split into four stages, one per input, each recomputable from its input on."""
 
-    def __init__(self, layer, hs, sites, names, data, mode, token_idx):
-        """names: the layer's four input names in INPUT_NAMES order; hs: its dense inputs."""
+    def __init__(self, layer, hs, sites, names, data, mode, token_idx, stats=None, scales=None):
+        """names: the layer's four input names in INPUT_NAMES order; hs: its dense inputs;
+        stats / scales: the criterion's statistics and per-channel scales (None: magnitude)."""
         self.layer, self.mode = layer, mode
-        self.stats = [data.stats[n] for n in names]
+        stats = data.stats if stats is None else stats
+        self.stats = [stats[n] for n in names]
+        self.scales = [None if scales is None else scales[n] for n in names]
         self.o_proj, self.down = sites[names[1]].hook, sites[names[3]].hook
         self.hs, self.rope = hs, data.rope
         self.token_idx = token_idx
@@ -83,7 +95,7 @@ class _LayerProbe:
         key = (j, round(s, 9))
         if key not in self._params:
             self._params[key] = self.stats[j].param(self.mode, s)
-        return apply_rule(self.mode, self._params[key], x)[0]
+        return apply_rule(self.mode, self._params[key], x, self.scales[j])[0]
 
     def _run_until(self, mod, fn):
         self._capture = (mod, [])
@@ -105,6 +117,20 @@ class _LayerProbe:
             o = self._run_until(self.o_proj, lambda: self.layer.self_attn(xa, cos, sin, pos, None, None, None))
             outs.append(o.reshape(-1, o.shape[-1]))
         return torch.cat(outs)[self.token_idx]
+
+    def full_outputs(self, s):
+        """The layer's output on every window with input sparsities s (to feed the next layer)."""
+        mods = [self.layer.self_attn, self.o_proj, self.layer.mlp, self.down]
+
+        def hook(j):
+            return lambda mod, args: (self._op(j, s[j], args[0]),) + tuple(args[1:])
+
+        handles = [m.register_forward_pre_hook(hook(j)) for j, m in enumerate(mods)]
+        try:
+            return [self.layer(h, cos, sin, pos, None, None, None) for h, (cos, sin, pos) in zip(self.hs, self.rope)]
+        finally:
+            for h in handles:
+                h.remove()
 
     def run(self, s, start=0, cache=None):
         """Layer output on the token subset with input sparsities s; recomputes from stage
@@ -128,13 +154,13 @@ def _error(out, ref, ref_sq) -> float:
 
 @torch.no_grad()
 def greedy_allocation(model, data, sparsities, mode: str, step: float = 0.05, tokens: int = 256,
-                      seed: int = 0, progress: bool = False):
+                      seed: int = 0, progress: bool = False, stats=None, scales=None, upstream: str = "dense"):
     """Per target, {input name: sparsity} over all layers; and a report
     {"error": {level: {"greedy": [per layer], "uniform": [per layer]}}, "uniform_kept": {level: n},
      "tokens": tokens used per layer}."""
     from rarefy.sparsity.activation import INPUT_NAMES, _key, decoder_layers, input_sites
 
-    check_greedy_options(sparsities, step, 1, tokens)
+    check_greedy_options(sparsities, step, 1, tokens, upstream)
     targets = sorted(float(s) for s in sparsities)
     sites = input_sites(model)
     layers = decoder_layers(model)
@@ -149,13 +175,27 @@ def greedy_allocation(model, data, sparsities, mode: str, step: float = 0.05, to
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="greedy allocation", unit="layer", leave=False)
+    carried = [list(data.layer_inputs[0]) for _ in targets]  # upstream="sparse": inputs per target
     for i in it:
         names = [f"{i}.{n}" for n in INPUT_NAMES]
-        probe = _LayerProbe(layers[i], data.layer_inputs[i], sites, names, data, mode, token_idx)
-        try:
-            levels = _greedy_layer(probe, layers[i], [sites[n].weights for n in names], targets, step)
-        finally:
-            probe.close()
+        weights = [sites[n].weights for n in names]
+        if upstream == "dense":
+            probe = _LayerProbe(layers[i], data.layer_inputs[i], sites, names, data, mode, token_idx, stats, scales)
+            try:
+                levels = _greedy_layer(probe, layers[i], weights, targets, step)
+            finally:
+                probe.close()
+        else:
+            levels = []
+            for t_idx, t in enumerate(targets):
+                probe = _LayerProbe(layers[i], carried[t_idx], sites, names, data, mode, token_idx, stats, scales)
+                try:
+                    (s, err_g, err_u), = _greedy_layer(probe, layers[i], weights, [t], step)
+                    levels.append((s, err_g, err_u))
+                    if i + 1 < len(layers):
+                        carried[t_idx] = probe.full_outputs([t] * 4 if err_u < err_g else s)
+                finally:
+                    probe.close()
         for t_idx, t in enumerate(targets):
             s, err_g, err_u = levels[t_idx]
             report["error"][_key(t)]["greedy"].append(err_g)

@@ -54,30 +54,41 @@ def adaptive_counts(neff: torch.Tensor, scale: float, width: int) -> torch.Tenso
     return (neff * scale).round().clamp(1, width)
 
 
-def apply_rule(mode: str, param: float, x: torch.Tensor):
-    """(x with the dropped entries zeroed, number of dropped entries: int or 0-d tensor)."""
-    width = x.shape[-1]
+def apply_rule(mode: str, param: float, x: torch.Tensor, scale: torch.Tensor | None = None):
+    """(x with the dropped entries zeroed, number of dropped entries: int or 0-d tensor).
+
+    The rule ranks entries by |x| (criterion ``magnitude``) or, given ``scale`` (one positive
+    number per channel, criterion ``weighted``: rarefy.sparsity.activation_criteria), by
+    |x_i| * scale_i; the entries it drops are zeroed in x itself."""
+    score = x.abs() if scale is None else (x * scale.to(x.dtype)).abs()
+    keep, dropped = keep_mask(mode, param, score)
+    return (x if keep is None else x * keep), dropped
+
+
+def keep_mask(mode: str, param: float, score: torch.Tensor):
+    """(bool mask of the entries kept, or None when all are; number dropped), from scores >= 0."""
+    width = score.shape[-1]
     if mode == "threshold":
         if param <= 0.0:
-            return x, 0
-        keep = x.abs() >= param
-        return x * keep, (~keep).sum()
+            return None, 0
+        keep = score >= param
+        return keep, (~keep).sum()
     if mode == "topk":
         k = topk_count(param, width)
         if k >= width:
-            return x, 0
-        idx = x.abs().topk(k, dim=-1, sorted=False).indices
-        keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)
-        return x * keep, (width - k) * (x.numel() // width)
+            return None, 0
+        idx = score.topk(k, dim=-1, sorted=False).indices
+        keep = torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(-1, idx, True)
+        return keep, (width - k) * (score.numel() // width)
     if mode == "adaptive":
-        k = adaptive_counts(effective_count(x), param, width)  # float [...]
+        k = adaptive_counts(effective_count(score), param, width)  # float [...]
         kmax = int(k.max()) if k.numel() else width
         if kmax >= width and bool((k >= width).all()):
-            return x, 0
-        idx = x.abs().topk(kmax, dim=-1, sorted=True).indices
-        sel = torch.arange(kmax, device=x.device) < k.unsqueeze(-1).to(x.device)
-        keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, sel)
-        return x * keep, (~keep).sum()
+            return None, 0
+        idx = score.topk(kmax, dim=-1, sorted=True).indices
+        sel = torch.arange(kmax, device=score.device) < k.unsqueeze(-1).to(score.device)
+        keep = torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(-1, idx, sel)
+        return keep, (~keep).sum()
     raise RarefyError(f"unknown activation sparsity mode {mode!r}")
 
 

@@ -26,7 +26,7 @@ def test_calibrate_then_apply(tiny_model_dir, tmp_path):
         assert abs(info["measured"][s]["weighted"] - float(s)) < 0.1
         assert abs(info["measured"][s]["entries"] - float(s)) < 0.1
     saved = json.loads((out / "activation_thresholds.json").read_text())
-    assert saved["version"] == 2 and saved["measured"] == info["measured"]
+    assert saved["version"] == 3 and saved["measured"] == info["measured"]
 
     def ppl(*extra):
         r = run("eval", "ppl", "--model", tiny_model_dir, "--text", text, "--ctx", 32, "--chunks", 4, "--json", *extra)
@@ -97,3 +97,34 @@ def test_topk_and_adaptive_greedy_apply(tiny_model_dir, tmp_path):
     r = run("generate", "--model", tiny_model_dir, "--max-tokens", 3, "--activation-sparsity", tmp_path / "topk",
             "hello")
     assert r.exit_code == 0, r.output
+
+
+def test_weighted_sequential_calibrate_and_apply(tiny_model_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("Sparse activations skip weight columns. The quick brown fox jumps over the lazy dog. " * 300)
+    out = tmp_path / "weighted"
+    r = run("calibrate-activations", "--model", tiny_model_dir, "--calib", text, "--sparsity", "0.4",
+            "--criterion", "weighted", "--sequential", "--global", "--samples", 4, "--seq-len", 32, "--out", out,
+            "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (info["criterion"], info["sequential"], info["allocation"]) == ("weighted", True, "global")
+    assert abs(info["measured"]["0.4000"]["weighted"] - 0.4) < 0.1
+    saved = json.loads((out / "activation_thresholds.json").read_text())
+    assert saved["version"] == 3 and saved["criterion"] == "weighted"
+
+    def ppl(*extra):
+        r = run("eval", "ppl", "--model", tiny_model_dir, "--text", text, "--ctx", 32, "--chunks", 2, "--json", *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout.strip().splitlines()[-1])["ppl"]
+
+    assert ppl("--activation-sparsity", out) != ppl()
+    r = run("generate", "--model", tiny_model_dir, "--max-tokens", 3, "--activation-sparsity", out, "hello")
+    assert r.exit_code == 0, r.output
+    r = run("calibrate-activations", "--model", tiny_model_dir, "--calib", text, "--criterion", "norm",
+            "--out", tmp_path / "z")
+    assert r.exit_code != 0 and "--criterion must be one of magnitude, weighted" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "z").exists()
+    r = run("calibrate-activations", "--model", tiny_model_dir, "--calib", text, "--greedy", "--global",
+            "--out", tmp_path / "z")
+    assert r.exit_code != 0 and "choose one of --greedy and --global" in r.output

@@ -140,7 +140,8 @@ def test_file_round_trip_v2(tmp_path, mode):
     path = tmp_path / "thresholds.json"
     save_thresholds(th, path)
     data = json.loads(path.read_text())
-    assert data["version"] == 2 and data["mode"] == mode and data["allocation"] == "uniform"
+    assert data["version"] == 3 and data["mode"] == mode and data["allocation"] == "uniform"
+    assert data["criterion"] == "magnitude"
     assert data["input_sparsity"]["0.4000"]["1.down_in"] == 0.4
     assert data["inputs"]["0.mlp_in"] == {"width": 64, "weights": 2 * 64 * 160}
     back = load_thresholds(path, model)
@@ -220,7 +221,7 @@ def test_save_load_and_bad_input(tmp_path):
         with pytest.raises(RarefyError, match=match):
             load_thresholds(p, model if with_model else None)
 
-    broken(lambda d: d.update(version=3), "version 3")
+    broken(lambda d: d.update(version=4), "version 4")
     broken(lambda d: d.update(mode="bogus"), "unknown mode 'bogus'")
     broken(lambda d: d.update(allocation="random"), "unknown allocation")
     broken(lambda d: d.update(mode="topk"), "topk mode needs 'keep_fraction'")

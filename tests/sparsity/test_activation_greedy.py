@@ -93,3 +93,25 @@ def test_greedy_file_round_trip_and_bad_options(tmp_path, calibrated):
         calibrate_thresholds(model, ids, [0.5], seq_len=64, samples=2, greedy=True, greedy_step=0.0)
     with pytest.raises(RarefyError, match="needs layer inputs"):
         calibrate_from_statistics(model, collect_statistics(model, ids, seq_len=64, samples=1), [0.5], greedy=True)
+
+
+def test_greedy_on_sparse_upstream_inputs(calibrated):
+    """upstream="sparse": one search per target on inputs carried through the sparsified earlier
+    layers; the layer averages still hit the targets, and layer 0 (dense input either way)
+    gets the same allocation as the dense-input search."""
+    model, ids, data, out = calibrated
+    th = calibrate_from_statistics(model, data, TARGETS, "topk", greedy=True, greedy_step=0.1, greedy_tokens=96,
+                                   greedy_upstream="sparse")
+    assert th.calibration["greedy"]["upstream"] == "sparse"
+    weights = input_weights(model)
+    dense_input = out["topk"][0]
+    for s in TARGETS:
+        per_input = th.sparsity_of_inputs(s)
+        for layer in range(2):
+            names = [f"{layer}.{n}" for n in INPUT_NAMES]
+            avg = sum(weights[n] * per_input[n] for n in names) / sum(weights[n] for n in names)
+            assert avg == pytest.approx(s, abs=1e-6)
+        assert {n: v for n, v in per_input.items() if n.startswith("0.")} == pytest.approx(
+            {n: v for n, v in dense_input.sparsity_of_inputs(s).items() if n.startswith("0.")})
+    with pytest.raises(RarefyError, match="greedy upstream must be one of dense, sparse"):
+        calibrate_from_statistics(model, data, TARGETS, "topk", greedy=True, greedy_upstream="random")
