@@ -43,8 +43,9 @@ softmax with loads. E.g. (132 SMs, 8 KV heads, D = 128 bf16, tile 64): 32k conte
 batch 1 -> 32 splits of 1024 tokens (256 programs); 4k at batch 32 -> 1 split (256
 programs, no reduction kernel); 1k at batch 1 -> 16 splits of 64 tokens.
 
-For (b), ``tile_n`` is chosen so one K tile holds about 8192 values (``tile_n * head_dim``:
-64 tokens at D = 128, 16 KiB of bf16; 16..128 tokens; half that for an fp32 cache), and
+For (b), ``tile_n`` is chosen so one K tile holds 16 KiB (64 tokens at D = 128 for bf16/fp16,
+128 for int8/fp8, whose time per tile hardly depends on its bytes; 16..128 tokens; an 8-bit
+cache drops to 64 when 128-token tiles leave SMs without a program), and
 Triton's software pipeliner stages the K and V tiles through shared memory with cp.async.
 Each iteration's K/V addresses come from a block-table load in the same iteration (an
 indirect load), and Triton 3.6 gives the pipeline ``buffers = max(1, (num_stages - 1) // 2)``
@@ -52,10 +53,19 @@ K and V buffers (``num_stages`` 3 or 4: one buffer, i.e. no prefetch; 5: two, so
 tile is in flight while one is computed; 7: three; observed in sm_90 TTGIR). The plan takes
 enough buffers for ``IN_FLIGHT_BYTES`` (32 KiB) of K+V to be in flight per program while it
 computes on one tile: ``buffers = 1 + ceil(32 KiB / tile bytes)`` (at most 4), ``num_stages
-= 2 * buffers + 1``: 5 for bf16/fp16 at D 128 (32 KiB tiles), 7 for int8/fp8 (16.5 KiB).
+= 2 * buffers + 1``: 5 at D 128 (32 KiB bf16/fp16 tiles, 33 KiB int8/fp8 tiles).
 Two resident programs per SM then keep 64 KiB per SM in flight, about 2.5 µs of an
 H100 SM's share of DRAM bandwidth, well above the ~1 µs loaded latency. With the FMA path
 the loads are not staged (register loads; latency is hidden by resident programs).
+
+Quantized caches
+----------------
+``dot_dtype`` (default: the cache's for bf16/fp16, fp16 for int8/fp8, fp32 for an fp32 query
+or cache), ``convert`` ("bits": packed inline-PTX conversions for int8 and e4m3, the default
+on the fp16 dot path; "plain": Triton's casts) and ``qk_int8`` (int8 query, q.K^T as an int8
+MMA; off by default: 9x the output error for 1.05x) only change how an 8-bit tile reaches the
+tensor cores. On the H100 none of them moved the time by more than a few percent; the 8-bit
+kernel is latency-bound per tile (docs/results/attention.md).
 
 Shared memory estimate (``smem_bytes``, per program)
 ----------------------------------------------------
@@ -93,7 +103,7 @@ __all__ = ["DecodePlan", "plan_decode", "kv_storage_bytes", "MAX_SPLITS"]
 
 #: Most splits per sequence (bounds the partial-output workspace and the reduction).
 MAX_SPLITS = 256
-#: Target values (tile_n * head_dim) of one K tile per loop iteration.
+#: Target bf16-equivalent values (tile_n * head_dim * kv_bytes / 2) of one K tile: 16 KiB.
 TILE_VALUES = 8192
 #: K+V bytes each program keeps in flight (sets the pipeline depth).
 IN_FLIGHT_BYTES = 32 * 1024
