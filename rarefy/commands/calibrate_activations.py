@@ -39,6 +39,9 @@ def calibrate_activations(
     global_alloc: bool = typer.Option(False, "--global",
                                       help="allocate sparsity across all layers and inputs from each input's "
                                            "output-KL sensitivity curve (instead of --greedy's per-layer search)"),
+    global_tokens: int = typer.Option(128, "--global-tokens",
+                                      help="tokens of the first calibration window that --global's sensitivity "
+                                           "curves run on"),
     greedy_step: float = typer.Option(0.05, "--greedy-step", help="sparsity step of the greedy search"),
     greedy_windows: int = typer.Option(2, "--greedy-windows", help="calibration windows the greedy search uses"),
     greedy_tokens: int = typer.Option(256, "--greedy-tokens", help="tokens the greedy search measures error on"),
@@ -76,6 +79,8 @@ def calibrate_activations(
     if global_alloc:
         from rarefy.sparsity.activation_global import DEFAULT_GRID, check_global_options
         check_global_options(levels, DEFAULT_GRID)
+        if global_tokens < 2:
+            raise RarefyError(f"--global-tokens must be >= 2, got {global_tokens}")
     check_destination(out, model, overwrite)
     body = read_text_file(calib)
     loaded = load_for_cli(model, device, "auto", sparse="off")
@@ -84,7 +89,7 @@ def calibrate_activations(
                               progress=not as_json, mode=mode, greedy=greedy, greedy_step=greedy_step,
                               greedy_windows=greedy_windows, greedy_tokens=greedy_tokens, criterion=criterion,
                               sequential=sequential, greedy_upstream=greedy_upstream,
-                              allocation="global" if global_alloc else None)
+                              allocation="global" if global_alloc else None, global_tokens=global_tokens)
     # the sparsity actually reached, over all inputs, on calibration windows
     th.measured = measure_levels(loaded.model, ids, th, seq_len=seq_len, windows=min(samples, MEASURE_WINDOWS),
                                  seed=seed + 1)

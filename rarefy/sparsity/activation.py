@@ -293,7 +293,8 @@ def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int =
                          seed: int = 0, progress: bool = False, mode: str = "threshold", greedy: bool = False,
                          greedy_step: float = 0.05, greedy_windows: int = 2, greedy_tokens: int = 256,
                          criterion: str = "magnitude", sequential: bool = False,
-                         greedy_upstream: str = "dense", allocation: str | None = None) -> Thresholds:
+                         greedy_upstream: str = "dense", allocation: str | None = None,
+                         global_tokens: int | None = None) -> Thresholds:
     """Calibrate `mode` at each target sparsity from `samples` windows of `seq_len` tokens;
     uniform allocation, or greedy per layer (see rarefy.sparsity.activation_greedy); entries
     ranked by `criterion` (rarefy.sparsity.activation_criteria); with `sequential`, each
@@ -316,7 +317,8 @@ def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int =
                               progress=progress, criteria=(criterion,))
     return calibrate_from_statistics(model, data, sparsities, mode, greedy_step=greedy_step,
                                      greedy_tokens=greedy_tokens, progress=progress, criterion=criterion,
-                                     sequential=sequential, greedy_upstream=greedy_upstream, allocation=allocation)
+                                     sequential=sequential, greedy_upstream=greedy_upstream, allocation=allocation,
+                                     global_tokens=global_tokens)
 
 
 def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: str = "threshold",
@@ -324,7 +326,8 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
                               progress: bool = False, criterion: str = "magnitude",
                               sequential: bool = False, sequential_windows: int | None = None,
                               greedy_upstream: str = "dense", allocation: str | None = None,
-                              global_windows: int = 1, global_grid=None) -> Thresholds:
+                              global_windows: int = 1, global_grid=None,
+                              global_tokens: int | None = None) -> Thresholds:
     """Parameters per level and input from collected statistics. ``allocation``: "uniform",
     "greedy" (rarefy.sparsity.activation_greedy) or "global" (rarefy.sparsity.activation_global);
     None: greedy if ``greedy`` else uniform."""
@@ -356,9 +359,9 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
             raise RarefyError("global allocation needs layer inputs: collect_statistics(keep_windows > 0)")
         alloc, greedy_info = global_allocation(model, data, sparsities, mode, stats, scales,
                                                grid=global_grid or DEFAULT_GRID, windows=global_windows,
-                                               progress=progress)
+                                               tokens=global_tokens, progress=progress)
         per_input = {_key(s): alloc[j] for j, s in enumerate(sparsities)}
-        calibration["global"] = {"grid": greedy_info.pop("grid"), "windows": greedy_info.pop("windows")}
+        calibration["global"] = {k: greedy_info.pop(k) for k in ("grid", "windows", "tokens")}
     else:
         per_input = {_key(s): {n: float(s) for n in names} for s in sparsities}
     if sequential:

@@ -56,9 +56,10 @@ def _tail(layers, start, h, rope):
 
 
 @torch.no_grad()
-def sensitivity_curves(model, data, mode: str, stats, scales, grid, windows: int = 1,
+def sensitivity_curves(model, data, mode: str, stats, scales, grid, windows: int = 1, tokens: int | None = None,
                        progress: bool = False) -> dict[str, list[float]]:
-    """{input: [C_j(s) for s in grid]}: mean KL(dense || sparse) at the logits, input j alone."""
+    """{input: [C_j(s) for s in grid]}: mean KL(dense || sparse) at the logits, input j alone,
+    on the first `tokens` tokens (default all) of the first `windows` kept windows."""
     from rarefy.sparsity.activation import INPUT_NAMES, decoder_layers, input_sites
 
     sites = input_sites(model)
@@ -66,7 +67,12 @@ def sensitivity_curves(model, data, mode: str, stats, scales, grid, windows: int
     n_win = min(windows, len(data.layer_inputs[0]) if data.layer_inputs else 0)
     if n_win < 1:
         raise RarefyError("global allocation needs layer inputs: collect_statistics(keep_windows > 0)")
-    refs = [_logprobs(model, _tail(layers, 0, data.layer_inputs[0][w], data.rope[w])) for w in range(n_win)]
+    n = tokens or data.layer_inputs[0][0].shape[1]
+
+    def inputs(i, w):  # prefixes are exact: attention is causal
+        return data.layer_inputs[i][w][:, :n], tuple(r[:, :n] for r in data.rope[w])
+
+    refs = [_logprobs(model, _tail(layers, 0, *inputs(0, w))) for w in range(n_win)]
     names = [f"{i}.{n}" for i in range(len(layers)) for n in INPUT_NAMES]
     it = names
     if progress:
@@ -84,7 +90,7 @@ def sensitivity_curves(model, data, mode: str, stats, scales, grid, windows: int
             try:
                 kl = 0.0
                 for w in range(n_win):
-                    lp = _logprobs(model, _tail(layers, i, data.layer_inputs[i][w], data.rope[w]))
+                    lp = _logprobs(model, _tail(layers, i, *inputs(i, w)))
                     ref = refs[w]
                     kl += float((ref.exp() * (ref - lp)).sum(-1).mean())
             finally:
@@ -133,16 +139,17 @@ def allocate(curves: dict[str, list[float]], grid, weights: dict[str, int], targ
 
 
 def global_allocation(model, data, sparsities, mode: str, stats, scales, grid=DEFAULT_GRID, windows: int = 1,
-                      progress: bool = False):
+                      tokens: int | None = None, progress: bool = False):
     """Per target, {input: sparsity}; and a report with the curves and the predicted costs."""
     from rarefy.sparsity.activation import _key, input_weights
 
     grid = check_global_options(sparsities, grid)
-    curves = sensitivity_curves(model, data, mode, stats, scales, grid, windows, progress)
+    curves = sensitivity_curves(model, data, mode, stats, scales, grid, windows, tokens, progress)
     weights = input_weights(model)
     alloc = [allocate(curves, grid, weights, float(t)) for t in sparsities]
 
     report = {"grid": grid, "windows": min(windows, len(data.layer_inputs[0])),
+              "tokens": min(tokens or data.seq_len, data.layer_inputs[0][0].shape[1]),
               "predicted_cost": {_key(t): {"global": _total(curves, grid, a),
                                            "uniform": _total(curves, grid, {n: float(t) for n in curves})}
                                  for t, a in zip(sparsities, alloc)},
