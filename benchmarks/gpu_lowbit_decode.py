@@ -5,7 +5,10 @@ projections are quantized (lm_head and embeddings stay bf16, as `rarefy quantize
 default) and run through the fused Triton kernels (TernaryLinear / Int8Linear "fused" mode).
 Both sides use rarefy's Generator with CUDA graphs and torch.compile.
 
-    PYTHONPATH=. python3 benchmarks/gpu_lowbit_decode.py [--layers 32] [--formats ternary,int8]
+    PYTHONPATH=. python3 benchmarks/gpu_lowbit_decode.py [--layers 32] [--formats ternary,int8,ternary+int8head]
+
+q/k/v and gate/up are stacked into one low-bit launch each (fuse_projections), as the bf16
+model's are. "+int8head" also quantizes the lm_head to int8.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def weight_bytes(model) -> int:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--formats", default="ternary,int8")
+    ap.add_argument("--formats", default="ternary,int8,ternary+int8head")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true")
     a = ap.parse_args()
@@ -60,7 +63,12 @@ def main():
         del model
         torch.cuda.empty_cache()
         model = random_model(a.layers)
-        quantize_model(model, fmt)
+        body, _, head = fmt.partition("+")
+        quantize_model(model, body)
+        if head == "int8head":  # the lm_head too, int8 per output channel (1.05 GB -> 0.53 GB)
+            quantize_model(model, "int8", skip=())
+        elif head:
+            raise SystemExit(f"unknown format suffix {head!r} (known: +int8head)")
         set_lowbit_mode(model, "fused")
         nbytes = weight_bytes(model)
         try:

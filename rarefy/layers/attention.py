@@ -35,11 +35,16 @@ class Attention(nn.Module):
         self.eval_attention = None
 
     def fuse_projections(self) -> None:
-        """Replace q/k/v with one stacked projection (dense layers only)."""
+        """Replace q/k/v with one stacked projection (dense, or low-bit layers of one kind)."""
         if self.qkv_proj is not None:
             return
-        if all(isinstance(m, DenseLinear) for m in (self.q_proj, self.k_proj, self.v_proj)):
-            self.qkv_proj = fuse_dense([self.q_proj, self.k_proj, self.v_proj])
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        if all(isinstance(m, DenseLinear) for m in parts):
+            self.qkv_proj = fuse_dense(parts)
+        else:
+            from rarefy.layers.lowbit_linear import fuse_lowbit
+            self.qkv_proj = fuse_lowbit(parts)
+        if self.qkv_proj is not None:
             del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, positions, cache=None, kv_len=None, mask=None):

@@ -213,3 +213,49 @@ def set_lowbit_mode(model: nn.Module, mode: str, dtype: torch.dtype | None = Non
             m.set_mode(mode, dtype)
             n += 1
     return n
+
+
+def fuse_lowbit(layers: list[nn.Module]) -> _LowBitLinear | None:
+    """One low-bit layer whose output is the concatenation of `layers`' outputs (q/k/v or
+    gate/up), or None when they cannot be stacked (different classes, inputs, group sizes,
+    activation quantization, modes, or bias on some only).
+
+    Decode is memory-bound and these matrices are small: one launch over the stacked packed
+    weights reads the same bytes with one launch's fixed cost and a fuller grid. Ternary
+    layers quantized per tensor have one scale each; stacked, each row keeps its own layer's
+    scale, i.e. groups of the whole input row (group_size = in_features), which the kernels
+    and the checkpoint format already handle -- the product is unchanged.
+    """
+    first = layers[0]
+    cls = type(first)
+    if cls not in (TernaryLinear, Int8Linear) or any(type(m) is not cls for m in layers):
+        return None
+    same = ("in_features", "group_size", "act_quant", "mode")
+    if any(getattr(m, a) != getattr(first, a) for m in layers for a in same):
+        return None
+    if len({m.bias is None for m in layers}) != 1:
+        return None
+    out = sum(m.out_features for m in layers)
+    dev = first.weight_scale.device
+    if cls is TernaryLinear:
+        if first.group_size is None:
+            group = first.in_features
+            scales = [m.weight_scale.reshape(1, 1).expand(m.out_features, 1) for m in layers]
+        else:
+            group, scales = first.group_size, [m.weight_scale for m in layers]
+        try:
+            fused = TernaryLinear(first.in_features, out, group, first.bias is not None, first.act_quant)
+        except RarefyError:  # a group of the whole row the format refuses (odd in_features)
+            return None
+        fused.weight_ternary = torch.cat([m.weight_ternary for m in layers])
+        fused.weight_scale = torch.cat(scales).contiguous()
+    else:
+        fused = Int8Linear(first.in_features, out, first.group_size, first.bias is not None, first.act_quant)
+        fused.weight_int8 = torch.cat([m.weight_int8 for m in layers])
+        fused.weight_scale = torch.cat([m.weight_scale for m in layers])
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias for m in layers]), requires_grad=False)
+    fused.mode = first.mode
+    if first.weight_cache is not None:
+        fused.weight_cache = torch.cat([m.weight_cache for m in layers])
+    return fused.to(dev)

@@ -20,8 +20,13 @@ class MLP(nn.Module):
     def fuse_projections(self) -> None:
         if self.gate_up_proj is not None:
             return
-        if isinstance(self.gate_proj, DenseLinear) and isinstance(self.up_proj, DenseLinear):
-            self.gate_up_proj = fuse_dense([self.gate_proj, self.up_proj])
+        parts = [self.gate_proj, self.up_proj]
+        if all(isinstance(m, DenseLinear) for m in parts):
+            self.gate_up_proj = fuse_dense(parts)
+        else:
+            from rarefy.layers.lowbit_linear import fuse_lowbit
+            self.gate_up_proj = fuse_lowbit(parts)
+        if self.gate_up_proj is not None:
             del self.gate_proj, self.up_proj
 
     def forward(self, x):

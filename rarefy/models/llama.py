@@ -56,7 +56,7 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse_projections(self) -> None:
-        """Stack q/k/v and gate/up weights (dense layers only) for faster decode."""
+        """Stack q/k/v and gate/up weights (dense, or low-bit of one kind) for faster decode."""
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()

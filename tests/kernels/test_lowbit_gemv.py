@@ -335,11 +335,13 @@ def test_validation_errors():
 
 def test_plans_for_llama_shapes():
     """Heuristic sanity on the benchmark's shapes: M = 1 takes the fma path, batches the
-    tensor cores; split-K fills the 132 SMs of an H100; dot steps stay inside groups."""
+    tensor cores; batch 1 gives every SM of an H100 at least half a program's worth of rows
+    (the sweep's winners: no split-K where the grid is that full), batches fill the 132 SMs;
+    dot steps stay inside groups."""
     for n, k in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]:
         c1 = P.pick_ternary_config(1, n, k, None, "bf16")
         assert c1.path == "fma" and c1.block_u == 128
-        assert -(-n // c1.block_n) * c1.split_k >= 132
+        assert 2 * -(-n // c1.block_n) * c1.split_k >= 132
         c8 = P.pick_ternary_config(8, n, k, None, "bf16")
         assert c8.path == "dot" and c8.block_m == 16 and -(-n // c8.block_n) * c8.split_k >= 132
         assert P.pick_ternary_config(1, n, k, None, "int8", True).path == "dot"
@@ -396,7 +398,7 @@ for a, t in ins:
     if b and int(b.group(1), 16) < a:
         cand = [u for v, u in ins if int(b.group(1), 16) <= v <= a]
         body = cand if len(cand) > len(body) else body
-print(json.dumps(dict(path=cfg.path, regs=int(m.group(1)), stack=int(m.group(2)), loop=len(body),
+print(json.dumps(dict(path=cfg.path, block_n=cfg.block_n, prefetch=cfg.prefetch, regs=int(m.group(1)), stack=int(m.group(2)), loop=len(body),
                       bar=sum("BAR.SYNC" in t for t in body), ffma=sum(t.startswith("FFMA") for t in body))))
 '''
 
@@ -424,8 +426,10 @@ def test_compiles_for_sm90(kind, M):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["stack"] == 0 and got["regs"] <= 255, got
     if kind == "ternary" and M == 1:
-        weights = 16 * 16  # block_n rows x one 16-weight word per thread and step
-        assert got["bar"] == 0 and got["ffma"] == weights and got["loop"] <= 2.8 * weights, got
+        weights = got["block_n"] * 16  # block_n rows x one 16-weight word per thread and step
+        # ~2.6 instructions a weight; the 8-row tile with register prefetch (the H100 sweep's
+        # winner, faster despite the count) spends ~3.0
+        assert got["bar"] == 0 and got["ffma"] == weights and got["loop"] <= 3.1 * weights, got
     if kind == "int8":
         assert got["bar"] <= 2, got
 

@@ -3,9 +3,11 @@
 Pure Python (no Triton import): the benchmark's sweep builds configs from here, the
 launchers in ``triton_ternary`` / ``triton_int8`` turn them into grids.
 
-The defaults were chosen from sm_90 compiles (instruction counts per weight, registers,
-no layout conversion in the loop; docs/lowbit-kernels.md), not from H100 timings: the
-sweep in ``benchmarks/gpu_lowbit_gemv.py`` is there to refit them.
+The first defaults were chosen from sm_90 compiles (instruction counts per weight,
+registers, no layout conversion in the loop; docs/lowbit-kernels.md). The rules below were
+refitted to the H100 sweep of ``benchmarks/gpu_lowbit_gemv.py`` (2026-11-23, Llama-3-8B
+shapes, docs/results/lowbit-gpu.md): batch 1 wants no split-K and 8-row ternary tiles where
+the grid is already full, and register prefetch only when there are few tiles per SM.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def pick_ternary_config(M: int, N: int, K: int, group_size: int | None, x_dtype:
     (bf16/fp16) and int8 activations -> dot (~2.2 a weight at block_n 128); fp32
     activations and shapes the dot path cannot take -> fma with one program per x row.
     """
-    dot = ternary_dot_shape(K, group_size, act_int8)
+    dot = ternary_dot_shape(K, group_size, act_int8, block_u=32)
     use_dot = dot is not None and (act_int8 or (M >= 2 and x_dtype in ("bf16", "fp16")))
     if use_dot:
         bu, ppd = dot
@@ -149,7 +151,13 @@ def pick_ternary_config(M: int, N: int, K: int, group_size: int | None, x_dtype:
         block_n = 128 if N >= 2048 else 64
         tiles = cdiv(N, block_n) * cdiv(M, block_m)
         steps = cdiv(K // 16, bu)
-        split = _split_for(tiles, steps, num_sms)
+        # H100 sweep, M = 8: 32-word steps and ~2 programs per SM (4096x4096: 8.3 against 10.4 µs
+        # with 16-word steps; 14336x4096: 4 splits 18.4 against 2 splits 23.0 µs)
+        split = _split_for(tiles, steps, 2 * num_sms)
+        if tiles * split < num_sms and bu > 16:  # short K: halve the step to split further (1024x4096)
+            bu, ppd = ternary_dot_shape(K, group_size, act_int8, block_u=16)
+            steps = cdiv(K // 16, bu)
+            split = _split_for(tiles, steps, 2 * num_sms)
         return TernaryConfig("dot", block_n, bu, split, block_m, ppd, num_warps=4, num_stages=2)
     units = K // 16 if ternary_word_path(K, group_size) else cdiv(K, 4)
     num_warps = 4
@@ -157,15 +165,14 @@ def pick_ternary_config(M: int, N: int, K: int, group_size: int | None, x_dtype:
     while block_u > 32 and block_u // 2 >= units:
         block_u //= 2
         num_warps = max(1, num_warps // 2)
-    block_n = 16
+    # H100 sweep, M = 1: 8 rows per program and no split wherever that gives at least half an
+    # SM's worth of programs (4096x4096 5.8 against 7.0 µs; 1024x4096 4.0 against 4.4; 4096x14336
+    # 13.0 against 14.5); 16 rows for very tall matrices (14336x4096: 12.0 against 13.0)
+    block_n = 16 if N >= 8192 else 8
     steps = cdiv(units, block_u)
     tiles = cdiv(N, block_n)
-    split = _split_for(tiles, steps, 3 * num_sms)
-    if tiles * split < num_sms and N > 8:
-        block_n = 8
-        tiles = cdiv(N, block_n)
-        split = _split_for(tiles, steps, 3 * num_sms)
-    prefetch = cdiv(steps, split) >= 2
+    split = 1 if 2 * tiles >= num_sms else _split_for(tiles, steps, num_sms)
+    prefetch = cdiv(steps, split) >= 2 and block_n == 8
     return TernaryConfig("fma", block_n, block_u, split, 1, 1, num_warps, 1, prefetch)
 
 
@@ -191,11 +198,14 @@ def pick_int8_config(M: int, N: int, K: int, group_size: int | None, x_dtype: st
         block_k //= 2
         num_warps = max(1, num_warps // 2)
     fold = 16 if group_size is None else _pow2_divisor(group_size, 16)
-    block_n = 4
+    # H100 sweep, M = 1: no split, 4 rows per program (2 when that leaves under two programs
+    # per SM), register prefetch only with few tiles per SM (4096x4096: 8.4 against 11.4 µs
+    # with it; 1024x4096: 2 rows + prefetch 4.6 against 5.4)
+    block_n = 4 if cdiv(N, 4) >= 2 * num_sms else 2
     steps = cdiv(K, block_k)
     tiles = cdiv(N, block_n)
-    split = _split_for(tiles, steps, 2 * num_sms)
-    prefetch = cdiv(steps, split) >= 2
+    split = _split_for(tiles, steps, num_sms)
+    prefetch = cdiv(steps, split) >= 2 and tiles < 4 * num_sms
     return Int8Config("fma", block_n, block_k, split, 1, fold, num_warps, 1, prefetch)
 
 
