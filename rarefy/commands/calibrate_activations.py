@@ -39,9 +39,17 @@ def calibrate_activations(
     global_alloc: bool = typer.Option(False, "--global",
                                       help="allocate sparsity across all layers and inputs from each input's "
                                            "output-KL sensitivity curve (instead of --greedy's per-layer search)"),
-    global_tokens: int = typer.Option(128, "--global-tokens",
+    global_method: str = typer.Option("fisher", "--global-method",
+                                      help="--global's sensitivity curves: fisher (second-order estimate from a few "
+                                           "backward passes, about a minute) or kl (measured, one partial forward "
+                                           "pass per input and grid point)"),
+    global_refine: int = typer.Option(0, "--global-refine",
+                                      help="re-estimate --global's curves N times, each level at its own operating "
+                                           "point (every input sparsified by the previous allocation); fisher only"),
+    global_tokens: int = typer.Option(0, "--global-tokens",
                                       help="tokens of the first calibration window that --global's sensitivity "
-                                           "curves run on"),
+                                           "curves run on (0: the whole window; 128 keeps --global-method kl "
+                                           "affordable)"),
     greedy_step: float = typer.Option(0.05, "--greedy-step", help="sparsity step of the greedy search"),
     greedy_windows: int = typer.Option(2, "--greedy-windows", help="calibration windows the greedy search uses"),
     greedy_tokens: int = typer.Option(256, "--greedy-tokens", help="tokens the greedy search measures error on"),
@@ -79,8 +87,12 @@ def calibrate_activations(
     if global_alloc:
         from rarefy.sparsity.activation_global import DEFAULT_GRID, check_global_options
         check_global_options(levels, DEFAULT_GRID)
-        if global_tokens < 2:
-            raise RarefyError(f"--global-tokens must be >= 2, got {global_tokens}")
+        if global_refine < 0 or (global_refine and global_method != "fisher"):
+            raise RarefyError("--global-refine takes N >= 0, with --global-method fisher")
+        if global_method not in ("fisher", "kl"):
+            raise RarefyError(f"--global-method must be fisher or kl, got {global_method!r}")
+        if global_tokens == 1 or global_tokens < 0:
+            raise RarefyError(f"--global-tokens must be 0 (whole window) or >= 2, got {global_tokens}")
     check_destination(out, model, overwrite)
     body = read_text_file(calib)
     loaded = load_for_cli(model, device, "auto", sparse="off")
@@ -89,7 +101,8 @@ def calibrate_activations(
                               progress=not as_json, mode=mode, greedy=greedy, greedy_step=greedy_step,
                               greedy_windows=greedy_windows, greedy_tokens=greedy_tokens, criterion=criterion,
                               sequential=sequential, greedy_upstream=greedy_upstream,
-                              allocation="global" if global_alloc else None, global_tokens=global_tokens)
+                              allocation="global" if global_alloc else None, global_tokens=global_tokens or None,
+                              global_method=global_method, global_refine=global_refine)
     # the sparsity actually reached, over all inputs, on calibration windows
     th.measured = measure_levels(loaded.model, ids, th, seq_len=seq_len, windows=min(samples, MEASURE_WINDOWS),
                                  seed=seed + 1)

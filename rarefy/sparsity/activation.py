@@ -294,7 +294,8 @@ def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int =
                          greedy_step: float = 0.05, greedy_windows: int = 2, greedy_tokens: int = 256,
                          criterion: str = "magnitude", sequential: bool = False,
                          greedy_upstream: str = "dense", allocation: str | None = None,
-                         global_tokens: int | None = None) -> Thresholds:
+                         global_tokens: int | None = None, global_method: str = "fisher",
+                         global_refine: int = 0) -> Thresholds:
     """Calibrate `mode` at each target sparsity from `samples` windows of `seq_len` tokens;
     uniform allocation, or greedy per layer (see rarefy.sparsity.activation_greedy); entries
     ranked by `criterion` (rarefy.sparsity.activation_criteria); with `sequential`, each
@@ -318,7 +319,8 @@ def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int =
     return calibrate_from_statistics(model, data, sparsities, mode, greedy_step=greedy_step,
                                      greedy_tokens=greedy_tokens, progress=progress, criterion=criterion,
                                      sequential=sequential, greedy_upstream=greedy_upstream, allocation=allocation,
-                                     global_tokens=global_tokens)
+                                     global_tokens=global_tokens, global_method=global_method,
+                                     global_refine=global_refine)
 
 
 def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: str = "threshold",
@@ -327,7 +329,8 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
                               sequential: bool = False, sequential_windows: int | None = None,
                               greedy_upstream: str = "dense", allocation: str | None = None,
                               global_windows: int = 1, global_grid=None,
-                              global_tokens: int | None = None) -> Thresholds:
+                              global_tokens: int | None = None, global_method: str = "fisher",
+                              global_refine: int = 0) -> Thresholds:
     """Parameters per level and input from collected statistics. ``allocation``: "uniform",
     "greedy" (rarefy.sparsity.activation_greedy) or "global" (rarefy.sparsity.activation_global);
     None: greedy if ``greedy`` else uniform."""
@@ -359,9 +362,10 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
             raise RarefyError("global allocation needs layer inputs: collect_statistics(keep_windows > 0)")
         alloc, greedy_info = global_allocation(model, data, sparsities, mode, stats, scales,
                                                grid=global_grid or DEFAULT_GRID, windows=global_windows,
-                                               tokens=global_tokens, progress=progress)
+                                               tokens=global_tokens, progress=progress, method=global_method,
+                                               refine=global_refine)
         per_input = {_key(s): alloc[j] for j, s in enumerate(sparsities)}
-        calibration["global"] = {k: greedy_info.pop(k) for k in ("grid", "windows", "tokens")}
+        calibration["global"] = {k: greedy_info.pop(k) for k in ("grid", "method", "refine", "windows", "tokens")}
     else:
         per_input = {_key(s): {n: float(s) for n in names} for s in sparsities}
     if sequential:

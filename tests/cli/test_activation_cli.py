@@ -104,8 +104,8 @@ def test_weighted_sequential_calibrate_and_apply(tiny_model_dir, tmp_path):
     text.write_text("Sparse activations skip weight columns. The quick brown fox jumps over the lazy dog. " * 300)
     out = tmp_path / "weighted"
     r = run("calibrate-activations", "--model", tiny_model_dir, "--calib", text, "--sparsity", "0.4",
-            "--criterion", "weighted", "--sequential", "--global", "--samples", 4, "--seq-len", 32, "--out", out,
-            "--json")
+            "--criterion", "weighted", "--sequential", "--global", "--global-refine", 1, "--samples", 4,
+            "--seq-len", 32, "--out", out, "--json")
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert (info["criterion"], info["sequential"], info["allocation"]) == ("weighted", True, "global")

@@ -8,7 +8,7 @@ import torch
 from rarefy.errors import RarefyError
 from rarefy.sparsity.activation import (calibrate_from_statistics, collect_statistics, input_weights,
                                         load_thresholds, save_thresholds, sparsify_activations, sparsity_report)
-from rarefy.sparsity.activation_global import _hull, allocate
+from rarefy.sparsity.activation_global import _hull, allocate, fisher_curves, sensitivity_curves
 
 from test_activation import _held_out, _model, _tokens
 
@@ -27,15 +27,16 @@ def test_hull_and_allocation_on_known_curves():
         allocate(curves, grid, w, 0.8)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "weighted"])
-def test_global_allocation_hits_the_average_and_held_out_sparsity(criterion):
+@pytest.mark.parametrize("criterion,method", [("magnitude", "kl"), ("weighted", "fisher")])
+def test_global_allocation_hits_the_average_and_held_out_sparsity(criterion, method):
     torch.set_num_threads(1)
     model = _model()
     data = collect_statistics(model, _tokens(4000, 1), seq_len=128, samples=16, keep_windows=1,
                               criteria=(criterion,))
     th = calibrate_from_statistics(model, data, [0.25, 0.5], "threshold", criterion=criterion, allocation="global",
-                                   global_grid=(0.2, 0.4, 0.6, 0.8))
+                                   global_grid=(0.2, 0.4, 0.6, 0.8), global_method=method)
     assert th.allocation == "global" and th.calibration["global"]["grid"] == [0.2, 0.4, 0.6, 0.8]
+    assert th.calibration["global"]["method"] == method
     w = input_weights(model)
     for s in (0.25, 0.5):
         per_input = th.sparsity_of_inputs(s)
@@ -47,6 +48,39 @@ def test_global_allocation_hits_the_average_and_held_out_sparsity(criterion):
             model(_held_out())
         report = sparsity_report(counts, model)
         assert abs(report["weighted"] - s) < 0.02, (s, report)
+
+
+def test_fisher_estimate_follows_the_measured_kl():
+    torch.set_num_threads(1)
+    model = _model()
+    data = collect_statistics(model, _tokens(3000, 1), seq_len=128, samples=8, keep_windows=1)
+    grid = (0.2, 0.4, 0.6, 0.8)
+    exact = sensitivity_curves(model, data, "topk", data.stats, None, grid)
+    approx = fisher_curves(model, data, "topk", data.stats, None, grid, samples=8)
+    for name in exact:
+        for k in (2, 3):  # where the costs are large enough to compare
+            assert 0.5 < approx[name][k] / exact[name][k] < 2.0, (name, exact[name], approx[name])
+    # the ranking of the inputs at the largest grid point is kept
+    order = sorted(exact, key=lambda n: exact[n][3])
+    assert sorted(exact, key=lambda n: approx[n][3])[-2:] == order[-2:]
+
+
+def test_refined_global_allocation_at_its_operating_point():
+    """refine=1: each target's curves re-estimated with the model sparsified by its first
+    allocation; the average is still the target."""
+    torch.set_num_threads(1)
+    model = _model()
+    data = collect_statistics(model, _tokens(3000, 1), seq_len=128, samples=8, keep_windows=1)
+    kw = dict(allocation="global", global_grid=(0.2, 0.4, 0.6, 0.8))
+    first = calibrate_from_statistics(model, data, [0.5], "threshold", **kw)
+    refined = calibrate_from_statistics(model, data, [0.5], "threshold", global_refine=1, **kw)
+    assert refined.calibration["global"]["refine"] == 1
+    w = input_weights(model)
+    per_input = refined.sparsity_of_inputs(0.5)
+    assert sum(w[n] * v for n, v in per_input.items()) / sum(w.values()) == pytest.approx(0.5, abs=1e-9)
+    assert set(per_input) == set(first.sparsity_of_inputs(0.5))
+    with pytest.raises(RarefyError, match="needs --global-method fisher"):
+        calibrate_from_statistics(model, data, [0.5], "threshold", global_refine=1, global_method="kl", **kw)
 
 
 def test_global_file_round_trip_and_bad_input(tmp_path):
@@ -61,6 +95,8 @@ def test_global_file_round_trip_and_bad_input(tmp_path):
         calibrate_from_statistics(model, data, [0.7], "topk", allocation="global", global_grid=(0.3, 0.6))
     with pytest.raises(RarefyError, match="grid must hold sparsities in"):
         calibrate_from_statistics(model, data, [0.4], "topk", allocation="global", global_grid=(0.5, 1.0))
+    with pytest.raises(RarefyError, match="unknown sensitivity method 'exact'"):
+        calibrate_from_statistics(model, data, [0.4], "topk", allocation="global", global_method="exact")
     with pytest.raises(RarefyError, match="unknown allocation 'best'"):
         calibrate_from_statistics(model, data, [0.4], "topk", allocation="best")
     with pytest.raises(RarefyError, match="needs layer inputs"):
