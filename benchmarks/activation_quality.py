@@ -1,7 +1,15 @@
 """Perplexity of the embedded model with activation sparsity: every mode (threshold, topk,
-adaptive) with uniform and greedy allocation, all in one run.
+adaptive), criterion (magnitude |x|, weighted |x| * column norm) and allocation (uniform,
+greedy), all in one run.
 
     python3 benchmarks/activation_quality.py [--chunks 8] [--out docs/results/activation-sparsity.md]
+
+A configuration is ``mode:allocation`` (allocation uniform, greedy or global) followed by
+options: ``weighted`` (criterion), ``seq`` (sequential calibration: thresholds from
+activations already sparsified upstream),
+``up`` (greedy searched on inputs with the earlier layers sparsified), ``refine`` (global
+allocation re-estimated once at its own operating point), e.g.
+``threshold:greedy:weighted:seq``.
 
 Calibration statistics come from windows of the second half of WikiText-2 valid (one dense
 pass shared by all configurations); perplexity is measured on the first chunks of the first
@@ -29,7 +37,30 @@ from rarefy.sparsity.activation import (calibrate_from_statistics, collect_stati
                                         sparsify_activations, sparsity_report)
 
 VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
-CONFIGS = [("threshold", False), ("threshold", True), ("topk", False), ("topk", True), ("adaptive", False)]
+# in order of priority: the report is rewritten after every configuration, so a run cut short
+# keeps the first ones
+CONFIGS = ["threshold:uniform", "threshold:global", "threshold:greedy", "threshold:uniform:weighted",
+           "threshold:uniform:seq", "threshold:global:refine", "threshold:greedy:weighted", "threshold:greedy:up",
+           "topk:uniform", "topk:greedy", "adaptive:uniform"]
+OPTIONS = ("weighted", "seq", "up", "refine")
+ALLOCS = ("uniform", "greedy", "global")
+
+
+def parse_config(text: str) -> dict:
+    parts = text.split(":")
+    if len(parts) < 2 or parts[1] not in ALLOCS or any(p not in OPTIONS for p in parts[2:]):
+        raise SystemExit(f"bad configuration {text!r}: mode:uniform|greedy|global[:weighted][:seq][:up][:refine]")
+    opts = set(parts[2:])
+    return {"mode": parts[0], "allocation": parts[1], "greedy": parts[1] == "greedy",
+            "criterion": "weighted" if "weighted" in opts else "magnitude", "sequential": "seq" in opts, "upstream": "sparse" if "up" in opts else "dense",
+            "refine": int("refine" in opts)}
+
+
+def config_name(c: dict) -> str:
+    return " ".join([c["mode"], c["criterion"], c["allocation"]]
+                    + (["sparse-upstream"] if c["upstream"] == "sparse" else [])
+                    + (["refined"] if c["refine"] else [])
+                    + (["sequential"] if c["sequential"] else []))
 TARGETS = {0.25: 0.03, 0.40: 0.12, 0.50: 0.30}  # issue 5: greedy + best mode, ppl increase at most
 
 
@@ -41,13 +72,19 @@ def main():
     ap.add_argument("--greedy-windows", type=int, default=2)
     ap.add_argument("--greedy-tokens", type=int, default=256)
     ap.add_argument("--greedy-step", type=float, default=0.05)
-    ap.add_argument("--configs", default=",".join(f"{m}:{'greedy' if g else 'uniform'}" for m, g in CONFIGS))
+    ap.add_argument("--global-windows", type=int, default=1, help="windows the global sensitivity curves use")
+    ap.add_argument("--global-tokens", type=int, default=512, help="tokens of each of those windows")
+    ap.add_argument("--global-method", default="fisher", choices=("fisher", "kl"))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--sequential-windows", type=int, default=None,
+                    help="calibration windows of the sequential pass (default: all --samples)")
     ap.add_argument("--date", default=None, help="date written in the report (default: today)")
     ap.add_argument("--device-label", default="CPU, 2 cores")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json-out", default=None)
     a = ap.parse_args()
-    configs = [(c.split(":")[0], c.split(":")[1] == "greedy") for c in a.configs.split(",")]
+    configs = [parse_config(c) for c in a.configs.split(",")]
+    criteria = sorted({c["criterion"] for c in configs}, key=("magnitude", "weighted").index)
     t_start = time.perf_counter()
     loaded = load_model(None)
     model = loaded.model
@@ -55,7 +92,10 @@ def main():
     half = len(ids) // 2
     sparsities = [float(s) for s in a.sparsities.split(",")]
     t0 = time.perf_counter()
-    data = collect_statistics(model, ids[half:], seq_len=512, samples=a.samples, keep_windows=a.greedy_windows)
+    data = collect_statistics(model, ids[half:], seq_len=512, samples=a.samples,
+                              keep_windows=a.greedy_windows if any(c["allocation"] != "uniform" for c in configs)
+                              else 0,
+                              criteria=criteria)
     collect_s = time.perf_counter() - t0
     print(f"statistics: {collect_s:.0f} s", flush=True)
     eval_ids = ids[:half]
@@ -66,26 +106,37 @@ def main():
     decoder_w = sum(weights.values())
     head_w = model.lm_head.weight.numel()
     rows, calib = [], {}
-    for mode, greedy in configs:
-        name = f"{mode} {'greedy' if greedy else 'uniform'}"
+    for cfg in configs:
+        mode, greedy = cfg["mode"], cfg["greedy"]
+        name = config_name(cfg)
         t0 = time.perf_counter()
-        th = calibrate_from_statistics(model, data, sparsities, mode, greedy=greedy, greedy_step=a.greedy_step,
-                                       greedy_tokens=a.greedy_tokens)
+        th = calibrate_from_statistics(model, data, sparsities, mode, greedy_step=a.greedy_step,
+                                       greedy_tokens=a.greedy_tokens, criterion=cfg["criterion"],
+                                       sequential=cfg["sequential"], sequential_windows=a.sequential_windows,
+                                       greedy_upstream=cfg["upstream"], allocation=cfg["allocation"],
+                                       global_windows=a.global_windows, global_tokens=a.global_tokens,
+                                       global_method=a.global_method, global_refine=cfg["refine"])
         calib[name] = {"seconds": time.perf_counter() - t0}
+        if cfg["allocation"] == "global":
+            calib[name]["predicted"] = th.greedy["predicted_cost"]
+        if cfg["allocation"] != "uniform":
+            calib[name]["allocation"] = {
+                f"{s:.4f}": {inp: statistics.mean(v for n, v in th.sparsity_of_inputs(s).items() if n.endswith(inp))
+                             for inp in ("attn_in", "o_in", "mlp_in", "down_in")} for s in sparsities}
         if greedy:
             err = th.greedy["error"]
             calib[name]["error_ratio"] = {k: statistics.mean(g / u for g, u in zip(v["greedy"], v["uniform"]) if u > 0)
                                           for k, v in err.items()}
             calib[name]["uniform_kept"] = th.greedy["uniform_kept"]
-            calib[name]["allocation"] = {
-                f"{s:.4f}": {inp: statistics.mean(v for n, v in th.sparsity_of_inputs(s).items() if n.endswith(inp))
-                             for inp in ("attn_in", "o_in", "mlp_in", "down_in")} for s in sparsities}
         print(f"{name}: calibrated in {calib[name]['seconds']:.0f} s", flush=True)
         for s in sparsities:
             with torch.no_grad(), sparsify_activations(model, th.rule(s)) as counts:
                 ppl = perplexity(model, eval_ids, ctx=512, max_chunks=a.chunks).ppl
             rep = sparsity_report(counts, model)
-            rows.append({"mode": mode, "allocation": "greedy" if greedy else "uniform", "target": s,
+            rows.append({"config": name, "mode": mode, "criterion": cfg["criterion"],
+                         "allocation": cfg["allocation"]
+                         + (", sparse upstream" if greedy and cfg["upstream"] == "sparse" else ""),
+                         "calibration": "sequential" if cfg["sequential"] else "dense", "target": s,
                          "weighted": rep["weighted"], "entries": rep["entries"], "ppl": ppl, "delta": ppl / base - 1})
             print(f"  target {s:.2f}: weighted {rep['weighted']:.3f}, entries {rep['entries']:.3f}, "
                   f"ppl {ppl:.3f} ({ppl / base - 1:+.1%})", flush=True)
@@ -112,46 +163,77 @@ def report(r, a) -> str:
     date = a.date or datetime.date.today().isoformat()
     base = r["dense"]
     rows = r["rows"]
+    targets = sorted({x["target"] for x in rows})
+    names = list(dict.fromkeys(x.get("config", f"{x['mode']} magnitude {x['allocation']}") for x in rows))
     lines = [f"# Activation sparsity quality, embedded model ({date})", "",
              f"Device: {a.device_label}. SmolLM2-135M-Instruct (embedded GGUF, fp32 on CPU). Every projection "
              "input is sparsified: attn_in (read by q, k and v), o_in, mlp_in (read by gate and up), down_in; "
              "the LM head stays dense. Calibration: one dense pass over "
              f"{a.samples} windows of 512 tokens from the second half of WikiText-2 valid ({r['collect_s']:.0f} s), "
              f"shared by all rows; greedy allocation on the layer inputs of the first {a.greedy_windows} of those "
-             f"windows, error on {a.greedy_tokens} of their tokens, step {a.greedy_step}. Perplexity: the first "
+             f"windows, error on {a.greedy_tokens} of their tokens, step {a.greedy_step}; global allocation's "
+             f"sensitivity curves ({a.global_method}) on the first {a.global_tokens} tokens of the first {a.global_windows} window(s); "
+             "sequential calibration "
+             f"on {a.sequential_windows or a.samples} of the windows. Perplexity: the first "
              f"{a.chunks} chunks of 512 tokens of the first half (held out). Whole run: {r['total_s'] / 60:.0f} min.",
              "",
              "Command: `nice -n 19 python3 benchmarks/activation_quality.py --chunks "
-             f"{a.chunks} --sparsities {a.sparsities} --date {date} --out docs/results/activation-sparsity.md`", "",
+             f"{a.chunks} --sparsities {a.sparsities} --date {date} --out docs/results/activation-sparsity.md`"
+             + ("" if a.configs == ",".join(CONFIGS) else f" with `--configs {a.configs}`"), "",
+             "Configurations: *mode* (threshold, topk, adaptive); *criterion*: `magnitude` ranks entries by |x|, "
+             "`weighted` by |x_i| times the norm of the weight column that reads channel i (WINA-style); "
+             "*allocation*: uniform, or greedy per layer (TEAL-style; *sparse upstream*: searched on inputs with "
+             "the earlier layers sparsified); *sequential*: each input's threshold taken from activations already "
+             "sparsified upstream instead of dense ones.", "",
              "Sparsity columns are measured on the evaluation text: *weighted* = zeroed fraction of each input "
              "weighted by the weights it gates (q+k+v, o, gate+up, down), i.e. the fraction of decoder "
-             "projection weight reads skipped; *entries* = zeroed entries over all input entries.", "",
+             "projection weight reads skipped (the true average over all projections); *entries* = zeroed "
+             "entries over all input entries.", "",
              f"Dense perplexity: **{base:.3f}**.", "",
-             "| mode | allocation | target | weighted sparsity | entries sparsity | perplexity | vs dense |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "## Side by side: perplexity vs dense (true weighted sparsity)", "",
+             "| configuration | " + " | ".join(f"{t:.2f}" for t in targets) + " |",
+             "| --- |" + " --- |" * len(targets)]
+    for n in names:
+        cells = []
+        for t in targets:
+            x = next((x for x in rows if x.get("config", n) == n and abs(x["target"] - t) < 1e-9), None)
+            cells.append("-" if x is None else f"{x['delta']:+.1%} ({x['weighted']:.3f})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "## All rows", "",
+              "| mode | criterion | allocation | thresholds from | target | weighted sparsity | entries sparsity "
+              "| perplexity | vs dense |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in rows:
-        lines.append(f"| {x['mode']} | {x['allocation']} | {x['target']:.2f} | {x['weighted']:.3f} | "
-                     f"{x['entries']:.3f} | {x['ppl']:.3f} | {x['delta']:+.1%} |")
-    lines += ["", "## Against the issue's targets (greedy allocation, best mode)", "",
-              "| target sparsity | allowed | best greedy row | weighted sparsity | vs dense | met? |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for s, allowed in TARGETS.items():
-        cands = [x for x in rows if x["allocation"] == "greedy" and abs(x["target"] - s) < 1e-9]
+        lines.append(f"| {x['mode']} | {x.get('criterion', 'magnitude')} | {x['allocation']} | "
+                     f"{'sparse upstream' if x.get('calibration') == 'sequential' else 'dense pass'} | "
+                     f"{x['target']:.2f} | {x['weighted']:.3f} | {x['entries']:.3f} | {x['ppl']:.3f} | "
+                     f"{x['delta']:+.1%} |")
+    lines += ["", "## Against the issue's targets (non-uniform allocation, best mode)", "",
+              "| target sparsity | allowed | best greedy or global row | weighted sparsity | vs dense | met? | best row of any "
+              "allocation |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s_, allowed in TARGETS.items():
+        at = [x for x in rows if abs(x["target"] - s_) < 1e-9]
+        cands = [x for x in at if x["allocation"] != "uniform"]
         if not cands:
             continue
         best = min(cands, key=lambda x: x["ppl"])
-        lines.append(f"| {s:.2f} | +{allowed:.0%} | {best['mode']} | {best['weighted']:.3f} | {best['delta']:+.1%} | "
-                     f"{'met' if best['delta'] <= allowed else 'missed'} |")
+        any_best = min(at, key=lambda x: x["ppl"])
+        lines.append(f"| {s_:.2f} | +{allowed:.0%} | {best.get('config', best['mode'])} | {best['weighted']:.3f} | "
+                     f"{best['delta']:+.1%} | {'met' if best['delta'] <= allowed else 'missed'} | "
+                     f"{any_best.get('config', any_best['mode'])}: {any_best['delta']:+.1%} "
+                     f"({any_best['weighted']:.3f}) |")
     lines += ["", "## Calibration", "",
               "| configuration | calibration time | greedy/uniform layer error (mean ratio per level) | "
               "layers kept uniform per level |", "| --- | --- | --- | --- |"]
     for name, c in r["calibration"].items():
         ratio = ", ".join(f"{float(k):.2f}: {v:.2f}" for k, v in c.get("error_ratio", {}).items()) or "-"
         kept = ", ".join(f"{float(k):.2f}: {v}" for k, v in c.get("uniform_kept", {}).items()) or "-"
+        if "predicted" in c:
+            ratio = "predicted KL global/uniform: " + ", ".join(
+                f"{float(k):.2f}: {v['global'] / v['uniform']:.2f}" for k, v in c["predicted"].items() if v["uniform"])
         lines.append(f"| {name} | {c['seconds']:.0f} s | {ratio} | {kept} |")
     alloc_rows = [(n, c["allocation"]) for n, c in r["calibration"].items() if "allocation" in c]
     if alloc_rows:
-        lines += ["", "Greedy allocation, mean input sparsity over the 30 layers:", "",
+        lines += ["", "Greedy / global allocation, mean input sparsity over the 30 layers:", "",
                   "| configuration | level | attn_in | o_in | mlp_in | down_in |", "| --- | --- | --- | --- | --- | --- |"]
         for n, al in alloc_rows:
             for k, v in al.items():

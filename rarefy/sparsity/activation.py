@@ -13,11 +13,16 @@ projection that reads them sees the same zeros (q, k and v; gate and up).
 
 Three rules decide which entries are zeroed (rarefy.sparsity.activation_modes): ``threshold``
 (|x| < t), ``topk`` (the k largest |x| of each token are kept) and ``adaptive`` (k per token
-from the entropy of the token's magnitudes). ``calibrate_thresholds`` runs calibration text
+from the entropy of the token's magnitudes). They rank entries by a *criterion*
+(rarefy.sparsity.activation_criteria): |x| (``magnitude``) or |x| times the norm of the weight
+column reading the channel (``weighted``). ``calibrate_thresholds`` runs calibration text
 through the dense model, gathers per-input statistics and turns each target sparsity into one
-parameter per input: with uniform allocation every input gets the target sparsity; with
+parameter per input. With uniform allocation every input gets the target sparsity. With
 ``greedy=True`` (rarefy.sparsity.activation_greedy) each layer's inputs get different
-sparsities whose weight-weighted average is the target.
+sparsities whose weight-weighted average is the target. With ``allocation="global"``
+(rarefy.sparsity.activation_global) sparsity also moves between layers, by output-KL
+sensitivity. ``sequential=True`` (rarefy.sparsity.activation_sequential) derives each input's
+parameter from activations already sparsified upstream.
 
 ``sparsify_activations`` installs forward pre-hooks that zero the entries; compute stays
 dense (this is the quality reference the sparse kernels must match). Calibrations are saved
