@@ -37,9 +37,11 @@ def calibrate_attention(
     chunks: int = typer.Option(4, "--chunks", help="chunks of --ctx tokens to measure on"),
     skip: int = typer.Option(0, "--skip-chunks", help="chunks of the text to skip first"),
     sinks: str = typer.Option("16", "--sinks", help="sink-token counts to try per layer, comma list"),
-    metric: str = typer.Option("out", "--metric",
-                               help="out: the window's change of the layer's output relative to its residual "
-                                    "stream; cos: 1 - cosine of attention outputs"),
+    metric: str = typer.Option("sens", "--metric",
+                               help="sens: out, weighted per layer by the loss change measured with only that "
+                                    "layer windowed (one extra partial forward per layer and chunk); out: the "
+                                    "window's change of the layer's output relative to its residual stream; "
+                                    "cos: 1 - cosine of attention outputs; grad: first-order loss change"),
     block_size: int = typer.Option(16, "--kv-block-size", help="tokens per KV-cache block"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV storage dtype simulated while measuring"),
     errors_out: Optional[str] = typer.Option(None, "--errors-out", help="also save the measured error table (JSON)"),
@@ -53,7 +55,8 @@ def calibrate_attention(
     """Calibrate a per-layer window-with-sinks policy that keeps --budget of the context on average."""
     from rarefy.kv.quant import check_kv_dtype
     from rarefy.kv.window_budget import (METRICS, WindowErrors, allocate_windows, candidate_windows, check_budget,
-                                         measure_window_errors, policy_config_text)
+                                         measure_layer_sensitivity, measure_window_errors, policy_config_text,
+                                         sensitivity_reference)
 
     check_budget(budget)
     if metric not in METRICS:
@@ -76,8 +79,6 @@ def calibrate_attention(
             raise RarefyError("--chunks must be >= 1 and --skip-chunks >= 0")
         check_kv_dtype(kv_dtype)
         body = read_text_file(calib)
-        import torch
-
         from rarefy.eval.perplexity import chunk_tokens
         loaded = load_for_cli(model, device, "fp32" if device == "cpu" else "auto", sparse="off")
         ids = loaded.tokenizer.encode(body, add_special_tokens=False)
@@ -87,13 +88,16 @@ def calibrate_attention(
                               f"--skip-chunks {skip} + --chunks {chunks}")
         data = chunk_tokens(ids, ctx, skip + chunks)[skip:]
         cands = candidate_windows(ctx, block_size, sink_list)
+        ref = sensitivity_reference(cands, ctx, block_size)
         if not as_json:
             typer.echo(f"measuring {len(cands)} candidate windows on {chunks} chunks of {ctx} tokens "
                        f"(chunks {skip}..{skip + chunks - 1} of {calib})", err=True)
-        with torch.inference_mode():
-            table = measure_window_errors(loaded.model, data, cands, kv_dtype, progress=not as_json,
-                                          source=f"{os.path.basename(calib)} chunks {skip}..{skip + chunks - 1} "
-                                                 f"of {ctx} tokens")
+        table = measure_window_errors(loaded.model, data, cands, kv_dtype, progress=not as_json,
+                                      source=f"{os.path.basename(calib)} chunks {skip}..{skip + chunks - 1} "
+                                             f"of {ctx} tokens", grad=metric == "grad")
+        if metric == "sens":
+            table.sensitivity = measure_layer_sensitivity(loaded.model, data, ref, kv_dtype, progress=not as_json)
+            table.sens_ref = ref
         if errors_out:
             table.save(errors_out)
     alloc = allocate_windows(table, budget, metric, sinks=sink_list)

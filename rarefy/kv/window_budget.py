@@ -22,6 +22,9 @@ every layer isolated: its own dense output is what the next layer sees):
   residual-stream input: how much the window perturbs the residual stream, relative to it.
   Comparable across layers, which the greedy allocation needs.
 - `cos`: 1 − mean cosine of (token, query head) attention outputs against dense.
+- `grad` (with `grad=True`: one backward pass per chunk): the first-order change of the
+  mean NLL of the scored tokens, Σ ⟨∂NLL/∂o, o_window − o_dense⟩ / tokens, o = the layer's
+  attention output: an estimate of what the window costs in loss, additive over layers.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ import torch.nn.functional as F
 
 from rarefy.errors import RarefyError
 from rarefy.kv.policies import PolicyConfig, Window, parse_policy
+from rarefy.kv.quant import roundtrip
 from rarefy.kv.simulate import clear_eval_attention, simulated_attention
 
-METRICS = ("out", "cos")
+METRICS = ("out", "cos", "grad", "sens")
 # total blocks held per layer (sinks included) tried by default, at ctx 2048 / block 16 = 128 blocks
 DEFAULT_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
@@ -100,14 +104,38 @@ class _Probe:
         self.cos_sum = torch.zeros(len(cands), dtype=torch.float64)
         self.count = 0  # (token, head) pairs
         self.h_total = 0.0
+        self.grad_sum = torch.zeros(len(cands), dtype=torch.float64)
+        self.track_grad = False
+        self.saved = None
 
     def pre_hook(self, module, args):
         h = args[0]
-        self.h_sq = float(h[:, self.first:].float().pow(2).sum())
+        self.h_sq = float(h.detach()[:, self.first:].float().pow(2).sum())
         self.h_total += self.h_sq
 
     def __call__(self, q, k, v, positions):
+        if self.track_grad:  # measured after the backward pass (grad_errors)
+            # the rounding of the stored keys/values is kept out of the graph (straight through)
+            kr = k + (roundtrip(k.detach().float(), self.kv_dtype).to(k.dtype) - k).detach()
+            vr = v + (roundtrip(v.detach().float(), self.kv_dtype).to(v.dtype) - v).detach()
+            dense = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            if dense.requires_grad:
+                dense.retain_grad()
+            else:  # nothing before this layer needs a gradient (frozen weights): a leaf
+                dense.requires_grad_(True)
+            self.saved = (q.detach(), k.detach(), v.detach(), positions, dense)
+            return dense
         dense = simulated_attention(q, k, v, positions, self.kv_dtype, None)
+        self._measure(q, k, v, positions, dense, None)
+        return dense
+
+    def grad_errors(self):
+        q, k, v, positions, dense = self.saved
+        self.saved = None
+        with torch.no_grad():
+            self._measure(q, k, v, positions, dense.detach(), dense.grad)
+
+    def _measure(self, q, k, v, positions, dense, grad):
         B, Hq, T, D = q.shape
         qs, qpos = q[:, :, self.first:], positions[..., self.first:]
         ref = dense[:, :, self.first:].float()
@@ -116,10 +144,11 @@ class _Probe:
             out = simulated_attention(qs, k, v, positions, self.kv_dtype, pol, q_positions=qpos).float()
             cos = F.cosine_similarity(out, ref, dim=-1, eps=1e-12)
             self.cos_sum[c] += float(cos.double().sum())
+            if grad is not None:
+                self.grad_sum[c] += float(((out - ref) * grad[:, :, self.first:].float()).double().sum())
             diff = (out - ref).transpose(1, 2).reshape(B, T - self.first, Hq * D)
             self.out_sq[c] += float(o_proj(diff.to(q.dtype)).float().pow(2).sum())
         self.count += B * Hq * (T - self.first)
-        return dense
 
 
 @dataclass
@@ -133,6 +162,16 @@ class WindowErrors:
     block_size: int
     tokens: int  # scored tokens per layer
     source: str = ""
+    grad: list[list[float]] | None = None  # [layer][candidate] first-order Δ mean NLL
+    sensitivity: list[float] | None = None  # [layer] Δ mean NLL with only that layer at sens_ref
+    sens_ref: Window | None = None
+
+    @property
+    def sens(self) -> list[list[float]] | None:
+        """`out` curves scaled per layer to the measured loss sensitivity (scale_by_sensitivity)."""
+        if self.sensitivity is None:
+            return None
+        return scale_by_sensitivity(self, self.sensitivity, self.sens_ref, "out")
 
     @property
     def num_layers(self) -> int:
@@ -141,6 +180,8 @@ class WindowErrors:
     def metric(self, name: str) -> list[list[float]]:
         if name not in METRICS:
             raise RarefyError(f"unknown window error metric {name!r}; choose one of {', '.join(METRICS)}")
+        if getattr(self, name) is None:
+            raise RarefyError(f"this error table has no {name!r} errors (measure them with --metric {name})")
         return getattr(self, name)
 
     def blocks(self) -> list[int]:
@@ -149,13 +190,16 @@ class WindowErrors:
 
     def to_dict(self) -> dict:
         return {"candidates": [w.spec for w in self.candidates], "out": self.out, "cos": self.cos,
-                "ctx": self.ctx, "block_size": self.block_size, "tokens": self.tokens, "source": self.source}
+                "ctx": self.ctx, "block_size": self.block_size, "tokens": self.tokens, "source": self.source,
+                "grad": self.grad, "sensitivity": self.sensitivity,
+                "sens_ref": None if self.sens_ref is None else self.sens_ref.spec}
 
     @classmethod
     def from_dict(cls, d: dict) -> WindowErrors:
         try:
             return cls([parse_policy(s) for s in d["candidates"]], d["out"], d["cos"], int(d["ctx"]),
-                       int(d["block_size"]), int(d["tokens"]), d.get("source", ""))
+                       int(d["block_size"]), int(d["tokens"]), d.get("source", ""), d.get("grad"),
+                       d.get("sensitivity"), parse_policy(d["sens_ref"]) if d.get("sens_ref") else None)
         except (KeyError, TypeError, ValueError) as e:
             raise RarefyError(f"not a window-error table: {e}") from None
 
@@ -174,12 +218,12 @@ class WindowErrors:
             raise RarefyError(f"cannot parse window-error table {path!r}: {e}") from None
 
 
-@torch.inference_mode()
 def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window], kv_dtype: str = "bf16",
-                          progress: bool = False, source: str = "") -> WindowErrors:
+                          progress: bool = False, source: str = "", grad: bool = False) -> WindowErrors:
     """chunks [N, ctx] token ids → each layer's error for each candidate window, over the
     second half of each chunk (every measured query has ≥ ctx/2 tokens of context). One
-    dense forward per chunk; each layer's candidates are evaluated on that layer's q, k, v."""
+    dense forward per chunk; each layer's candidates are evaluated on that layer's q, k, v.
+    grad: also a backward pass of the scored tokens' NLL, for the `grad` metric."""
     N, ctx = chunks.shape
     if N < 1:
         raise RarefyError("window calibration needs at least one chunk of text")
@@ -201,14 +245,107 @@ def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window],
             it = tqdm(it, desc="calibrating windows", unit="chunk", leave=False)
         device = next(model.parameters()).device
         for i in it:
-            model(chunks[i:i + 1].to(device), last_index=torch.tensor([ctx - 1], device=device))
+            chunk = chunks[i].to(device)
+            if not grad:
+                with torch.inference_mode():
+                    model(chunk[None], last_index=torch.tensor([ctx - 1], device=device))
+                continue
+            for p in probes:
+                p.track_grad = True
+            with torch.enable_grad():
+                idx = torch.arange(first - 1, ctx - 1, device=device)
+                logits = model(chunk[None], last_index=idx).float()
+                F.cross_entropy(logits, chunk[first:], reduction="sum").backward()
+            del logits
+            for p in probes:
+                p.grad_errors()
     finally:
         for h in handles:
             h.remove()
         clear_eval_attention(model)
     out = [(p.out_sq / max(p.h_total, 1e-30)).tolist() for p in probes]
     cos = [(1.0 - p.cos_sum / max(p.count, 1)).tolist() for p in probes]
-    return WindowErrors(list(candidates), out, cos, ctx, block, N * (ctx - first), source)
+    tokens = N * (ctx - first)
+    g = [(p.grad_sum / tokens).tolist() for p in probes] if grad else None
+    return WindowErrors(list(candidates), out, cos, ctx, block, tokens, source, g)
+
+
+def sensitivity_reference(candidates: list[Window], ctx: int, block_size: int) -> Window:
+    """The candidate the sensitivity pass windows each layer with: the fewest sinks measured,
+    and the block count closest to a quarter of the context (32 of 128 blocks)."""
+    dense = -(-ctx // block_size)
+    fewest = min(w.sinks for w in candidates)
+    pool = [w for w in candidates if w.sinks == fewest]
+    return min(pool, key=lambda w: abs(w.memory_fraction(ctx, block_size) * dense - dense / 4))
+
+
+@torch.inference_mode()
+def measure_layer_sensitivity(model, chunks: torch.Tensor, ref: Window, kv_dtype: str = "bf16",
+                              progress: bool = False) -> list[float]:
+    """Per layer, the change of the mean NLL of the scored tokens (second half of each chunk)
+    when that layer alone reads only `ref` and every other layer is dense: a direct measure
+    of how much the model's loss depends on the layer's distant context. Runs the dense
+    forward once per chunk, then for each layer l only layers l.. from the saved hidden
+    state (about L/2 forwards per chunk)."""
+    from rarefy.kv.simulate import SimulatedAttention
+
+    N, ctx = chunks.shape
+    first = ctx // 2
+    layers = model.model.layers
+    L = len(layers)
+    device = next(model.parameters()).device
+    deltas = [0.0] * L
+
+    def nll(h, target):
+        logits = model.lm_head(model.model.norm(h[0, first - 1:ctx - 1])).float()
+        return float(F.cross_entropy(logits, target, reduction="sum"))
+
+    it = [(i, layer) for i in range(N) for layer in range(-1, L)]
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="layer sensitivity", unit="forward", leave=False)
+    dense = [SimulatedAttention(kv_dtype, None) for _ in range(L)]
+    try:
+        for i, l in it:
+            if l == -1:  # the dense forward of chunk i, keeping every layer's input
+                ids = chunks[i:i + 1].to(device)
+                target = ids[0, first:]
+                positions = torch.arange(ctx, device=device)[None]
+                for layer, hook in zip(layers, dense):
+                    layer.self_attn.eval_attention = hook
+                h = model.model.embed_tokens(ids)
+                cos, sin = model.rotary(positions, h.dtype)
+                saved = []
+                for layer in layers:
+                    saved.append(h)
+                    h = layer(h, cos, sin, positions, None, None, None)
+                base = nll(h, target)
+                continue
+            layers[l].self_attn.eval_attention = SimulatedAttention(kv_dtype, ref)
+            h = saved[l]
+            for layer in layers[l:]:
+                h = layer(h, cos, sin, positions, None, None, None)
+            deltas[l] += nll(h, target) - base
+            layers[l].self_attn.eval_attention = dense[l]
+    finally:
+        clear_eval_attention(model)
+    return [d / (N * (ctx - first)) for d in deltas]
+
+
+def scale_by_sensitivity(errors: WindowErrors, sensitivity: list[float], ref: Window,
+                         metric: str = "out", floor: float = 1e-5) -> list[list[float]]:
+    """Per-layer error curves rescaled so that each layer's error at `ref` equals its measured
+    loss sensitivity (at least `floor`): the shape across window sizes comes from the local
+    metric, the weight between layers from the loss."""
+    errs = errors.metric(metric)
+    if ref not in errors.candidates:
+        raise RarefyError(f"{ref.spec} is not among the measured candidates")
+    c = errors.candidates.index(ref)
+    out = []
+    for layer, row in enumerate(errs):
+        scale = max(sensitivity[layer], floor) / max(row[c], 1e-12)
+        out.append([x * scale for x in row])
+    return out
 
 
 # ----------------------------------------------------------------------------- allocation

@@ -103,6 +103,15 @@ def test_measure_on_tiny_model(tiny_model_dir):
         assert t.cos[layer][-1] == pytest.approx(0.0, abs=1e-6)
         assert t.out[layer][0] > t.out[layer][-1] and t.cos[layer][0] > 0
     assert all(layer.self_attn.eval_attention is None for layer in model.model.layers)
+    with pytest.raises(RarefyError, match="no 'grad' errors"):
+        allocate_windows(t, 0.5, "grad")
+    # grad: the first-order change of the mean NLL; the other metrics are unchanged
+    tg = measure_window_errors(model, chunks, cands, "fp32", grad=True)
+    for a, b in zip(tg.out, t.out):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-9)
+    for layer in range(2):
+        assert tg.grad[layer][-1] == pytest.approx(0.0, abs=1e-9)
+    assert allocate_windows(tg, 0.5, "grad").memory_fraction <= 0.5
 
 
 def test_cli(tiny_model_dir, tmp_path):
@@ -133,3 +142,40 @@ def test_cli(tiny_model_dir, tmp_path):
         assert r.exit_code != 0 and msg in r.output, (bad, r.output)
     r = run(app, args)  # exists
     assert r.exit_code != 0 and "--overwrite" in r.output
+
+
+def test_layer_sensitivity_is_the_loss_change_of_one_windowed_layer(tiny_model_dir):
+    import torch.nn.functional as F
+
+    from rarefy.kv.simulate import eval_attention
+    from rarefy.kv.window_budget import measure_layer_sensitivity, scale_by_sensitivity
+    from rarefy.models.loader import load_model
+
+    torch.manual_seed(1)
+    model = load_model(str(tiny_model_dir), device="cpu", dtype=torch.float32).model
+    chunks = torch.randint(3, model.config.vocab_size, (2, 64))
+    ref = Window(4, 9, 0, 4)
+    sens = measure_layer_sensitivity(model, chunks, ref, "fp32")
+
+    def nll(cfg):
+        total = 0.0
+        with torch.no_grad(), eval_attention(model, "fp32", cfg):
+            for c in chunks:
+                logits = model(c[None], last_index=torch.arange(31, 63)).float()
+                total += float(F.cross_entropy(logits, c[32:], reduction="sum"))
+        return total / 64
+
+    base = nll(None)
+    for layer in range(2):
+        assert sens[layer] == pytest.approx(nll(PolicyConfig(layers={layer: ref})) - base, abs=1e-5)
+    cands = candidate_windows(64, 4, (4,), sizes=(2, 4, 8, 16))
+    assert ref in cands
+    t = measure_window_errors(model, chunks, cands, "fp32")
+    t.sensitivity, t.sens_ref = sens, ref
+    scaled = t.metric("sens")
+    c = cands.index(ref)
+    for layer in range(2):
+        assert scaled[layer][c] == pytest.approx(max(sens[layer], 1e-5))
+    assert scale_by_sensitivity(t, sens, ref)[0] == scaled[0]
+    back = WindowErrors.from_dict(t.to_dict())
+    assert back.sens_ref == ref and back.sens == scaled
