@@ -335,7 +335,7 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
                               greedy_upstream: str = "dense", allocation: str | None = None,
                               global_windows: int = 1, global_grid=None,
                               global_tokens: int | None = None, global_method: str = "fisher",
-                              global_refine: int = 0) -> Thresholds:
+                              global_refine: int = 0, global_samples: int = 4) -> Thresholds:
     """Parameters per level and input from collected statistics. ``allocation``: "uniform",
     "greedy" (rarefy.sparsity.activation_greedy) or "global" (rarefy.sparsity.activation_global);
     None: greedy if ``greedy`` else uniform."""
@@ -368,9 +368,10 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
         alloc, greedy_info = global_allocation(model, data, sparsities, mode, stats, scales,
                                                grid=global_grid or DEFAULT_GRID, windows=global_windows,
                                                tokens=global_tokens, progress=progress, method=global_method,
-                                               refine=global_refine)
+                                               refine=global_refine, samples=global_samples)
         per_input = {_key(s): alloc[j] for j, s in enumerate(sparsities)}
-        calibration["global"] = {k: greedy_info.pop(k) for k in ("grid", "method", "refine", "windows", "tokens")}
+        calibration["global"] = {k: greedy_info.pop(k)
+                                 for k in ("grid", "method", "refine", "samples", "windows", "tokens")}
     else:
         per_input = {_key(s): {n: float(s) for n in names} for s in sparsities}
     if sequential:

@@ -251,7 +251,7 @@ def allocate(curves: dict[str, list[float]], grid, weights: dict[str, int], targ
 
 def global_allocation(model, data, sparsities, mode: str, stats, scales, grid=DEFAULT_GRID, windows: int = 1,
                       tokens: int | None = None, progress: bool = False, method: str = "fisher",
-                      refine: int = 0):
+                      refine: int = 0, samples: int = 4):
     """Per target, {input: sparsity}; and a report with the curves and the predicted costs."""
     from rarefy.sparsity.activation import _key, input_weights
 
@@ -259,7 +259,7 @@ def global_allocation(model, data, sparsities, mode: str, stats, scales, grid=DE
     if method == "kl":
         curves = sensitivity_curves(model, data, mode, stats, scales, grid, windows, tokens, progress)
     elif method == "fisher":
-        curves = fisher_curves(model, data, mode, stats, scales, grid, windows, tokens)
+        curves = fisher_curves(model, data, mode, stats, scales, grid, windows, tokens, samples=samples)
     else:
         raise RarefyError(f"unknown sensitivity method {method!r}; known: {', '.join(METHODS)}")
     weights = input_weights(model)
@@ -271,10 +271,11 @@ def global_allocation(model, data, sparsities, mode: str, stats, scales, grid=DE
             if t <= 0:
                 continue
             ops = {n: stats[n].param(mode, v) for n, v in alloc[k].items()}
-            c_t = fisher_curves(model, data, mode, stats, scales, grid, windows, tokens, operating=ops)
+            c_t = fisher_curves(model, data, mode, stats, scales, grid, windows, tokens, samples=samples,
+                                operating=ops)
             alloc[k] = allocate(c_t, grid, weights, float(t))
 
-    report = {"grid": grid, "method": method, "refine": refine, "windows": min(windows, len(data.layer_inputs[0])),
+    report = {"grid": grid, "method": method, "refine": refine, "samples": samples, "windows": min(windows, len(data.layer_inputs[0])),
               "tokens": min(tokens or data.seq_len, data.layer_inputs[0][0].shape[1]),
               "predicted_cost": {_key(t): {"global": _total(curves, grid, a),
                                            "uniform": _total(curves, grid, {n: float(t) for n in curves})}
