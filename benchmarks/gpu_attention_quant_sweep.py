@@ -34,6 +34,9 @@ def variants(kvd: str, base_splits: int, pairs: int, sms: int) -> dict:
     out[f"t128 s{base_splits} dot bf16"] = dict(tile_n=128, num_splits=base_splits, dot_dtype="bf16", convert="plain")
     for st in (3, 7):
         out[f"t128 s{base_splits} st{st}"] = dict(tile_n=128, num_splits=base_splits, num_stages=st)
+    for st in (3, 5):  # 256-token tiles: more bytes per chain of dependent steps
+        out[f"t256 s{base_splits} st{st}"] = dict(tile_n=256, num_splits=base_splits, num_stages=st)
+        out[f"t256 s{base_splits // 2} st{st}"] = dict(tile_n=256, num_splits=base_splits // 2, num_stages=st)
     return out
 
 

@@ -1,0 +1,240 @@
+"""2:4 sparse GEMV / small GEMM in Triton: values streamed once, x picked by a byte permute.
+
+A 2:4 matrix keeps 2 of every 4 weights. ``NMSparse`` stores them as a bitmask (exactly two
+bits per 4-column group) and the kept values, 2 per group. This kernel reads the same bytes
+(1 B of values + 1/8 B of metadata per column in bf16/fp16, 1.78x fewer than dense), but
+decodes them without prefix sums or gathers:
+
+* the metadata is re-encoded once per weight (cached) as a 4-bit code per group,
+  ``i0 | i1 << 2``: the columns of the group's two kept weights, 8 codes per int32 word;
+* the group's four activations are two 32-bit registers (x0|x1, x2|x3). One ``prmt``
+  (byte permute; PTX inline assembly) with selector ``0x1010 + 0x22 * i0 + 0x2200 * i1``
+  picks ``x[i0] | x[i1]``, matching the value pair ``v0 | v1`` stored for the group;
+* both halves are widened to fp32 by a shift / mask (bf16) or a cvt (fp16) and
+  multiply-added in fp32.
+
+About 13 instructions per group of 4 columns at batch 1. Program ``(n, s)`` owns rows
+``[n * BLOCK_N, ...)`` and the K range of split ``s``; it walks ``BLOCK_W`` words
+(``8 * BLOCK_W`` groups) per step. With ``split_k > 1`` the partial sums go to an fp32
+workspace that a second small kernel adds up in a fixed order (deterministic). All batch
+rows (``M <= MAX_M``) go through one pass over the weights, each decoded selector reused
+for every row of x.
+
+The interpreter has no inline assembly: it runs the same selection with plain integer
+operations (``_pick_pair``), so CPU tests check the arithmetic and the layout.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["Nm24Config", "nm24_codes", "nm24_matmul_triton", "default_nm24_config", "MAX_M"]
+
+#: Largest batch the kernel takes (more rows: the bitmap kernel / dense path).
+MAX_M = 8
+
+
+@dataclass(frozen=True)
+class Nm24Config:
+    block_n: int = 4       # rows per program
+    block_w: int = 16      # int32 code words (8 groups = 32 columns each) per step
+    split_k: int = 1
+    num_warps: int = 4
+
+    def short(self) -> str:
+        return f"nm24 n{self.block_n} w{self.block_w} s{self.split_k} w{self.num_warps}"
+
+
+def default_nm24_config(n: int, kw: int, num_sms: int = 132) -> Nm24Config:
+    """Rows per program so the grid gives every SM about two programs, split-K only when the
+    matrix has too few rows for that."""
+    block_n = 8 if n >= 8 * 2 * num_sms else 4
+    tiles = -(-n // block_n)
+    block_w = 16 if kw >= 16 else max(1, 1 << (kw.bit_length() - 1))
+    steps = -(-kw // block_w)
+    split = 1
+    while tiles * split < num_sms and steps >= 2 * split and split < 8:
+        split *= 2
+    return Nm24Config(block_n, block_w, split, 4)
+
+
+#: id(bitmask) -> (weak reference to it, codes); the entry goes when the bitmask does
+#: (tensors compare elementwise, so a WeakKeyDictionary cannot key on them).
+_CODES: dict = {}
+
+
+def nm24_codes(bitmask: torch.Tensor) -> torch.Tensor:
+    """int32 [N, Kw]: per 4-column group the code ``i0 | i1 << 2`` (its two kept columns,
+    i0 < i1), 8 groups per word, group j of word w in bits 4j..4j+3. Cached per bitmask."""
+    key = id(bitmask)
+    hit = _CODES.get(key)
+    if hit is not None and hit[0]() is bitmask:
+        return hit[1]
+    b = bitmask.to(torch.int64) & 0xFFFFFFFF
+    nib = (b[..., None] >> (4 * torch.arange(8, device=b.device))) & 0xF  # [N, Kw, 8]
+    bits = (nib[..., None] >> torch.arange(4, device=b.device)) & 1       # [N, Kw, 8, 4]
+    if bool((bits.sum(-1) != 2).any()):
+        raise ValueError("not a 2:4 bitmask: every 4-column group must keep exactly two columns")
+    i0 = bits.argmax(-1)                                    # first set bit
+    i1 = 3 - bits.flip(-1).argmax(-1)                       # last set bit
+    code = (i0 | (i1 << 2)) << (4 * torch.arange(8, device=b.device))
+    words = code.sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    _CODES[key] = (weakref.ref(bitmask, lambda _r, k=key: _CODES.pop(k, None)), words)
+    return words
+
+
+@triton.jit
+def _prmt(a, b, sel):
+    return tl.inline_asm_elementwise(
+        asm="prmt.b32 $0, $1, $2, $3;", constraints="=r,r,r,r", args=[a, b, sel],
+        dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _selector(code, ASM: tl.constexpr):
+    """What _pick applies for a group code: the prmt selector (compiled) or the code itself."""
+    if ASM:
+        return 0x1010 + 0x22 * (code & 3) + 0x2200 * ((code >> 2) & 3)
+    else:
+        return code
+
+
+@triton.jit
+def _pick(x01, x23, sel, ASM: tl.constexpr):
+    """The 16-bit halves x[i0] | x[i1] << 16 of a group's four activations."""
+    if ASM:
+        return _prmt(x01, x23, sel)
+    else:
+        i0 = sel & 3
+        i1 = (sel >> 2) & 3
+        lo = tl.where(i0 == 0, x01 & 0xFFFF, tl.where(i0 == 1, (x01 >> 16) & 0xFFFF,
+                      tl.where(i0 == 2, x23 & 0xFFFF, (x23 >> 16) & 0xFFFF)))
+        hi = tl.where(i1 == 0, x01 & 0xFFFF, tl.where(i1 == 1, (x01 >> 16) & 0xFFFF,
+                      tl.where(i1 == 2, x23 & 0xFFFF, (x23 >> 16) & 0xFFFF)))
+        return lo | (hi << 16)
+
+
+@triton.jit
+def _halves_f32(p, BF16: tl.constexpr):
+    """The two 16-bit floats packed in int32 p as fp32 (low, high)."""
+    if BF16:
+        return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+
+
+@triton.jit
+def _nm24_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, M, N, KW, words_per_split, stride_xm, stride_om,
+                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
+                 BF16: tl.constexpr, ASM: tl.constexpr):
+    # Every tensor is [M_PAD, BLOCK_N, BLOCK_G] (groups flattened) or a broadcast of one, loaded
+    # straight into that shape, so no layout conversion (shared-memory round trip) enters the loop.
+    BLOCK_G: tl.constexpr = 8 * BLOCK_W
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = rows < N
+    rows64 = rows.to(tl.int64)[None, :, None]
+    offs_m = tl.arange(0, M_PAD)[:, None, None]
+    offs_g = tl.arange(0, BLOCK_G)[None, None, :]
+    shifts = 4 * (offs_g % 8)
+    g0 = pid_s * words_per_split * 8
+    g_end = tl.minimum(g0 + words_per_split * 8, KW * 8)
+    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_G], tl.float32)
+    wmask_r = r_ok[None, :, None]
+    x_row = x_ptr + offs_m * stride_xm
+    m_ok = offs_m < M
+    for gs in range(g0, g_end, BLOCK_G):
+        g = gs + offs_g                                                   # [1, 1, BG]
+        g_ok = g < g_end
+        wm = wmask_r & g_ok
+        words = tl.load(code_ptr + rows64 * KW + g // 8, mask=wm, other=0)   # [1, BN, BG] (8 lanes share a word)
+        sel = _selector((words >> shifts) & 0xF, ASM)
+        vals = tl.load(val_ptr + rows64 * (KW * 8) + g, mask=wm, other=0)
+        v0, v1 = _halves_f32(vals, BF16)
+        xm = m_ok & g_ok
+        x01 = tl.load(x_row + 2 * g, mask=xm, other=0)                     # [M, 1, BG]
+        x23 = tl.load(x_row + 2 * g + 1, mask=xm, other=0)
+        a0, a1 = _halves_f32(_pick(x01, x23, sel, ASM), BF16)
+        acc += v0 * a0 + v1 * a1
+    out = tl.sum(acc, axis=2)                                             # [M, BN]
+    om = tl.arange(0, M_PAD)[:, None]
+    o_mask = (om < M) & r_ok[None, :]
+    if SPLIT:
+        tl.store(ws_ptr + (pid_s * M + om) * N + rows[None, :], out, mask=o_mask)
+    else:
+        tl.store(out_ptr + om * stride_om + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _split_sum_kernel(ws_ptr, out_ptr, bias_ptr, M, N, stride_om, SPLITS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLITS):  # fixed order: deterministic
+        acc += tl.load(ws_ptr + (s * M + m) * N + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def nm24_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, n: int,
+                       bias: torch.Tensor | None = None, config: Nm24Config | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for a 2:4 NMSparse W (bitmask int32 [N, Kw], values [N, Kw*16]).
+    x: [M, K] with M <= MAX_M, x.dtype == values.dtype in (bf16, fp16). Returns [M, N]."""
+    M, K = x.shape
+    kw = bitmask.shape[1]
+    if M > MAX_M or M < 1:
+        raise ValueError(f"nm24 kernel takes 1..{MAX_M} rows, got {M}")
+    if values.dtype not in (torch.bfloat16, torch.float16) or x.dtype != values.dtype:
+        raise ValueError("nm24 kernel needs bf16 or fp16 values and x of the same dtype")
+    codes = nm24_codes(bitmask)
+    xp = x if K == kw * 32 else torch.nn.functional.pad(x, (0, kw * 32 - K))  # padded groups hold zeros
+    x32 = xp.contiguous().view(torch.int32)  # [M, Kw*16]: x0|x1, x2|x3 per group
+    v32 = values.contiguous().view(torch.int32)  # [N, Kw*8]: v0|v1 per group
+    cfg = config or default_nm24_config(n, kw, _sm_count(x.device))
+    out = torch.empty((M, n), dtype=x.dtype, device=x.device)
+    wps = -(-kw // cfg.split_k)
+    wps = -(-wps // cfg.block_w) * cfg.block_w
+    splits = -(-kw // wps)
+    ws = torch.empty((splits * M, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    asm = not _interpreting()
+    grid = (triton.cdiv(n, cfg.block_n), splits)
+    _nm24_kernel[grid](x32, codes, v32, out, ws, M, n, kw, wps, x32.stride(0), out.stride(0),
+                       M_PAD=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+                       SPLIT=splits > 1, BF16=x.dtype == torch.bfloat16, ASM=asm, num_warps=cfg.num_warps)
+    if splits > 1:
+        _split_sum_kernel[(triton.cdiv(n, 256), M)](ws, out, bias if bias is not None else out, M, n, out.stride(0),
+                                                    SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=256,
+                                                    num_warps=4)
+    elif bias is not None:
+        out += bias.to(out.dtype)
+    return out
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
