@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from rarefy.formats.sparse_weight import BlockSparse, DeltaSparse, NMSparse, TiledBitmap
 from rarefy.kernels.sparse_matmul import sparse_matmul, triton_supports
 from rarefy.kernels.sparse_matmul.triton_bitmap import BitmapConfig
+from rarefy.kernels.sparse_matmul.triton_nm24 import MAX_M as NM24_MAX_M
+from rarefy.kernels.sparse_matmul.triton_nm24 import Nm24Config
 from rarefy.kernels.sparse_matmul.triton_bsr import BsrConfig
 from rarefy.kernels.sparse_matmul.triton_delta import DeltaConfig
 
@@ -95,10 +97,12 @@ def _candidate_formats(stats, w: torch.Tensor) -> list[tuple[str, list]]:
     return cands
 
 
-def _configs(fmt: str, m: int, device: torch.device) -> list:
+def _configs(fmt: str, m: int, device: torch.device, param: tuple = ()) -> list:
     """Launch configs worth timing (from sweeps on an H100, docs/results/sparse-kernels.md)."""
     if device.type != "cuda" or fmt == "dense":
         return [None]
+    if fmt == "nm" and param == (2, 4) and m <= NM24_MAX_M:  # the dedicated 2:4 kernel (benchmarks/gpu_nm24.py)
+        return [None] + [Nm24Config(bn, bw, s) for bn, bw, s in ((4, 32, 1), (2, 32, 2), (4, 8, 1), (4, 8, 2))]
     if fmt == "delta":
         bm = 1 if m == 1 else min(8, 1 << (m - 1).bit_length())
         if m == 1:
@@ -209,7 +213,7 @@ def _search(w: torch.Tensor, stats, batch_sizes, autotune: bool) -> Plan:
         for (fmt, param), sw in encoded.items():
             if fmt != "dense" and not triton_supports(sw) and w.is_cuda:
                 continue
-            for cfg in _configs(fmt, m, w.device):
+            for cfg in _configs(fmt, m, w.device, tuple(param)):
                 if not autotune:
                     t = (sw.nbytes if fmt != "dense" else dense_bytes) / 1e6  # bytes as a proxy
                 elif fmt == "dense":
@@ -254,7 +258,8 @@ def _cfg_from(d: dict | None):
         return None
     d = dict(d)
     kind = d.pop("kind")
-    return {"BitmapConfig": BitmapConfig, "BsrConfig": BsrConfig, "DeltaConfig": DeltaConfig}[kind](**d)
+    return {"BitmapConfig": BitmapConfig, "BsrConfig": BsrConfig, "DeltaConfig": DeltaConfig,
+            "Nm24Config": Nm24Config}[kind](**d)
 
 
 class CompiledMatrix:

@@ -4,7 +4,8 @@
     x: [..., K] activations; w: TiledBitmap | NMSparse | BlockSparse | DeltaSparse of shape [N, K]
     (rarefy.formats.sparse_weight); bias: [N] or None. Returns [..., N] in x.dtype.
 
-    CUDA: the Triton kernels (triton_bitmap for TiledBitmap/NMSparse, triton_bsr for
+    CUDA: the Triton kernels (triton_nm24 for 2:4 bf16/fp16 with at most 8 rows, triton_bitmap
+    for TiledBitmap and other NMSparse, triton_bsr for
     BlockSparse with b in 16/32/64, triton_delta for DeltaSparse), x and the values of one dtype. `config` is a
     BitmapConfig / BsrConfig (the compiler's autotuned choice); None picks a default.
     CPU: rarefy's C++ kernel (rarefy.kernels.sparse_cpu) for the bitmap formats when it
@@ -38,8 +39,13 @@ def _cuda(x2: torch.Tensor, w: SparseWeight, bias, config) -> torch.Tensor:
         return bitmap_matmul_triton(x2, w.bitmask, w.values, w.shape[0], tile_offsets=w.tile_offsets,
                                     word_offsets=w.word_offsets, bias=bias, config=config)
     if isinstance(w, NMSparse):
+        from .triton_nm24 import MAX_M, Nm24Config, nm24_matmul_triton
+        if ((w.n, w.m) == (2, 4) and x2.shape[0] <= MAX_M and w.values.dtype in (torch.bfloat16, torch.float16)
+                and x2.dtype == w.values.dtype and (config is None or isinstance(config, Nm24Config))):
+            return nm24_matmul_triton(x2, w.bitmask, w.values, w.shape[0], bias=bias, config=config)
         from .triton_bitmap import bitmap_matmul_triton
-        return bitmap_matmul_triton(x2, w.bitmask, w.values, w.shape[0], nm=(w.n, w.m), bias=bias, config=config)
+        return bitmap_matmul_triton(x2, w.bitmask, w.values, w.shape[0], nm=(w.n, w.m), bias=bias,
+                                    config=config if not isinstance(config, Nm24Config) else None)
     if isinstance(w, DeltaSparse):
         from .triton_delta import delta_matmul_triton
         return delta_matmul_triton(x2, w.row_ptr, w.values, w.gaps, w.shape[0], bias=bias, config=config)

@@ -52,15 +52,17 @@ class Nm24Config:
 
 
 def default_nm24_config(n: int, kw: int, num_sms: int = 132) -> Nm24Config:
-    """Rows per program so the grid gives every SM about two programs, split-K only when the
-    matrix has too few rows for that."""
-    block_n = 8 if n >= 8 * 2 * num_sms else 4
+    """Fitted to the H100 sweep of benchmarks/gpu_nm24.py (2026-11-23, batch 1, Llama-3-8B
+    shapes): 4 rows per program (2 for short matrices), 32 words a step on 4096-column rows
+    and 8 on longer work, a split of 2 on long rows (K >= 8192) or when the grid would leave
+    SMs idle. Best configurations found: 4096x4096 n4 w32 s1, 1024x4096 n2 w32 s2,
+    14336x4096 n4 w8 s1, 4096x14336 n4 w8 s2."""
+    block_n = 2 if n <= 1024 else 4
     tiles = -(-n // block_n)
-    block_w = 16 if kw >= 16 else max(1, 1 << (kw.bit_length() - 1))
+    block_w = 32 if n * kw <= 4096 * 128 else 8
+    block_w = min(block_w, max(1, 1 << (max(1, kw).bit_length() - 1)))
     steps = -(-kw // block_w)
-    split = 1
-    while tiles * split < num_sms and steps >= 2 * split and split < 8:
-        split *= 2
+    split = 2 if (kw * 32 >= 8192 or tiles < 4 * num_sms) and steps >= 2 else 1
     return Nm24Config(block_n, block_w, split, 4)
 
 
