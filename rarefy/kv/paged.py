@@ -296,9 +296,12 @@ class PagedKVCache:
             q_start = torch.tensor(q_host, dtype=torch.long, device=dev)
             shared: dict = {}
             for r, layer in enumerate(self.blocks.group_layers[g]):
-                slot = (units[..., r] * bs + offs).masked_fill(pad, -1)
-                layers[layer] = LayerMeta(g, slot.to(dev), tab_units[..., r].to(torch.int32).to(dev), lens_t,
-                                          q_start, q_host, max(lens), shared)
+                # fresh row-major copies (a [1, 1] view keeps its stride, which kernels check)
+                slot = torch.empty(mapping.shape, dtype=torch.long).copy_(
+                    (units[..., r] * bs + offs).masked_fill(pad, -1))
+                table_r = torch.empty(table.shape, dtype=torch.int32).copy_(tab_units[..., r])
+                layers[layer] = LayerMeta(g, slot.to(dev), table_r.to(dev), lens_t, q_start, q_host, max(lens),
+                                          shared)
         token_start = [0]
         for n in num_new[:-1]:
             token_start.append(token_start[-1] + n)

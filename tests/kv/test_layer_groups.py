@@ -264,3 +264,17 @@ def test_engine_with_per_layer_windows_and_a_small_cache(tiny_model_dir):
     outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == want
     assert cache.allocator.num_free == cache.allocator.num_blocks
+
+
+def test_per_layer_tables_are_row_major():
+    """Kernels check the tables' strides: a [1, 1] slice of a wider tensor must not leak through."""
+    c = make()
+    c.add_sequence(0)
+    for n in (1, 1, 3):
+        meta = c.begin_step([0], [n])
+        for lm in meta.layers:
+            assert lm.block_tables.stride() == (lm.block_tables.shape[1], 1)
+            assert lm.slot_mapping.stride() == (lm.slot_mapping.shape[1], 1)
+        q = torch.randn(1, 4, n, 8)
+        for layer in range(5):
+            assert torch.isfinite(c.attend(layer, q, torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8))).all()
