@@ -29,17 +29,19 @@ def main(argv=None) -> int:
     from rarefy.formats.sparse_weight import NMSparse
     from rarefy.kernels.gemv import gemv
     from rarefy.kernels.sparse_matmul.triton_bitmap import bitmap_matmul_triton
-    from rarefy.kernels.sparse_matmul.triton_nm24 import Nm24Config, nm24_matmul_triton, default_nm24_config
+    from rarefy.kernels.sparse_matmul.triton_nm24 import (Nm24Config, default_nm24_config, default_nm24_dot_config,
+                                                          nm24_matmul_triton)
     from rarefy.sparsity.masks import nm_mask
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of: " + ", ".join(SHAPES))
     ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
     l2 = l2_bytes(dev)
     rows = []
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in [(s_, SHAPES[s_]) for s_ in a.shapes.split(",")]:
         g = torch.Generator(device=dev).manual_seed(n + k)
         w = torch.randn(n, k, generator=g, device=dev, dtype=torch.bfloat16)
         w = w * nm_mask(w.float().abs(), 2, 4)
@@ -66,11 +68,16 @@ def main(argv=None) -> int:
             yb = bitmap_matmul_triton(x, sp[0].bitmask, sp[0].values, n, nm=(2, 4))
             if err(yb) < 1e-2:
                 res["bitmap nm"] = t(lambda i: bitmap_matmul_triton(x, sp[i].bitmask, sp[i].values, n, nm=(2, 4)))
-            cfgs = {"nm24 default": default_nm24_config(n, kw)}
-            if a.sweep:
+            cfgs = {"nm24 default": default_nm24_config(n, kw) if m == 1 else default_nm24_dot_config(n, kw)}
+            if a.sweep and m == 1:
                 for bn, bw, sk, nw in list(itertools.product((2, 4, 8), (8, 16, 32), (1, 2), (4,))) + [
                         (4, 16, 1, 2), (4, 16, 1, 8), (8, 16, 1, 8), (2, 16, 1, 2)]:
                     cfgs[f"nm24 n{bn} w{bw} s{sk} w{nw}"] = Nm24Config(bn, bw, sk, nw)
+            elif a.sweep:
+                d = cfgs["nm24 default"].split_k
+                for bn, bw, st, sk in itertools.product((32, 64, 128), (2, 4), (2, 3), sorted({max(1, d // 2), d, 2 * d})):
+                    cfgs[f"nm24 dot n{bn} w{bw} st{st} s{sk}"] = Nm24Config(bn, bw, sk, 4, dot=True, num_stages=st)
+                cfgs["nm24 fma n4 w16"] = Nm24Config(4, 16, 1, 4)
             for label, cfg in cfgs.items():
                 try:
                     y = nm24_matmul_triton(x, sp[0].bitmask, sp[0].values, n, config=cfg)

@@ -36,8 +36,8 @@ import triton.language as tl
 
 __all__ = ["Nm24Config", "nm24_codes", "nm24_matmul_triton", "default_nm24_config", "MAX_M"]
 
-#: Largest batch the kernel takes (more rows: the bitmap kernel / dense path).
-MAX_M = 8
+#: Largest batch the kernels take (more rows: the bitmap kernel / dense path).
+MAX_M = 32
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,12 @@ class Nm24Config:
     block_w: int = 16      # int32 code words (8 groups = 32 columns each) per step
     split_k: int = 1
     num_warps: int = 4
+    dot: bool = False      # tensor-core path (batches): the 2:4 tile expanded to dense in registers
+    num_stages: int = 1
 
     def short(self) -> str:
-        return f"nm24 n{self.block_n} w{self.block_w} s{self.split_k} w{self.num_warps}"
+        s = f"nm24 n{self.block_n} w{self.block_w} s{self.split_k} w{self.num_warps}"
+        return s + (f" dot st{self.num_stages}" if self.dot else "")
 
 
 def default_nm24_config(n: int, kw: int, num_sms: int = 132) -> Nm24Config:
@@ -64,6 +67,19 @@ def default_nm24_config(n: int, kw: int, num_sms: int = 132) -> Nm24Config:
     steps = -(-kw // block_w)
     split = 2 if (kw * 32 >= 8192 or tiles < 4 * num_sms) and steps >= 2 else 1
     return Nm24Config(block_n, block_w, split, 4)
+
+
+def default_nm24_dot_config(n: int, kw: int, num_sms: int = 132) -> Nm24Config:
+    """Batches: 64 weight rows x 128 columns a step on the tensor cores, split-K until the grid
+    has about two programs per SM."""
+    block_n = 64
+    block_w = min(4, max(1, 1 << (max(1, kw).bit_length() - 1)))
+    tiles = -(-n // block_n)
+    steps = -(-kw // block_w)
+    split = 1
+    while tiles * split < 2 * num_sms and steps >= 4 * split and split < 16:
+        split *= 2
+    return Nm24Config(block_n, block_w, split, 4, dot=True, num_stages=2)
 
 
 #: id(bitmask) -> (weak reference to it, codes); the entry goes when the bitmask does
@@ -178,6 +194,52 @@ def _nm24_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, M, N, KW, words_per_
 
 
 @triton.jit
+def _nm24_dot_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, M, N, KW, words_per_split, stride_xm, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
+                     BF16: tl.constexpr):
+    """Batches: each step expands a [BLOCK_N, 32 * BLOCK_W] 2:4 tile to dense 16-bit values in
+    registers (two selects per column) and multiplies it with the x tile on the tensor cores."""
+    BLOCK_G: tl.constexpr = 8 * BLOCK_W
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_c = tl.arange(0, 4)
+    offs_k = tl.arange(0, 4 * BLOCK_G)
+    g0 = pid_s * words_per_split * 8
+    g_end = tl.minimum(g0 + words_per_split * 8, KW * 8)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for gs in range(g0, g_end, BLOCK_G):
+        g = gs + offs_g
+        g_ok = g < g_end
+        wm = r_ok[:, None] & g_ok[None, :]
+        words = tl.load(code_ptr + rows64[:, None] * KW + (g // 8)[None, :], mask=wm, other=0)
+        code = (words >> (4 * (g % 8))[None, :]) & 0xF
+        vals = tl.load(val_ptr + rows64[:, None] * (KW * 8) + g[None, :], mask=wm, other=0)
+        i0 = (code & 3)[:, :, None]
+        i1 = ((code >> 2) & 3)[:, :, None]
+        c = offs_c[None, None, :]
+        bits = tl.where(c == i0, (vals & 0xFFFF)[:, :, None], tl.where(c == i1, ((vals >> 16) & 0xFFFF)[:, :, None], 0))
+        if BF16:
+            w = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            w = bits.to(tl.int16).to(tl.float16, bitcast=True)
+        w = tl.reshape(w, [BLOCK_N, 4 * BLOCK_G])
+        k = gs * 4 + offs_k
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                     mask=(offs_m[:, None] < M) & (k[None, :] < g_end * 4), other=0.0)
+        acc = tl.dot(xk, tl.trans(w), acc)
+    o_mask = (offs_m[:, None] < M) & r_ok[None, :]
+    if SPLIT:
+        tl.store(ws_ptr + (pid_s * M + offs_m[:, None]) * N + rows[None, :], acc, mask=o_mask)
+    else:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
 def _split_sum_kernel(ws_ptr, out_ptr, bias_ptr, M, N, stride_om, SPLITS: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -208,19 +270,27 @@ def nm24_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Ten
         raise ValueError("nm24 kernel needs bf16 or fp16 values and x of the same dtype")
     codes = nm24_codes(bitmask)
     xp = x if K == kw * 32 else torch.nn.functional.pad(x, (0, kw * 32 - K))  # padded groups hold zeros
-    x32 = xp.contiguous().view(torch.int32)  # [M, Kw*16]: x0|x1, x2|x3 per group
+    xp = xp.contiguous()
+    x32 = xp.view(torch.int32)  # [M, Kw*16]: x0|x1, x2|x3 per group
     v32 = values.contiguous().view(torch.int32)  # [N, Kw*8]: v0|v1 per group
-    cfg = config or default_nm24_config(n, kw, _sm_count(x.device))
+    sms = _sm_count(x.device)
+    cfg = config or (default_nm24_config(n, kw, sms) if M == 1 else default_nm24_dot_config(n, kw, sms))
     out = torch.empty((M, n), dtype=x.dtype, device=x.device)
     wps = -(-kw // cfg.split_k)
     wps = -(-wps // cfg.block_w) * cfg.block_w
     splits = -(-kw // wps)
     ws = torch.empty((splits * M, n), dtype=torch.float32, device=x.device) if splits > 1 else out
-    asm = not _interpreting()
     grid = (triton.cdiv(n, cfg.block_n), splits)
-    _nm24_kernel[grid](x32, codes, v32, out, ws, M, n, kw, wps, x32.stride(0), out.stride(0),
-                       M_PAD=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
-                       SPLIT=splits > 1, BF16=x.dtype == torch.bfloat16, ASM=asm, num_warps=cfg.num_warps)
+    if cfg.dot:
+        _nm24_dot_kernel[grid](xp.contiguous(), codes, v32, out, ws, M, n, kw, wps, xp.stride(0), out.stride(0),
+                               BLOCK_M=16 if M <= 16 else 32, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+                               SPLIT=splits > 1, BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages)
+    else:
+        _nm24_kernel[grid](x32, codes, v32, out, ws, M, n, kw, wps, x32.stride(0), out.stride(0),
+                           M_PAD=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+                           SPLIT=splits > 1, BF16=x.dtype == torch.bfloat16, ASM=not _interpreting(),
+                           num_warps=cfg.num_warps)
     if splits > 1:
         _split_sum_kernel[(triton.cdiv(n, 256), M)](ws, out, bias if bias is not None else out, M, n, out.stride(0),
                                                     SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=256,
