@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
@@ -235,10 +236,19 @@ def _search(w: torch.Tensor, stats, batch_sizes, autotune: bool) -> Plan:
                 key = (fmt, param)
                 if key not in best[m] or t < best[m][key][0]:
                     best[m][key] = (t, cfg)
-    # One format serves every batch size (the weight is stored once); the smallest batch
-    # (decode) decides, the others only get their best config for that format.
+    # One format serves every batch size (the weight is stored once). Timed: the format with
+    # the smallest geometric mean of (its time / dense's time) over the requested batch sizes,
+    # so a kernel that wins at batch 1 but loses badly at batch 8 (2:4 on the H100) is not
+    # picked for a model that will run both; untimed: the smallest batch's byte count decides.
     primary = best[min(best)] if best else {}
-    fmt, param = min(primary, key=lambda key: primary[key][0]) if primary else ("dense", ())
+    if autotune and primary and all(plan.dense_us.get(str(m)) for m in best):
+        def score(key):
+            if any(key not in best[m] for m in best):
+                return math.inf
+            return sum(math.log(best[m][key][0] / plan.dense_us[str(m)]) for m in best) / len(best)
+        fmt, param = min(primary, key=score)
+    else:
+        fmt, param = min(primary, key=lambda key: primary[key][0]) if primary else ("dense", ())
     plan.format, plan.param = fmt, list(param)
     chosen = encoded[(fmt, tuple(param))]
     plan.predicted_speedup = dense_bytes / (chosen.nbytes if fmt != "dense" else dense_bytes)
