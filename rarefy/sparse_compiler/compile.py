@@ -44,7 +44,7 @@ from rarefy.kernels.sparse_matmul.triton_delta import DeltaConfig
 from .pattern import analyze_pattern, pattern_hash
 
 # Bump when kernels or candidate lists change: old cache entries then miss.
-KERNEL_VERSION = 4
+KERNEL_VERSION = 5  # 5: the dedicated 2:4 kernel (nm24), geometric-mean format choice
 PREFILL_ROWS = 64
 MAX_BSR_FILL = 0.75
 
