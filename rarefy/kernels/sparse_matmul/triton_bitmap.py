@@ -132,7 +132,11 @@ def _bitmap_kernel(
             c1 = tl.reshape(cols, [BLOCK_K])
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + c1[None, :],
                          mask=m_ok[:, None] & (c1 < K)[None, :], other=0.0)
-            acc = tl.dot(tl.reshape(wv, [BLOCK_N, BLOCK_K]).to(DOT_DTYPE), tl.trans(xt.to(DOT_DTYPE)), acc)
+            if DOT_DTYPE == tl.float32:  # fp32 stays fp32 (tl.dot's default on a GPU is TF32)
+                acc = tl.dot(tl.reshape(wv, [BLOCK_N, BLOCK_K]), tl.trans(xt.to(tl.float32)), acc,
+                             input_precision="ieee")
+            else:
+                acc = tl.dot(tl.reshape(wv, [BLOCK_N, BLOCK_K]).to(DOT_DTYPE), tl.trans(xt.to(DOT_DTYPE)), acc)
         elif BLOCK_M == 1:
             if EVEN:
                 xv = tl.load(x_ptr + pid_m * stride_xm + cols)

@@ -66,7 +66,10 @@ def _bsr_kernel(
             else:
                 xs = tl.load(x_ptr + offs_m[None, :] * stride_xm + xc[:, None],
                              mask=ok & (xc < K)[:, None] & m_ok[None, :], other=0.0)
-                acc = tl.dot(blk.to(xs.dtype), xs, acc)
+                if xs.dtype == tl.float32:  # fp32 stays fp32 (tl.dot's default on a GPU is TF32)
+                    acc = tl.dot(blk.to(tl.float32), xs, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(blk.to(xs.dtype), xs, acc)
     if BLOCK_M == 1:
         res = tl.sum(acc, axis=1)[:, None]  # [B, 1]
     else:
