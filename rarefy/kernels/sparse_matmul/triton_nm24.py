@@ -151,6 +151,47 @@ def _halves_f32(p, BF16: tl.constexpr):
 
 
 @triton.jit
+def _nm24_gemv_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, N, KW, words_per_split,
+                      BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, BF16: tl.constexpr,
+                      ASM: tl.constexpr):
+    """Batch 1. Tensors are [BLOCK_N, BLOCK_W, 8] (rows, code words, groups of a word); x is
+    loaded as one 64-bit word per group into that same shape (row stride 0), so only the code
+    words change layout in the loop (sm_90 SASS: 2 barriers a step instead of 6)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    ow = tl.arange(0, BLOCK_W)
+    oj = tl.arange(0, 8)
+    shifts = (4 * oj)[None, None, :]
+    zero_r = (rows64 * 0)[:, None, None]
+    x64 = x_ptr.to(tl.pointer_type(tl.int64))
+    w0 = pid_s * words_per_split
+    w_end = tl.minimum(w0 + words_per_split, KW)
+    acc = tl.zeros([BLOCK_N, BLOCK_W, 8], tl.float32)
+    for w in range(w0, w_end, BLOCK_W):
+        ws = w + ow
+        m2 = r_ok[:, None] & (ws < w_end)[None, :]
+        words = tl.load(code_ptr + rows64[:, None] * KW + ws[None, :], mask=m2, other=0)
+        sel = _selector((words[:, :, None] >> shifts) & 0xF, ASM)
+        g = (ws[:, None] * 8 + oj[None, :])[None, :, :]
+        m3 = m2[:, :, None] & (oj < 8)[None, None, :]
+        vals = tl.load(val_ptr + rows64[:, None, None] * (KW * 8) + g, mask=m3, other=0)
+        xg = tl.load(x64 + zero_r + g, mask=m3, other=0)
+        x01 = xg.to(tl.int32)
+        x23 = (xg >> 32).to(tl.int32)
+        v0, v1 = _halves_f32(vals, BF16)
+        a0, a1 = _halves_f32(_pick(x01, x23, sel, ASM), BF16)
+        acc += v0 * a0 + v1 * a1
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if SPLIT:
+        tl.store(ws_ptr + pid_s * N + rows, out, mask=r_ok)
+    else:
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=r_ok)
+
+
+@triton.jit
 def _nm24_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, M, N, KW, words_per_split, stride_xm, stride_om,
                  M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                  BF16: tl.constexpr, ASM: tl.constexpr):
@@ -271,6 +312,8 @@ def nm24_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Ten
     codes = nm24_codes(bitmask)
     xp = x if K == kw * 32 else torch.nn.functional.pad(x, (0, kw * 32 - K))  # padded groups hold zeros
     xp = xp.contiguous()
+    if xp.data_ptr() % 16:  # the batch-1 kernel reads x as 64-bit words (a view may start mid-word)
+        xp = xp.clone()
     x32 = xp.view(torch.int32)  # [M, Kw*16]: x0|x1, x2|x3 per group
     v32 = values.contiguous().view(torch.int32)  # [N, Kw*8]: v0|v1 per group
     sms = _sm_count(x.device)
@@ -288,6 +331,10 @@ def nm24_matmul_triton(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Ten
                                BLOCK_M=16 if M <= 16 else 32, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
                                SPLIT=splits > 1, BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
+    elif M == 1:
+        _nm24_gemv_kernel[grid](x32, codes, v32, out, ws, n, kw, wps, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+                                SPLIT=splits > 1, BF16=x.dtype == torch.bfloat16, ASM=not _interpreting(),
+                                num_warps=cfg.num_warps)
     else:
         _nm24_kernel[grid](x32, codes, v32, out, ws, M, n, kw, wps, x32.stride(0), out.stride(0),
                            M_PAD=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
