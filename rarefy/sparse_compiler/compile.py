@@ -104,7 +104,7 @@ def _configs(fmt: str, m: int, device: torch.device, param: tuple = ()) -> list:
         return [None]
     if fmt == "nm" and param == (2, 4) and m <= NM24_MAX_M:  # the dedicated 2:4 kernel (benchmarks/gpu_nm24.py)
         if m == 1:
-            return [None] + [Nm24Config(bn, bw, s) for bn, bw, s in ((4, 32, 1), (2, 32, 2), (4, 8, 1), (4, 8, 2))]
+            return [None] + [Nm24Config(bn, bw, s) for bn, bw, s in ((2, 32, 1), (2, 32, 2), (4, 32, 1), (2, 16, 1))]
         return [None] + [Nm24Config(bn, bw, s, dot=True, num_stages=st)
                          for bn, bw, s, st in ((64, 4, 2, 2), (128, 4, 2, 2), (64, 2, 4, 3), (32, 4, 4, 2))]
     if fmt == "delta":

@@ -55,17 +55,15 @@ class Nm24Config:
 
 
 def default_nm24_config(n: int, kw: int, num_sms: int = 132) -> Nm24Config:
-    """Fitted to the H100 sweep of benchmarks/gpu_nm24.py (2026-11-23, batch 1, Llama-3-8B
-    shapes): 4 rows per program (2 for short matrices), 32 words a step on 4096-column rows
-    and 8 on longer work, a split of 2 on long rows (K >= 8192) or when the grid would leave
-    SMs idle. Best configurations found: 4096x4096 n4 w32 s1, 1024x4096 n2 w32 s2,
-    14336x4096 n4 w8 s1, 4096x14336 n4 w8 s2."""
-    block_n = 2 if n <= 1024 else 4
+    """Fitted to the H100 sweep of benchmarks/gpu_nm24.py (2026-11-23, batch-1 kernel, Llama-3-8B
+    shapes): 2 rows and 32 code words (1024 columns) per step, a split of 2 on long rows
+    (K >= 8192) or when the grid would leave SMs idle. Best found: n2 w32 s1 on 4096x4096
+    (9.4 µs), 1024x4096 (4.5), 14336x4096 (25.5); n2 w32 s2 on 4096x14336 (28.0)."""
+    block_n = 2
     tiles = -(-n // block_n)
-    block_w = 32 if n * kw <= 4096 * 128 else 8
-    block_w = min(block_w, max(1, 1 << (max(1, kw).bit_length() - 1)))
+    block_w = min(32, max(1, 1 << (max(1, kw).bit_length() - 1)))
     steps = -(-kw // block_w)
-    split = 2 if (kw * 32 >= 8192 or tiles < 4 * num_sms) and steps >= 2 else 1
+    split = 2 if (kw * 32 >= 8192 or tiles < num_sms) and steps >= 2 else 1
     return Nm24Config(block_n, block_w, split, 4)
 
 
