@@ -36,17 +36,17 @@ def calibrate_attention(
     ctx: int = typer.Option(2048, "--ctx", help="context length the budget and the errors are measured at"),
     chunks: int = typer.Option(4, "--chunks", help="chunks of --ctx tokens to measure on"),
     skip: int = typer.Option(0, "--skip-chunks", help="chunks of the text to skip first"),
-    sinks: str = typer.Option("16", "--sinks", help="sink-token counts to try per layer, comma list"),
-    metric: str = typer.Option("sens", "--metric",
-                               help="sens: out, weighted per layer by the loss change measured with only that "
-                                    "layer windowed (one extra partial forward per layer and chunk); out: the "
-                                    "window's change of the layer's output relative to its residual stream; "
-                                    "cos: 1 - cosine of attention outputs; grad: first-order loss change"),
+    sinks: str = typer.Option("16,32,64", "--sinks", help="sink-token counts to try per layer, comma list"),
+    metric: str = typer.Option("out", "--metric",
+                               help="out: the window's change of the layer's output relative to its residual "
+                                    "stream; sens: out weighted per layer by the loss change measured with only "
+                                    "that layer windowed (about L/2 more forwards per chunk); cos: 1 - cosine of "
+                                    "attention outputs; grad: first-order loss change (one backward per chunk)"),
     block_size: int = typer.Option(16, "--kv-block-size", help="tokens per KV-cache block"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV storage dtype simulated while measuring"),
     errors_out: Optional[str] = typer.Option(None, "--errors-out", help="also save the measured error table (JSON)"),
-    errors: Optional[str] = typer.Option(None, "--errors", help="allocate from a saved error table instead of "
-                                                                "measuring (no model or text needed)"),
+    errors: Optional[str] = typer.Option(None, "--errors", help="allocate from saved error tables (comma list, "
+                                                                "merged) instead of measuring (no model or text)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
@@ -67,7 +67,10 @@ def calibrate_attention(
         raise RarefyError(f"{out} exists (pass --overwrite to replace it)")
     sink_list = _int_list(sinks, "--sinks")
     if errors is not None:
-        table = WindowErrors.load(errors)
+        paths = [x for x in errors.split(",") if x.strip()]
+        table = WindowErrors.load(paths[0])
+        for extra in paths[1:]:
+            table = table.merge(WindowErrors.load(extra))
     else:
         if calib is None:
             raise RarefyError("give --calib TEXT to measure on (or --errors TABLE from an earlier run)")

@@ -203,6 +203,21 @@ class WindowErrors:
         except (KeyError, TypeError, ValueError) as e:
             raise RarefyError(f"not a window-error table: {e}") from None
 
+    def merge(self, other: WindowErrors) -> WindowErrors:
+        """Both tables' candidates (measured at the same context and block size, e.g. more sink
+        counts later); `grad` and the sensitivity are kept only if both have them / this one has."""
+        if (other.ctx, other.block_size, other.num_layers) != (self.ctx, self.block_size, self.num_layers):
+            raise RarefyError("window-error tables to merge must share ctx, block size and layer count")
+        new = [c for c, w in enumerate(other.candidates) if w not in self.candidates]
+
+        def cat(a, b):
+            return [ra + [rb[c] for c in new] for ra, rb in zip(a, b)]
+        grad = cat(self.grad, other.grad) if self.grad is not None and other.grad is not None else None
+        return WindowErrors(self.candidates + [other.candidates[c] for c in new], cat(self.out, other.out),
+                            cat(self.cos, other.cos), self.ctx, self.block_size, min(self.tokens, other.tokens),
+                            "; ".join(x for x in (self.source, other.source) if x), grad, self.sensitivity,
+                            self.sens_ref)
+
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=1)

@@ -87,6 +87,13 @@ def test_error_table_round_trip(tmp_path):
     assert back.candidates == t.candidates and back.out == t.out and back.blocks() == t.blocks()
     with pytest.raises(RarefyError, match="not found"):
         WindowErrors.load(str(tmp_path / "missing.json"))
+    more = WindowErrors([window_for_blocks(4, 8, 64, 4), t.candidates[-1]], [[0.3, 0.0]], [[0.3, 0.0]], 64, 4,
+                        50, "more sinks")
+    m = t.merge(more)
+    assert m.candidates == t.candidates + more.candidates[:1]  # the second is already there
+    assert m.out == [[1.0, 0.5, 0.2, 0.0, 0.3]] and m.tokens == 50 and "more sinks" in m.source
+    with pytest.raises(RarefyError, match="share ctx"):
+        t.merge(WindowErrors(more.candidates, [[0.3, 0.0]], [[0.3, 0.0]], 128, 4, 50))
 
 
 def test_measure_on_tiny_model(tiny_model_dir):
