@@ -149,17 +149,20 @@ def _halves_f32(p, BF16: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(N, BLOCK_N: tl.constexpr):
+    """Grid (row blocks, K splits): this program's split, its weight rows, their mask, as int64."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(1), rows, rows < N, rows.to(tl.int64)
+
+
+@triton.jit
 def _nm24_gemv_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, N, KW, words_per_split,
                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, BF16: tl.constexpr,
                       ASM: tl.constexpr):
     """Batch 1. Tensors are [BLOCK_N, BLOCK_W, 8] (rows, code words, groups of a word); x is
     loaded as one 64-bit word per group into that same shape (row stride 0), so only the code
     words change layout in the loop (sm_90 SASS: 2 barriers a step instead of 6)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = rows < N
-    rows64 = rows.to(tl.int64)
+    pid_s, rows, r_ok, rows64 = _program_rows(N, BLOCK_N)
     ow = tl.arange(0, BLOCK_W)
     oj = tl.arange(0, 8)
     shifts = (4 * oj)[None, None, :]
@@ -193,14 +196,12 @@ def _nm24_gemv_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, N, KW, words_pe
 def _nm24_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, M, N, KW, words_per_split, stride_xm, stride_om,
                  M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                  BF16: tl.constexpr, ASM: tl.constexpr):
-    # Every tensor is [M_PAD, BLOCK_N, BLOCK_G] (groups flattened) or a broadcast of one, loaded
-    # straight into that shape, so no layout conversion (shared-memory round trip) enters the loop.
+    """Batches up to 8 by FMA: tensors are [M_PAD, BLOCK_N, BLOCK_G] (groups flattened), each
+    decoded selector used for every x row. Slower than dense at batch 8 on the H100 (Triton
+    still converts the x and code layouts through shared memory here)."""
     BLOCK_G: tl.constexpr = 8 * BLOCK_W
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = rows < N
-    rows64 = rows.to(tl.int64)[None, :, None]
+    pid_s, rows, r_ok, rows64 = _program_rows(N, BLOCK_N)
+    rows64 = rows64[None, :, None]
     offs_m = tl.arange(0, M_PAD)[:, None, None]
     offs_g = tl.arange(0, BLOCK_G)[None, None, :]
     shifts = 4 * (offs_g % 8)
@@ -239,11 +240,7 @@ def _nm24_dot_kernel(x_ptr, code_ptr, val_ptr, out_ptr, ws_ptr, M, N, KW, words_
     """Batches: each step expands a [BLOCK_N, 32 * BLOCK_W] 2:4 tile to dense 16-bit values in
     registers (two selects per column) and multiplies it with the x tile on the tensor cores."""
     BLOCK_G: tl.constexpr = 8 * BLOCK_W
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = rows < N
-    rows64 = rows.to(tl.int64)
+    pid_s, rows, r_ok, rows64 = _program_rows(N, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_g = tl.arange(0, BLOCK_G)
     offs_c = tl.arange(0, 4)
