@@ -166,7 +166,8 @@ def report(r, a) -> str:
     targets = sorted({x["target"] for x in rows})
     names = list(dict.fromkeys(x.get("config", f"{x['mode']} magnitude {x['allocation']}") for x in rows))
     lines = [f"# Activation sparsity quality, embedded model ({date})", "",
-             f"Device: {a.device_label}. SmolLM2-135M-Instruct (embedded GGUF, fp32 on CPU). Every projection "
+             f"Device: {a.device_label}. SmolLM2-135M-Instruct (embedded GGUF; fp32 activations, fp16-stored "
+             "projection weights, the CPU default). Every projection "
              "input is sparsified: attn_in (read by q, k and v), o_in, mlp_in (read by gate and up), down_in; "
              "the LM head stays dense. Calibration: one dense pass over "
              f"{a.samples} windows of 512 tokens from the second half of WikiText-2 valid ({r['collect_s']:.0f} s), "
@@ -182,8 +183,9 @@ def report(r, a) -> str:
              + ("" if a.configs == ",".join(CONFIGS) else f" with `--configs {a.configs}`"), "",
              "Configurations: *mode* (threshold, topk, adaptive); *criterion*: `magnitude` ranks entries by |x|, "
              "`weighted` by |x_i| times the norm of the weight column that reads channel i (WINA-style); "
-             "*allocation*: uniform, or greedy per layer (TEAL-style; *sparse upstream*: searched on inputs with "
-             "the earlier layers sparsified); *sequential*: each input's threshold taken from activations already "
+             "*allocation*: uniform, greedy per layer (TEAL-style; *sparse upstream*: searched on inputs with "
+             "the earlier layers sparsified), or global across layers from output-KL sensitivity curves "
+             "(*refined*: curves re-estimated at the allocation's operating point); *sequential*: each input's threshold taken from activations already "
              "sparsified upstream instead of dense ones.", "",
              "Sparsity columns are measured on the evaluation text: *weighted* = zeroed fraction of each input "
              "weighted by the weights it gates (q+k+v, o, gate+up, down), i.e. the fraction of decoder "
