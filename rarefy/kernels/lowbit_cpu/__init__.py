@@ -64,8 +64,26 @@ def _load_ops() -> tuple:
     global _OPS
     _ext.require()
     ns = torch.ops.rarefy_lowbit
+    _register_fakes()
     _OPS = (ns.ternary_gemv.default, ns.int8_gemv.default, ns.gguf_gemv.default)
     return _OPS
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels, so torch.compile traces through the ops without running them:
+    every op returns float32 [..., N] for x [..., K]."""
+    def w_rows(x, w, *rest):
+        return x.new_empty(tuple(x.shape[:-1]) + (w.shape[0],))
+
+    def gguf(x, blocks, qtype, n, k, act, bias, isa):
+        return x.new_empty(tuple(x.shape[:-1]) + (n,))
+
+    for name, fn in (("ternary_gemv", w_rows), ("int8_gemv", w_rows), ("gguf_gemv", gguf)):
+        try:
+            torch.library.register_fake(f"rarefy_lowbit::{name}")(fn)
+        except RuntimeError as e:  # already registered (a second load in one process)
+            if "already" not in str(e):
+                raise
 
 
 # The calls go straight to the C++ op (a decode step makes ~200 of them; Python-side checks

@@ -1264,11 +1264,18 @@ at::Tensor gguf_gemv(const at::Tensor& x_in, const at::Tensor& blocks, int64_t q
 
 }  // namespace
 
+// Schemas here, kernels registered for the CPU key only: the ops then stay opaque to
+// torch.compile, which traces them with the fake (shape-only) kernels registered in Python
+// (rarefy/kernels/lowbit_cpu/__init__.py) instead of calling into this code.
 TORCH_LIBRARY(rarefy_lowbit, m) {
-  m.def("ternary_gemv(Tensor x, Tensor packed, Tensor scale, int group_size, int act, Tensor? bias, int isa) -> Tensor",
-        &ternary_gemv);
-  m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scale, int group_size, int act, Tensor? bias, int isa) -> Tensor",
-        &int8_gemv);
-  m.def("gguf_gemv(Tensor x, Tensor blocks, int qtype, int N, int K, int act, Tensor? bias, int isa) -> Tensor", &gguf_gemv);
+  m.def("ternary_gemv(Tensor x, Tensor packed, Tensor scale, int group_size, int act, Tensor? bias, int isa) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scale, int group_size, int act, Tensor? bias, int isa) -> Tensor");
+  m.def("gguf_gemv(Tensor x, Tensor blocks, int qtype, int N, int K, int act, Tensor? bias, int isa) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(rarefy_lowbit, CPU, m) {
+  m.impl("ternary_gemv", &ternary_gemv);
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("gguf_gemv", &gguf_gemv);
 }
