@@ -234,8 +234,7 @@ def run_e2e(a) -> list[str]:
     # the same GGUF-block model with its decode step through torch.compile (CPU inductor; the
     # projections stay opaque C++ ops), compiled during the warm-up call below
     gguf = engines["rarefy GGUF blocks (gguf_gemv_cpu)"]
-    gens["rarefy GGUF blocks, torch.compile decode"] = Generator(gguf.model, gguf.tokenizer, compile=True)
-    tokens_ref_key = "rarefy fp32 (dequantized)"
+    gens["rarefy GGUF blocks, torch.compile decode"] = Generator(gguf.model, gguf.tokenizer, cpu_compile=True)
     for g in gens.values():
         g.generate([prompt], params)
     before, waited = wait_quiet(a.max_load, a.max_wait)

@@ -69,10 +69,12 @@ class KVOptions:
 
 class Generator:
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None, use_cuda_graph: bool = True,
-                 compile: bool = False, kv: KVOptions | None = None):
+                 compile: bool = False, kv: KVOptions | None = None, cpu_compile: bool = False):
         """On CUDA the decode step is captured as a graph (use_cuda_graph), after
-        torch.compile fuses its small kernels (compile; slower warm-up). On the CPU, compile
-        runs the decode step through torch.compile (about 35 s once for the embedded model). With `kv`
+        torch.compile fuses its small kernels (compile; slower warm-up). On the CPU,
+        cpu_compile runs the decode step through torch.compile (about 35 s once for the
+        embedded model; measured with GGUF blocks and low-bit layers, whose C++ ops have fake
+        kernels -- a layer whose op has none cannot be traced). With `kv`
         the paged cache is used and decode runs eagerly."""
         self.model, self.tokenizer = model, tokenizer
         self.device = model.device
@@ -83,7 +85,7 @@ class Generator:
         # and attention glue around the opaque projection ops); the step always attends over
         # the whole static cache (masked) so its shapes never change and it compiles once.
         self._cpu_step = torch.compile(model, dynamic=False) if (
-            compile and self.device.type == "cpu" and kv is None) else None
+            cpu_compile and self.device.type == "cpu" and kv is None) else None
         if self.device.type == "cuda":
             model.fuse_projections()
         self._cache: StaticKVCache | None = None

@@ -1,4 +1,4 @@
-"""Generator(compile=True) on the CPU: the decode step through torch.compile, with the
+"""Generator(cpu_compile=True) on the CPU: the decode step through torch.compile, with the
 low-bit projections as opaque C++ ops (their shape-only fake kernels let inductor trace
 around them) -- the same greedy tokens as eager decode."""
 
@@ -31,5 +31,5 @@ def test_cpu_compiled_decode_equals_eager():
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     prompt = [[3, 17, 5, 42, 8]]
     (want,), _ = Generator(model, None).generate(prompt, params)
-    (got,), _ = Generator(model, None, compile=True).generate(prompt, params)
+    (got,), _ = Generator(model, None, cpu_compile=True).generate(prompt, params)
     assert got.token_ids == want.token_ids
