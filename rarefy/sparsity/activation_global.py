@@ -43,6 +43,16 @@ DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("fisher", "kl")
 
 
+def _setup(model, data, windows: int, tokens: int | None):
+    """(input sites, decoder layers, windows used, tokens per window) for the sensitivity passes."""
+    from rarefy.sparsity.activation import decoder_layers, input_sites
+
+    n_win = min(windows, len(data.layer_inputs[0]) if data.layer_inputs else 0)
+    if n_win < 1:
+        raise RarefyError("global allocation needs layer inputs: collect_statistics(keep_windows > 0)")
+    return input_sites(model), decoder_layers(model), n_win, tokens or data.layer_inputs[0][0].shape[1]
+
+
 def check_global_options(sparsities, grid) -> list[float]:
     grid = sorted(float(g) for g in grid)
     if not grid or any(not 0.0 < g < 1.0 for g in grid):
@@ -69,14 +79,9 @@ def sensitivity_curves(model, data, mode: str, stats, scales, grid, windows: int
                        progress: bool = False) -> dict[str, list[float]]:
     """{input: [C_j(s) for s in grid]}: mean KL(dense || sparse) at the logits, input j alone,
     on the first `tokens` tokens (default all) of the first `windows` kept windows."""
-    from rarefy.sparsity.activation import INPUT_NAMES, decoder_layers, input_sites
+    from rarefy.sparsity.activation import INPUT_NAMES
 
-    sites = input_sites(model)
-    layers = decoder_layers(model)
-    n_win = min(windows, len(data.layer_inputs[0]) if data.layer_inputs else 0)
-    if n_win < 1:
-        raise RarefyError("global allocation needs layer inputs: collect_statistics(keep_windows > 0)")
-    n = tokens or data.layer_inputs[0][0].shape[1]
+    sites, layers, n_win, n = _setup(model, data, windows, tokens)
 
     def inputs(i, w):  # prefixes are exact: attention is causal
         return data.layer_inputs[i][w][:, :n], tuple(r[:, :n] for r in data.rope[w])
@@ -139,14 +144,9 @@ def fisher_curves(model, data, mode: str, stats, scales, grid, windows: int = 1,
     everything upstream sparsified) gives the dropped part at each grid point, and g is taken
     at the sparsified input. Labels are still sampled from the dense model.
     """
-    from rarefy.sparsity.activation import INPUT_NAMES, decoder_layers, input_sites
+    from rarefy.sparsity.activation import INPUT_NAMES
 
-    sites = input_sites(model)
-    layers = decoder_layers(model)
-    n_win = min(windows, len(data.layer_inputs[0]) if data.layer_inputs else 0)
-    if n_win < 1:
-        raise RarefyError("global allocation needs layer inputs: collect_statistics(keep_windows > 0)")
-    n = tokens or data.layer_inputs[0][0].shape[1]
+    sites, layers, n_win, n = _setup(model, data, windows, tokens)
     names = [f"{i}.{inp}" for i in range(len(layers)) for inp in INPUT_NAMES]
     gen = torch.Generator().manual_seed(seed + 13)
     acc = {name: torch.zeros(len(grid), dtype=torch.float64) for name in names}

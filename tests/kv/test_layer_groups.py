@@ -16,13 +16,7 @@ from rarefy.kv.blocks import KVCacheFull
 from rarefy.kv.paged import PagedKVCache, layer_blocks_for
 from rarefy.kv.policies import Dense, PolicyConfig, TopK, Window
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def W(sinks, window, stride=0, block=4):

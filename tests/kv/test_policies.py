@@ -11,17 +11,20 @@ import pytest
 import torch
 
 from rarefy.errors import RarefyError
-from rarefy.kv.policies import (Dense, Entropy, PolicyConfig, Threshold, TopK, Window, load_policy_config,
-                                parse_policy, policy_config_from_dict, resolve_policy_config)
+from rarefy.kv.policies import (
+    Dense,
+    Entropy,
+    PolicyConfig,
+    Threshold,
+    TopK,
+    Window,
+    load_policy_config,
+    parse_policy,
+    policy_config_from_dict,
+    resolve_policy_config,
+)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and robust on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 INF = float("-inf")

@@ -11,18 +11,17 @@ from rarefy.config import ModelConfig
 from rarefy.errors import RarefyError
 from rarefy.kv.policies import Dense, PolicyConfig, Window, parse_policy
 from rarefy.kv.quant import roundtrip
-from rarefy.kv.simulate import (attention_read_fraction, clear_eval_attention, configure_eval_attention,
-                                decode_attention_with_policy, eval_attention, simulated_attention)
+from rarefy.kv.simulate import (
+    attention_read_fraction,
+    clear_eval_attention,
+    configure_eval_attention,
+    decode_attention_with_policy,
+    eval_attention,
+    simulated_attention,
+)
 from rarefy.models.llama import DecoderLM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and robust on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 POLICIES = ["dense", "topk:k=5", "topk:frac=0.3", "threshold:t=0.02", "entropy:factor=1.5,min=2",

@@ -7,9 +7,17 @@ import torch
 
 from rarefy.errors import RarefyError
 from rarefy.kv.policies import PolicyConfig, Window, load_policy_config
-from rarefy.kv.window_budget import (WindowErrors, _hull, allocate_windows, candidate_windows, check_budget,
-                                     measure_window_errors, policy_config_text, window_for_blocks,
-                                     write_policy_config)
+from rarefy.kv.window_budget import (
+    WindowErrors,
+    _hull,
+    allocate_windows,
+    candidate_windows,
+    check_budget,
+    measure_window_errors,
+    policy_config_text,
+    window_for_blocks,
+    write_policy_config,
+)
 
 
 def test_window_for_blocks_is_the_widest_that_fits():
