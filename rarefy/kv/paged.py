@@ -117,7 +117,7 @@ class PagedKVCache:
     @classmethod
     def for_model(cls, cfg, *, device, kv_dtype: str = "bf16", block_size: int = DEFAULT_BLOCK_SIZE,
                   num_blocks: int | None = None, memory_bytes: int | None = None,
-                  tokens: int | None = None, policy=None) -> "PagedKVCache":
+                  tokens: int | None = None, policy=None) -> PagedKVCache:
         """Size by block count, by a memory budget, or to hold `tokens` tokens."""
         if sum(x is not None for x in (num_blocks, memory_bytes, tokens)) != 1:
             raise ValueError("give exactly one of num_blocks, memory_bytes, tokens")
@@ -317,7 +317,7 @@ class PagedKVCache:
 
     def make_mask(self, positions, kv_len):
         """The model builds no mask for a paged cache: attend() knows each row's lengths."""
-        return None
+        return
 
     def attend(self, layer: int, q, k, v, positions=None, kv_len=None, mask=None):
         """Store the step's new keys/values (quantizing on write), then attend over each row's
@@ -483,4 +483,4 @@ def layer_blocks_for(per_layer: list, length: int, block_size: int) -> int:
                for n in range(1, length + 1))
 
 
-__all__ = ["PagedKVCache", "KVCacheFull", "StepMeta", "LayerMeta", "DEFAULT_BLOCK_SIZE", "layer_blocks_for"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "KVCacheFull", "LayerMeta", "PagedKVCache", "StepMeta", "layer_blocks_for"]
