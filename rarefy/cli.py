@@ -64,6 +64,9 @@ def generate(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past EOS"),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph", help="run decode eagerly on CUDA"),
     no_compile: bool = NoCompileOpt,
+    cpu_compile: bool = typer.Option(False, "--cpu-compile",
+                                     help="on the CPU, run the decode step through torch.compile: ~35 s once, "
+                                          "then ~1.3-1.4x faster decode (static KV cache)"),
     sparse: str = SparseOpt,
     act_dir: Optional[str] = ActSparsityOpt, act_level: Optional[float] = ActLevelOpt,
     kv_cache: str = KvCacheOpt, kv_dtype: str = KvDtypeOpt, kv_block_size: int = KvBlockOpt,
@@ -85,7 +88,8 @@ def generate(
              for p in prompts]
     ids = [tk.encode(t) for t in texts]
     act = activation_for_decode(loaded.model, act_dir, act_level)  # before the engine captures the model
-    gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph, compile=not no_compile, kv=kv)
+    gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph, compile=not no_compile, kv=kv,
+                    cpu_compile=cpu_compile)
     streaming = len(prompts) == 1 and not as_json
 
     def on_text(row, delta):

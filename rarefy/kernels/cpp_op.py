@@ -20,8 +20,11 @@ log = logging.getLogger(__name__)
 class CppOp:
     """One C++ source registering ``torch.ops.<namespace>.<op>``."""
 
-    def __init__(self, name: str, source: str, namespace: str, op: str, label: str):
+    def __init__(self, name: str, source: str, namespace: str, op: str, label: str, fakes: dict | None = None):
+        """fakes: {op name: shape-only function} registered after the build (the C++ side registers
+        its kernels for the CPU key only), so torch.compile traces around the ops."""
         self.name, self.source, self.namespace, self.op, self.label = name, source, namespace, op, label
+        self.fakes = fakes or {}
         self.state: dict = {"tried": False, "op": None, "error": None, "seconds": None}
         self._lock = threading.Lock()
 
@@ -39,6 +42,8 @@ class CppOp:
                 load(name=self.name, sources=[self.source], extra_cflags=["-O3", "-fopenmp"],
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
                 self.state["op"] = getattr(getattr(torch.ops, self.namespace), self.op).default
+                for op_name, fn in self.fakes.items():
+                    torch.library.register_fake(f"{self.namespace}::{op_name}")(fn)
             except Exception as e:  # no compiler, no ninja, bad toolchain, ...
                 self.state["error"] = f"{type(e).__name__}: {e}"
                 log.warning("%s unavailable, build failed: %s", self.label, self.state["error"])

@@ -35,6 +35,14 @@ def test_generate_json(tiny_model_dir):
     assert out["decode_tok_s"] > 0 and out["ttft_s"] > 0 and isinstance(out["text"], str)
 
 
+def test_generate_cpu_compile_same_tokens(tiny_model_dir):
+    """--cpu-compile runs the decode step through torch.compile: the same greedy tokens."""
+    args = ["generate", "--model", tiny_model_dir, "-n", 8, "--ignore-eos", "--json", "The quick brown fox"]
+    eager, compiled = run(*args), run(*args, "--cpu-compile")
+    assert compiled.exit_code == 0, compiled.output
+    assert last_json(compiled)["token_ids"] == last_json(eager)["token_ids"]
+
+
 def test_generate_several_prompts_and_sampling(tiny_model_dir):
     args = ["generate", "--model", tiny_model_dir, "-n", 6, "--ignore-eos", "--json",
             "--temperature", 0.8, "--top-k", 20, "--top-p", 0.9, "--seed", 7, "Sparse", "The lazy dog"]

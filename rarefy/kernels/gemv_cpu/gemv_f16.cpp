@@ -280,7 +280,13 @@ at::Tensor gemv_f16(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 
 }  // namespace
 
+// The kernel is registered for the CPU key only, so torch.compile traces the op with the
+// shape-only fake kernel registered in Python (rarefy/kernels/gemv_cpu/__init__.py).
 TORCH_LIBRARY(rarefy_gemv, m) {
-  m.def("gemv_f16(Tensor x, Tensor w, Tensor? bias=None, int isa=-1) -> Tensor", &gemv_f16);
+  m.def("gemv_f16(Tensor x, Tensor w, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(rarefy_gemv, CPU, m) {
+  m.impl("gemv_f16", &gemv_f16);
 }

@@ -46,7 +46,16 @@ ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
 QTYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 _ACT = {None: 0, "int8": 1}
 
-_ext = CppOp(_NAME, _SRC, "rarefy_lowbit", "ternary_gemv", "rarefy.kernels.lowbit_cpu")
+def _rows_of_weight(x, w, *rest):  # shape-only kernels for torch.compile: float32 [..., N]
+    return x.new_empty(tuple(x.shape[:-1]) + (w.shape[0],))
+
+
+def _rows_given(x, blocks, qtype, n, k, act, bias, isa):
+    return x.new_empty(tuple(x.shape[:-1]) + (n,))
+
+
+_ext = CppOp(_NAME, _SRC, "rarefy_lowbit", "ternary_gemv", "rarefy.kernels.lowbit_cpu",
+             fakes={"ternary_gemv": _rows_of_weight, "int8_gemv": _rows_of_weight, "gguf_gemv": _rows_given})
 _state = _ext.state
 
 # available(): builds/loads on this machine (never raises; logs why not, once); warm_up(): the
@@ -64,26 +73,8 @@ def _load_ops() -> tuple:
     global _OPS
     _ext.require()
     ns = torch.ops.rarefy_lowbit
-    _register_fakes()
     _OPS = (ns.ternary_gemv.default, ns.int8_gemv.default, ns.gguf_gemv.default)
     return _OPS
-
-
-def _register_fakes() -> None:
-    """Shape-only kernels, so torch.compile traces through the ops without running them:
-    every op returns float32 [..., N] for x [..., K]."""
-    def w_rows(x, w, *rest):
-        return x.new_empty(tuple(x.shape[:-1]) + (w.shape[0],))
-
-    def gguf(x, blocks, qtype, n, k, act, bias, isa):
-        return x.new_empty(tuple(x.shape[:-1]) + (n,))
-
-    for name, fn in (("ternary_gemv", w_rows), ("int8_gemv", w_rows), ("gguf_gemv", gguf)):
-        try:
-            torch.library.register_fake(f"rarefy_lowbit::{name}")(fn)
-        except RuntimeError as e:  # already registered (a second load in one process)
-            if "already" not in str(e):
-                raise
 
 
 # The calls go straight to the C++ op (a decode step makes ~200 of them; Python-side checks
