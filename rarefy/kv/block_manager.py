@@ -30,14 +30,8 @@ class SeqBlocks:
         return (len(self.blocks) - 1) * block_size + self.length - self.logical[-1] * block_size
 
 
-class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, evict_policy=None, allocator=None):
-        if block_size < 1 or block_size & (block_size - 1):
-            raise RarefyError(f"KV block size must be a power of two, got {block_size}")
-        self.block_size = block_size
-        self.allocator = BlockAllocator(num_blocks) if allocator is None else allocator
-        self.evict_policy = evict_policy
-        self.seqs: dict = {}
+class _PoolCounts:
+    """What every manager reports about its allocator (`self.allocator`) and sequences."""
 
     @property
     def num_blocks(self) -> int:
@@ -47,9 +41,36 @@ class BlockManager:
     def num_free(self) -> int:
         return self.allocator.num_free
 
-    def add(self, seq_id) -> None:
+    def _check_new(self, seq_id) -> None:
         if seq_id in self.seqs:
             raise RarefyError(f"sequence {seq_id!r} is already in the KV cache")
+
+    def _make_room(self, seq_ids: list, num_new: list[int], unit: str, capacity: str) -> None:
+        """Evict what the sequences' policy lets go, then refuse the step (KVCacheFull, nothing
+        taken) when the free blocks cannot hold it."""
+        for i in seq_ids:
+            if i not in self.seqs:
+                raise RarefyError(f"sequence {i!r} is not in the KV cache (add it first)")
+            self.evict(i)
+        need = self.blocks_needed(seq_ids, num_new)
+        if need > self.num_free:
+            raise KVCacheFull(
+                f"the KV cache is too small for this step: it needs {need} more {unit} of "
+                f"{self.block_size} tokens but {self.num_free} of {self.num_blocks} are free "
+                f"({capacity} in all); give the cache more memory or run fewer or shorter sequences")
+
+
+class BlockManager(_PoolCounts):
+    def __init__(self, num_blocks: int, block_size: int, evict_policy=None, allocator=None):
+        if block_size < 1 or block_size & (block_size - 1):
+            raise RarefyError(f"KV block size must be a power of two, got {block_size}")
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks) if allocator is None else allocator
+        self.evict_policy = evict_policy
+        self.seqs: dict = {}
+
+    def add(self, seq_id) -> None:
+        self._check_new(seq_id)
         self.seqs[seq_id] = SeqBlocks()
 
     def free(self, seq_id) -> None:
@@ -103,17 +124,7 @@ class BlockManager:
     def append(self, seq_ids: list, num_new: list[int]) -> list[list[int]]:
         """Reserve room and advance each sequence by num_new tokens (all or nothing: raises
         KVCacheFull having taken nothing). Returns each new token's slot, per sequence."""
-        for i in seq_ids:
-            if i not in self.seqs:
-                raise RarefyError(f"sequence {i!r} is not in the KV cache (add it first)")
-            self.evict(i)
-        need = self.blocks_needed(seq_ids, num_new)
-        if need > self.num_free:
-            raise KVCacheFull(
-                f"the KV cache is too small for this step: it needs {need} more blocks of "
-                f"{self.block_size} tokens but {self.num_free} of {self.num_blocks} are free "
-                f"({self.num_blocks * self.block_size} tokens in all); give the cache more memory or "
-                "run fewer or shorter sequences")
+        self._make_room(seq_ids, num_new, "blocks", f"{self.num_blocks * self.block_size} tokens")
         bs, out = self.block_size, []
         for i, n in zip(seq_ids, num_new):
             s = self.seqs[i]
@@ -195,7 +206,7 @@ def policy_groups(per_layer: list) -> list[tuple[list[int], object]]:
     return sorted(((layers, key) for key, layers in groups.items()), key=lambda g: g[0][0])
 
 
-class GroupedBlockManager:
+class GroupedBlockManager(_PoolCounts):
     """Block tables per group of layers that share an evicting policy, over ONE pool of
     layer-blocks, so that layers with a short window free their blocks early and the memory
     goes to any sequence and any layer (docs/kv-cache.md, "Layer groups").
@@ -228,17 +239,8 @@ class GroupedBlockManager:
         """Sequence id -> group 0's SeqBlocks (every group has the same sequences and lengths)."""
         return self.groups[0].seqs
 
-    @property
-    def num_blocks(self) -> int:
-        return self.allocator.num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return self.allocator.num_free
-
     def add(self, seq_id) -> None:
-        if seq_id in self.seqs:
-            raise RarefyError(f"sequence {seq_id!r} is already in the KV cache")
+        self._check_new(seq_id)
         for m in self.groups:
             m.add(seq_id)
 
@@ -272,15 +274,6 @@ class GroupedBlockManager:
     def append(self, seq_ids: list, num_new: list[int]) -> list[list[list[int]]]:
         """All or nothing over every group. Returns, per group, each sequence's new slots in
         group-block ids (GroupAllocator.unit_map turns them into each layer's slots)."""
-        for i in seq_ids:
-            if i not in self.seqs:
-                raise RarefyError(f"sequence {i!r} is not in the KV cache (add it first)")
-            self.evict(i)
-        need = self.blocks_needed(seq_ids, num_new)
-        if need > self.num_free:
-            raise KVCacheFull(
-                f"the KV cache is too small for this step: it needs {need} more layer-blocks of "
-                f"{self.block_size} tokens but {self.num_free} of {self.num_blocks} are free "
-                f"({self.num_blocks // sum(map(len, self.group_layers)) * self.block_size} tokens of every layer in "
-                "all); give the cache more memory or run fewer or shorter sequences")
+        per_layer = self.num_blocks // sum(map(len, self.group_layers)) * self.block_size
+        self._make_room(seq_ids, num_new, "layer-blocks", f"{per_layer} tokens of every layer")
         return [m.append(seq_ids, num_new) for m in self.groups]
