@@ -157,9 +157,9 @@ def fisher_curves(model, data, mode: str, stats, scales, grid, windows: int = 1,
         drops: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad():  # the dropped part of every input at every grid point
             probs = torch.softmax(model.lm_head(model.model.norm(_tail(layers, 0, h0, rope))).float(), -1)
-            xs = {}
+            xs: dict[str, torch.Tensor] = {}
 
-            def record(mod, args, name=None):
+            def record(mod, args, name=None, xs=xs):
                 xs[name] = args[0].detach()
                 if operating is not None:
                     sc = None if scales is None else scales[name]
@@ -175,7 +175,7 @@ def fisher_curves(model, data, mode: str, stats, scales, grid, windows: int = 1,
             for name in names:
                 sc = None if scales is None else scales[name]
                 drops[name] = [xs[name] - apply_rule(mode, stats[name].param(mode, g), xs[name], sc)[0] for g in grid]
-            del xs
+            xs.clear()
         for _ in range(samples):
             labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).reshape(probs.shape[:-1])
             seen: dict[str, torch.Tensor] = {}
