@@ -22,6 +22,10 @@ Layout (``TiledBitmap`` and ``NMSparse`` both map onto it, see ``bitmap_args``):
     if available():
         y = bitmap_matmul(x, bitmask, values, row_start, k, bias)   # x fp32 [M, K] -> fp32 [M, N]
 
+int8 values with a per-output-row fp32 scale (``Int8TiledBitmap``, sparse + int8):
+
+        y = bitmap_matmul_int8(x, bitmask, values_int8, row_start, scale, k, bias)
+
 Compiled once with ``torch.utils.cpp_extension.load`` and cached in torch's extensions directory;
 registered as ``torch.ops.rarefy_sparse.bitmap_matmul``.
 """
@@ -36,7 +40,7 @@ from rarefy.kernels.cpp_op import CppOp
 
 from .ref import bitmap_args, bitmap_matmul_ref, densify, unpack_bitmask
 
-__all__ = ["available", "bitmap_matmul", "bitmap_matmul_ref", "bitmap_args", "densify", "unpack_bitmask",
+__all__ = ["available", "bitmap_matmul", "bitmap_matmul_int8", "bitmap_matmul_ref", "bitmap_args", "densify", "unpack_bitmask",
            "warm_up", "build_seconds", "best_isa", "ISA_NAMES"]
 
 
@@ -83,3 +87,17 @@ def bitmap_matmul(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
     """
     op = _ext.require()
     return op(x if x.is_contiguous() else x.contiguous(), bitmask, values, row_start, k, bias, isa)
+
+
+def bitmap_matmul_int8(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_start: torch.Tensor,
+                       scale: torch.Tensor, k: int, bias: torch.Tensor | None = None, *,
+                       isa: int = -1) -> torch.Tensor:
+    """``y = x @ (scale[:, None] * Q).T (+ bias)``, Q [N, k] a bitmap with int8 values, fp32 math.
+
+    As ``bitmap_matmul``, but ``values`` is int8 and ``scale`` float32 ``[N]`` (contiguous):
+    row n's dot product is multiplied by ``scale[n]`` once. Same checks, same code paths
+    (VBMI2 byte expand, AVX-512 masked byte loads + fp32 expand, scalar).
+    """
+    _ext.require()
+    op = torch.ops.rarefy_sparse.bitmap_matmul_int8.default
+    return op(x if x.is_contiguous() else x.contiguous(), bitmask, values, row_start, scale, k, bias, isa)

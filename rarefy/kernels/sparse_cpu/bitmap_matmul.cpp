@@ -21,6 +21,12 @@
 // dense 4x4 register tile runs over it. Either way weights stream from memory once per call,
 // with software prefetch ahead of both streams.
 //
+// int8 values (bitmap_matmul_int8, the sparse + int8 composition): the stored values are int8
+// with one fp32 scale per output row; a word decodes by expanding bytes (VBMI2 vpexpandb) or by
+// masked byte loads + vexpandps, sign-extends to int32 and converts to fp32 (exact); the row's
+// scale multiplies the fp32 sum once per output. At 50% density that streams 0.625 B/weight
+// (values + mask bit) against 1.125 for fp16 values and 1 for dense int8.
+//
 // Bits at columns >= K (NMSparse pads its last group with stored zeros) consume their values,
 // which are ignored. Each row's value range is checked against values.numel() before it is
 // read: bad metadata gives an error, not an out-of-bounds read. Rows are split over threads
@@ -48,7 +54,11 @@
 namespace {
 
 enum Isa : int64_t { kAuto = -1, kScalar = 0, kAvx512 = 1, kVbmi2 = 2 };
-enum Vt : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
+enum Vt : int { kF16 = 0, kBF16 = 1, kF32 = 2, kI8 = 3 };
+
+// Bytes per stored value.
+template <int VT>
+constexpr int64_t esize() { return VT == kF32 ? 4 : VT == kI8 ? 1 : 2; }
 
 struct Problem {
   const float* x;          // [M, K]
@@ -56,6 +66,7 @@ struct Problem {
   const uint8_t* vals;     // [nvals] of esize bytes
   const int32_t* rs;       // [N]
   const float* bias;       // [N] or nullptr
+  const float* scale;      // [N] per-row scale of int8 values (kI8 only), else nullptr
   float* y;                // [M, N]
   int64_t M, N, K, Kw, nvals;
   uint32_t tail;           // valid-column mask of the last word
@@ -84,6 +95,7 @@ template <int VT>
 inline float value_at(const uint8_t* vals, int64_t i) {
   if constexpr (VT == kF16) return static_cast<float>(reinterpret_cast<const c10::Half*>(vals)[i]);
   if constexpr (VT == kBF16) return static_cast<float>(reinterpret_cast<const c10::BFloat16*>(vals)[i]);
+  if constexpr (VT == kI8) return static_cast<float>(reinterpret_cast<const int8_t*>(vals)[i]);
   return reinterpret_cast<const float*>(vals)[i];
 }
 
@@ -104,7 +116,8 @@ bool rows_scalar(const Problem& p, int64_t n0, int64_t n1, int64_t* bad) {
         for (int64_t r = 0; r < p.M; ++r) acc[r] += p.x[r * p.K + c] * v;
       }
     }
-    for (int64_t r = 0; r < p.M; ++r) p.y[r * p.N + n] = acc[r] + (p.bias ? p.bias[n] : 0.f);
+    const float s = VT == kI8 ? p.scale[n] : 1.f;
+    for (int64_t r = 0; r < p.M; ++r) p.y[r * p.N + n] = acc[r] * s + (p.bias ? p.bias[n] : 0.f);
   }
   return true;
 }
@@ -121,7 +134,28 @@ bool rows_scalar(const Problem& p, int64_t n0, int64_t n1, int64_t* bad) {
 // at unset bits; advance vp past the popcount(m) values consumed.
 template <int VT, bool VB2>
 RF_TGT inline void decode(uint32_t m, const uint8_t*& vp, __m512& lo, __m512& hi) {
-  if constexpr (VT == kF32) {
+  if constexpr (VT == kI8) {
+    // int8 values: expand bytes (VBMI2) or masked-load each half's bytes; sign-extend to
+    // int32, convert to fp32 (exact), and expand in fp32 without VBMI2. The per-row scale is
+    // applied once per output, not per weight.
+    __m128i a, b;
+    if constexpr (VB2) {
+      const __m256i v = _mm256_maskz_expandloadu_epi8(static_cast<__mmask32>(m), vp);
+      vp += _mm_popcnt_u32(m);
+      a = _mm256_castsi256_si128(v);
+      b = _mm256_extracti128_si256(v, 1);
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    } else {
+      const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
+      const unsigned c0 = _mm_popcnt_u32(m0), c1 = _mm_popcnt_u32(m1);
+      a = _mm_maskz_loadu_epi8(static_cast<__mmask16>(_bzhi_u32(0xffffu, c0)), vp);
+      b = _mm_maskz_loadu_epi8(static_cast<__mmask16>(_bzhi_u32(0xffffu, c1)), vp + c0);
+      vp += c0 + c1;
+      lo = _mm512_maskz_expand_ps(m0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)));
+      hi = _mm512_maskz_expand_ps(m1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+    }
+  } else if constexpr (VT == kF32) {
     const __mmask16 m0 = static_cast<__mmask16>(m), m1 = static_cast<__mmask16>(m >> 16);
     lo = _mm512_maskz_expandloadu_ps(m0, vp);
     vp += 4 * _mm_popcnt_u32(m0);
@@ -195,7 +229,7 @@ RF_TGT void tile(const Problem& p, int64_t m0, int64_t n) {
   const int64_t K = p.K, Kw = p.Kw;
   const uint32_t* bm = p.bm + n * Kw;
   const float* x = p.x + m0 * K;
-  const uint8_t* vp = p.vals + (VT == kF32 ? 4 : 2) * static_cast<int64_t>(p.rs[n]);
+  const uint8_t* vp = p.vals + esize<VT>() * static_cast<int64_t>(p.rs[n]);
   __m512 acc[MT][NA];
   RF_UNROLL for (int i = 0; i < MT; ++i)
     RF_UNROLL for (int a = 0; a < NA; ++a) acc[i][a] = _mm512_setzero_ps();
@@ -203,9 +237,10 @@ RF_TGT void tile(const Problem& p, int64_t m0, int64_t n) {
   // Last word: x past column K is never read (masked loads do not fault); weights there are 0.
   if (Kw > 0) word_step<VT, VB2, MT, NA>(bm[Kw - 1], vp, bm + Kw - 1, x + 32 * (Kw - 1), K, p.tail, acc);
   const float b = p.bias ? p.bias[n] : 0.f;
+  const float sc = VT == kI8 ? p.scale[n] : 1.f;
   RF_UNROLL for (int i = 0; i < MT; ++i) {
     const __m512 s = NA == 2 ? _mm512_add_ps(acc[i][0], acc[i][NA - 1]) : acc[i][0];
-    p.y[(m0 + i) * p.N + n] = _mm512_reduce_add_ps(s) + b;
+    p.y[(m0 + i) * p.N + n] = _mm512_reduce_add_ps(s) * sc + b;
   }
 }
 
@@ -229,7 +264,8 @@ RF_TGT void row_small_m(const Problem& p, int64_t n) {
 template <int VT, bool VB2>
 RF_TGT void decode_row(const Problem& p, int64_t n, float* out) {
   const uint32_t* bm = p.bm + n * p.Kw;
-  const uint8_t* vp = p.vals + (VT == kF32 ? 4 : 2) * static_cast<int64_t>(p.rs[n]);
+  const uint8_t* vp = p.vals + esize<VT>() * static_cast<int64_t>(p.rs[n]);
+  const __m512 sc = _mm512_set1_ps(VT == kI8 ? p.scale[n] : 1.f);  // int8: scaled here, once per weight
   for (int64_t w = 0; w < p.Kw; ++w) {
     _mm_prefetch(reinterpret_cast<const char*>(vp) + kPfValues, _MM_HINT_T0);
     __m512 lo, hi;
@@ -237,6 +273,10 @@ RF_TGT void decode_row(const Problem& p, int64_t n, float* out) {
     if (w + 1 == p.Kw) {  // drop padding values past column K
       lo = _mm512_maskz_mov_ps(static_cast<__mmask16>(p.tail), lo);
       hi = _mm512_maskz_mov_ps(static_cast<__mmask16>(p.tail >> 16), hi);
+    }
+    if constexpr (VT == kI8) {
+      lo = _mm512_mul_ps(lo, sc);
+      hi = _mm512_mul_ps(hi, sc);
     }
     _mm512_storeu_ps(out + 32 * w, lo);
     _mm512_storeu_ps(out + 32 * w + 16, hi);
@@ -325,18 +365,21 @@ RowsFn pick(int64_t isa) {
 }
 
 // ----------------------------------------------------------------------------- op
-at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& values,
-                         const at::Tensor& row_start, int64_t k, const c10::optional<at::Tensor>& bias,
-                         int64_t isa) {
-  const char* f = "bitmap_matmul: ";
+at::Tensor bitmap_impl(const char* f, const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& values,
+                       const at::Tensor& row_start, const at::Tensor* scale, int64_t k,
+                       const c10::optional<at::Tensor>& bias, int64_t isa) {
   for (const at::Tensor* t : {&x, &bitmask, &values, &row_start})
     TORCH_CHECK_VALUE(t->device().is_cpu(), f, "all tensors must be on the CPU, got ", t->device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, f, "x must be float32, got ", x.scalar_type());
   TORCH_CHECK_TYPE(bitmask.scalar_type() == at::kInt, f, "bitmask must be int32, got ", bitmask.scalar_type());
   TORCH_CHECK_TYPE(row_start.scalar_type() == at::kInt, f, "row_start must be int32, got ", row_start.scalar_type());
   const auto vt = values.scalar_type();
-  TORCH_CHECK_TYPE(vt == at::kHalf || vt == at::kBFloat16 || vt == at::kFloat, f,
-                   "values must be float16, bfloat16 or float32, got ", vt);
+  if (scale) {
+    TORCH_CHECK_TYPE(vt == at::kChar, f, "values must be int8, got ", vt);
+  } else {
+    TORCH_CHECK_TYPE(vt == at::kHalf || vt == at::kBFloat16 || vt == at::kFloat, f,
+                     "values must be float16, bfloat16 or float32, got ", vt);
+  }
   TORCH_CHECK_VALUE(k >= 0, f, "k must be >= 0, got ", k);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, f, "x must be [..., K] with K = k = ", k, ", got ", x.sizes());
   const int64_t Kw = (k + 31) / 32;
@@ -347,6 +390,15 @@ at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& bitmask, const a
                     row_start.sizes());
   TORCH_CHECK_VALUE(x.is_contiguous() && bitmask.is_contiguous() && values.is_contiguous() &&
                         row_start.is_contiguous(), f, "x, bitmask, values and row_start must be contiguous");
+  const float* sptr = nullptr;
+  if (scale) {
+    const at::Tensor& s = *scale;
+    TORCH_CHECK_VALUE(s.device().is_cpu(), f, "scale must be a CPU tensor");
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, f, "scale must be float32, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.numel() == N && s.is_contiguous(), f, "scale must be contiguous with N = ", N,
+                      " elements (one per output row), got ", s.sizes());
+    sptr = s.data_ptr<float>();
+  }
   const float* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
@@ -372,10 +424,12 @@ at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& bitmask, const a
             static_cast<const uint8_t*>(values.data_ptr()),
             row_start.data_ptr<int32_t>(),
             bptr,
+            sptr,
             y.data_ptr<float>(),
             M, N, k, Kw, values.numel(),
             tail_bits >= 32 ? 0xffffffffu : (1u << tail_bits) - 1u};
-  const RowsFn rows = vt == at::kHalf ? pick<kF16>(isa) : vt == at::kBFloat16 ? pick<kBF16>(isa) : pick<kF32>(isa);
+  const RowsFn rows = vt == at::kChar ? pick<kI8>(isa) : vt == at::kHalf ? pick<kF16>(isa)
+                     : vt == at::kBFloat16 ? pick<kBF16>(isa) : pick<kF32>(isa);
 
   // A chunk gets >= ~48 KiB of weight (average row bytes), so small layers skip fork/join.
   const double row_bytes = 4.0 * Kw + static_cast<double>(values.nbytes()) / N;
@@ -391,9 +445,24 @@ at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& bitmask, const a
   return y;
 }
 
+at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& values,
+                         const at::Tensor& row_start, int64_t k, const c10::optional<at::Tensor>& bias,
+                         int64_t isa) {
+  return bitmap_impl("bitmap_matmul: ", x, bitmask, values, row_start, nullptr, k, bias, isa);
+}
+
+// int8 values with one fp32 scale per output row: y[m, n] = scale[n] * sum_k x[m, k] q[n, k] (+ bias).
+at::Tensor bitmap_matmul_int8(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& values,
+                              const at::Tensor& row_start, const at::Tensor& scale, int64_t k,
+                              const c10::optional<at::Tensor>& bias, int64_t isa) {
+  return bitmap_impl("bitmap_matmul_int8: ", x, bitmask, values, row_start, &scale, k, bias, isa);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rarefy_sparse, m) {
+  m.def("bitmap_matmul_int8(Tensor x, Tensor bitmask, Tensor values, Tensor row_start, Tensor scale, int k, "
+        "Tensor? bias=None, int isa=-1) -> Tensor", &bitmap_matmul_int8);
   m.def("bitmap_matmul(Tensor x, Tensor bitmask, Tensor values, Tensor row_start, int k, Tensor? bias=None, "
         "int isa=-1) -> Tensor", &bitmap_matmul);
   m.def("best_isa() -> int", &best_isa);

@@ -6,7 +6,8 @@
 
     CUDA: the Triton kernels (triton_nm24 for 2:4 bf16/fp16 with at most 8 rows, triton_bitmap
     for TiledBitmap and other NMSparse, triton_bsr for
-    BlockSparse with b in 16/32/64, triton_delta for DeltaSparse), x and the values of one dtype. `config` is a
+    BlockSparse with b in 16/32/64, triton_delta for DeltaSparse, triton_bitmap_int8 for
+    Int8TiledBitmap), x and the values of one dtype (Int8TiledBitmap: int8 values, any float x). `config` is a
     BitmapConfig / BsrConfig (the compiler's autotuned choice); None picks a default.
     CPU: rarefy's C++ kernel (rarefy.kernels.sparse_cpu) for the bitmap formats when it
     builds, fp32 math; otherwise (and for BlockSparse, DeltaSparse) densify-and-matmul in torch.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rarefy.formats.sparse_weight import BlockSparse, DeltaSparse, NMSparse, SparseWeight, TiledBitmap
+from rarefy.formats.sparse_weight import BlockSparse, DeltaSparse, Int8TiledBitmap, NMSparse, SparseWeight, TiledBitmap
 
 from .ref import sparse_matmul_ref
 
@@ -34,6 +35,10 @@ def triton_supports(w: SparseWeight) -> bool:
 
 
 def _cuda(x2: torch.Tensor, w: SparseWeight, bias, config) -> torch.Tensor:
+    if isinstance(w, Int8TiledBitmap):
+        from .triton_bitmap_int8 import bitmap_int8_matmul_triton
+        return bitmap_int8_matmul_triton(x2, w.bitmask, w.values, w.tile_offsets, w.scale, w.shape[0],
+                                         bias=bias, config=config)
     if isinstance(w, TiledBitmap):
         from .triton_bitmap import bitmap_matmul_triton
         return bitmap_matmul_triton(x2, w.bitmask, w.values, w.shape[0], tile_offsets=w.tile_offsets,
@@ -55,6 +60,13 @@ def _cuda(x2: torch.Tensor, w: SparseWeight, bias, config) -> torch.Tensor:
 
 
 def _cpu(x2: torch.Tensor, w: SparseWeight, bias) -> torch.Tensor:
+    if isinstance(w, Int8TiledBitmap):
+        from rarefy.kernels import sparse_cpu
+        if sparse_cpu.available():
+            y = sparse_cpu.bitmap_matmul_int8(x2.float(), w.bitmask, w.values, w.tile_offsets[:, 0].contiguous(),
+                                              w.scale, w.shape[1], bias=None if bias is None else bias.float())
+            return y.to(x2.dtype)
+        return F.linear(x2, w.to_dense(x2.dtype), bias)
     if isinstance(w, (TiledBitmap, NMSparse)):
         from rarefy.kernels import sparse_cpu
         if sparse_cpu.available():
