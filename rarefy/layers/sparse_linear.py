@@ -6,6 +6,11 @@ on this device and cached on disk) and swaps in a SparseLinear where the measure
 kernel beats the dense one; where it does not, the dense layer stays (per-layer fallback).
 On CUDA the q/k/v and gate/up projections are fused first, so each fused matrix is
 compiled as one. The load path calls it for checkpoints written by ``rarefy prune``.
+
+A SparseLinear can also hold a weight format directly, without the compiler: an
+``Int8TiledBitmap`` (sparse + int8: int8 values in the bitmap layout, one fp32 scale per
+output row) runs through ``sparse_matmul`` (the C++ kernel on CPU, triton_bitmap_int8 on
+CUDA); checkpoints written by ``rarefy quantize --to int8`` from a pruned model load so.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from torch import nn
 
 from rarefy.layers.half_weight_linear import HalfWeightLinear
 from rarefy.layers.linear import DenseLinear
+
+# CUDA batches above this many rows run a dense GEMM on the rebuilt weight (as the compiler's
+# CompiledMatrix does for prefill): the decode kernels are not built for them.
+PREFILL_ROWS = 64
 
 # Below this fraction of zeros no format saves enough bytes to pay for its metadata.
 MIN_SPARSITY = 0.25
@@ -39,11 +48,42 @@ def _(x, key, bias):
     return x.new_empty(*x.shape[:-1], _REGISTRY[key].shape[0])
 
 
+class _Plan:
+    def __init__(self, fmt: str):
+        self.format, self.param = fmt, ""
+
+
+class _Stats:
+    def __init__(self, density: float):
+        self.density = density
+
+
+class DirectWeight:
+    """A sparse weight format used as is (no compiler plan): callable like CompiledMatrix."""
+
+    def __init__(self, weight, config=None):
+        from rarefy.formats.sparse_weight import Int8TiledBitmap
+        self.weight, self.config = weight, config
+        self.shape = tuple(weight.shape)
+        self.plan = _Plan("bitmap-int8" if isinstance(weight, Int8TiledBitmap) else type(weight).__name__)
+        self.stats = _Stats(weight.nnz / max(1, self.shape[0] * self.shape[1]))
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        from rarefy.kernels.sparse_matmul import sparse_matmul
+        if x.is_cuda and x.numel() // max(1, x.shape[-1]) > PREFILL_ROWS:
+            return torch.nn.functional.linear(x, self.weight.to_dense(x.dtype), bias)
+        return sparse_matmul(x, self.weight, bias, config=self.config)
+
+
 class SparseLinear(nn.Module):
-    """y = x @ W^T + b with W held by a CompiledMatrix (TiledBitmap / NMSparse / BlockSparse)."""
+    """y = x @ W^T + b with W held by a CompiledMatrix (TiledBitmap / NMSparse / BlockSparse),
+    or by a weight format given directly (e.g. Int8TiledBitmap; wrapped in DirectWeight)."""
 
     def __init__(self, compiled, bias: torch.Tensor | None):
         super().__init__()
+        from rarefy.formats.sparse_weight import _SparseWeight
+        if isinstance(compiled, _SparseWeight):
+            compiled = DirectWeight(compiled)
         self.compiled = compiled
         self.out_features, self.in_features = compiled.shape
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
