@@ -67,6 +67,12 @@ class LayerMeta:
 
 
 class PagedKVCache:
+    def __new__(cls, *args, **kwargs):
+        # a policy with per-KV-head windows makes a head-grouped cache (HeadGroupedKVCache)
+        if cls is PagedKVCache and _has_per_head(kwargs.get("policy", args[7] if len(args) > 7 else None)):
+            cls = HeadGroupedKVCache
+        return object.__new__(cls)
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int | None,
                  block_size: int = DEFAULT_BLOCK_SIZE, kv_dtype: str = "bf16",
                  device: torch.device | str = "cpu", policy=None, num_layer_blocks: int | None = None):
@@ -126,7 +132,8 @@ class PagedKVCache:
         if memory_bytes is not None:
             per_block = block_size * quant.bytes_per_token(kv_dtype, L, cfg.num_kv_heads, cfg.head_dim)
             num_blocks = memory_bytes // per_block
-            units = memory_bytes // (per_block // L)  # a grouped cache uses every whole layer-block
+            # a grouped cache uses every whole layer-block (head-block when split per KV head)
+            units = memory_bytes // (per_block // (L * (cfg.num_kv_heads if _has_per_head(policy) else 1)))
             if num_blocks < 1:
                 raise RarefyError(f"a KV-cache budget of {memory_bytes} bytes holds no block of "
                                   f"{block_size} tokens ({per_block} bytes each)")
@@ -461,6 +468,64 @@ class PagedKVCache:
         return torch.tensor([self.length(i) - 1 for i in self.meta.seq_ids], device=self.device)
 
 
+def _has_per_head(policy) -> bool:
+    from rarefy.kv.policies import PerHead
+    return isinstance(policy, PerHead) or bool(getattr(policy, "per_head", False))
+
+
+class _HeadPolicies:
+    """Virtual layer layer · num_kv_heads + h → KV head h's policy in layer `layer`."""
+
+    def __init__(self, policy, num_layers: int, num_kv_heads: int):
+        from rarefy.kv.policies import PerHead
+        self.policies = []
+        for i in range(num_layers):
+            p = policy.for_layer(i) if hasattr(policy, "for_layer") else policy
+            if isinstance(p, PerHead):
+                p.check_heads(num_kv_heads, f"layer {i}: ")
+                self.policies += list(p.heads)
+            else:
+                self.policies += [p] * num_kv_heads
+
+    def for_layer(self, i: int):
+        return self.policies[i]
+
+
+class HeadGroupedKVCache(PagedKVCache):
+    """A paged cache whose block tables are per (layer, KV head): for per-head windows
+    (`PerHead` policies, DuoAttention-style), where the heads of one layer keep different
+    blocks. Built by PagedKVCache(...) / for_model when the policy has per-head windows.
+
+    Internally every (layer, KV head) is a virtual layer with one KV head: virtual layer
+    layer · num_kv_heads + h, grouped by policy over ONE pool of head-blocks (one KV head's
+    keys and values for block_size tokens), so `num_layers` / `num_kv_heads` here count
+    virtual layers (model_num_layers / model_num_kv_heads are the model's). attend() runs
+    each KV head with its query heads through its own table; a head that keeps few blocks
+    frees them while a "retrieval" head of the same layer keeps its whole context. Counts
+    (num_layer_blocks, layer_blocks_for, ...) are in head-blocks."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int | None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, kv_dtype: str = "bf16",
+                 device: torch.device | str = "cpu", policy=None, num_layer_blocks: int | None = None):
+        """num_blocks: blocks of every (layer, KV head) (the memory of num_blocks dense blocks);
+        num_layer_blocks: the pool in head-blocks exactly (for_model passes it)."""
+        self.model_num_layers, self.model_num_kv_heads = num_layers, num_kv_heads
+        virtual = _HeadPolicies(policy, num_layers, num_kv_heads)
+        super().__init__(num_layers * num_kv_heads, 1, head_dim, num_blocks, block_size, kv_dtype, device,
+                         virtual, num_layer_blocks=num_layer_blocks)
+
+    def attend(self, layer: int, q, k, v, positions=None, kv_len=None, mask=None):
+        H = self.model_num_kv_heads
+        if k.shape[1] != H or q.shape[1] % H:
+            raise RarefyError(f"HeadGroupedKVCache.attend: expected {H} KV heads and a multiple of them as query "
+                              f"heads, got {k.shape[1]} and {q.shape[1]}")
+        G = q.shape[1] // H
+        one = super().attend  # (a comprehension has no zero-argument super())
+        outs = [one(layer * H + h, q[:, h * G:(h + 1) * G].contiguous(), k[:, h:h + 1], v[:, h:h + 1])
+                for h in range(H)]
+        return torch.cat(outs, dim=1)
+
+
 def _per_layer(policy, num_layers: int) -> list:
     """Each layer's policy, None for dense."""
     if policy is None:
@@ -483,4 +548,5 @@ def layer_blocks_for(per_layer: list, length: int, block_size: int) -> int:
                for n in range(1, length + 1))
 
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "KVCacheFull", "LayerMeta", "PagedKVCache", "StepMeta", "layer_blocks_for"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "HeadGroupedKVCache", "KVCacheFull", "LayerMeta", "PagedKVCache", "StepMeta",
+           "layer_blocks_for"]

@@ -38,7 +38,7 @@ import torch
 from rarefy.errors import RarefyError
 
 NEG_INF = float("-inf")
-POLICY_NAMES = ("dense", "topk", "threshold", "window", "entropy")
+POLICY_NAMES = ("dense", "topk", "threshold", "window", "entropy")  # + per KV head: "SPEC | SPEC | ..."
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -352,6 +352,82 @@ class Window(Policy):
         return f"window:sinks={self.sinks},window={self.window},stride={self.stride},block={self.block_size}"
 
 
+@dataclass(frozen=True)
+class PerHead(Policy):
+    """One dense or window policy per KV head of a layer (DuoAttention-style: "retrieval"
+    heads keep a long context, "streaming" heads only sinks + a short window). Query head q
+    uses heads[q // (num_q_heads // len(heads))], like GQA. Spec: the heads' specs joined by
+    " | ", e.g. "dense | window:sinks=16,window=97 | window:sinks=64,window=481"."""
+
+    heads: tuple = ()
+    name = "heads"
+    score_independent = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "heads", tuple(self.heads))
+        if len(self.heads) < 1:
+            raise RarefyError("a per-head attention policy needs one policy per KV head")
+        for p in self.heads:
+            if not isinstance(p, (Dense, Window)):
+                raise RarefyError(f"per-head attention policies must be dense or window, got {p.spec!r} "
+                                  "(score-dependent policies apply to whole layers)")
+        blocks = {p.block_size for p in self.heads if isinstance(p, Window)}
+        if len(blocks) > 1:
+            raise RarefyError(f"the heads of a per-head policy must share one block size, got {sorted(blocks)}")
+
+    @property
+    def evicts(self) -> bool:  # type: ignore[override]
+        return any(p.evicts for p in self.heads)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def check_heads(self, num_kv_heads: int, where: str = "") -> None:
+        if len(self.heads) != num_kv_heads:
+            raise RarefyError(f"{where}the per-head attention policy {self.spec!r} lists {len(self.heads)} "
+                              f"polic{'y' if len(self.heads) == 1 else 'ies'} but the model has {num_kv_heads} "
+                              "KV heads (give one per KV head)")
+
+    def keep_mask(self, q_pos, k_pos):
+        """bool [B|1, n_heads, Tq, Tk] (one mask per KV head; expand over each head's queries)."""
+        masks = [p.keep_mask(q_pos, k_pos) for p in self.heads]
+        shape = torch.broadcast_shapes(*(m.shape for m in masks))
+        return torch.cat([m.expand(shape) for m in masks], dim=1)
+
+    def query_mask(self, q_pos, k_pos, num_q_heads: int) -> torch.Tensor:
+        """bool [B|1, num_q_heads, Tq, Tk]: each query head gets its KV head's mask."""
+        if num_q_heads % len(self.heads):
+            raise RarefyError(f"{num_q_heads} query heads are not a multiple of the {len(self.heads)} "
+                              f"heads of the per-head policy {self.spec!r}")
+        return self.keep_mask(q_pos, k_pos).repeat_interleave(num_q_heads // len(self.heads), dim=1)
+
+    def apply(self, scores, q_pos=None, k_pos=None, inplace=False):
+        if q_pos is None or k_pos is None:
+            raise ValueError("the per-head policy needs q_pos and k_pos")
+        keep = self.query_mask(q_pos, k_pos, scores.shape[1])
+        return scores.masked_fill_(~keep, NEG_INF) if inplace else scores.masked_fill(~keep, NEG_INF)
+
+    def held_blocks(self, num_tokens: int, block_size: int) -> float:
+        """Blocks held in layer-blocks: the mean over heads of each head's blocks (a head-block
+        is 1/n_heads of a layer-block); may be fractional."""
+        return sum(p.held_blocks(num_tokens, block_size) for p in self.heads) / len(self.heads)
+
+    def kept_blocks(self, num_tokens: int, block_size: int) -> list[int]:
+        raise RarefyError("a per-head policy keeps different blocks per KV head: use heads[h].kept_blocks")
+
+    def memory_fraction(self, ctx: int, block_size: int) -> float:
+        return sum(p.memory_fraction(ctx, block_size) for p in self.heads) / len(self.heads)
+
+    def with_block_size(self, block_size: int) -> PerHead:
+        return PerHead(tuple(Window(p.sinks, p.window, p.stride, block_size) if isinstance(p, Window) else p
+                             for p in self.heads))
+
+    @property
+    def spec(self) -> str:
+        return " | ".join(p.spec for p in self.heads)
+
+
 # ----------------------------------------------------------------------------- parsing
 
 _FIELDS = {  # spec key -> (constructor argument, type)
@@ -367,11 +443,21 @@ _CLASSES = {"dense": Dense, "topk": TopK, "threshold": Threshold, "window": Wind
 
 def parse_policy(spec: str) -> Policy:
     """"dense", "topk:k=256", "topk:frac=0.25", "threshold:t=0.001",
-    "window:sinks=4,window=512,stride=0[,block=16]", "entropy:factor=2[,min=16]"."""
+    "window:sinks=4,window=512,stride=0[,block=16]", "entropy:factor=2[,min=16]"; per KV head
+    (dense / window only): "SPEC | SPEC | ..." or a list of specs, one per KV head."""
     if isinstance(spec, Policy):
         return spec
+    if isinstance(spec, (list, tuple)):  # a config file's per-head list
+        if not spec or not all(isinstance(x, str) for x in spec):
+            raise RarefyError(f"a per-head policy is a non-empty list of policy specs (one per KV head), got {spec!r}")
+        return PerHead(tuple(parse_policy(x) for x in spec))
     if not isinstance(spec, str) or not spec.strip():
         raise RarefyError(f"empty attention policy spec {spec!r}")
+    if "|" in spec:
+        parts = [x.strip() for x in spec.split("|")]
+        if not all(parts):
+            raise RarefyError(f"empty head policy in the per-head spec {spec!r} (one spec per KV head, joined by |)")
+        return PerHead(tuple(parse_policy(x) for x in parts))
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()
     if name not in _CLASSES:
@@ -412,11 +498,20 @@ class PolicyConfig:
     def evicts(self) -> bool:
         return self.default.evicts or any(p.evicts for p in self.layers.values())
 
-    def check(self, num_layers: int) -> None:
+    def check(self, num_layers: int, num_kv_heads: int | None = None) -> None:
         bad = sorted(i for i in self.layers if i >= num_layers)
         if bad:
             raise RarefyError(f"the attention policy config overrides layer(s) {bad} but the model has "
                               f"{num_layers} layers (0..{num_layers - 1})")
+        if num_kv_heads is not None:
+            for i in range(num_layers):
+                p = self.for_layer(i)
+                if isinstance(p, PerHead):
+                    p.check_heads(num_kv_heads, f"layer {i}: ")
+
+    @property
+    def per_head(self) -> bool:
+        return any(isinstance(p, PerHead) for p in (self.default, *self.layers.values()))
 
     def memory_fraction(self, num_layers: int, ctx: int, block_size: int) -> float:
         """Peak blocks held by all layers together while generating up to `ctx` tokens (max over
@@ -427,8 +522,9 @@ class PolicyConfig:
         dense = -(-ctx // block_size)
         pols = [self.for_layer(i) for i in range(num_layers)]
         for p in pols:
-            if isinstance(p, Window):
-                p._check_block(block_size)
+            for x in (p.heads if isinstance(p, PerHead) else (p,)):
+                if isinstance(x, Window):
+                    x._check_block(block_size)
         peak = max(sum(p.held_blocks(n, block_size) for p in pols) for n in range(1, ctx + 1))
         return peak / (num_layers * dense)
 
@@ -437,6 +533,8 @@ class PolicyConfig:
         def fix(p):
             if isinstance(p, Window):
                 return Window(p.sinks, p.window, p.stride, block_size)
+            if isinstance(p, PerHead):
+                return p.with_block_size(block_size)
             return p
         return PolicyConfig(fix(self.default), {i: fix(p) for i, p in self.layers.items()})
 
@@ -475,6 +573,11 @@ def policy_config_from_dict(data: dict, source: str = "policy config") -> Policy
     if not isinstance(over, dict):
         raise RarefyError(f"{source}: 'layers' must map layer indices or ranges to policy specs")
     for key, spec in over.items():
+        if isinstance(spec, (list, tuple)) and not spec:
+            raise RarefyError(f"{source}: layer {key!r} has an empty per-head list (one spec per KV head)")
+        if not isinstance(spec, (str, list, tuple)):
+            raise RarefyError(f"{source}: layer {key!r} must be a policy spec or a list of them (one per KV head), "
+                              f"got {spec!r}")
         pol = parse_policy(spec)
         for i in _layer_keys(key, source):
             if i in layers:
@@ -490,6 +593,10 @@ def load_policy_config(path: str) -> PolicyConfig:
         [layers]                                     "layers": {"0-1": "dense", "29": "topk:k=64"}}
         "0-1" = "dense"
         "29" = "topk:k=64"
+
+    Per KV head (dense / window only): a layer's value is a list of specs, one per KV head,
+    e.g. "7" = ["dense", "window:sinks=16,window=97", "window:sinks=64,window=481"]
+    (or one string with the specs joined by " | ").
     """
     if not os.path.isfile(path):
         raise RarefyError(f"attention policy config {path!r} not found")

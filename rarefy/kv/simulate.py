@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rarefy.kv.policies import Dense, Policy, PolicyConfig, resolve_policy_config
+from rarefy.kv.policies import Dense, PerHead, Policy, PolicyConfig, resolve_policy_config
 from rarefy.kv.quant import check_kv_dtype, roundtrip
 
 DEFAULT_Q_CHUNK = 512
@@ -101,11 +101,17 @@ def _masked_sdpa(q, kf, vf, positions, q_positions, policy, scale, ascending, st
     gqa = Hq != kf.shape[1]
     plain_causal = (policy.name == "dense" and ascending and Tq == kf.shape[2]
                     and bool((q_positions == positions).all()))
-    mask = None if plain_causal and stats is None else policy.keep_mask(q_positions, positions)
+    if plain_causal and stats is None:
+        mask = None
+    elif isinstance(policy, PerHead):  # one mask per KV head, repeated over its query heads
+        policy.check_heads(kf.shape[1])
+        mask = policy.query_mask(q_positions, positions, Hq)
+    else:
+        mask = policy.keep_mask(q_positions, positions)
     if stats is not None:
         counted = (q_positions >= from_pos)[:, None, :, None]
         visible = (positions[:, None, None, :] <= q_positions[:, None, :, None]) & counted
-        stats["kept"] = stats.get("kept", 0) + Hq * int((mask & counted).sum())
+        stats["kept"] = stats.get("kept", 0) + Hq // mask.shape[1] * int((mask & counted).sum())
         stats["visible"] = stats.get("visible", 0) + Hq * int(visible.sum())
     if plain_causal:
         out = F.scaled_dot_product_attention(q.float(), kf, vf, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -141,7 +147,7 @@ def configure_eval_attention(model, kv_dtype: str = "bf16", policy=None,
     check_kv_dtype(kv_dtype)
     cfg = resolve_policy_config(policy)
     layers = model.model.layers
-    cfg.check(len(layers))
+    cfg.check(len(layers), getattr(getattr(model, "config", None), "num_kv_heads", None))
     for i, layer in enumerate(layers):
         layer.self_attn.eval_attention = SimulatedAttention(kv_dtype, cfg.for_layer(i), q_chunk, track_reads)
     return cfg

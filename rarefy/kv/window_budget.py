@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from rarefy.errors import RarefyError
-from rarefy.kv.policies import PolicyConfig, Window, parse_policy
+from rarefy.kv.policies import PerHead, PolicyConfig, Window, parse_policy
 from rarefy.kv.quant import roundtrip
 from rarefy.kv.simulate import clear_eval_attention, simulated_attention
 
@@ -97,7 +97,7 @@ class _Probe:
     """A layer's eval_attention hook: returns dense (kv-dtype rounded) attention and
     accumulates every candidate's error on the queries at positions ≥ first."""
 
-    def __init__(self, attn, cands: list[Window], first: int, kv_dtype: str):
+    def __init__(self, attn, cands: list[Window], first: int, kv_dtype: str, heads: bool = False):
         self.attn, self.cands, self.first, self.kv_dtype = attn, cands, first, kv_dtype
         self.h_sq = 0.0  # Σ ‖h‖² over the measured tokens (set by the layer's pre-hook)
         self.out_sq = torch.zeros(len(cands), dtype=torch.float64)
@@ -105,6 +105,9 @@ class _Probe:
         self.count = 0  # (token, head) pairs
         self.h_total = 0.0
         self.grad_sum = torch.zeros(len(cands), dtype=torch.float64)
+        self.heads = heads  # also measure each KV head's error alone (per-head windows)
+        self.out_sq_h = None  # [candidate, kv head]
+        self.cos_sum_h = None
         self.track_grad = False
         self.saved = None
 
@@ -148,6 +151,17 @@ class _Probe:
                 self.grad_sum[c] += float(((out - ref) * grad[:, :, self.first:].float()).double().sum())
             diff = (out - ref).transpose(1, 2).reshape(B, T - self.first, Hq * D)
             self.out_sq[c] += float(o_proj(diff.to(q.dtype)).float().pow(2).sum())
+            if self.heads:
+                Hkv = k.shape[1]
+                G = Hq // Hkv
+                if self.out_sq_h is None:
+                    self.out_sq_h = torch.zeros(len(self.cands), Hkv, dtype=torch.float64)
+                    self.cos_sum_h = torch.zeros(len(self.cands), Hkv, dtype=torch.float64)
+                self.cos_sum_h[c] += cos.double().reshape(B, Hkv, G, -1).sum((0, 2, 3))
+                for h in range(Hkv):  # the residual-stream change if only KV head h were windowed
+                    dh = torch.zeros_like(diff)
+                    dh[..., h * G * D:(h + 1) * G * D] = diff[..., h * G * D:(h + 1) * G * D]
+                    self.out_sq_h[c, h] += float(o_proj(dh.to(q.dtype)).float().pow(2).sum())
         self.count += B * Hq * (T - self.first)
 
 
@@ -165,6 +179,36 @@ class WindowErrors:
     grad: list[list[float]] | None = None  # [layer][candidate] first-order Δ mean NLL
     sensitivity: list[float] | None = None  # [layer] Δ mean NLL with only that layer at sens_ref
     sens_ref: Window | None = None
+    # per KV head (measure_window_errors(heads=True)): [layer][kv head][candidate], each head
+    # windowed alone (the other heads of its layer dense)
+    out_heads: list[list[list[float]]] | None = None
+    cos_heads: list[list[list[float]]] | None = None
+
+    @property
+    def num_kv_heads(self) -> int | None:
+        return None if self.out_heads is None else len(self.out_heads[0])
+
+    def head_metric(self, name: str) -> list[list[list[float]]]:
+        """Per-(layer, KV head) error curves: `out` / `cos` as measured per head; `sens`: the
+        per-head `out` curves scaled by the layer's measured loss sensitivity (the layer's
+        loss change split between its heads in proportion to their `out` error at sens_ref)."""
+        if self.out_heads is None:
+            raise RarefyError("this error table has no per-KV-head errors (measure them with --per-head)")
+        if name == "out":
+            return self.out_heads
+        if name == "cos":
+            return self.cos_heads
+        if name == "sens":
+            if self.sensitivity is None:
+                raise RarefyError("this error table has no layer sensitivities (measure them with --metric sens)")
+            c = self.candidates.index(self.sens_ref)
+            out = []
+            for layer, heads in enumerate(self.out_heads):
+                tot = max(sum(h[c] for h in heads), 1e-12)
+                scale = max(self.sensitivity[layer], 1e-5) / tot
+                out.append([[x * scale for x in h] for h in heads])
+            return out
+        raise RarefyError(f"per-head allocation takes the metric out, cos or sens, got {name!r}")
 
     @property
     def sens(self) -> list[list[float]] | None:
@@ -192,14 +236,16 @@ class WindowErrors:
         return {"candidates": [w.spec for w in self.candidates], "out": self.out, "cos": self.cos,
                 "ctx": self.ctx, "block_size": self.block_size, "tokens": self.tokens, "source": self.source,
                 "grad": self.grad, "sensitivity": self.sensitivity,
-                "sens_ref": None if self.sens_ref is None else self.sens_ref.spec}
+                "sens_ref": None if self.sens_ref is None else self.sens_ref.spec,
+                "out_heads": self.out_heads, "cos_heads": self.cos_heads}
 
     @classmethod
     def from_dict(cls, d: dict) -> WindowErrors:
         try:
             return cls([parse_policy(s) for s in d["candidates"]], d["out"], d["cos"], int(d["ctx"]),
                        int(d["block_size"]), int(d["tokens"]), d.get("source", ""), d.get("grad"),
-                       d.get("sensitivity"), parse_policy(d["sens_ref"]) if d.get("sens_ref") else None)
+                       d.get("sensitivity"), parse_policy(d["sens_ref"]) if d.get("sens_ref") else None,
+                       d.get("out_heads"), d.get("cos_heads"))
         except (KeyError, TypeError, ValueError) as e:
             raise RarefyError(f"not a window-error table: {e}") from None
 
@@ -213,10 +259,16 @@ class WindowErrors:
         def cat(a, b):
             return [ra + [rb[c] for c in new] for ra, rb in zip(a, b)]
         grad = cat(self.grad, other.grad) if self.grad is not None and other.grad is not None else None
+
+        def cat_h(a, b):
+            if a is None or b is None:
+                return None
+            return [cat(la, lb) for la, lb in zip(a, b)]
         return WindowErrors(self.candidates + [other.candidates[c] for c in new], cat(self.out, other.out),
                             cat(self.cos, other.cos), self.ctx, self.block_size, min(self.tokens, other.tokens),
                             "; ".join(x for x in (self.source, other.source) if x), grad, self.sensitivity,
-                            self.sens_ref)
+                            self.sens_ref, cat_h(self.out_heads, other.out_heads),
+                            cat_h(self.cos_heads, other.cos_heads))
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -234,11 +286,14 @@ class WindowErrors:
 
 
 def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window], kv_dtype: str = "bf16",
-                          progress: bool = False, source: str = "", grad: bool = False) -> WindowErrors:
+                          progress: bool = False, source: str = "", grad: bool = False,
+                          heads: bool = False) -> WindowErrors:
     """chunks [N, ctx] token ids → each layer's error for each candidate window, over the
     second half of each chunk (every measured query has ≥ ctx/2 tokens of context). One
     dense forward per chunk; each layer's candidates are evaluated on that layer's q, k, v.
-    grad: also a backward pass of the scored tokens' NLL, for the `grad` metric."""
+    grad: also a backward pass of the scored tokens' NLL, for the `grad` metric.
+    heads: also each KV head's `out` and `cos` error with only that head windowed (per-head
+    windows, allocate_head_windows)."""
     N, ctx = chunks.shape
     if N < 1:
         raise RarefyError("window calibration needs at least one chunk of text")
@@ -250,7 +305,7 @@ def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window],
     probes, handles = [], []
     try:
         for layer in layers:
-            p = _Probe(layer.self_attn, candidates, first, kv_dtype)
+            p = _Probe(layer.self_attn, candidates, first, kv_dtype, heads)
             layer.self_attn.eval_attention = p
             handles.append(layer.register_forward_pre_hook(p.pre_hook))
             probes.append(p)
@@ -282,7 +337,11 @@ def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window],
     cos = [(1.0 - p.cos_sum / max(p.count, 1)).tolist() for p in probes]
     tokens = N * (ctx - first)
     g = [(p.grad_sum / tokens).tolist() for p in probes] if grad else None
-    return WindowErrors(list(candidates), out, cos, ctx, block, tokens, source, g)
+    oh = ch = None
+    if heads:
+        oh = [(p.out_sq_h / max(p.h_total, 1e-30)).T.tolist() for p in probes]
+        ch = [(1.0 - p.cos_sum_h / max(p.count / p.out_sq_h.shape[1], 1)).T.tolist() for p in probes]
+    return WindowErrors(list(candidates), out, cos, ctx, block, tokens, source, g, out_heads=oh, cos_heads=ch)
 
 
 def sensitivity_reference(candidates: list[Window], ctx: int, block_size: int) -> Window:
@@ -404,6 +463,36 @@ def _hull(costs: list[int], errs: list[float]) -> list[int]:
     return hull
 
 
+def _greedy(hulls: list[list[int]], errs: list[list[float]], costs: list[int], total: float, budget: float,
+            dense_total: int, what: str) -> list[int]:
+    """Each unit (layer, or (layer, KV head)) starts at the first point of its hull; while
+    `total` allows, the unit whose next hull step removes the most error per extra block
+    grows. Returns each unit's position on its hull."""
+    pos = [0] * len(hulls)
+    used = sum(costs[h[0]] for h in hulls)
+    if used > total + 1e-9:
+        raise RarefyError(f"a budget of {budget:g} of the context ({total:.0f} blocks over the {what}) is below "
+                          f"the smallest windows measured ({used} blocks, {used / dense_total:.3f}); "
+                          "raise --budget or measure smaller windows")
+    while True:
+        best, best_gain = None, 0.0
+        for u, h in enumerate(hulls):
+            if pos[u] + 1 >= len(h):
+                continue
+            a, b = h[pos[u]], h[pos[u] + 1]
+            extra = costs[b] - costs[a]
+            if used + extra > total + 1e-9:
+                continue
+            gain = (errs[u][a] - errs[u][b]) / extra
+            if best is None or gain > best_gain:
+                best, best_gain = u, gain
+        if best is None:
+            return pos
+        h = hulls[best]
+        used += costs[h[pos[best] + 1]] - costs[h[pos[best]]]
+        pos[best] += 1
+
+
 def allocate_windows(errors: WindowErrors, budget: float, metric: str = "out", sinks=None,
                      fixed: dict[int, Window] | None = None) -> Allocation:
     """Greedy per-layer allocation: every layer starts at its cheapest candidate (on the lower
@@ -429,29 +518,7 @@ def allocate_windows(errors: WindowErrors, budget: float, metric: str = "out", s
         idx = _hull([costs[c] for c in allowed], [errs[layer][c] for c in allowed])
         hulls.append([allowed[i] for i in idx])
     total = budget * L * dense
-    pos = [0] * L
-    used = sum(costs[h[0]] for h in hulls)
-    if used > total + 1e-9:
-        raise RarefyError(f"a budget of {budget:g} of the context ({total:.0f} blocks over {L} layers) is below "
-                          f"the smallest windows measured ({used} blocks, {used / (L * dense):.3f}); "
-                          "raise --budget or measure smaller windows")
-    while True:
-        best, best_gain = None, 0.0
-        for layer, h in enumerate(hulls):
-            if pos[layer] + 1 >= len(h):
-                continue
-            a, b = h[pos[layer]], h[pos[layer] + 1]
-            extra = costs[b] - costs[a]
-            if used + extra > total + 1e-9:
-                continue
-            gain = (errs[layer][a] - errs[layer][b]) / extra
-            if best is None or gain > best_gain:
-                best, best_gain = layer, gain
-        if best is None:
-            break
-        h = hulls[best]
-        used += costs[h[pos[best] + 1]] - costs[h[pos[best]]]
-        pos[best] += 1
+    pos = _greedy(hulls, errs, costs, total, budget, L * dense, "layers")
     chosen = [h[p] for h, p in zip(hulls, pos)]
     windows = [errors.candidates[c] for c in chosen]
     blocks = [costs[c] for c in chosen]
@@ -459,6 +526,52 @@ def allocate_windows(errors: WindowErrors, budget: float, metric: str = "out", s
     config = PolicyConfig(default, {i: w for i, w in enumerate(windows) if w != default})
     return Allocation(config, windows, blocks, [errs[i][c] for i, c in enumerate(chosen)], budget,
                       sum(blocks) / (L * dense), metric, errors.ctx, errors.block_size)
+
+
+@dataclass
+class HeadAllocation:
+    """allocate_head_windows' result: windows[layer][kv head] and their blocks (head-blocks)."""
+    config: PolicyConfig
+    windows: list[list[Window]]
+    blocks: list[list[int]]
+    budget: float
+    memory_fraction: float  # Σ head-blocks / (layers · heads · dense blocks)
+    metric: str
+    ctx: int
+    block_size: int
+
+
+def head_config(windows: list[list[Window]]) -> PolicyConfig:
+    """Per-(layer, KV head) windows → a PolicyConfig: a layer whose heads agree gets one Window,
+    the others a PerHead; the most common layer policy is the default."""
+    per_layer = [ws[0] if len(set(ws)) == 1 else PerHead(tuple(ws)) for ws in windows]
+    default = Counter(per_layer).most_common(1)[0][0]
+    return PolicyConfig(default, {i: p for i, p in enumerate(per_layer) if p != default})
+
+
+def allocate_head_windows(errors: WindowErrors, budget: float, metric: str = "out", sinks=None) -> HeadAllocation:
+    """Greedy allocation over (layer, KV head) units under the average `budget`, from the
+    per-head error curves (WindowErrors.head_metric): a head whose distant context matters
+    ("retrieval") can keep all of it while others keep only sinks and a short window."""
+    budget = check_budget(budget)
+    errs3 = errors.head_metric(metric)
+    costs = errors.blocks()
+    L, H = errors.num_layers, len(errs3[0])
+    dense = -(-errors.ctx // errors.block_size)
+    allowed = [c for c, w in enumerate(errors.candidates) if sinks is None or w.sinks in tuple(sinks)]
+    if not allowed:
+        raise RarefyError(f"no measured candidate has sinks in {sinks}")
+    rows = [errs3[layer][h] for layer in range(L) for h in range(H)]
+    hulls = []
+    for row in rows:
+        idx = _hull([costs[c] for c in allowed], [row[c] for c in allowed])
+        hulls.append([allowed[i] for i in idx])
+    pos = _greedy(hulls, rows, costs, budget * L * H * dense, budget, L * H * dense, "KV heads")
+    chosen = [h[p] for h, p in zip(hulls, pos)]
+    windows = [[errors.candidates[chosen[layer * H + h]] for h in range(H)] for layer in range(L)]
+    blocks = [[costs[chosen[layer * H + h]] for h in range(H)] for layer in range(L)]
+    return HeadAllocation(head_config(windows), windows, blocks, budget,
+                          sum(map(sum, blocks)) / (L * H * dense), metric, errors.ctx, errors.block_size)
 
 
 # ----------------------------------------------------------------------------- files
@@ -476,15 +589,17 @@ def _ranges(layers: dict) -> list[tuple[int, int, object]]:
 
 def policy_config_text(config: PolicyConfig, path: str, header: list[str] | None = None) -> str:
     """The config as a TOML (path ends in .toml) or JSON file that load_policy_config reads."""
-    layers = {(f"{a}" if a == b else f"{a}-{b}"): p.spec for a, b, p in _ranges(config.layers)}
+    def val(p):  # a per-head policy is written as a list of specs, one per KV head
+        return [h.spec for h in p.heads] if isinstance(p, PerHead) else p.spec
+    layers = {(f"{a}" if a == b else f"{a}-{b}"): val(p) for a, b, p in _ranges(config.layers)}
     if path.endswith(".toml"):
         lines = [f"# {h}" for h in (header or [])]
-        lines.append(f'default = "{config.default.spec}"')
+        lines.append(f"default = {json.dumps(val(config.default))}")
         if layers:
-            lines += ["", "[layers]"] + [f'"{k}" = "{v}"' for k, v in layers.items()]
+            lines += ["", "[layers]"] + [f'"{k}" = {json.dumps(v)}' for k, v in layers.items()]
         return "\n".join(lines) + "\n"
     if path.endswith(".json"):
-        return json.dumps({"default": config.default.spec, "layers": layers}, indent=1) + "\n"
+        return json.dumps({"default": val(config.default), "layers": layers}, indent=1) + "\n"
     raise RarefyError(f"the policy config file name must end in .toml or .json, got {path!r}")
 
 
