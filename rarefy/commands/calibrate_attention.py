@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
 
 import typer
 
-from rarefy.cli_common import DeviceOpt, JsonOpt, ModelOpt, emit_json, load_for_cli, read_text_file, user_errors
+from rarefy.cli_common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    emit_json,
+    load_for_cli,
+    read_text_file,
+    user_errors,
+)
 from rarefy.errors import RarefyError
 
 
@@ -32,7 +39,7 @@ def calibrate_attention(
     out: str = typer.Option(..., "--out", help="policy config to write (.toml or .json)"),
     budget: float = typer.Option(0.25, "--budget", help="average fraction of the context each layer may keep, "
                                                         "in (0, 1] (peak blocks held at --ctx over dense's)"),
-    calib: Optional[str] = typer.Option(None, "--calib", help="calibration text file (UTF-8); not your eval text"),
+    calib: str | None = typer.Option(None, "--calib", help="calibration text file (UTF-8); not your eval text"),
     ctx: int = typer.Option(2048, "--ctx", help="context length the budget and the errors are measured at"),
     chunks: int = typer.Option(4, "--chunks", help="chunks of --ctx tokens to measure on"),
     skip: int = typer.Option(0, "--skip-chunks", help="chunks of the text to skip first"),
@@ -44,23 +51,37 @@ def calibrate_attention(
                                     "attention outputs; grad: first-order loss change (one backward per chunk)"),
     block_size: int = typer.Option(16, "--kv-block-size", help="tokens per KV-cache block"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV storage dtype simulated while measuring"),
-    errors_out: Optional[str] = typer.Option(None, "--errors-out", help="also save the measured error table (JSON)"),
-    errors: Optional[str] = typer.Option(None, "--errors", help="allocate from saved error tables (comma list, "
+    per_head: bool = typer.Option(False, "--per-head",
+                                  help="one window per (layer, KV head) instead of per layer (DuoAttention-style "
+                                       "retrieval / streaming heads; metric out, cos or sens); measuring adds each "
+                                       "head's error alone"),
+    errors_out: str | None = typer.Option(None, "--errors-out", help="also save the measured error table (JSON)"),
+    errors: str | None = typer.Option(None, "--errors", help="allocate from saved error tables (comma list, "
                                                                 "merged) instead of measuring (no model or text)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
-    model: Optional[str] = ModelOpt,
+    model: str | None = ModelOpt,
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ):
     """Calibrate a per-layer window-with-sinks policy that keeps --budget of the context on average."""
     from rarefy.kv.quant import check_kv_dtype
-    from rarefy.kv.window_budget import (METRICS, WindowErrors, allocate_windows, candidate_windows, check_budget,
-                                         measure_layer_sensitivity, measure_window_errors, policy_config_text,
-                                         sensitivity_reference)
+    from rarefy.kv.window_budget import (
+        METRICS,
+        WindowErrors,
+        allocate_windows,
+        candidate_windows,
+        check_budget,
+        measure_layer_sensitivity,
+        measure_window_errors,
+        policy_config_text,
+        sensitivity_reference,
+    )
 
     check_budget(budget)
     if metric not in METRICS:
         raise RarefyError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if per_head and metric == "grad":
+        raise RarefyError("--per-head takes --metric out, cos or sens (grad is measured per layer only)")
     if not out.endswith((".toml", ".json")):
         raise RarefyError(f"--out must end in .toml or .json, got {out!r}")
     if os.path.exists(out) and not overwrite:
@@ -97,17 +118,20 @@ def calibrate_attention(
                        f"(chunks {skip}..{skip + chunks - 1} of {calib})", err=True)
         table = measure_window_errors(loaded.model, data, cands, kv_dtype, progress=not as_json,
                                       source=f"{os.path.basename(calib)} chunks {skip}..{skip + chunks - 1} "
-                                             f"of {ctx} tokens", grad=metric == "grad")
+                                             f"of {ctx} tokens", grad=metric == "grad", heads=per_head)
         if metric == "sens":
             table.sensitivity = measure_layer_sensitivity(loaded.model, data, ref, kv_dtype, progress=not as_json)
             table.sens_ref = ref
         if errors_out:
             table.save(errors_out)
+    if per_head:
+        _per_head_result(table, budget, metric, sink_list, out, as_json)
+        return
     alloc = allocate_windows(table, budget, metric, sinks=sink_list)
     header = [f"rarefy calibrate-attention: budget {budget:g} of a {table.ctx}-token context, metric {metric}",
               f"calibrated on {table.source or 'a saved error table'}",
-              f"mean peak blocks held over dense: {alloc.memory_fraction:.4f} "
-              f"({sum(alloc.blocks)} of {table.num_layers} x {math.ceil(table.ctx / table.block_size)} blocks)"]
+              (f"mean peak blocks held over dense: {alloc.memory_fraction:.4f} "
+               f"({sum(alloc.blocks)} of {table.num_layers} x {math.ceil(table.ctx / table.block_size)} blocks)")]
     text = policy_config_text(alloc.config, out, header)
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
@@ -119,3 +143,29 @@ def calibrate_attention(
         for i, (w, b) in enumerate(zip(alloc.windows, alloc.blocks)):
             typer.echo(f"{i:>5} {b:>6}  {w.spec}")
         typer.echo(f"mean memory {alloc.memory_fraction:.1%} of dense at ctx {table.ctx}; saved to {out}")
+
+
+def _per_head_result(table, budget, metric, sink_list, out, as_json) -> None:
+    from rarefy.kv.window_budget import allocate_head_windows, policy_config_text
+
+    alloc = allocate_head_windows(table, budget, metric, sinks=sink_list)
+    L, H = table.num_layers, table.num_kv_heads
+    dense = math.ceil(table.ctx / table.block_size)
+    header = [f"rarefy calibrate-attention --per-head: budget {budget:g} of a {table.ctx}-token context, metric {metric}",
+              f"calibrated on {table.source or 'a saved error table'}",
+              (f"mean peak blocks held over dense: {alloc.memory_fraction:.4f} "
+               f"({sum(map(sum, alloc.blocks))} of {L} x {H} x {dense} head-blocks)"),
+              "a layer given a list has one policy per KV head"]
+    text = policy_config_text(alloc.config, out, header)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    if as_json:
+        emit_json({"out": out, "budget": budget, "memory_fraction": alloc.memory_fraction, "metric": metric,
+                   "per_head": True, "heads": [[w.spec for w in ws] for ws in alloc.windows],
+                   "blocks": alloc.blocks})
+        return
+    typer.echo(f"{'layer':>5}  blocks per KV head  policies")
+    for i, (ws, bs) in enumerate(zip(alloc.windows, alloc.blocks)):
+        typer.echo(f"{i:>5}  {' '.join(f'{b:>3}' for b in bs):<18}  " + " | ".join(
+            f"sinks={w.sinks},window={w.window}" for w in ws))
+    typer.echo(f"mean memory {alloc.memory_fraction:.1%} of dense at ctx {table.ctx}; saved to {out}")

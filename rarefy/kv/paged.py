@@ -69,9 +69,10 @@ class LayerMeta:
 class PagedKVCache:
     def __new__(cls, *args, **kwargs):
         # a policy with per-KV-head windows makes a head-grouped cache (HeadGroupedKVCache)
+        kind = cls
         if cls is PagedKVCache and _has_per_head(kwargs.get("policy", args[7] if len(args) > 7 else None)):
-            cls = HeadGroupedKVCache
-        return object.__new__(cls)
+            kind = HeadGroupedKVCache
+        return object.__new__(kind)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int | None,
                  block_size: int = DEFAULT_BLOCK_SIZE, kv_dtype: str = "bf16",

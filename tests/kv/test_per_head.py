@@ -133,7 +133,8 @@ def test_config_round_trip(tmp_path, suffix):
         f.write(policy_config_text(cfg, path, ["a header"]))
     back = load_policy_config(path)
     assert back.default == cfg.default and back.layers == cfg.layers
-    text = open(path).read()
+    with open(path) as f:
+        text = f.read()
     assert '"3-4"' in text  # equal consecutive layers are written as one range
     if suffix == ".json":
         assert json.loads(text)["layers"]["3-4"] == [h.spec for h in cfg.layers[3].heads]
@@ -381,3 +382,36 @@ def test_engine_with_per_head_windows_and_a_small_cache(tiny_model_dir):
     outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == want
     assert cache.allocator.num_free == cache.allocator.num_blocks
+
+
+def test_cli_per_head(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from rarefy.cli import app
+
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "h.toml"
+    run = CliRunner().invoke
+    args = ["calibrate-attention", "--model", str(tiny_model_dir), "--calib", str(text), "--ctx", "64",
+            "--chunks", "2", "--kv-block-size", "4", "--sinks", "4", "--budget", "0.4", "--per-head",
+            "--out", str(out), "--errors-out", str(tmp_path / "e.json")]
+    r = run(app, args)
+    assert r.exit_code == 0, r.output
+    cfg = load_policy_config(str(out))
+    cfg.check(2, 2)
+    assert cfg.memory_fraction(2, 64, 4) <= 0.4 + 1e-9 and cfg.evicts
+    # from the saved table (it has the per-head errors), another budget, as JSON
+    r = run(app, ["calibrate-attention", "--errors", str(tmp_path / "e.json"), "--budget", "0.3", "--sinks", "4",
+                  "--per-head", "--out", str(tmp_path / "h2.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert load_policy_config(str(tmp_path / "h2.json")).memory_fraction(2, 64, 4) <= 0.3 + 1e-9
+    # a per-layer table has no per-head errors: a clear message
+    r = run(app, args[:-5] + ["--out", str(tmp_path / "l.toml"), "--errors-out", str(tmp_path / "l.json")])
+    assert r.exit_code == 0, r.output
+    WindowErrors.load(str(tmp_path / "l.json"))
+    r = run(app, ["calibrate-attention", "--errors", str(tmp_path / "l.json"), "--per-head", "--sinks", "4",
+                  "--out", str(tmp_path / "x.toml")])
+    assert r.exit_code != 0 and "no per-KV-head errors" in r.output
+    r = run(app, args[:-2] + ["--metric", "grad", "--overwrite"])
+    assert r.exit_code != 0 and "--per-head takes" in r.output
