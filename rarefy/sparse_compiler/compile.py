@@ -44,7 +44,7 @@ from rarefy.kernels.sparse_matmul.triton_delta import DeltaConfig
 from .pattern import analyze_pattern, pattern_hash
 
 # Bump when kernels or candidate lists change: old cache entries then miss.
-KERNEL_VERSION = 5  # 5: the dedicated 2:4 kernel (nm24), geometric-mean format choice
+KERNEL_VERSION = 6  # 5: the dedicated 2:4 kernel (nm24), geometric-mean format choice; 6: chunked delta
 PREFILL_ROWS = 64
 MAX_BSR_FILL = 0.75
 
@@ -109,9 +109,9 @@ def _configs(fmt: str, m: int, device: torch.device, param: tuple = ()) -> list:
                          for bn, bw, s, st in ((64, 4, 2, 2), (128, 4, 2, 2), (64, 2, 4, 3), (32, 4, 4, 2))]
     if fmt == "delta":
         bm = 1 if m == 1 else min(8, 1 << (m - 1).bit_length())
-        if m == 1:
-            return [DeltaConfig(bn, bv, 1, num_warps=nw) for bn, bv, nw in
-                    ((2, 256, 2), (1, 512, 1), (4, 64, 1), (1, 256, 1))]
+        if m == 1:  # the register prefix-sum kernel (benchmarks/gpu_delta.py), and the scan kernel's best
+            return [DeltaConfig(1, bv, 1, num_warps=1, chunked=True, prefetch=pf) for bv, pf in
+                    ((512, False), (256, True), (512, True))] + [DeltaConfig(2, 256, 1, num_warps=2)]
         return [DeltaConfig(bn, 256, bm, num_warps=1) for bn in (1, 2)]
     if fmt == "bsr":
         bm = 1 if m == 1 else (16 if m <= 16 else 32)

@@ -157,6 +157,32 @@ def test_delta_kernel(n, k, sparsity, m, bm):
     assert rel_err(y.cpu(), sparse_matmul_ref(x, d.to("cpu"), b)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("n,k,sparsity", [(7, 45, 0.5), (33, 300, 0.9), (16, 1000, 0.99), (5, 64, 0.0),
+                                          (3, 17, 1.0)])
+@pytest.mark.parametrize("m,bn,bv,pf", [(1, 1, 256, False), (2, 2, 64, True), (1, 1, 16, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delta_chunked_kernel(n, k, sparsity, m, bn, bv, pf, dtype):
+    """The register prefix-sum variant: long gaps (bridging entries), padding past K, empty rows;
+    bf16 takes the inline-asm loads on the GPU."""
+    delta = kernel_module("rarefy.kernels.sparse_matmul.triton_delta", "_delta_chunk_kernel")
+    gen = torch.Generator().manual_seed(7 * n + k)
+    w = random_sparse(n, k, sparsity, gen, dtype)
+    x, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+    d = DeltaSparse.from_dense(w).to(DEV)
+    y = delta.delta_matmul_triton(x.to(DEV), d.row_ptr, d.values, d.gaps, n, bias=b.to(DEV),
+                                  config=delta.DeltaConfig(bn, bv, 1, num_warps=1, chunked=True, prefetch=pf))
+    assert torch.isfinite(y).all()
+    assert rel_err(y.float().cpu(), sparse_matmul_ref(x, d.to("cpu"), b)) < TOL[dtype]
+
+
+def test_delta_chunked_rejects_bad_block():
+    delta = kernel_module("rarefy.kernels.sparse_matmul.triton_delta", "_delta_chunk_kernel")
+    d = DeltaSparse.from_dense(torch.eye(8)).to(DEV)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        delta.delta_matmul_triton(torch.randn(1, 8, device=DEV), d.row_ptr, d.values, d.gaps, 8,
+                                  config=delta.DeltaConfig(1, 12, 1, chunked=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_bitmap_kernel_half(kern, dtype):
     from rarefy.kernels.sparse_matmul.triton_bitmap import BitmapConfig

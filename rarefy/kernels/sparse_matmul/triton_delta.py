@@ -12,6 +12,7 @@ the others. Small M reuses the decoded columns for every x row.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,103 @@ class DeltaConfig:
     block_m: int = 1     # x rows per program (FMA per row; powers of two up to 8)
     num_warps: int = 2
     num_stages: int = 2
+    # _delta_chunk_kernel: the prefix sums in registers, one x row per program (made for
+    # batch 1; block_v entries per row and step, a multiple of 8)
+    chunked: bool = False
+    prefetch: bool = False  # chunked: issue the next step's loads before this step's math
+
+
+@triton.jit
+def _ld_b16(addr):
+    # a load written as an elementwise op: it keeps its operand's register layout, where
+    # tl.load of a gathered address would get its own layout and a shared-memory conversion
+    return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [addr],
+                                     dtype=tl.int16, is_pure=True, pack=1)
+
+
+@triton.jit
+def _ld_b32(addr):
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [addr],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _delta_chunk_load(val_ptr, gp, start, length, row_ok, s, c, e, ASM: tl.constexpr):
+    """One step's values [BLOCK_N, CHUNKS, 8] and gap words [BLOCK_N, CHUNKS] (zeros past a row)."""
+    ch = s // 8 + c
+    ok = row_ok[:, None] & (ch[None, :] * 8 < length[:, None])
+    ent = start[:, None, None] + (ch * 8)[None, :, None] + e[None, None, :]
+    v = tl.load(val_ptr + ent, mask=ok[:, :, None], other=0.0)
+    gidx = (start // 8)[:, None] + ch[None, :]
+    if ASM:
+        # masked lanes read word 0 (always there), then zero
+        g = tl.where(ok, _ld_b32(gp.to(tl.int64) + tl.where(ok, gidx, 0).to(tl.int64) * 4), 0)
+    else:
+        g = tl.load(gp + gidx, mask=ok, other=0)
+    return v, g
+
+
+@triton.jit
+def _delta_chunk_kernel(
+    x_ptr, row_ptr, val_ptr, gap_ptr, b_ptr, y_ptr,
+    N, K, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Batch-1 variant: the row's entries in chunks of 8 (16 bytes of values, one 32-bit word
+    of gaps), each chunk meant to live in one thread, so the prefix sum of its gaps is a
+    chain of in-register adds. Only the chunk totals are scanned across threads, once per
+    8 entries instead of once per entry as in _delta_kernel."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    start = tl.multiple_of(tl.load(row_ptr + rows, mask=row_ok, other=0), 16)
+    length = tl.multiple_of(tl.load(row_ptr + rows + 1, mask=row_ok, other=0) - start, 16)
+    longest = tl.max(length, axis=0)
+    c = tl.arange(0, CHUNKS)
+    e = tl.arange(0, 8)
+    sel = (e % 2 == 0)[None, None, :]
+    sh = (8 * (e // 2))[None, None, :]
+    gp = gap_ptr.to(tl.pointer_type(tl.int32))
+    col_base = tl.full([BLOCK_N], -1, tl.int32)
+    acc = tl.zeros([BLOCK_N, CHUNKS, 8], dtype=tl.float32)
+    xb = (x_ptr + pid_m * stride_xm).to(tl.int64)
+    if PREFETCH:
+        v, g = _delta_chunk_load(val_ptr, gp, start, length, row_ok, 0, c, e, ASM)
+    for s in range(0, longest, CHUNKS * 8):
+        if PREFETCH:
+            # the next step's loads go out before this step's arithmetic: twice the bytes in
+            # flight per warp (one warp per program leaves occupancy at 32 warps per SM)
+            v_next, g_next = _delta_chunk_load(val_ptr, gp, start, length, row_ok, s + CHUNKS * 8, c, e, ASM)
+        else:
+            v, g = _delta_chunk_load(val_ptr, gp, start, length, row_ok, s, c, e, ASM)
+        # in-chunk prefix sums of the steps (gap + 1), per chunk in a few word operations:
+        # even entries are the low nibbles of the word's bytes, odd entries the high ones
+        lo = (g & 0x0F0F0F0F) + 0x01010101
+        hi = ((g >> 4) & 0x0F0F0F0F) + 0x01010101
+        odd = (lo + hi) * 0x01010101      # byte k: prefix through entry 2k + 1 (<= 128)
+        even = odd - hi                    # byte k: prefix through entry 2k (no borrows)
+        # then one byte per entry; `sel` and `sh` are constants per register
+        incl = (tl.where(sel, even[:, :, None], odd[:, :, None]) >> sh) & 0xFF
+        tot = (odd >> 24) & 0xFF
+        tot3 = tl.broadcast_to(tot[:, :, None], [BLOCK_N, CHUNKS, 8])
+        excl = tl.cumsum(tot3, axis=1) - tot3
+        col = col_base[:, None, None] + excl + incl
+        col_base += tl.sum(tot, axis=1)
+        # padding entries (value 0) may point past K: clamp instead of masking the gather
+        col = tl.minimum(col, K - 1)
+        if ASM:
+            xv = _ld_b16(xb + col.to(tl.int64) * 2).to(x_ptr.dtype.element_ty, bitcast=True)
+        else:
+            xv = tl.load(x_ptr + pid_m * stride_xm + col)
+        acc += v.to(tl.float32) * xv.to(tl.float32)
+        if PREFETCH:
+            v, g = v_next, g_next
+    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        res += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_m * stride_ym + rows, res.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -84,6 +182,10 @@ def _delta_kernel(
              mask=row_ok[:, None] & m_ok[None, :])
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def delta_matmul_triton(x: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, gaps: torch.Tensor,
                         n: int, *, bias: torch.Tensor | None = None,
                         config: DeltaConfig | None = None) -> torch.Tensor:
@@ -94,6 +196,17 @@ def delta_matmul_triton(x: torch.Tensor, row_ptr: torch.Tensor, values: torch.Te
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(m_rows, n, device=x.device, dtype=x.dtype)
     if m_rows == 0 or n == 0:
+        return y
+    if config.chunked:
+        if config.block_v % 8 or config.block_v < 16:
+            raise ValueError(f"DeltaConfig.block_v must be a multiple of 8 (>= 16) when chunked, got {config.block_v}")
+        _delta_chunk_kernel[(triton.cdiv(n, config.block_n), m_rows)](
+            x, row_ptr, values, gaps, bias if bias is not None else x, y,
+            n, k, x.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_N=config.block_n, CHUNKS=config.block_v // 8,
+            ASM=not _interpreting() and x.element_size() == 2, PREFETCH=config.prefetch,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
         return y
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m_rows, config.block_m))
     _delta_kernel[grid](
