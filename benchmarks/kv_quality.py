@@ -129,6 +129,10 @@ def main():
     ap.add_argument("--section-out", default=None, help="also write a compact markdown table of the rows run")
     ap.add_argument("--date", default=None, help="date written in the report (default: today)")
     ap.add_argument("--device-label", default="CPU, 2 cores (Intel Xeon, shared), float32")
+    ap.add_argument("--nll-cache", default=None, metavar="DIR",
+                    help="reuse / save each row's per-token NLLs in DIR (keyed by KV dtype, resolved policy, ctx "
+                         "and chunks), e.g. so that runs on the same chunks share one baseline forward; a cached "
+                         "row has no cos or reads figures")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--render", default=None, help="only rewrite --out from a JSON written by an earlier run")
@@ -180,6 +184,29 @@ def main():
     base_nll = None
     for group, kv, spec in rows:
         policy = resolve_policy_config(spec)
+        cached = _cached_row(a, kv, policy)
+        if cached is not None:
+            nlls = cached
+            t0 = time.perf_counter()
+            nll = torch.cat(nlls)
+            if base_nll is None:
+                base_nll, base_chunks = nll, [n.mean().item() for n in nlls]
+            d = nll - base_nll
+            ratio = math.exp(d.mean().item())
+            dc = torch.tensor([n.mean().item() - b for n, b in zip(nlls, base_chunks, strict=True)],
+                              dtype=torch.float64)
+            mem_frac = policy.memory_fraction(cfg.num_layers, a.ctx, BLOCK)
+            bpt = bytes_per_token(kv, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+            row = {"group": group, "kv": kv, "policy": spec, "ppl": math.exp(nll.mean().item()),
+                   "nll": nll.mean().item(), "delta": ratio - 1, "se": ratio * paired_se(d),
+                   "se_chunks": ratio * paired_se(dc), "reads": None, "memory_fraction": mem_frac,
+                   "bytes_per_token": bpt, "effective_bytes_per_token": bpt * mem_frac, "evicts": policy.evicts,
+                   "seconds": 0.0, "chunk_nll": [n.mean().item() for n in nlls], "resolved": policy.spec,
+                   "from_cache": True}
+            result["rows"].append(row)
+            print(f"{kv:9s} {spec:48s} ppl {row['ppl']:.4f}  Δ {row['delta']:+.3%} ± {row['se']:.3%}  "
+                  f"mem {mem_frac:.3f}  (per-token NLLs from --nll-cache)", flush=True)
+            continue
         configure_eval_attention(model, kv, policy, q_chunk=a.q_chunk, track_reads=True)
         hooks = []
         for layer in model.model.layers:
@@ -194,6 +221,7 @@ def main():
             nlls.append(chunk_nll(model, c))
             print(f"  {kv} {spec}: chunk {i + 1}/{len(chunks)} ({time.perf_counter() - t0:.0f} s)", flush=True)
         clear_eval_attention(model)
+        _save_row(a, kv, policy, nlls)
         kept = sum(h.inner.stats["kept"] for h in hooks)
         visible = sum(h.inner.stats["visible"] for h in hooks)
         reads = kept / visible
@@ -228,6 +256,28 @@ def main():
     print("\n" + write(a, result))
 
 
+def _cache_path(a, kv, policy) -> str | None:
+    if not a.nll_cache:
+        return None
+    import hashlib
+    key = f"{kv}|{policy.spec}|ctx={a.ctx}|first={a.first_chunk}|chunks={a.chunks}|q_chunk={a.q_chunk}"
+    return os.path.join(a.nll_cache, hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
+
+
+def _cached_row(a, kv, policy):
+    path = _cache_path(a, kv, policy)
+    if path is None or not os.path.isfile(path):
+        return None
+    return torch.load(path)["nlls"]
+
+
+def _save_row(a, kv, policy, nlls) -> None:
+    path = _cache_path(a, kv, policy)
+    if path is not None:
+        os.makedirs(a.nll_cache, exist_ok=True)
+        torch.save({"kv": kv, "policy": policy.spec, "nlls": nlls}, path)
+
+
 def write(a, result) -> str:
     if a.json_out:
         with open(a.json_out, "w") as f:
@@ -260,7 +310,7 @@ def section(r, a) -> str:
         cos_w = "1" if is_base else (f"{x['cos_min_layer']:.5f} (layer {x['cos_min_layer_index']})"
                                      if "cos_min_layer" in x else "-")
         eff = x["effective_bytes_per_token"]
-        lines.append(f"| {x['kv']} | `{x['policy']}` | {x['ppl']:.4f} | {delta} | {sec} | {x['reads']:.3f} | "
+        lines.append(f"| {x['kv']} | `{x['policy']}` | {x['ppl']:.4f} | {delta} | {sec} | {'-' if x['reads'] is None else format(x['reads'], '.3f')} | "
                      f"{x['memory_fraction']:.1%} | {eff:,.0f} ({eff / bf16_bpt:.1%} of bf16) | {cos_m} | {cos_w} |")
     return "\n".join(lines) + "\n"
 
