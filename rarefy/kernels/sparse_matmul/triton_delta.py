@@ -48,6 +48,25 @@ def _ld_b32(addr):
 
 
 @triton.jit
+def _chunk_columns(g):
+    """Gap words [A, B] (8 nibbles, entry 0 lowest) -> the column offsets [A, B, 8] of the
+    chunk's entries from the column before it (prefix sums of gap + 1), and their total [A, B].
+
+    In a few word operations per chunk: even entries are the low nibbles of the word's bytes,
+    odd entries the high ones; a multiply by 0x01010101 sums bytes 0..k into byte k."""
+    e = tl.arange(0, 8)
+    lo = (g & 0x0F0F0F0F) + 0x01010101
+    hi = ((g >> 4) & 0x0F0F0F0F) + 0x01010101
+    odd = (lo + hi) * 0x01010101      # byte k: prefix through entry 2k + 1 (<= 128: no carries)
+    even = odd - hi                    # byte k: prefix through entry 2k (no borrows)
+    # one byte per entry; the select and the shift are constants per register
+    sel = (e % 2 == 0)[None, None, :]
+    sh = (8 * (e // 2))[None, None, :]
+    incl = (tl.where(sel, even[:, :, None], odd[:, :, None]) >> sh) & 0xFF
+    return incl, (odd >> 24) & 0xFF
+
+
+@triton.jit
 def _delta_chunk_load(val_ptr, gp, start, length, row_ok, s, c, e, ASM: tl.constexpr):
     """One step's values [BLOCK_N, CHUNKS, 8] and gap words [BLOCK_N, CHUNKS] (zeros past a row)."""
     ch = s // 8 + c
@@ -83,8 +102,6 @@ def _delta_chunk_kernel(
     longest = tl.max(length, axis=0)
     c = tl.arange(0, CHUNKS)
     e = tl.arange(0, 8)
-    sel = (e % 2 == 0)[None, None, :]
-    sh = (8 * (e // 2))[None, None, :]
     gp = gap_ptr.to(tl.pointer_type(tl.int32))
     col_base = tl.full([BLOCK_N], -1, tl.int32)
     acc = tl.zeros([BLOCK_N, CHUNKS, 8], dtype=tl.float32)
@@ -98,15 +115,7 @@ def _delta_chunk_kernel(
             v_next, g_next = _delta_chunk_load(val_ptr, gp, start, length, row_ok, s + CHUNKS * 8, c, e, ASM)
         else:
             v, g = _delta_chunk_load(val_ptr, gp, start, length, row_ok, s, c, e, ASM)
-        # in-chunk prefix sums of the steps (gap + 1), per chunk in a few word operations:
-        # even entries are the low nibbles of the word's bytes, odd entries the high ones
-        lo = (g & 0x0F0F0F0F) + 0x01010101
-        hi = ((g >> 4) & 0x0F0F0F0F) + 0x01010101
-        odd = (lo + hi) * 0x01010101      # byte k: prefix through entry 2k + 1 (<= 128)
-        even = odd - hi                    # byte k: prefix through entry 2k (no borrows)
-        # then one byte per entry; `sel` and `sh` are constants per register
-        incl = (tl.where(sel, even[:, :, None], odd[:, :, None]) >> sh) & 0xFF
-        tot = (odd >> 24) & 0xFF
+        incl, tot = _chunk_columns(g)
         tot3 = tl.broadcast_to(tot[:, :, None], [BLOCK_N, CHUNKS, 8])
         excl = tl.cumsum(tot3, axis=1) - tot3
         col = col_base[:, None, None] + excl + incl
