@@ -229,3 +229,28 @@ def load_sparse_int8(path: str | os.PathLike, device: str | torch.device = "cpu"
     model.eval()
     tokenizer = Tokenizer.from_hf_dir(path, eos_token_ids=cfg.eos_token_ids) if with_tokenizer else None
     return LoadedModel(model, cfg, tokenizer, path, "hf")
+
+
+# -- ternary + activation sparsity: the transposed layout (T1) --------------------------
+
+def pack_ternary_t(codes: torch.Tensor) -> torch.Tensor:
+    """int [N, K] in {-1, 0, 1} (HF layout [out, in]) -> uint8 [K, ceil(N/4)], layout T1:
+    byte p of row i = c(4p, i) | c(4p+1, i) << 2 | c(4p+2, i) << 4 | c(4p+3, i) << 6 with
+    c = value + 1 (0b00 = -1, 0b01 = 0, 0b10 = +1), i.e. layout v1 of the transposed matrix;
+    padding outputs past N hold value 0 (code 0b01)."""
+    from rarefy.lowbit.ternary import pack_ternary
+    if codes.dim() != 2:
+        raise RarefyError(f"pack_ternary_t packs 2-D tensors, got shape {tuple(codes.shape)}")
+    return pack_ternary(codes.t())
+
+
+def unpack_ternary_t(wt: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 [K, ceil(N/4)] (layout T1) -> int8 [N, K] in {-1, 0, 1}."""
+    from rarefy.lowbit.ternary import unpack_ternary
+    return unpack_ternary(wt, n).t().contiguous()
+
+
+def transpose_packed(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Layout v1 uint8 [N, ceil(K/4)] (TernaryLinear.weight_ternary) -> layout T1 [K, ceil(N/4)]."""
+    from rarefy.lowbit.ternary import unpack_ternary
+    return pack_ternary_t(unpack_ternary(packed.cpu(), k)).to(packed.device)

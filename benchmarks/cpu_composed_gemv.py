@@ -1,0 +1,282 @@
+"""CPU benchmark of low-bit weights composed with sparsity (issue 7, "Composition").
+
+--part sparse-int8 (batch 1, the Llama-3-8B and the embedded model's projection shapes):
+    sparse + int8 (``Int8TiledBitmap``, C++ ``bitmap_matmul_int8``) at 50% / 75% sparsity
+    against the sparse bitmap alone with fp16 / bf16 values (``bitmap_matmul``), dense int8
+    alone (``int8_gemv_cpu``, per channel), rarefy's dense fp16-weight GEMV (``gemv_f16``, the
+    default CPU path) and torch dense ``F.linear`` in fp32 and bf16.
+--part ternary-act (batch 1, same shapes): the input-sparse ternary GEMV
+    (``ternary_sparse_cpu``, transposed 2-bit layout) at 0 / 25 / 40 / 50% inactive inputs
+    against the dense-input ternary kernel (``ternary_gemv_cpu``, layout v1) and torch fp32.
+--part quality: WikiText-2 perplexity of the embedded model pruned 50% (Wanda, SparseGPT),
+    alone and with int8 values (sparse + int8, run through the kernel), and dense / dense int8.
+
+Every timed variant rotates over its own weight copies (more than --min-mb MB in all), so each
+call streams its weights from memory as in decode. Median over --repeats of ~20 ms samples,
+variants interleaved. The script waits (polling every 30 s, up to --max-wait s) for the
+1-minute load average to drop below --max-load and prints the load before and after.
+
+    python3 benchmarks/cpu_composed_gemv.py --part sparse-int8 --threads 2
+    python3 benchmarks/cpu_composed_gemv.py --part ternary-act --threads 2
+    python3 benchmarks/cpu_composed_gemv.py --part quality --chunks 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rarefy.bench.machine import cpu_name  # noqa: E402
+
+LLAMA3_8B = [(4096, 4096, "8B q/o_proj"), (1024, 4096, "8B k/v_proj"), (14336, 4096, "8B gate/up_proj"),
+             (4096, 14336, "8B down_proj")]
+EMBEDDED = [(576, 576, "135M q/o_proj"), (192, 576, "135M k/v_proj"), (1536, 576, "135M gate/up_proj"),
+            (576, 1536, "135M down_proj")]
+TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "wikitext-2",
+                    "valid.txt")
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_quiet(max_load: float, max_wait: float) -> float:
+    t0 = time.time()
+    while load1() >= max_load and time.time() - t0 < max_wait:
+        print(f"  load {load1():.2f} >= {max_load}: waiting", flush=True)
+        time.sleep(30)
+    return load1()
+
+
+def _copies(nbytes: int, min_mb: float) -> int:
+    return max(2, math.ceil(min_mb * 1e6 / max(1, nbytes)))
+
+
+def _rot(make, nbytes: int, min_mb: float) -> list:
+    return [make() for _ in range(_copies(nbytes, min_mb))]
+
+
+def _nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+
+def _pruned(n: int, k: int, sparsity: float, g) -> torch.Tensor:
+    w = torch.randn(n, k, generator=g) / math.sqrt(k)
+    if sparsity > 0:
+        w[torch.rand(n, k, generator=g) < sparsity] = 0
+    return w
+
+
+def sparse_int8_variants(n: int, k: int, min_mb: float, seed: int) -> dict:
+    """name -> (fn(x, w), x, [weight copies], bytes per call)."""
+    from rarefy.formats.sparse_weight import Int8TiledBitmap, TiledBitmap
+    from rarefy.kernels import gemv_cpu, lowbit_cpu, sparse_cpu
+    from rarefy.kernels.sparse_cpu import bitmap_args
+    from rarefy.lowbit.int8 import quantize_int8
+
+    g = torch.Generator().manual_seed(seed)
+    x32 = torch.randn(1, k, generator=g)
+    dense = _pruned(n, k, 0.0, g)
+    v = {}
+    v["torch fp32"] = (lambda x, w: F.linear(x, w), x32, _rot(dense.clone, 4 * n * k, min_mb), 4 * n * k)
+    v["torch bf16"] = (lambda x, w: F.linear(x, w), x32.bfloat16(),
+                       _rot(lambda: dense.bfloat16(), 2 * n * k, min_mb), 2 * n * k)
+    v["fp16w dense (gemv_f16)"] = (lambda x, w: gemv_cpu.gemv_f16(x, w), x32,
+                                   _rot(lambda: dense.half(), 2 * n * k, min_mb), 2 * n * k)
+    iw = quantize_int8(dense)
+    v["int8 dense (int8_gemv_cpu)"] = (lambda x, w: lowbit_cpu.int8_gemv_cpu(x, w[0], w[1]), x32,
+                                       _rot(lambda: (iw.qweight.clone(), iw.scale.clone()), n * k + 4 * n, min_mb),
+                                       n * k + 4 * n)
+    for sp in (0.5, 0.75):
+        w = _pruned(n, k, sp, g)
+        for dt, label in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+            tb = TiledBitmap.from_dense(w.to(dt))
+            bm, vals, rs, kk = bitmap_args(tb)
+            nb = _nbytes((bm, vals, rs))
+            v[f"bitmap {label} {sp:.0%}"] = (
+                lambda x, a, kk=kk: sparse_cpu.bitmap_matmul(x, a[0], a[1], a[2], kk), x32,
+                _rot(lambda bm=bm, vals=vals, rs=rs: (bm.clone(), vals.clone(), rs.clone()), nb, min_mb), nb)
+        q8 = Int8TiledBitmap.from_dense(w)
+        rs = q8.tile_offsets[:, 0].contiguous()
+        nb = _nbytes((q8.bitmask, q8.values, rs, q8.scale))
+        v[f"bitmap+int8 {sp:.0%}"] = (
+            lambda x, a: sparse_cpu.bitmap_matmul_int8(x, a[0], a[1], a[2], a[3], k), x32,
+            _rot(lambda q8=q8, rs=rs: (q8.bitmask.clone(), q8.values.clone(), rs.clone(), q8.scale.clone()),
+                 nb, min_mb), nb)
+        # spot check against the float64 reference (the tests do the thorough job)
+        y = v[f"bitmap+int8 {sp:.0%}"][0](x32, v[f"bitmap+int8 {sp:.0%}"][2][0])
+        ref = x32.double() @ q8.to_dense().double().t()
+        assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4)
+    return v
+
+
+def ternary_act_variants(n: int, k: int, min_mb: float, seed: int) -> dict:
+    from rarefy.kernels import lowbit_cpu
+    from rarefy.kernels.ternary_sparse_cpu import ternary_input_sparse_gemv, ternary_input_sparse_ref
+    from rarefy.lowbit.composed import pack_ternary_t
+    from rarefy.lowbit.ternary import pack_ternary
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.tensor([[0.02]])
+    packed = pack_ternary(codes)
+    packed_t = pack_ternary_t(codes)
+    v = {}
+    dense = codes.float() * 0.02
+    v["torch fp32"] = (lambda x, w: F.linear(x, w), torch.randn(1, k, generator=g),
+                       _rot(dense.clone, 4 * n * k, min_mb), 4 * n * k)
+    xr = torch.randn(1, k, generator=g)
+    v["ternary dense input (ternary_gemv_cpu)"] = (lambda x, w: lowbit_cpu.ternary_gemv_cpu(x, w, scale), xr,
+                                                   _rot(packed.clone, packed.numel(), min_mb), packed.numel())
+    # |x| ranks decide which inputs are inactive: threshold at the wanted quantile
+    for frac in (0.0, 0.25, 0.40, 0.50):
+        thr = float(torch.quantile(xr.abs(), frac)) if frac > 0 else 0.0
+        active = int((xr.abs() > thr).sum()) if frac > 0 else k
+        nb = math.ceil(active / k * packed_t.numel())
+        v[f"input-sparse ternary {frac:.0%}"] = (
+            lambda x, w, thr=thr: ternary_input_sparse_gemv(x, w, scale, n, thr), xr,
+            _rot(packed_t.clone, packed_t.numel(), min_mb), nb)
+        y = v[f"input-sparse ternary {frac:.0%}"][0](xr, packed_t)
+        ref = ternary_input_sparse_ref(xr, codes, scale, thr)
+        assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4)
+    return v
+
+
+def time_rotating(fn, x, ws, rounds: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for w in ws:
+            fn(x, w)
+    return (time.perf_counter() - t0) / (rounds * len(ws))
+
+
+def bench(variants: dict, repeats: int) -> dict:
+    rounds = {}
+    with torch.inference_mode():
+        for name, (fn, x, ws, _) in variants.items():
+            time_rotating(fn, x, ws, 1)
+            t = time_rotating(fn, x, ws, 1)
+            rounds[name] = max(1, round(0.02 / (t * len(ws))))
+        samples = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, (fn, x, ws, _) in variants.items():
+                samples[name].append(time_rotating(fn, x, ws, rounds[name]))
+    return {name: (statistics.median(samples[name]), variants[name][3]) for name in variants}
+
+
+def run_timing(a, make, base: str) -> list[str]:
+    lines = []
+    for threads in a.threads:
+        torch.set_num_threads(threads)
+        before = wait_quiet(a.max_load, a.max_wait)
+        rows, names = [], None
+        t0 = time.time()
+        for n, k, what in (LLAMA3_8B if not a.small_only else []) + EMBEDDED:
+            v = make(n, k, a.min_mb, a.seed)
+            r = bench(v, a.repeats)
+            del v
+            names = list(r)
+            rows.append((what, n, k, r))
+            print(f"{what} {n}x{k} t={threads}: " + ", ".join(f"{nm} {t * 1e6:.1f}" for nm, (t, _) in r.items()),
+                  flush=True)
+        after = load1()
+        lines.append(f"### {threads} thread{'s' if threads > 1 else ''}, batch 1 "
+                     f"(1-minute load {before:.2f} before, {after:.2f} after; {time.time() - t0:.0f} s)\n")
+        lines.append("µs per call (median); in brackets: speed-up over " + base + "; GB/s of weight bytes streamed.\n")
+        lines.append("| shape | " + " | ".join(names) + " |")
+        lines.append("|---" * (len(names) + 1) + "|")
+        for what, n, k, r in rows:
+            tb = r[base][0]
+            cells = [f"{t * 1e6:.1f} ({tb / t:.2f}x, {nb / t / 1e9:.1f})" for t, nb in r.values()]
+            lines.append(f"| {what} {n}x{k} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def run_quality(a) -> list[str]:
+    from rarefy.eval.perplexity import perplexity
+    from rarefy.layers.sparse_linear import SparseLinear
+    from rarefy.lowbit.composed import quantize_sparse_int8
+    from rarefy.lowbit.quantize import quantize_model
+    from rarefy.models.loader import load_model
+    from rarefy.sparsity.prune import prune_model
+
+    torch.set_num_threads(a.threads[0])
+    base = load_model(None, dtype="fp32")
+    with open(TEXT, encoding="utf-8") as f:
+        ids = base.tokenizer.encode(f.read(), add_special_tokens=False)
+    rows = []
+
+    def record(name, model, note=""):
+        t0 = time.time()
+        r = perplexity(model, ids, ctx=512, max_chunks=a.chunks)
+        rows.append((name, r.ppl, r.stderr, note))
+        print(f"{name}: ppl {r.ppl:.3f} ± {r.stderr:.3f} ({time.time() - t0:.0f} s) {note}", flush=True)
+        return r.ppl
+
+    dense = record("dense fp32", base.model)
+    m = copy.deepcopy(base.model)
+    quantize_model(m, "int8", None, ("lm_head",), "fp32", progress=False)
+    record("dense int8 (per channel)", m)
+    del m
+    for method in ("wanda", "sparsegpt"):
+        m = copy.deepcopy(base.model)
+        t0 = time.time()
+        prune_model(m, base.tokenizer, method, sparsity=0.5, calib=TEXT, calib_samples=a.calib_samples,
+                    calib_len=512, progress=False)
+        pr = record(f"{method} 50%", m, f"pruned in {time.time() - t0:.0f} s")
+        rep = quantize_sparse_int8(m, ("lm_head",))
+        n_sparse = sum(isinstance(x, SparseLinear) for x in m.modules())
+        q = record(f"{method} 50% + int8 values (sparse + int8 kernel)", m,
+                   f"{n_sparse} SparseLinear; mean density {sum(rep.density.values()) / len(rep.density):.3f}")
+        rows[-1] = rows[-1][:3] + (rows[-1][3] + f"; {100 * (q / pr - 1):+.2f}% vs pruned alone",)
+        del m
+    lines = [f"WikiText-2 validation, ctx 512, first {a.chunks} chunks, all tokens after each chunk's first; "
+             f"calibration {a.calib_samples} x 512 tokens of the same file (seed 0). Dense fp32 = {dense:.3f}.\n",
+             "| model | perplexity | ± stderr | note |", "|---|---|---|---|"]
+    lines += [f"| {n} | {p:.3f} | {s:.3f} | {note} |" for n, p, s, note in rows]
+    return lines + [""]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["sparse-int8", "ternary-act", "quality"], required=True)
+    ap.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")], default=[2])
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--min-mb", type=float, default=300.0, help="weight copies per variant exceed this (MB)")
+    ap.add_argument("--max-load", type=float, default=1.5)
+    ap.add_argument("--max-wait", type=float, default=900.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small-only", action="store_true", help="only the embedded model's shapes")
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--out", default=None, help="append the markdown section to this file")
+    a = ap.parse_args()
+    head = [f"## {a.part} — {datetime.date.today().isoformat()}, {cpu_name()}, torch {torch.__version__}\n",
+            f"`python3 benchmarks/cpu_composed_gemv.py {' '.join(sys.argv[1:])}`\n"]
+    if a.part == "sparse-int8":
+        body = run_timing(a, sparse_int8_variants, "torch fp32")
+    elif a.part == "ternary-act":
+        body = run_timing(a, ternary_act_variants, "ternary dense input (ternary_gemv_cpu)")
+    else:
+        body = run_quality(a)
+    text = "\n".join(head + body) + "\n"
+    print(text)
+    if a.out:
+        with open(a.out, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
