@@ -48,7 +48,10 @@ def calibrate_attention(
                                help="out: the window's change of the layer's output relative to its residual "
                                     "stream; sens: out weighted per layer by the loss change measured with only "
                                     "that layer windowed (about L/2 more forwards per chunk); cos: 1 - cosine of "
-                                    "attention outputs; grad: first-order loss change (one backward per chunk)"),
+                                    "attention outputs; grad: first-order loss change (one backward per chunk); "
+                                    "fisher: second-order estimate of the KL of the next-token distribution "
+                                    "(--fisher-samples backward passes per chunk, labels sampled from the model)"),
+    fisher_samples: int = typer.Option(2, "--fisher-samples", help="backward passes per chunk for --metric fisher"),
     block_size: int = typer.Option(16, "--kv-block-size", help="tokens per KV-cache block"),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV storage dtype simulated while measuring"),
     per_head: bool = typer.Option(False, "--per-head",
@@ -81,7 +84,9 @@ def calibrate_attention(
     if metric not in METRICS:
         raise RarefyError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if per_head and metric == "grad":
-        raise RarefyError("--per-head takes --metric out, cos or sens (grad is measured per layer only)")
+        raise RarefyError("--per-head takes --metric out, cos, sens or fisher (grad is measured per layer only)")
+    if fisher_samples < 1:
+        raise RarefyError(f"--fisher-samples must be >= 1, got {fisher_samples}")
     if not out.endswith((".toml", ".json")):
         raise RarefyError(f"--out must end in .toml or .json, got {out!r}")
     if os.path.exists(out) and not overwrite:
@@ -118,7 +123,8 @@ def calibrate_attention(
                        f"(chunks {skip}..{skip + chunks - 1} of {calib})", err=True)
         table = measure_window_errors(loaded.model, data, cands, kv_dtype, progress=not as_json,
                                       source=f"{os.path.basename(calib)} chunks {skip}..{skip + chunks - 1} "
-                                             f"of {ctx} tokens", grad=metric == "grad", heads=per_head)
+                                             f"of {ctx} tokens", grad=metric == "grad", heads=per_head,
+                                      fisher=fisher_samples if metric == "fisher" else 0)
         if metric == "sens":
             table.sensitivity = measure_layer_sensitivity(loaded.model, data, ref, kv_dtype, progress=not as_json)
             table.sens_ref = ref

@@ -25,6 +25,11 @@ every layer isolated: its own dense output is what the next layer sees):
 - `grad` (with `grad=True`: one backward pass per chunk): the first-order change of the
   mean NLL of the scored tokens, Σ ⟨∂NLL/∂o, o_window − o_dense⟩ / tokens, o = the layer's
   attention output: an estimate of what the window costs in loss, additive over layers.
+- `fisher` (with `fisher=S`: S backward passes per chunk, labels sampled from the model):
+  ½ Σ_t E_y[⟨∂log p(y)/∂o_t, o_window,t − o_dense,t⟩²] / tokens, the second-order (Fisher,
+  block-diagonal over positions) estimate of the KL between the dense and the windowed
+  next-token distributions of the scored tokens: judged by the model's loss, always ≥ 0,
+  and without the first-order term that makes `grad` noise.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from rarefy.kv.policies import PerHead, PolicyConfig, Window, parse_policy
 from rarefy.kv.quant import roundtrip
 from rarefy.kv.simulate import clear_eval_attention, simulated_attention
 
-METRICS = ("out", "cos", "grad", "sens")
+METRICS = ("out", "cos", "grad", "sens", "fisher")
 # total blocks held per layer (sinks included) tried by default, at ctx 2048 / block 16 = 128 blocks
 DEFAULT_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
@@ -110,6 +115,9 @@ class _Probe:
         self.cos_sum_h = None
         self.track_grad = False
         self.saved = None
+        self.fisher_grads: list = []  # sampled-label gradients of this chunk (fisher metric)
+        self.fisher_sq = torch.zeros(len(cands), dtype=torch.float64)
+        self.fisher_sq_h = None
 
     def pre_hook(self, module, args):
         h = args[0]
@@ -138,7 +146,20 @@ class _Probe:
         with torch.no_grad():
             self._measure(q, k, v, positions, dense.detach(), dense.grad)
 
-    def _measure(self, q, k, v, positions, dense, grad):
+    def keep_fisher_grad(self):
+        """After a sampled-label backward pass: keep ∂(log-likelihood)/∂o of the scored queries."""
+        q, k, v, positions, dense = self.saved
+        self.fisher_grads.append(dense.grad[:, :, self.first:].float())
+        self.saved = (q, k, v, positions, dense.detach())
+
+    def fisher_errors(self):
+        q, k, v, positions, dense = self.saved
+        self.saved = None
+        with torch.no_grad():
+            self._measure(q, k, v, positions, dense, None, self.fisher_grads)
+        self.fisher_grads = []
+
+    def _measure(self, q, k, v, positions, dense, grad, fisher_grads=None):
         B, Hq, T, D = q.shape
         qs, qpos = q[:, :, self.first:], positions[..., self.first:]
         ref = dense[:, :, self.first:].float()
@@ -149,6 +170,17 @@ class _Probe:
             self.cos_sum[c] += float(cos.double().sum())
             if grad is not None:
                 self.grad_sum[c] += float(((out - ref) * grad[:, :, self.first:].float()).double().sum())
+            if fisher_grads:
+                # ½ E_y[(g_t · δ_t)²] per scored query t, g = ∂ log p(y)/∂o with y sampled from the
+                # model: the second-order (Fisher) estimate of the KL the window adds, per token
+                Hkv = k.shape[1]
+                if self.fisher_sq_h is None:
+                    self.fisher_sq_h = torch.zeros(len(self.cands), Hkv, dtype=torch.float64)
+                for g in fisher_grads:
+                    dots = ((out - ref) * g).sum(-1).double()  # [B, Hq, Tq]
+                    self.fisher_sq[c] += 0.5 * float(dots.sum(1).pow(2).sum()) / len(fisher_grads)
+                    per_kv = dots.reshape(B, Hkv, Hq // Hkv, -1).sum(2)
+                    self.fisher_sq_h[c] += 0.5 * per_kv.pow(2).sum((0, 2)) / len(fisher_grads)
             diff = (out - ref).transpose(1, 2).reshape(B, T - self.first, Hq * D)
             self.out_sq[c] += float(o_proj(diff.to(q.dtype)).float().pow(2).sum())
             if self.heads:
@@ -183,6 +215,10 @@ class WindowErrors:
     # windowed alone (the other heads of its layer dense)
     out_heads: list[list[list[float]]] | None = None
     cos_heads: list[list[list[float]]] | None = None
+    # Fisher (second-order) estimate of the KL of the next-token distribution that the window
+    # adds, nats per scored token ([layer][candidate]; per head [layer][kv head][candidate])
+    fisher: list[list[float]] | None = None
+    fisher_heads: list[list[list[float]]] | None = None
 
     @property
     def num_kv_heads(self) -> int | None:
@@ -192,6 +228,11 @@ class WindowErrors:
         """Per-(layer, KV head) error curves: `out` / `cos` as measured per head; `sens`: the
         per-head `out` curves scaled by the layer's measured loss sensitivity (the layer's
         loss change split between its heads in proportion to their `out` error at sens_ref)."""
+        if name == "fisher":
+            if self.fisher_heads is None:
+                raise RarefyError("this error table has no per-KV-head fisher errors (measure them with "
+                                  "--metric fisher --per-head)")
+            return self.fisher_heads
         if self.out_heads is None:
             raise RarefyError("this error table has no per-KV-head errors (measure them with --per-head)")
         if name == "out":
@@ -208,7 +249,7 @@ class WindowErrors:
                 scale = max(self.sensitivity[layer], 1e-5) / tot
                 out.append([[x * scale for x in h] for h in heads])
             return out
-        raise RarefyError(f"per-head allocation takes the metric out, cos or sens, got {name!r}")
+        raise RarefyError(f"per-head allocation takes the metric out, cos, sens or fisher, got {name!r}")
 
     @property
     def sens(self) -> list[list[float]] | None:
@@ -237,7 +278,8 @@ class WindowErrors:
                 "ctx": self.ctx, "block_size": self.block_size, "tokens": self.tokens, "source": self.source,
                 "grad": self.grad, "sensitivity": self.sensitivity,
                 "sens_ref": None if self.sens_ref is None else self.sens_ref.spec,
-                "out_heads": self.out_heads, "cos_heads": self.cos_heads}
+                "out_heads": self.out_heads, "cos_heads": self.cos_heads, "fisher": self.fisher,
+                "fisher_heads": self.fisher_heads}
 
     @classmethod
     def from_dict(cls, d: dict) -> WindowErrors:
@@ -245,7 +287,7 @@ class WindowErrors:
             return cls([parse_policy(s) for s in d["candidates"]], d["out"], d["cos"], int(d["ctx"]),
                        int(d["block_size"]), int(d["tokens"]), d.get("source", ""), d.get("grad"),
                        d.get("sensitivity"), parse_policy(d["sens_ref"]) if d.get("sens_ref") else None,
-                       d.get("out_heads"), d.get("cos_heads"))
+                       d.get("out_heads"), d.get("cos_heads"), d.get("fisher"), d.get("fisher_heads"))
         except (KeyError, TypeError, ValueError) as e:
             raise RarefyError(f"not a window-error table: {e}") from None
 
@@ -268,7 +310,9 @@ class WindowErrors:
                             cat(self.cos, other.cos), self.ctx, self.block_size, min(self.tokens, other.tokens),
                             "; ".join(x for x in (self.source, other.source) if x), grad, self.sensitivity,
                             self.sens_ref, cat_h(self.out_heads, other.out_heads),
-                            cat_h(self.cos_heads, other.cos_heads))
+                            cat_h(self.cos_heads, other.cos_heads),
+                            cat(self.fisher, other.fisher) if self.fisher is not None and other.fisher is not None
+                            else None, cat_h(self.fisher_heads, other.fisher_heads))
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -287,13 +331,15 @@ class WindowErrors:
 
 def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window], kv_dtype: str = "bf16",
                           progress: bool = False, source: str = "", grad: bool = False,
-                          heads: bool = False) -> WindowErrors:
+                          heads: bool = False, fisher: int = 0) -> WindowErrors:
     """chunks [N, ctx] token ids → each layer's error for each candidate window, over the
     second half of each chunk (every measured query has ≥ ctx/2 tokens of context). One
     dense forward per chunk; each layer's candidates are evaluated on that layer's q, k, v.
     grad: also a backward pass of the scored tokens' NLL, for the `grad` metric.
     heads: also each KV head's `out` and `cos` error with only that head windowed (per-head
-    windows, allocate_head_windows)."""
+    windows, allocate_head_windows).
+    fisher: > 0 → the `fisher` metric from that many backward passes per chunk with labels
+    sampled from the model (instead of the one dense forward; `grad` is then not measured)."""
     N, ctx = chunks.shape
     if N < 1:
         raise RarefyError("window calibration needs at least one chunk of text")
@@ -316,6 +362,24 @@ def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window],
         device = next(model.parameters()).device
         for i in it:
             chunk = chunks[i].to(device)
+            if fisher:
+                gen = torch.Generator(device=device).manual_seed(1234 + i)
+                for sample in range(fisher):
+                    for p in probes:
+                        p.track_grad = True
+                    with torch.enable_grad():
+                        idx = torch.arange(first - 1, ctx - 1, device=device)
+                        logits = model(chunk[None], last_index=idx).float()
+                        y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+                        F.cross_entropy(logits, y, reduction="sum").backward()
+                    del logits
+                    for p in probes:
+                        p.keep_fisher_grad()
+                        p.track_grad = False
+                for p in probes:
+                    p.h_total -= (fisher - 1) * p.h_sq  # the same dense input in every pass: count it once
+                    p.fisher_errors()
+                continue
             if not grad:
                 with torch.inference_mode():
                     model(chunk[None], last_index=torch.tensor([ctx - 1], device=device))
@@ -337,11 +401,16 @@ def measure_window_errors(model, chunks: torch.Tensor, candidates: list[Window],
     cos = [(1.0 - p.cos_sum / max(p.count, 1)).tolist() for p in probes]
     tokens = N * (ctx - first)
     g = [(p.grad_sum / tokens).tolist() for p in probes] if grad else None
+    fi = fh = None
+    if fisher:
+        fi = [(p.fisher_sq / tokens).tolist() for p in probes]
+        fh = [(p.fisher_sq_h / tokens).T.tolist() for p in probes]
     oh = ch = None
     if heads:
         oh = [(p.out_sq_h / max(p.h_total, 1e-30)).T.tolist() for p in probes]
         ch = [(1.0 - p.cos_sum_h / max(p.count / p.out_sq_h.shape[1], 1)).T.tolist() for p in probes]
-    return WindowErrors(list(candidates), out, cos, ctx, block, tokens, source, g, out_heads=oh, cos_heads=ch)
+    return WindowErrors(list(candidates), out, cos, ctx, block, tokens, source, g, out_heads=oh, cos_heads=ch,
+                        fisher=fi, fisher_heads=fh)
 
 
 def sensitivity_reference(candidates: list[Window], ctx: int, block_size: int) -> Window:

@@ -415,3 +415,45 @@ def test_cli_per_head(tiny_model_dir, tmp_path):
     assert r.exit_code != 0 and "no per-KV-head errors" in r.output
     r = run(app, args[:-2] + ["--metric", "grad", "--overwrite"])
     assert r.exit_code != 0 and "--per-head takes" in r.output
+
+
+def test_fisher_metric_estimates_the_kl_of_one_windowed_head(tiny_model_dir):
+    """The `fisher` errors (sampled-label backward passes) estimate the KL between the dense and
+    the windowed next-token distributions of the scored tokens: ≥ 0, 0 for a window that keeps
+    everything, and close to the KL measured by running the model with that head windowed."""
+    import torch.nn.functional as F
+
+    from rarefy.kv.simulate import eval_attention
+    from rarefy.models.loader import load_model
+
+    model = load_model(str(tiny_model_dir), device="cpu", dtype=torch.float32).model
+    ids = torch.randint(3, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    cands = [window_for_blocks(m, 4, 64, 4) for m in (4, 16)]
+    t = measure_window_errors(model, ids, cands, "fp32", heads=True, fisher=32)
+    assert t.fisher is not None and len(t.fisher_heads[0]) == model.config.num_kv_heads
+
+    def kl(cfg):
+        tot = 0.0
+        idx = torch.arange(31, 63)
+        for c in ids:
+            with torch.no_grad():
+                p = F.log_softmax(model(c[None], last_index=idx).float(), -1)
+                with eval_attention(model, "fp32", cfg):
+                    q = F.log_softmax(model(c[None], last_index=idx).float(), -1)
+            tot += float((p.exp() * (p - q)).sum())
+        return tot / (2 * 32)
+
+    for layer in range(model.config.num_layers):
+        for h in range(model.config.num_kv_heads):
+            assert t.fisher_heads[layer][h][1] == pytest.approx(0.0, abs=1e-12)
+            est = t.fisher_heads[layer][h][0]
+            heads = tuple(cands[0] if x == h else Dense() for x in range(model.config.num_kv_heads))
+            true = kl(PolicyConfig(Dense(), {layer: PerHead(heads)}))
+            assert est > 0 and 0.4 * true < est < 2.5 * true, (layer, h, est, true)
+    # and the out errors are unchanged by the extra passes (the dense input is counted once)
+    t0 = measure_window_errors(model, ids, cands, "fp32", heads=True)
+    for a, b in zip(t.out_heads, t0.out_heads):
+        for x, y in zip(a, b):
+            assert x == pytest.approx(y, rel=1e-4, abs=1e-12)
+    a = allocate_head_windows(t, 0.5, "fisher")
+    assert a.memory_fraction <= 0.5
