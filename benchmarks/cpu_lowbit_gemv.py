@@ -204,10 +204,46 @@ def llama_cpp_rate(path: str, threads: int, prompt: str, new_tokens: int) -> tup
     return (new_tokens - 1) / (stamps[-1] - stamps[0]), out
 
 
+GGUF_EAGER = "rarefy GGUF blocks (gguf_gemv_cpu)"
+GGUF_A8 = "rarefy GGUF blocks, int8 activations"
+GGUF_COMPILED = "rarefy GGUF blocks, torch.compile decode"
+FP16W = "rarefy fp16w (the old CPU default)"
+FP16W_COMPILED = "rarefy fp16w, torch.compile decode"
+FP32 = "rarefy fp32 (dequantized)"
+TERNARY = "rarefy ternary + Q8_0 lm_head, torch.compile decode"
+TERNARY_A8 = "rarefy ternary A8 (W1.58A8) + Q8_0 lm_head, torch.compile decode"
+INT8 = "rarefy int8 + Q8_0 lm_head, torch.compile decode"
+LLAMA = "llama.cpp (llama-cpp-python)"
+
+
+def lowbit_model(path: str, fmt: str, act_quant: str | None = None):
+    """The embedded model quantized post-training to `fmt` ("ternary": BitNet b1.58 absmean per
+    tensor; "int8": per output channel) from its dequantized fp32 weights, every projection a
+    TernaryLinear / Int8Linear in "fused" mode (the C++ kernels on the packed weights), q/k/v and
+    gate/up stacked (`fuse_lowbit`), and the tied lm_head the file's own Q8_0 blocks
+    (GGUFLinear), as llama.cpp runs it."""
+    from rarefy.kernels.lowbit_cpu import gguf_linear
+    from rarefy.layers.lowbit_linear import is_lowbit, set_lowbit_mode
+    from rarefy.lowbit.quantize import quantize_model
+    from rarefy.models.loader import load_model
+
+    lm = load_model(None, dtype="fp32")
+    rep = quantize_model(lm.model, fmt)  # every projection; the tied lm_head stays dense here
+    for mod in lm.model.modules():
+        if is_lowbit(mod):
+            mod.act_quant = act_quant
+    set_lowbit_mode(lm.model, "fused")
+    lm.model.fuse_projections()
+    n_head = gguf_linear.use_gguf_blocks(lm.model, path, only=("lm_head",))
+    assert n_head == 1, "lm_head was not replaced by the file's blocks"
+    return lm, len(rep.quantized)
+
+
 def run_e2e(a) -> list[str]:
     from rarefy.engine.generate import Generator
     from rarefy.eval.perplexity import perplexity
     from rarefy.kernels.lowbit_cpu import gguf_linear
+    from rarefy.layers.lowbit_linear import set_lowbit_mode
     from rarefy.layers.sampler import SamplingParams
     from rarefy.models.default_model import default_model_path
     from rarefy.models.loader import load_model
@@ -215,41 +251,55 @@ def run_e2e(a) -> list[str]:
     path = default_model_path()
     threads = a.threads[0]
     torch.set_num_threads(threads)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     # with another process on a core, every parallel region waits a scheduler slice: even the
     # warm-up would crawl, so wait for a quiet machine first (and again before measuring)
     wait_quiet(a.max_load, a.max_wait)
-    engines = {"rarefy GGUF blocks (gguf_gemv_cpu)": load_model(None, dtype="fp32"),
-               "rarefy GGUF blocks, int8 activations": load_model(None, dtype="fp32"),
-               "rarefy fp16w (default)": load_model(None, dtype="fp16w"),
-               "rarefy fp32 (dequantized)": load_model(None, dtype="fp32")}
-    n_swapped = gguf_linear.use_gguf_blocks(engines["rarefy GGUF blocks (gguf_gemv_cpu)"].model, path)
-    gguf_linear.use_gguf_blocks(engines["rarefy GGUF blocks, int8 activations"].model, path, act_quant="int8")
+    engines = {GGUF_EAGER: load_model(None, dtype="fp32"), GGUF_A8: load_model(None, dtype="fp32"),
+               FP16W: load_model(None, dtype="fp16w"), FP32: load_model(None, dtype="fp32")}
+    n_swapped = gguf_linear.use_gguf_blocks(engines[GGUF_EAGER].model, path)
+    gguf_linear.use_gguf_blocks(engines[GGUF_A8].model, path, act_quant="int8")
     n_fused = 0
-    for k in ("rarefy GGUF blocks (gguf_gemv_cpu)", "rarefy GGUF blocks, int8 activations"):
+    for k in (GGUF_EAGER, GGUF_A8):
         n_fused = gguf_linear.fuse_gguf_projections(engines[k].model)
-    tk = engines["rarefy fp32 (dequantized)"].tokenizer
+    lowbit = {"ternary": (TERNARY, "ternary", None), "A8": (TERNARY_A8, "ternary", "int8"),
+              "int8": (INT8, "int8", None)}
+    lowbit = {v[0]: v[1:] for k, v in lowbit.items() if k in a.e2e_lowbit}
+    n_lowbit = 0
+    for k, (fmt, act) in lowbit.items():
+        engines[k], n_lowbit = lowbit_model(path, fmt, act)
+    tk = engines[FP32].tokenizer
     prompt = tk.encode(PROMPT)
     params = SamplingParams(max_tokens=a.new_tokens, ignore_eos=True)
-    gens = {k: Generator(v.model, v.tokenizer) for k, v in engines.items()}
-    # the same GGUF-block model with its decode step through torch.compile (CPU inductor; the
-    # projections stay opaque C++ ops), compiled during the warm-up call below
-    gguf = engines["rarefy GGUF blocks (gguf_gemv_cpu)"]
-    gens["rarefy GGUF blocks, torch.compile decode"] = Generator(gguf.model, gguf.tokenizer, cpu_compile=True)
-    for g in gens.values():
+    gens = {k: Generator(engines[k].model, engines[k].tokenizer) for k in (GGUF_EAGER, GGUF_A8, FP16W, FP32)}
+    # decode steps through torch.compile (CPU inductor; the C++ projection ops stay opaque through
+    # their fake kernels), compiled during the warm-up call below
+    gens[GGUF_COMPILED] = Generator(engines[GGUF_EAGER].model, tk, cpu_compile=True)
+    gens[FP16W_COMPILED] = Generator(engines[FP16W].model, tk, cpu_compile=True)
+    for k in lowbit:
+        gens[k] = Generator(engines[k].model, tk, cpu_compile=True)
+    warm = {}
+    for k, g in gens.items():
+        t0 = time.perf_counter()
         g.generate([prompt], params)
+        warm[k] = time.perf_counter() - t0
+        print(f"warm-up {k}: {warm[k]:.0f} s", flush=True)
     before, waited = wait_quiet(a.max_load, a.max_wait)
-    rates = {k: [] for k in [*gens, "llama.cpp (llama-cpp-python)"]}
+    rates = {k: [] for k in [*gens, LLAMA]}
+    loads = []
     tokens = {}
     for i in range(a.e2e_repeats):  # alternate engines so load drift hits all of them
+        loads.append(load1())
         for k, g in gens.items():
             (c,), st = g.generate([prompt], params)
             rates[k].append(st.decode_tok_s)
             tokens[k] = c.token_ids
         r = llama_cpp_rate(path, threads, PROMPT, a.new_tokens)
         if r is not None:
-            rates["llama.cpp (llama-cpp-python)"].append(r[0])
-            tokens["llama.cpp (llama-cpp-python)"] = r[1]
-        print(f"run {i}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v), flush=True)
+            rates[LLAMA].append(r[0])
+            tokens[LLAMA] = r[1]
+        print(f"run {i} (load {loads[-1]:.2f}): " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v),
+              flush=True)
     after = load1()
 
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt"),
@@ -257,40 +307,61 @@ def run_e2e(a) -> list[str]:
         ids = tk.encode(f.read(), add_special_tokens=False)
     gguf_linear.MAX_KERNEL_ROWS = 1 << 30  # perplexity through the kernel, not the dense fallback
     ppl = {k: perplexity(engines[k].model, ids, ctx=512, max_chunks=a.ppl_chunks).ppl
-           for k in ("rarefy GGUF blocks (gguf_gemv_cpu)", "rarefy GGUF blocks, int8 activations",
-                     "rarefy fp32 (dequantized)")}
-    ref = tokens["rarefy fp32 (dequantized)"]
-    peer = statistics.median(rates["llama.cpp (llama-cpp-python)"]) if rates["llama.cpp (llama-cpp-python)"] else None
+           for k in (GGUF_EAGER, GGUF_A8, FP32)}
+    for k in lowbit:  # the low-bit layers' "cache" mode: the same weights, exact fp32 products
+        set_lowbit_mode(engines[k].model, "cache")
+        ppl[k] = perplexity(engines[k].model, ids, ctx=512, max_chunks=a.ppl_chunks).ppl
+        set_lowbit_mode(engines[k].model, "fused")
+    ref = tokens[FP32]
+    peer = statistics.median(rates[LLAMA]) if rates[LLAMA] else None
     L = ["## End to end: decode of the embedded Q4_1 GGUF", "",
          f"Command: `python3 benchmarks/cpu_lowbit_gemv.py {' '.join(sys.argv[1:])}`  ",
-         f"Date: {datetime.date.today().isoformat()}; {threads} threads; batch 1, {len(prompt)}-token prompt,"
+         f"Date: {datetime.date.today().isoformat()}; {cpu_name()}, {os.cpu_count()} logical CPUs;"
+         f" {threads} threads; batch 1, {len(prompt)}-token prompt,"
          f" {a.new_tokens} new tokens, greedy, EOS ignored; median of {a.e2e_repeats} alternating runs."
-         f" 1-minute load: {before:.2f} before (waited {waited:.0f} s), {after:.2f} after.  ",
+         f" 1-minute load: {before:.2f} before (waited {waited:.0f} s), at each run's start "
+         + ", ".join(f"{x:.2f}" for x in loads) + f", {after:.2f} after.  ",
          f"rarefy GGUF blocks: {n_swapped} layers (every projection and the tied lm_head) run"
          " `gguf_gemv_cpu` on the file's Q4_1 / Q8_0 bytes, q/k/v and gate/up stacked"
          f" (`fuse_gguf_projections`, {n_fused} fused layers: 4 calls per decoder layer); embeddings,"
-         " norms, attention as in rarefy's fp32 engine. llama.cpp: llama-cpp-python"
-         + (f" {_llama_cpp_version()}" if peer else " (not installed: no figure)")
-         + ", same file, same threads; its decode rate is timed from the first to the last generated token.",
-         "",
-         "| engine | decode tok/s | vs llama.cpp | greedy tokens equal to fp32 (dequantized) | runs (tok/s) |",
-         "| --- | --- | --- | --- | --- |"]
+         " norms, attention as in rarefy's fp32 engine.  "]
+    if lowbit:
+        L[-1] += (f"rarefy ternary / int8: the {n_lowbit} projections quantized post-training from the"
+                  " dequantized weights (`quantize_model`: ternary = BitNet b1.58 absmean per tensor; int8 per"
+                  " output channel), TernaryLinear / Int8Linear in \"fused\" mode (the C++ kernels on the packed"
+                  " weights), q/k/v and gate/up stacked (`fuse_lowbit`), lm_head the file's Q8_0 blocks"
+                  " (GGUFLinear); A8 = BitNet's per-token int8 activations, otherwise 16-bit fixed point.  ")
+    L[-1] += ("torch.compile rows: `Generator(cpu_compile=True)`, compiled in a warm-up call ("
+              + ", ".join(f"{k.split(',')[0].replace('rarefy ', '')}: {warm[k]:.0f} s" for k in gens
+                          if 'compile' in k) + "), not in the rates.  ")
+    L[-1] += ("llama.cpp: llama-cpp-python" + (f" {_llama_cpp_version()}" if peer else " (not installed: no figure)")
+              + ", same file, same threads; its decode rate is timed from the first to the last generated token.")
+    L += ["",
+          "| engine | decode tok/s | vs llama.cpp | greedy tokens equal to fp32 (dequantized) | WikiText-2 ppl |"
+          " runs (tok/s) |",
+          "| --- | --- | --- | --- | --- | --- |"]
     for k, v in rates.items():
         if not v:
             continue
         r = statistics.median(v)
         same = sum(x == y for x, y in zip(tokens[k], ref))
+        p = ppl.get({GGUF_COMPILED: GGUF_EAGER}.get(k, k))
         L.append(f"| {k} | {r:.1f} | {r / peer:.2f}x |" if peer else f"| {k} | {r:.1f} | - |")
-        L[-1] += f" {same}/{len(ref)} | {', '.join(f'{x:.1f}' for x in v)} |"
-    p_k, p_8 = ppl["rarefy GGUF blocks (gguf_gemv_cpu)"], ppl["rarefy GGUF blocks, int8 activations"]
-    p_d = ppl["rarefy fp32 (dequantized)"]
+        L[-1] += f" {same}/{len(ref)} | {'-' if p is None else f'{p:.2f}'} | {', '.join(f'{x:.1f}' for x in v)} |"
+    p_k, p_8, p_d = ppl[GGUF_EAGER], ppl[GGUF_A8], ppl[FP32]
     L += ["", f"WikiText-2 valid perplexity (first {a.ppl_chunks} chunks of 512, the kernel path for every row"
           f" count): GGUF blocks through gguf_gemv_cpu {p_k:.4f} ({100 * (p_k / p_d - 1):+.3f}%; target: within 0.1%),"
           f" with int8 activations (llama.cpp's scheme) {p_8:.4f} ({100 * (p_8 / p_d - 1):+.3f}%),"
-          f" dequantized fp32 {p_d:.4f}.",
+          f" dequantized fp32 {p_d:.4f}."
+          + "".join(f" {k.split(',')[0].replace('rarefy ', '')}: {ppl[k]:.2f} ({ppl[k] / p_d:.1f}x fp32's)"
+                    for k in lowbit)
+          + ("; the low-bit rows' perplexity is computed with the same packed weights in \"cache\" mode"
+             " (fp32 products). Post-training ternary quantization of a model not trained for it destroys"
+             " it: the ternary rows are a speed measurement, not a usable model." if lowbit else ""),
           "",
           "llama.cpp's greedy tokens differ from rarefy's after a few tokens: its own tokenization of the"
-          " prompt (BOS) and its int8 activations change the logits; rarefy's engines agree with each other.",
+          " prompt (BOS) and its int8 activations change the logits; rarefy's GGUF and dense engines agree"
+          " with each other.",
           ""]
     return L
 
@@ -310,6 +381,8 @@ def main():
     ap.add_argument("--e2e-repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--ppl-chunks", type=int, default=8)
+    ap.add_argument("--e2e-lowbit", nargs="*", default=["ternary", "A8", "int8"],
+                    help="--e2e: low-bit rows to add (ternary, A8 = ternary with int8 activations, int8)")
     ap.add_argument("--append", default=None, help="--e2e: append the section to this file")
     a = ap.parse_args()
     if a.e2e:

@@ -69,6 +69,25 @@ def wants_half_weights(dtype: str | torch.dtype | None, device: torch.device) ->
     return False
 
 
+def wants_gguf_blocks(gguf_blocks: bool | None, fmt: str, dtype, device: torch.device, sparse: str) -> bool:
+    """GGUF Q4_0/Q4_1/Q8_0 projections kept as the file's blocks (GGUFLinear): asked for with
+    gguf_blocks=True, or (None) the CPU default for GGUF files when dtype is auto and the
+    kernel builds. gguf_blocks=False, or dtype="fp16w" / "fp32", gives the dense paths."""
+    if gguf_blocks is False or fmt != "gguf":
+        return False
+    if gguf_blocks is None and (dtype not in (None, "auto") or device.type != "cpu" or sparse in ("on", "force")):
+        return False
+    if device.type != "cpu":
+        raise RarefyError("GGUF blocks kept quantized run on the CPU only; use --dtype bf16 or fp16 on CUDA")
+    from rarefy.kernels.lowbit_cpu import available
+    if available():
+        return True
+    if gguf_blocks:
+        raise RarefyError("GGUF blocks kept quantized need rarefy's C++ CPU kernels, which could not be "
+                          "built here (is a C++ compiler installed?)")
+    return False
+
+
 def is_gguf(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -90,14 +109,19 @@ def open_checkpoint(path: str):
 
 def load_model(path: str | None = None, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", with_tokenizer: bool = True,
-               progress: bool = False, sparse: str = "off") -> LoadedModel:
+               progress: bool = False, sparse: str = "off", gguf_blocks: bool | None = None) -> LoadedModel:
     """Load a checkpoint (HF directory, rarefy-pruned directory or GGUF file; None = the
     embedded model). ``sparse``: "off" (the default here; the CLI passes "auto") keeps every
     layer dense; "auto" runs the projections of a checkpoint written by
     ``rarefy prune`` through SparseLinear (compiled and autotuned per matrix, dense where
     sparse measured slower); "on" does so for any checkpoint; "force" makes every sparse
     enough projection sparse without timing (fewest bytes wins). Low-bit
-    checkpoints (`rarefy quantize`, BitNet-packed) load as TernaryLinear / Int8Linear."""
+    checkpoints (`rarefy quantize`, BitNet-packed) load as TernaryLinear / Int8Linear.
+
+    GGUF files on the CPU with dtype "auto" keep their Q4_0/Q4_1/Q8_0 projections (and lm_head)
+    as the file's blocks (GGUFLinear, the C++ kernels on the raw bytes; q/k/v and gate/up
+    stacked): ``gguf_blocks`` None = that default, False = the dense paths (dtype "auto" then
+    means fp16w, as before), True = insist. dtype "fp16w" or "fp32" also gives the dense path."""
     if sparse not in ("auto", "on", "force", "off"):
         raise RarefyError(f"--sparse must be auto, on, force or off, got {sparse!r}")
     dev = resolve_device(device)
@@ -113,6 +137,8 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
         if wants_half_weights(dtype, dev):  # the projections left dense (lm_head, skipped)
             from rarefy.layers.half_weight_linear import use_half_weights
             use_half_weights(model)
+    elif wants_gguf_blocks(gguf_blocks, fmt, dtype, dev, sparse) and has_gguf_blocks(ckpt):
+        model = build_gguf_blocks_model(cfg, ckpt, dev, dt, progress, source=path)
     elif wants_half_weights(dtype, dev):
         from rarefy.layers.half_weight_linear import is_projection_weight, use_half_weights
         # projections are read straight into fp16, so no fp32 copy of them ever exists
@@ -135,12 +161,41 @@ def is_pruned_checkpoint(path: str) -> bool:
     return bool(meta) and meta.get("weights_format") == "sparse-bitmask"
 
 
+def build_gguf_blocks_model(cfg: ModelConfig, ckpt, device: torch.device, dtype: torch.dtype,
+                            progress: bool = False, source: str = "checkpoint") -> DecoderLM:
+    """A DecoderLM from a GGUF checkpoint whose block-quantized projections (and lm_head) are
+    GGUFLinear layers on the file's bytes, q/k/v and gate/up stacked; their weights are never
+    dequantized (the other tensors load as `build_model` loads them)."""
+    from rarefy.kernels.lowbit_cpu import QTYPES
+    from rarefy.kernels.lowbit_cpu.gguf_linear import fuse_gguf_projections, use_gguf_blocks
+
+    def blocks(name: str) -> bool:
+        return name.endswith("_proj.weight") and ckpt._tensor(name).tensor_type.name in QTYPES
+
+    model = build_model(cfg, ckpt, device, dtype, progress, source, skip=blocks)
+    use_gguf_blocks(model, ckpt)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # cannot happen: every skipped weight is a block type use_gguf_blocks takes
+        raise RarefyError(f"{source}: {left[0]} was neither loaded nor kept as GGUF blocks")
+    fuse_gguf_projections(model)
+    return model
+
+
+def has_gguf_blocks(ckpt) -> bool:
+    """Whether a GGUF checkpoint stores any projection as Q4_0/Q4_1/Q8_0 blocks."""
+    from rarefy.kernels.lowbit_cpu import QTYPES
+    return any(n.endswith("_proj.weight") and ckpt._tensor(n).tensor_type.name in QTYPES
+               for n in ckpt.tensor_names())
+
+
 def build_model(cfg: ModelConfig, ckpt, device: torch.device, dtype: torch.dtype,
                 progress: bool = False, source: str = "checkpoint",
-                dtype_of: Callable[[str], torch.dtype] | None = None) -> DecoderLM:
+                dtype_of: Callable[[str], torch.dtype] | None = None,
+                skip: Callable[[str], bool] | None = None) -> DecoderLM:
     """A DecoderLM whose parameters are streamed from `ckpt` (anything with
     tensor_names() and load(name, dtype)), one tensor at a time; `dtype_of(name)`
-    overrides `dtype` per tensor."""
+    overrides `dtype` per tensor; parameters for which `skip(name)` is true stay on the
+    meta device (the caller replaces their modules)."""
     with torch.device("meta"):
         model = DecoderLM(cfg)
     expected = dict(model.named_parameters())  # tied weights appear once
@@ -153,6 +208,8 @@ def build_model(cfg: ModelConfig, ckpt, device: torch.device, dtype: torch.dtype
         from tqdm import tqdm
         names = tqdm(names, desc="loading", unit="tensor", leave=False)
     for name in names:
+        if skip is not None and skip(name):
+            continue
         t = ckpt.load(name, dtype_of(name) if dtype_of else dtype)
         if tuple(t.shape) != tuple(expected[name].shape):
             raise RarefyError(f"tensor {name} has shape {tuple(t.shape)}, "

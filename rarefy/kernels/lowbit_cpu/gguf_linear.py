@@ -73,10 +73,13 @@ def _blocks_in_hf_order(ckpt, hf_name: str):
     return blocks, qtype, shape
 
 
-def use_gguf_blocks(model: nn.Module, path_or_ckpt, act_quant: str | None = None) -> int:
+def use_gguf_blocks(model: nn.Module, path_or_ckpt, act_quant: str | None = None,
+                    only: tuple[str, ...] | None = None) -> int:
     """Replace every projection (and lm_head) whose GGUF tensor is Q4_0/Q4_1/Q8_0 by a
     GGUFLinear reading the file's blocks; returns how many were replaced. The model must have
-    been loaded from that file (same names and shapes)."""
+    been loaded from that file (same names and shapes). `only`: module names to consider
+    (e.g. ``("lm_head",)`` for a model whose projections are already low-bit); others are kept.
+    Layers that are not dense (low-bit, sparse, GGUF) are never replaced."""
     from rarefy.models.gguf_file import GGUFCheckpoint
 
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, GGUFCheckpoint) else GGUFCheckpoint(path_or_ckpt)
@@ -87,6 +90,10 @@ def use_gguf_blocks(model: nn.Module, path_or_ckpt, act_quant: str | None = None
             if not hasattr(child, "in_features") or isinstance(child, GGUFLinear):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if only is not None and name not in only:
+                continue
+            if not isinstance(getattr(child, "weight", None), torch.Tensor):
+                continue  # a low-bit / packed layer: not the file's dense tensor any more
             wname = f"{name}.weight"
             if wname not in names and name == "lm_head" and "model.embed_tokens.weight" in names:
                 wname = "model.embed_tokens.weight"  # tied output projection

@@ -721,6 +721,10 @@ bool lin_mode(Lin& L, int64_t group_size, int64_t scale_rows, Arena& A) {
     return true;
   }
   L.G = group_size, L.ng = L.K / group_size, L.sc_row = L.ng;
+  if (group_size == L.K) {  // one scale per row (stacked per-tensor layers, fuse_lowbit): one segment
+    L.lane = false, L.S = std::max<int64_t>(L.nch, 1), L.nseg = 1;
+    return true;
+  }
   if (group_size % L.chunkcols == 0 && group_size / L.chunkcols >= 4) {
     L.lane = false, L.S = group_size / L.chunkcols, L.nseg = L.ng;
     return true;
