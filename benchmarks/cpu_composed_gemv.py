@@ -6,8 +6,15 @@
     alone (``int8_gemv_cpu``, per channel), rarefy's dense fp16-weight GEMV (``gemv_f16``, the
     default CPU path) and torch dense ``F.linear`` in fp32 and bf16.
 --part ternary-act (batch 1, same shapes): the input-sparse ternary GEMV
-    (``ternary_sparse_cpu``, transposed 2-bit layout) at 0 / 25 / 40 / 50% inactive inputs
+    (``ternary_sparse_cpu``, transposed 2-bit layout) at 0 / 25 / 40 / 50% inactive inputs (and 75 / 90%
+    to locate the crossover)
     against the dense-input ternary kernel (``ternary_gemv_cpu``, layout v1) and torch fp32.
+--part gpu (CUDA; the Triton kernels, batch 1 and --batches, Llama-3-8B shapes, bf16
+    activations): triton_bitmap_int8 at 50/75% and the sparse bf16 bitmap (triton_bitmap) against
+    cuBLAS bf16 (F.linear) and rarefy's dense bf16 GEMV; the input-sparse ternary Triton kernel
+    at 0/25/40/50% against the dense-input ternary Triton kernel (lowbit_gemv). Each variant
+    sweeps a few launch configs (--sweep) and reports the best and the default; times are
+    triton.testing.do_bench medians over rotating weight copies (> 2x L2).
 --part quality: WikiText-2 perplexity of the embedded model pruned 50% (Wanda, SparseGPT),
     alone and with int8 values (sparse + int8, run through the kernel), and dense / dense int8.
 
@@ -19,6 +26,7 @@ variants interleaved. The script waits (polling every 30 s, up to --max-wait s) 
     python3 benchmarks/cpu_composed_gemv.py --part sparse-int8 --threads 2
     python3 benchmarks/cpu_composed_gemv.py --part ternary-act --threads 2
     python3 benchmarks/cpu_composed_gemv.py --part quality --chunks 8
+    python3 benchmarks/cpu_composed_gemv.py --part gpu --sweep --out docs/results/lowbit-composition.md
 """
 
 from __future__ import annotations
@@ -140,9 +148,9 @@ def ternary_act_variants(n: int, k: int, min_mb: float, seed: int) -> dict:
     v["ternary dense input (ternary_gemv_cpu)"] = (lambda x, w: lowbit_cpu.ternary_gemv_cpu(x, w, scale), xr,
                                                    _rot(packed.clone, packed.numel(), min_mb), packed.numel())
     # |x| ranks decide which inputs are inactive: threshold at the wanted quantile
-    for frac in (0.0, 0.25, 0.40, 0.50):
+    for frac in (0.0, 0.25, 0.40, 0.50, 0.75, 0.90):
         thr = float(torch.quantile(xr.abs(), frac)) if frac > 0 else 0.0
-        active = int((xr.abs() > thr).sum()) if frac > 0 else k
+        active = int((xr.abs() >= thr).sum())
         nb = math.ceil(active / k * packed_t.numel())
         v[f"input-sparse ternary {frac:.0%}"] = (
             lambda x, w, thr=thr: ternary_input_sparse_gemv(x, w, scale, n, thr), xr,
@@ -204,6 +212,100 @@ def run_timing(a, make, base: str) -> list[str]:
     return lines
 
 
+def run_gpu(a) -> list[str]:
+    import triton
+
+    from rarefy.formats.sparse_weight import Int8TiledBitmap, TiledBitmap
+    from rarefy.kernels.sparse_matmul.triton_bitmap import BitmapConfig, bitmap_matmul_triton
+    from rarefy.kernels.sparse_matmul.triton_bitmap_int8 import bitmap_int8_matmul_triton
+    from rarefy.kernels.ternary_sparse.triton import TernarySparseConfig, ternary_input_sparse_triton
+    from rarefy.lowbit.composed import pack_ternary_t
+    from rarefy.lowbit.ternary import pack_ternary
+
+    dev = torch.device("cuda")
+    l2 = 50e6 * 2  # rotate over > 2x an H100's / H200's L2
+
+    def timed(fn, ws):
+        i = [0]
+
+        def call():
+            fn(ws[i[0] % len(ws)])
+            i[0] += 1
+        return triton.testing.do_bench(call, warmup=50, rep=200, return_mode="median") * 1e3  # µs
+
+    def copies(nbytes):
+        return max(2, math.ceil(l2 / max(1, nbytes)))
+
+    bitmap_cfgs = [None] + ([BitmapConfig(block_n=bn, block_k=bk, num_warps=w, flat=fl)
+                             for bn in (2, 4, 8) for bk in (256, 512) for w in (2, 4) for fl in (False, True)]
+                            if a.sweep else [])
+    tern_cfgs = [None] + ([TernarySparseConfig(block_n=bn, block_k=bk, split_k=sk, num_warps=w)
+                           for bn in (128, 256, 512) for bk in (16, 32, 64) for sk in (1, 4, 8, 16) for w in (4, 8)]
+                          if a.sweep else [])
+    lines = ["| shape | variant | density | µs (default) | µs (best) | best config | speed-up vs cuBLAS bf16 |",
+             "|---|---|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(a.seed)
+    for n, k, what in LLAMA3_8B:
+        x = torch.randn(1, k, generator=g).to(dev, torch.bfloat16)
+        w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dev, torch.bfloat16)
+        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
+        t_cublas = timed(lambda wi: torch.nn.functional.linear(x, wi), ws)
+        rows = [("cuBLAS bf16 (F.linear)", "1.00", t_cublas, t_cublas, "-")]
+        del ws
+        for sp in (0.5, 0.75):
+            wp = w.float().cpu()
+            wp[torch.rand(n, k, generator=g) < sp] = 0
+            tb = TiledBitmap.from_dense(wp.bfloat16()).to(dev)
+            q8 = Int8TiledBitmap.from_dense(wp).to(dev)
+            for label, obj, call in (
+                    ("bitmap bf16 (triton_bitmap)", tb,
+                     lambda o, c: bitmap_matmul_triton(x, o.bitmask, o.values, n, tile_offsets=o.tile_offsets,
+                                                       config=c)),
+                    ("bitmap + int8 (triton_bitmap_int8)", q8,
+                     lambda o, c: bitmap_int8_matmul_triton(x, o.bitmask, o.values, o.tile_offsets, o.scale, n,
+                                                            config=c))):
+                objs = [obj.clone() for _ in range(copies(obj.nbytes))]
+                res = []
+                for c in bitmap_cfgs:
+                    try:
+                        res.append((timed(lambda o, c=c: call(o, c), objs), c))
+                    except Exception as e:  # a config the compiler refuses: skip it
+                        print(f"  {label} {c}: {type(e).__name__}", flush=True)
+                best = min(res, key=lambda r: r[0])
+                rows.append((label, f"{1 - sp:.2f}", res[0][0], best[0], str(best[1])))
+                del objs
+        codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+        s = torch.tensor([[0.02]], device=dev)
+        packed = pack_ternary(codes).to(dev)
+        try:
+            from rarefy.kernels.lowbit_gemv import ternary_matmul
+            ps = [packed.clone() for _ in range(copies(packed.numel()))]
+            t = timed(lambda p: ternary_matmul(x, p, s), ps)
+            rows.append(("ternary dense input (lowbit_gemv.ternary_matmul)", "1.00", t, t, "-"))
+            del ps
+        except Exception as e:
+            print(f"  dense ternary kernel not timed: {type(e).__name__}: {e}", flush=True)
+        wt = pack_ternary_t(codes).to(dev)
+        wts = [wt.clone() for _ in range(copies(wt.numel()))]
+        xf = x.float().cpu()
+        for frac in (0.0, 0.25, 0.40, 0.50):
+            thr = float(torch.quantile(xf.abs(), frac)) if frac > 0 else 0.0
+            res = []
+            for c in tern_cfgs:
+                try:
+                    res.append((timed(lambda o, c=c: ternary_input_sparse_triton(x, o, s, n, thr, config=c), wts), c))
+                except Exception as e:
+                    print(f"  ternary sparse {c}: {type(e).__name__}", flush=True)
+            best = min(res, key=lambda r: r[0])
+            rows.append((f"input-sparse ternary, {frac:.0%} inactive", f"{1 - frac:.2f}", res[0][0], best[0],
+                         str(best[1])))
+        del wts
+        for label, dens, t0, tb, cfg in rows:
+            lines.append(f"| {what} {n}x{k} | {label} | {dens} | {t0:.1f} | {tb:.1f} | {cfg} | {t_cublas / tb:.2f}x |")
+        print("\n".join(lines[-len(rows):]), flush=True)
+    return [f"GPU: {torch.cuda.get_device_name()}, batch 1, bf16 activations.\n"] + lines + [""]
+
+
 def run_quality(a) -> list[str]:
     from rarefy.eval.perplexity import perplexity
     from rarefy.layers.sparse_linear import SparseLinear
@@ -251,7 +353,8 @@ def run_quality(a) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["sparse-int8", "ternary-act", "quality"], required=True)
+    ap.add_argument("--part", choices=["sparse-int8", "ternary-act", "quality", "gpu"], required=True)
+    ap.add_argument("--sweep", action="store_true", help="gpu: sweep launch configs (default: defaults only)")
     ap.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")], default=[2])
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--min-mb", type=float, default=300.0, help="weight copies per variant exceed this (MB)")
@@ -269,6 +372,8 @@ def main():
         body = run_timing(a, sparse_int8_variants, "torch fp32")
     elif a.part == "ternary-act":
         body = run_timing(a, ternary_act_variants, "ternary dense input (ternary_gemv_cpu)")
+    elif a.part == "gpu":
+        body = run_gpu(a)
     else:
         body = run_quality(a)
     text = "\n".join(head + body) + "\n"

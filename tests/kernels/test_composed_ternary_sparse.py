@@ -77,7 +77,8 @@ def _check(y, x, codes, scale, thr, bias=None):
 
 
 def test_kernel_odd_shapes_every_path(built):
-    """N around multiples of 4 / 64-byte blocks, K odd, M 1..9, sparsity 0..99%, bias on/off."""
+    """N around multiples of 4 / 64-byte blocks, K odd, M 1..9, sparsity 0..99%, bias on/off;
+    every code path and both work splits (output stripes, active inputs over threads)."""
     g = torch.Generator().manual_seed(0)
     fracs = [0.0, 0.25, 0.5, 0.99]
     for i, (n, k, m) in enumerate(itertools.product([1, 3, 5, 64, 257, 1030], [1, 7, 65, 300], [1, 2, 3, 5, 9])):
@@ -86,10 +87,11 @@ def test_kernel_odd_shapes_every_path(built):
         scale = torch.tensor([[0.05 + 0.01 * i]])
         bias = torch.randn(n, generator=g) if i % 3 == 0 else None
         wt = pack_ternary_t(c)
-        ys = [T.ternary_input_sparse_gemv(x, wt, scale, n, thr, bias, isa=isa) for isa in range(T.best_isa() + 1)]
+        ys = [T.ternary_input_sparse_gemv(x, wt, scale, n, thr, bias, isa=isa, ksplit=ks)
+              for isa in range(T.best_isa() + 1) for ks in (-1, 0, 1)]
         _check(ys[0], x, c, scale, thr, bias)
         for y in ys[1:]:
-            assert torch.equal(y, ys[0]), "code paths disagree"
+            assert torch.equal(y, ys[0]), "code paths or work splits disagree"
 
 
 def test_all_inactive_and_all_active(built):
@@ -123,6 +125,8 @@ def test_threads_do_not_change_results(built):
         y1 = T.ternary_input_sparse_gemv(x, wt, s, 2048, thr)
         torch.set_num_threads(2)
         y2 = T.ternary_input_sparse_gemv(x, wt, s, 2048, thr)
+        y3 = T.ternary_input_sparse_gemv(x, wt, s, 2048, thr, ksplit=1)
+        assert torch.equal(y1, y3)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(y1, y2)

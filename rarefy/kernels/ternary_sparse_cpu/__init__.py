@@ -32,7 +32,7 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ternary_input_s
 ISA_NAMES = {0: "scalar", 1: "avx512", 2: "avx512+vnni"}
 
 
-def _fake(x, wt, scale, n, threshold, bias=None, isa=-1):
+def _fake(x, wt, scale, n, threshold, bias=None, isa=-1, ksplit=-1):
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -53,7 +53,7 @@ def _threshold(threshold) -> float:
 
 
 def ternary_input_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor, n: int, threshold: float,
-                              bias: torch.Tensor | None = None, *, isa: int = -1) -> torch.Tensor:
+                              bias: torch.Tensor | None = None, *, isa: int = -1, ksplit: int = -1) -> torch.Tensor:
     """``y = s * xm @ Q.T (+ bias)``, xm = x where ``|x| >= threshold`` else 0, reading only the
     active input rows of the transposed ternary weight.
 
@@ -64,6 +64,9 @@ def ternary_input_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, scale: torch.Te
         n: the number of outputs N.
         threshold: finite number >= 0; 0 keeps every non-NaN input.
         bias: optional float32 ``[n]``.
+        ksplit: -1 picks the work split (the active inputs cut over threads for layers of
+            fewer than 2 x threads 64-byte blocks of outputs at M <= 4, else output stripes);
+            0 forces output stripes, 1 the input split (tests, benchmarks).
         isa: -1 best; 0 forces the portable path, 1 AVX-512 without VNNI, 2 AVX-512 VNNI (tests).
 
     Returns float32 ``[..., n]``. Raises RarefyError on bad input (one message naming the
@@ -72,7 +75,7 @@ def ternary_input_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, scale: torch.Te
     t = _threshold(threshold)
     op = _ext.require()
     try:
-        return op(x if x.is_contiguous() else x.contiguous(), wt, scale, int(n), t, bias, int(isa))
+        return op(x if x.is_contiguous() else x.contiguous(), wt, scale, int(n), t, bias, int(isa), int(ksplit))
     except (TypeError, ValueError, RuntimeError) as e:
         raise RarefyError(str(e).split("\n")[0]) from e
 

@@ -26,6 +26,7 @@
 //     inputs; per bit pair a shift, an and and one vpdpwssd (AVX512-VNNI; vpmaddwd + vpaddd
 //     without it) add c0 * xq[j0] + c1 * xq[j1] to the lane: ~16 vector ops per 128 weights.
 //  4. The output bytes are cut into stripes of 64-byte blocks over threads (at::parallel_for;
+//     narrow layers at M <= 4 cut the active row pairs over threads instead, see the op;
 //     each thread owns its stripe of y, no atomics). Per stripe and tile of up to 4 tokens the
 //     active row pairs are streamed in groups of kGroup rows side by side: per block the int32
 //     accumulators (4 bit pairs x up to 64 bytes: 16 zmm) are loaded from a stripe buffer
@@ -79,6 +80,7 @@ struct Job {
   const int64_t* sx;      // [M] sum of xq
   const float* mul;       // [M] s * amax / 32767
   int64_t npair;
+  int64_t qa, qb;         // the row pairs this call sums: [qa, qb) (all, except in the K split)
 };
 
 // y[m, 4p + j] for p in [p0, p1) from the stripe buffer acc [MT][4][L].
@@ -99,25 +101,27 @@ void finish(const Job& J, int64_t m0, int MT, int64_t p0, int64_t p1, const int3
 }
 
 // ----------------------------------------------------------------------------- scalar
-void stripe_scalar(const Job& J, int64_t p0, int64_t p1) {
+// keep != nullptr (K split, M <= 4): sum into keep [M][4][L] and do not finish.
+void stripe_scalar(const Job& J, int64_t p0, int64_t p1, int32_t* keep) {
   const int64_t L = p1 - p0;
-  std::vector<int32_t> acc(static_cast<size_t>(4 * 4 * std::max<int64_t>(L, 1)));
+  std::vector<int32_t> buf(keep ? 0 : static_cast<size_t>(4 * 4 * std::max<int64_t>(L, 1)));
+  int32_t* acc = keep ? keep : buf.data();
   for (int64_t m0 = 0; m0 < J.M; m0 += 4) {
     const int MT = static_cast<int>(std::min<int64_t>(4, J.M - m0));
-    std::fill(acc.begin(), acc.end(), 0);
-    for (int64_t a = 0; a < 2 * J.npair; ++a) {
+    std::fill(acc, acc + MT * 4 * L, 0);
+    for (int64_t a = 2 * J.qa; a < 2 * J.qb; ++a) {
       const uint8_t* row = J.w + static_cast<int64_t>(J.idx[a]) * J.Nb;
       for (int t = 0; t < MT; ++t) {
         const int32_t xv = J.xq[(m0 + t) * 2 * J.npair + a];
         if (xv == 0) continue;
-        int32_t* at = acc.data() + t * 4 * L;
+        int32_t* at = acc + t * 4 * L;
         for (int64_t p = p0; p < p1; ++p) {
           const int32_t b = row[p];
           for (int j = 0; j < 4; ++j) at[j * L + (p - p0)] += xv * ((b >> (2 * j)) & 3);
         }
       }
     }
-    finish(J, m0, MT, p0, p1, acc.data());
+    if (!keep) finish(J, m0, MT, p0, p1, acc);
   }
 }
 
@@ -168,28 +172,29 @@ RF_TGT __attribute__((always_inline)) inline void block_pairs(const Job& J, int6
 }
 
 template <int MT, int CH, bool VNNI>
-RF_TGT void tile_vec(const Job& J, int64_t m0, int64_t p0, int64_t p1, int32_t* acc) {
+RF_TGT void tile_vec(const Job& J, int64_t m0, int64_t p0, int64_t p1, int32_t* acc, bool fin) {
   const int64_t L = p1 - p0;
   constexpr int64_t step = 16 * CH;
   std::memset(acc, 0, sizeof(int32_t) * MT * 4 * L);
-  for (int64_t q0 = 0; q0 < J.npair; q0 += kGroup / 2) {
-    const int64_t q1 = std::min<int64_t>(J.npair, q0 + kGroup / 2);
+  for (int64_t q0 = J.qa; q0 < J.qb; q0 += kGroup / 2) {
+    const int64_t q1 = std::min<int64_t>(J.qb, q0 + kGroup / 2);
     for (int64_t p = p0; p < p1; p += step)
       block_pairs<MT, CH, VNNI>(J, m0, p, p - p0, L, q0, q1, acc, std::min<int64_t>(step, p1 - p));
   }
-  finish(J, m0, MT, p0, p1, acc);
+  if (fin) finish(J, m0, MT, p0, p1, acc);
 }
 
 template <bool VNNI>
-RF_TGT void stripe_vec(const Job& J, int64_t p0, int64_t p1) {
+RF_TGT void stripe_vec(const Job& J, int64_t p0, int64_t p1, int32_t* keep) {
   const int64_t L = p1 - p0;
-  std::vector<int32_t> acc(static_cast<size_t>(4 * 4 * std::max<int64_t>(L, 1) + 64));
+  std::vector<int32_t> buf(keep ? 0 : static_cast<size_t>(4 * 4 * std::max<int64_t>(L, 1) + 64));
+  int32_t* acc = keep ? keep : buf.data();
   for (int64_t m0 = 0; m0 < J.M; m0 += 4) {
     switch (std::min<int64_t>(4, J.M - m0)) {
-      case 1: tile_vec<1, 4, VNNI>(J, m0, p0, p1, acc.data()); break;
-      case 2: tile_vec<2, 2, VNNI>(J, m0, p0, p1, acc.data()); break;
-      case 3: tile_vec<3, 1, VNNI>(J, m0, p0, p1, acc.data()); break;
-      default: tile_vec<4, 1, VNNI>(J, m0, p0, p1, acc.data()); break;
+      case 1: tile_vec<1, 4, VNNI>(J, m0, p0, p1, acc, !keep); break;
+      case 2: tile_vec<2, 2, VNNI>(J, m0, p0, p1, acc, !keep); break;
+      case 3: tile_vec<3, 1, VNNI>(J, m0, p0, p1, acc, !keep); break;
+      default: tile_vec<4, 1, VNNI>(J, m0, p0, p1, acc, !keep); break;
     }
   }
 }
@@ -207,7 +212,8 @@ bool has_vnni() { return false; }
 int64_t best_isa() { return has_vnni() ? kVnni : has_avx512() ? kAvx512 : kScalar; }
 
 at::Tensor ternary_input_sparse(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& scale, int64_t n,
-                                double threshold, const c10::optional<at::Tensor>& bias, int64_t isa) {
+                                double threshold, const c10::optional<at::Tensor>& bias, int64_t isa,
+                                int64_t ksplit) {
   const char* f = "ternary_input_sparse: ";
   for (const at::Tensor* t : {&x, &wt, &scale})
     TORCH_CHECK_VALUE(t->device().is_cpu(), f, "all tensors must be on the CPU, got ", t->device());
@@ -291,19 +297,45 @@ at::Tensor ternary_input_sparse(const at::Tensor& x, const at::Tensor& wt, const
                                                (static_cast<uint32_t>(static_cast<uint16_t>(xq[m * 2 * npair + 2 * q + 1])) << 16));
   }
   Job J{wt.data_ptr<uint8_t>(), bptr, y.data_ptr<float>(), M, K, n, Nb, idx.data(), xp.data(), xq.data(), sx.data(),
-        mul.data(), npair};
+        mul.data(), npair, 0, npair};
+  auto stripe = [&](const Job& j, int64_t p0, int64_t p1, int32_t* keep) {
+#if RAREFY_X86
+    if (isa == kVnni) return stripe_vec<true>(j, p0, p1, keep);
+    if (isa == kAvx512) return stripe_vec<false>(j, p0, p1, keep);
+#endif
+    stripe_scalar(j, p0, p1, keep);
+  };
 
-  // 3./4. stripes of whole 64-byte blocks over threads; a chunk gets >= ~32 KiB of weight
+  // 4. K split for narrow layers (fewer 64-byte blocks than 2 per thread) at M <= 4: the row
+  // pairs are cut into one contiguous part per thread, each summed over all of y into its own
+  // int32 buffer, then added (integer sums: exact, so the result does not depend on the split).
   const int64_t blocks = (Nb + kBlock - 1) / kBlock;
+  const int64_t threads = at::get_num_threads();
+  if (ksplit != 0 && M <= 4 && threads > 1 && (ksplit == 1 || blocks < 2 * threads) && npair >= 2 * threads) {
+    const int64_t parts = threads;
+    const int64_t per = (npair + parts - 1) / parts;
+    const int64_t len = M * 4 * Nb;
+    std::vector<int32_t> part(static_cast<size_t>(parts * len));
+    at::parallel_for(0, parts, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        Job j = J;
+        j.qa = std::min<int64_t>(npair, i * per);
+        j.qb = std::min<int64_t>(npair, (i + 1) * per);
+        if (j.qa < j.qb) stripe(j, 0, Nb, part.data() + i * len);
+        else std::fill(part.begin() + i * len, part.begin() + (i + 1) * len, 0);
+      }
+    });
+    for (int64_t i = 1; i < parts; ++i)
+      for (int64_t e = 0; e < len; ++e) part[e] += part[i * len + e];
+    finish(J, 0, static_cast<int>(M), 0, Nb, part.data());
+    return y;
+  }
+
+  // 3. otherwise stripes of whole 64-byte blocks over threads; a chunk gets >= ~32 KiB of weight
   const double block_bytes = static_cast<double>(kBlock) * std::max<int64_t>(1, nact);
   const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(32 * 1024 / block_bytes));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t p0 = b0 * kBlock, p1 = std::min<int64_t>(Nb, b1 * kBlock);
-#if RAREFY_X86
-    if (isa == kVnni) return stripe_vec<true>(J, p0, p1);
-    if (isa == kAvx512) return stripe_vec<false>(J, p0, p1);
-#endif
-    stripe_scalar(J, p0, p1);
+    stripe(J, b0 * kBlock, std::min<int64_t>(Nb, b1 * kBlock), nullptr);
   });
   return y;
 }
@@ -312,7 +344,7 @@ at::Tensor ternary_input_sparse(const at::Tensor& x, const at::Tensor& wt, const
 
 TORCH_LIBRARY(rarefy_ternary_sparse, m) {
   m.def("ternary_input_sparse(Tensor x, Tensor wt, Tensor scale, int n, float threshold, Tensor? bias=None, "
-        "int isa=-1) -> Tensor");
+        "int isa=-1, int ksplit=-1) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
 }
 
