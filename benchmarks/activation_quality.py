@@ -86,7 +86,7 @@ def main():
     configs = [parse_config(c) for c in a.configs.split(",")]
     criteria = sorted({c["criterion"] for c in configs}, key=("magnitude", "weighted").index)
     t_start = time.perf_counter()
-    loaded = load_model(None)
+    loaded = load_model(None, dtype="fp16w")  # fp16-stored dense weights, as in every earlier run
     model = loaded.model
     ids = loaded.tokenizer.encode(open(VALID, encoding="utf-8").read(), add_special_tokens=False)
     half = len(ids) // 2

@@ -1,0 +1,264 @@
+"""Orthogonal rotations of the sparsified inputs, folded into the weights.
+
+Activation sparsity drops the small entries of a projection input x. In another orthonormal
+basis, x' = x R (R orthogonal, row vectors), the same vector may have its energy in fewer
+entries, and W x = (W R) x': the projection reads x' through W R, so the rotation costs
+nothing where R can be folded into the weights on both sides. Three rotations (after
+SliceGPT / QuaRot, which rotate the residual stream for pruning / quantisation, and WINA,
+whose criterion is exact when the weight columns are orthogonal; LaRoSa rotates per layer
+for activation sparsity):
+
+``vo`` (o_in, free at run time). Per key/value head g, a [head_dim, head_dim] R_g: v_proj's
+rows of head g become R_g^T W_v,g, so the values, and hence every attention output head
+that reads them (grouped-query heads share R_g), come out rotated; o_proj's columns of each
+of those heads become W_o,h R_g. Exact; no run-time cost.
+
+``residual`` (attn_in and mlp_in, free at run time). One d x d Q for the whole residual
+stream: embeddings E Q; every RMSNorm gain g is folded into the projections that read the
+norm (W diag(g) Q) and set to 1, because RMSNorm(h Q) = RMSNorm(h) Q only without a gain;
+o_proj and down_proj write Q^T W; the head becomes W_head diag(g_final) Q, so tied embeddings
+are untied (one more vocab x d matrix stored; the head reads the same bytes per token). The
+sparsified attn_in / mlp_in is then the gain-free normalised stream in the rotated basis.
+
+``layer`` (attn_in and mlp_in, with a run-time cost). Each layer's normalised input gets its
+own R: the RMSNorm is followed by x @ R (a d x d matmul per input and token, i.e. 2 d^2
+multiply-adds per layer: 0.66 M for the embedded model's layer of 3.5 M, +19% of its dense
+projection work), and the reading projections hold W R. This is the upper bound the free
+``residual`` rotation approximates with one Q for all layers.
+
+Bases (``basis``): ``pca``, the eigenvectors of the input's second moment E[x^T x] (largest
+first; concentrates the energy, so fewer entries carry it), or ``svd``, the eigenvectors of
+W^T W for the weights reading the input (their columns become orthogonal, WINA's
+assumption; best with the weighted criterion).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rarefy.errors import RarefyError
+
+KINDS = ("vo", "residual", "layer")
+BASES = ("pca", "svd")
+
+
+def _w(m: nn.Module) -> torch.Tensor:
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise RarefyError(f"rotations need dense projection weights; {type(m).__name__} has none")
+    return w
+
+
+def _set(m: nn.Module, w: torch.Tensor) -> None:
+    old = _w(m)
+    m.weight = nn.Parameter(w.to(old.dtype).contiguous(), requires_grad=False)
+
+
+def _projs(layer, which: str) -> list[nn.Module]:
+    attn, mlp = layer.self_attn, layer.mlp
+    if which == "attn":
+        if getattr(attn, "qkv_proj", None) is not None:
+            return [attn.qkv_proj]
+        return [attn.q_proj, attn.k_proj, attn.v_proj]
+    if getattr(mlp, "gate_up_proj", None) is not None:
+        return [mlp.gate_up_proj]
+    return [mlp.gate_proj, mlp.up_proj]
+
+
+def _eig_desc(m: torch.Tensor) -> torch.Tensor:
+    """Orthonormal eigenvectors of a symmetric matrix as columns, largest eigenvalue first."""
+    vals, vecs = torch.linalg.eigh(m.double())
+    return vecs[:, vals.argsort(descending=True)].float()
+
+
+@torch.no_grad()
+def second_moments(model, windows: list[list[int]]) -> dict:
+    """E[x^T x] of every layer's attention and MLP input (after the RMSNorm, gain included),
+    of the gain-free normalised stream summed over both (for ``residual``), and per key/value
+    head of the attention output heads that read it (o_in)."""
+    from rarefy.sparsity.activation import decoder_layers
+
+    layers = decoder_layers(model)
+    cfg = model.config
+    hd, nkv, nh = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads
+    acc = {"attn": [0.0] * len(layers), "mlp": [0.0] * len(layers), "o": [0.0] * len(layers),
+           "stream": 0.0, "tokens": 0}
+
+    def site(i, key, norm):
+        def pre(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            acc[key][i] = acc[key][i] + x.t() @ x
+            g = norm.weight.detach().double()
+            xs = x / torch.where(g.abs() < 1e-12, torch.full_like(g, 1e-12), g)
+            acc["stream"] = acc["stream"] + xs.t() @ xs
+        return pre
+
+    def o_site(i):
+        def pre(mod, args):
+            x = args[0].detach().double().reshape(-1, nh, hd)
+            group = torch.arange(nh) // (nh // nkv)
+            m = torch.stack([torch.einsum("thd,the->de", x[:, group == g], x[:, group == g])
+                             for g in range(nkv)])
+            acc["o"][i] = acc["o"][i] + m
+        return pre
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.register_forward_pre_hook(site(i, "attn", layer.input_layernorm)))
+        handles.append(layer.mlp.register_forward_pre_hook(site(i, "mlp", layer.post_attention_layernorm)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_site(i)))
+    device = next(model.parameters()).device
+    try:
+        for w in windows:
+            model(torch.tensor([w], device=device))
+            acc["tokens"] += len(w)
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
+def _vo_rotations(model, moments, basis):
+    from rarefy.sparsity.activation import decoder_layers
+
+    cfg = model.config
+    hd, nkv, nh = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        if basis == "pca":
+            out.append([_eig_desc(moments["o"][i][g]) for g in range(nkv)])
+        else:
+            wo = _w(layer.self_attn.o_proj).float()
+            rep = nh // nkv
+            out.append([_eig_desc(sum(wo[:, h * hd:(h + 1) * hd].t() @ wo[:, h * hd:(h + 1) * hd]
+                                      for h in range(g * rep, (g + 1) * rep)))
+                        for g in range(nkv)])
+    return out
+
+
+@torch.no_grad()
+def rotate_vo(model, rotations) -> None:
+    """Fold per key/value head rotations R_g into v_proj (rows) and o_proj (columns)."""
+    from rarefy.sparsity.activation import decoder_layers
+
+    cfg = model.config
+    hd, nkv, nh = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads
+    rep = nh // nkv
+    for layer, rs in zip(decoder_layers(model), rotations):
+        attn = layer.self_attn
+        if getattr(attn, "qkv_proj", None) is not None:
+            raise RarefyError("rotate the model before fusing q/k/v")
+        if getattr(attn.v_proj, "bias", None) is not None or getattr(attn.o_proj, "bias", None) is not None:
+            raise RarefyError("the v/o rotation does not handle v_proj / o_proj biases")
+        wv, wo = _w(attn.v_proj).float().clone(), _w(attn.o_proj).float().clone()
+        for g, r in enumerate(rs):
+            wv[g * hd:(g + 1) * hd] = r.t() @ wv[g * hd:(g + 1) * hd]
+            for h in range(g * rep, (g + 1) * rep):
+                wo[:, h * hd:(h + 1) * hd] = wo[:, h * hd:(h + 1) * hd] @ r
+        _set(attn.v_proj, wv)
+        _set(attn.o_proj, wo)
+
+
+class RotatedNorm(nn.Module):
+    """RMSNorm followed by x @ R: the online rotation of the ``layer`` kind."""
+
+    def __init__(self, norm: nn.Module, rotation: torch.Tensor):
+        super().__init__()
+        self.norm = norm
+        self.rotation = nn.Parameter(rotation.detach().float().contiguous(), requires_grad=False)
+
+    @property
+    def weight(self):  # the RMSNorm gain, for code that folds into it
+        return self.norm.weight
+
+    def forward(self, h):
+        return self.norm(h) @ self.rotation.to(h.dtype)
+
+
+@torch.no_grad()
+def rotate_layers(model, moments, basis: str) -> None:
+    """Per layer, rotate the normalised attention and MLP inputs (online; see module doc)."""
+    from rarefy.sparsity.activation import decoder_layers
+
+    for i, layer in enumerate(decoder_layers(model)):
+        for which, norm_name in (("attn", "input_layernorm"), ("mlp", "post_attention_layernorm")):
+            ps = _projs(layer, which)
+            if basis == "pca":
+                r = _eig_desc(moments[which][i])
+            else:
+                r = _eig_desc(sum(_w(p).float().t() @ _w(p).float() for p in ps))
+            for p in ps:
+                _set(p, _w(p).float() @ r)
+            setattr(layer, norm_name, RotatedNorm(getattr(layer, norm_name), r))
+
+
+@torch.no_grad()
+def rotate_residual(model, moments, basis: str) -> None:
+    """One rotation Q of the residual stream, folded into every weight (see module doc)."""
+    from rarefy.sparsity.activation import decoder_layers
+
+    layers = decoder_layers(model)
+    if basis == "pca":
+        q = _eig_desc(moments["stream"])
+    else:  # eigenvectors of the summed Gram matrices of every reading projection, gains folded
+        gram = 0.0
+        for layer in layers:
+            for which, norm in (("attn", layer.input_layernorm), ("mlp", layer.post_attention_layernorm)):
+                for p in _projs(layer, which):
+                    w = _w(p).float() * norm.weight.float()
+                    gram = gram + w.t() @ w
+        q = _eig_desc(gram)
+    body = model.model
+    emb = body.embed_tokens.weight
+    head_w = _w(model.lm_head).float().clone()
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise RarefyError("the residual rotation does not handle an LM head bias")
+    body.embed_tokens.weight = nn.Parameter((emb.float() @ q).to(emb.dtype), requires_grad=False)
+    model.lm_head.weight = nn.Parameter(((head_w * body.norm.weight.float()) @ q).to(_w(model.lm_head).dtype),
+                                        requires_grad=False)
+    body.norm.weight.fill_(1.0)
+    if hasattr(model, "config"):
+        try:
+            model.config.tie_word_embeddings = False
+        except (AttributeError, TypeError):  # a frozen config: the weights are untied all the same
+            pass
+    for layer in layers:
+        for which, norm in (("attn", layer.input_layernorm), ("mlp", layer.post_attention_layernorm)):
+            for p in _projs(layer, which):
+                _set(p, (_w(p).float() * norm.weight.float()) @ q)
+            norm.weight.fill_(1.0)
+        for p in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            if getattr(p, "bias", None) is not None:
+                raise RarefyError("the residual rotation does not handle o_proj / down_proj biases")
+            _set(p, q.t() @ _w(p).float())
+
+
+def check_rotation(kinds, basis: str) -> list[str]:
+    kinds = [k for k in kinds if k]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise RarefyError(f"unknown rotation {bad[0]!r}; known: {', '.join(KINDS)}")
+    if "residual" in kinds and "layer" in kinds:
+        raise RarefyError("choose one of the residual and layer rotations")
+    if basis not in BASES:
+        raise RarefyError(f"unknown rotation basis {basis!r}; known: {', '.join(BASES)}")
+    return kinds
+
+
+def rotate_model(model, kinds, windows: list[list[int]] | None = None, basis: str = "pca") -> dict:
+    """Apply the rotations `kinds` (subset of KINDS) in place; `windows` (token lists) give the
+    second moments for the pca basis. Returns a summary."""
+    kinds = check_rotation(kinds, basis)
+    moments = None
+    if basis == "pca" and kinds:
+        if not windows:
+            raise RarefyError("the pca rotation basis needs calibration windows")
+        moments = second_moments(model, windows)
+    if "vo" in kinds:
+        rotate_vo(model, _vo_rotations(model, moments, basis))
+    if "residual" in kinds:
+        rotate_residual(model, moments, basis)
+    if "layer" in kinds:
+        rotate_layers(model, moments, basis)
+    return {"kinds": kinds, "basis": basis, "tokens": moments["tokens"] if moments else 0}
