@@ -182,14 +182,26 @@ class _Probe:
                     per_kv = dots.reshape(B, Hkv, Hq // Hkv, -1).sum(2)
                     self.fisher_sq_h[c] += 0.5 * per_kv.pow(2).sum((0, 2)) / len(fisher_grads)
             diff = (out - ref).transpose(1, 2).reshape(B, T - self.first, Hq * D)
-            self.out_sq[c] += float(o_proj(diff.to(q.dtype)).float().pow(2).sum())
-            if self.heads:
-                Hkv = k.shape[1]
-                G = Hq // Hkv
-                if self.out_sq_h is None:
-                    self.out_sq_h = torch.zeros(len(self.cands), Hkv, dtype=torch.float64)
-                    self.cos_sum_h = torch.zeros(len(self.cands), Hkv, dtype=torch.float64)
-                self.cos_sum_h[c] += cos.double().reshape(B, Hkv, G, -1).sum((0, 2, 3))
+            if not self.heads:
+                self.out_sq[c] += float(o_proj(diff.to(q.dtype)).float().pow(2).sum())
+                continue
+            Hkv = k.shape[1]
+            G = Hq // Hkv
+            if self.out_sq_h is None:
+                self.out_sq_h = torch.zeros(len(self.cands), Hkv, dtype=torch.float64)
+                self.cos_sum_h = torch.zeros(len(self.cands), Hkv, dtype=torch.float64)
+            self.cos_sum_h[c] += cos.double().reshape(B, Hkv, G, -1).sum((0, 2, 3))
+            weight = getattr(o_proj, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.shape[-1] == Hq * D:
+                # o_proj is linear: the residual change of head h alone is W[:, cols(h)] @ diff[cols(h)],
+                # and the layer's is their sum (one o_proj's worth of work in all)
+                ys = [F.linear(diff[..., h * G * D:(h + 1) * G * D].to(weight.dtype),
+                               weight[:, h * G * D:(h + 1) * G * D]).float() for h in range(Hkv)]
+                for h, y in enumerate(ys):
+                    self.out_sq_h[c, h] += float(y.pow(2).sum())
+                self.out_sq[c] += float(sum(ys).pow(2).sum())
+            else:
+                self.out_sq[c] += float(o_proj(diff.to(q.dtype)).float().pow(2).sum())
                 for h in range(Hkv):  # the residual-stream change if only KV head h were windowed
                     dh = torch.zeros_like(diff)
                     dh[..., h * G * D:(h + 1) * G * D] = diff[..., h * G * D:(h + 1) * G * D]
