@@ -261,6 +261,66 @@ RF_512 void seg_tile512(const Lin& L, int64_t n0, int64_t p0, bool pf) {
   lin_store<R, PT>(L, n0, p0, F);
 }
 
+// Sums of the 16 int32 lanes of each of v[0..3], as 4 int64 (one shuffle tree instead of four
+// reductions: decode rows are short, so per-row reductions weigh as much as the dot products).
+RF_512 __attribute__((always_inline)) inline void hsum4_512(const __m512i (&v)[4], int64_t (&out)[4]) {
+  const __m512i t01 = _mm512_add_epi32(_mm512_shuffle_i32x4(v[0], v[1], 0x44), _mm512_shuffle_i32x4(v[0], v[1], 0xEE));
+  const __m512i t23 = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2], v[3], 0x44), _mm512_shuffle_i32x4(v[2], v[3], 0xEE));
+  __m512i u = _mm512_add_epi32(_mm512_shuffle_i32x4(t01, t23, 0x88), _mm512_shuffle_i32x4(t01, t23, 0xDD));
+  u = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, _MM_PERM_BADC));
+  u = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, _MM_PERM_CDAB));
+  alignas(64) int32_t b[16];
+  _mm512_store_si512(b, u);
+  RF_UNROLL for (int r = 0; r < 4; ++r) out[r] = b[4 * r];
+}
+
+// Ternary, one row of x (P = planes virtual rows), one segment per row (per tensor, or one scale
+// per row as fuse_lowbit stacks them), at most 128 chunks (no int32 flush): 8 rows of W at a
+// time (rows n0 .. min(n0 + 8, nend) are written); the two planes of fixed16 are combined in
+// int32 (254 * a1 + a2, |.| < 2^31 for <= 128 chunks) before a shared reduction of 4 rows.
+template <int PL>
+RF_512 void ter_row1_tile512(const Lin& L, int64_t n0, int64_t nend, bool pf) {
+  constexpr int R = 8;
+  const __m512i m3 = _mm512_set1_epi8(3);
+  const uint8_t* wr[R];
+  RF_UNROLL for (int r = 0; r < R; ++r) wr[r] = L.w + std::min(n0 + r, L.N - 1) * L.kb;
+  __m512i acc[PL][R];
+  RF_UNROLL for (int a = 0; a < PL; ++a) RF_UNROLL for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < L.nch; ++c) {
+    __m512i v[R];
+    const bool tail = c == L.nch - 1;
+    RF_UNROLL for (int r = 0; r < R; ++r) {
+      const uint8_t* a = wr[r] + 64 * c;
+      if (pf) prefetch(a + L.pfd);
+      v[r] = tail ? _mm512_maskz_loadu_epi8(L.tailmask, a) : _mm512_loadu_si512(a);
+    }
+    RF_UNROLL for (int i = 0; i < 4; ++i) {
+      __m512i xv[PL];
+      RF_UNROLL for (int pl = 0; pl < PL; ++pl) xv[pl] = _mm512_load_si512(L.xq + pl * L.xstride + c * 256 + 64 * i);
+      RF_UNROLL for (int r = 0; r < R; ++r) {
+        const __m512i u = _mm512_and_si512(i ? _mm512_srli_epi16(v[r], 2 * i) : v[r], m3);
+        RF_UNROLL for (int pl = 0; pl < PL; ++pl) acc[pl][r] = _mm512_dpbusd_epi32(acc[pl][r], u, xv[pl]);
+      }
+    }
+  }
+  __m512i t[2][4];
+  RF_UNROLL for (int r = 0; r < R; ++r) {
+    if constexpr (PL == 2) t[r / 4][r % 4] = _mm512_add_epi32(_mm512_mullo_epi32(acc[0][r], _mm512_set1_epi32(254)), acc[1][r]);
+    else t[r / 4][r % 4] = acc[0][r];
+  }
+  int64_t T[2][4];
+  hsum4_512(t[0], T[0]);
+  hsum4_512(t[1], T[1]);
+  const int64_t g = PL == 2 ? 254 * L.gcorr[0] + L.gcorr[1] : L.gcorr[0];
+  const float d = L.dq[PL - 1];  // fixed16: d/254 multiplies 254 * (q1 part) + (q2 part)
+  RF_UNROLL for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    if (n >= nend) break;
+    const float v = d * (scale_at(L, n, 0) * static_cast<float>(T[r / 4][r % 4] + g));
+    L.y[n] = L.bias ? v + L.bias[n] : v;
+  }
+}
+
 // The 16 lane scales of chunk c of row n (lane mode).
 RF_512 __attribute__((always_inline)) inline __m512 lane_scales512(const Lin& L, int64_t n, int64_t c) {
   const int64_t g0 = (c * L.chunkcols) / L.G;
@@ -841,6 +901,8 @@ at::Tensor lin_gemv(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
   const int64_t off = ter ? 1 : (isa == kAvx512 ? 128 : 0);
   lin_prep(L, x.data_ptr<float>(), act, off, isa, A);
 
+  // one row of x, ternary, one segment per row: the row-batched AVX-512 tile
+  const bool row1 = isa == kAvx512 && ter && M == 1 && !L.lane && L.nseg == 1 && L.nch <= 128;
   // A work item is a block of 4 rows; give each thread at least ~32 KiB of weights.
   const int64_t nblocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, kRowBlock * kb));
@@ -848,6 +910,10 @@ at::Tensor lin_gemv(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
     const int64_t n0 = b0 * kRowBlock, n1 = std::min(b1 * kRowBlock, N);
     if (isa == kScalar) return lin_rows_scalar(L, n0, n1);
 #if RAREFY_X86
+    if (row1) {
+      for (int64_t n = n0; n < n1; n += 8) L.planes == 2 ? ter_row1_tile512<2>(L, n, n1, true) : ter_row1_tile512<1>(L, n, n1, true);
+      return;
+    }
     for (int64_t n = n0; n < n1; n += kRowBlock) {
       if (isa == kAvx512) {
         if (ter) L.lane ? lin_block<true, true, true>(L, n) : lin_block<true, false, true>(L, n);
