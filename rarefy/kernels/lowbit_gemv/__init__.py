@@ -18,9 +18,12 @@ Public API
     (``x_q = clamp(round(x * 127 / max|x|), -128, 127)``, ``max|x|`` clamped to 1e-5) and
     multiplied with integer accumulation, ``y = x_scale * (x_q @ (Q * s)^T)`` with
     ``x_scale = max|x| / 127``. Pass int8 ``x`` with its ``x_scale [M]`` to skip the
-    quantization (default `out_dtype` then float32). On the GPU the products run on int8
-    tensor cores (int32 accumulators); elsewhere in fp32, which is exact for
-    ``K < 2^17`` (every partial sum is an integer below 2^24).
+    quantization (default `out_dtype` then float32). On the GPU, float ``x`` of at most
+    ``DP4A_MAX_M`` rows with a per-tensor scale (K % 16 == 0) goes to the dp4a kernel
+    (``triton_ternary_dp4a``: quantized into its byte order, four products an instruction,
+    int32 sums); other cases run the products on tensor cores (exact integer sums);
+    elsewhere in fp32, which is exact for ``K < 2^17`` (every partial sum is an integer
+    below 2^24).
 
 ``quantize_act_int8(x) -> (x_q, x_scale)``
     The per-token quantization alone (one Triton launch on the GPU).
@@ -68,6 +71,8 @@ __all__ = [
 ]
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+#: float x with at most this many rows takes the dp4a kernel in ternary_matmul_int8act (GPU)
+DP4A_MAX_M = 4
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -219,6 +224,27 @@ def _(x2, qweight, scale, group_size, out_code):
     return x2.new_empty((x2.shape[0], qweight.shape[0]), dtype=_dt(out_code))
 
 
+@torch.library.custom_op("rarefy::lowbit_ternary_dp4a", mutates_args=())
+def _dp4a_op(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_code: int) -> torch.Tensor:
+    from .triton_ternary_dp4a import quantize_act_dp4a, ternary_dp4a_triton
+    xq, xs = quantize_act_dp4a(x2)
+    return ternary_dp4a_triton(xq, xs, packed, scale, out_dtype=_dt(out_code))
+
+
+@_dp4a_op.register_fake
+def _(x2, packed, scale, out_code):
+    return x2.new_empty((x2.shape[0], packed.shape[0]), dtype=_dt(out_code))
+
+
+def _dp4a_ok(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> bool:
+    """The dp4a kernel takes float x with K % 16 == 0, a per-tensor or per-row scale and few rows (one x
+    row per program: beyond DP4A_MAX_M the weights would be re-read too often)."""
+    k = x2.shape[1]
+    per_tensor = group_size is None and scale.numel() == 1
+    per_row = group_size == k and scale.numel() == packed.shape[0]  # stacked q/k/v, gate/up
+    return (per_tensor or per_row) and k % 16 == 0 and packed.shape[1] * 4 == k and x2.shape[0] <= DP4A_MAX_M
+
+
 @torch.library.custom_op("rarefy::lowbit_quantize_act_int8", mutates_args=())
 def _quant_op(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _tern().quantize_act_triton(x2)
@@ -330,6 +356,9 @@ def ternary_matmul_int8act(x: torch.Tensor, packed: torch.Tensor, scale: torch.T
     x2 = _flatten(x)
     if x2.shape[0] == 0 or n == 0:
         return x.new_zeros((*lead, n), dtype=od)
+    if x.dtype != torch.int8 and _use_triton(x2) and _dp4a_ok(x2, packed, scale, group_size):
+        # quantize into the dp4a order and multiply on the integer dot-product unit
+        return _dp4a_op(x2, packed, scale, _code(od)).reshape(*lead, n)
     if x.dtype == torch.int8:
         xq, xs = x2, x_scale.reshape(-1).float()
     elif x2.is_cuda and _HAS_TRITON:
