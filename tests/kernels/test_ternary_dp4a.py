@@ -103,7 +103,7 @@ def test_public_int8act_routes_to_dp4a_and_matches(td):
     the same integers either way (per-tensor and whole-row group scales)."""
     from rarefy.kernels.lowbit_gemv import ternary_matmul_int8act
     gen = torch.Generator().manual_seed(9)
-    packed, s, q = _ternary(40, 128, gen)
+    packed, s, _ = _ternary(40, 128, gen)
     x = torch.randn(2, 128, generator=gen)
     for scale, gs in ((s, None), (torch.rand(40, 1, generator=gen) + 0.5, 128)):
         y = ternary_matmul_int8act(x.to(DEV), packed.to(DEV), scale.to(DEV), gs, out_dtype=torch.float32)

@@ -32,7 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import cdiv, next_pow2, pdl_launch_dependents, pdl_wait, store_tile, workspace_for
+from .triton_common import (
+    cdiv,
+    next_pow2,
+    pdl_launch_dependents,
+    pdl_wait,
+    store_tile,
+    workspace_for,
+)
 
 
 @dataclass(frozen=True)
@@ -236,7 +243,7 @@ def ternary_dp4a_triton(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.T
         ws_buf, cnt_buf = ws.partials, ws.counters
     else:
         ws_buf = cnt_buf = out
-    extra = dict(launch_pdl=True) if config.pdl else {}
+    extra = {"launch_pdl": True} if config.pdl else {}
     _ternary_dp4a_kernel[grid](
         xw, words, scale.reshape(-1).contiguous(), x_scale.reshape(-1).float(), out, ws_buf, cnt_buf,
         M, N, ku, xw.stride(0), words.stride(0), out.stride(0), per_split, split, per_split // bu,
