@@ -122,33 +122,3 @@ def test_dp4a_llama_shapes_gpu(td, n, k):
     rq, rs = R.quantize_act_int8_ref(x.float().cpu())
     ref = (rq.double() @ q.double().t()) * s.double() * rs.double().reshape(-1, 1)
     assert torch.allclose(y.double().cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-
-
-def test_torch_quantization_equals_the_kernel_order(td):
-    """The compiled route quantizes in torch ops: the same bytes and scales as the reference
-    quantizer put in the dp4a order."""
-    from rarefy.kernels.lowbit_gemv import _quant_dp4a_torch
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 64, generator=gen) * 5
-    x[2] = 0
-    q, s = _quant_dp4a_torch(x)
-    rq, rs = R.quantize_act_int8_ref(x)
-    assert torch.equal(q, td.dp4a_order(rq))
-    assert torch.equal(s, rs.reshape(-1).float())
-
-
-@pytest.mark.skipif(not CUDA, reason="needs a GPU")
-def test_compiled_route_matches_eager(td):
-    """Under torch.compile the quantization runs as (fused) torch ops before the kernel."""
-    from rarefy.kernels.lowbit_gemv import ternary_matmul_int8act
-    gen = torch.Generator().manual_seed(4)
-    packed, s, _ = _ternary(512, 1024, gen)
-    packed, s = packed.cuda(), s.cuda()
-    x = torch.randn(1, 1024, generator=gen).cuda().to(torch.bfloat16)
-
-    def f(v):
-        return ternary_matmul_int8act(torch.nn.functional.silu(v) * 2, packed, s, out_dtype=torch.float32)
-
-    eager, comp = f(x), torch.compile(f, fullgraph=True)(x)
-    assert torch.isfinite(comp).all()
-    assert float((comp - eager).norm() / eager.norm()) < 1e-3

@@ -236,29 +236,6 @@ def _(x2, packed, scale, out_code):
     return x2.new_empty((x2.shape[0], packed.shape[0]), dtype=_dt(out_code))
 
 
-@torch.library.custom_op("rarefy::lowbit_ternary_dp4a_q", mutates_args=())
-def _dp4a_q_op(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-               out_code: int) -> torch.Tensor:
-    from .triton_ternary_dp4a import ternary_dp4a_triton
-    return ternary_dp4a_triton(xq, xs, packed, scale, out_dtype=_dt(out_code))
-
-
-@_dp4a_q_op.register_fake
-def _(xq, xs, packed, scale, out_code):
-    return xq.new_empty((xq.shape[0], packed.shape[0]), dtype=_dt(out_code))
-
-
-def _quant_dp4a_torch(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dp4a kernel's activation quantization in torch ops (per-token absmax, round half
-    to even, the 4x4 byte transpose). Under torch.compile inductor fuses it into the kernel
-    that produces x (RMSNorm, SiLU * up), which saves the quantization launch."""
-    xf = x2.float()
-    a = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-5)
-    q = torch.round(xf * (127.0 / a)).clamp(-128, 127).to(torch.int8)
-    m, k = q.shape
-    return q.reshape(m, k // 16, 4, 4).transpose(-1, -2).reshape(m, k), (a / 127.0).reshape(-1)
-
-
 def _dp4a_ok(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> bool:
     """The dp4a kernel takes float x with K % 16 == 0, a per-tensor or per-row scale and few rows (one x
     row per program: beyond DP4A_MAX_M the weights would be re-read too often)."""
@@ -380,11 +357,7 @@ def ternary_matmul_int8act(x: torch.Tensor, packed: torch.Tensor, scale: torch.T
     if x2.shape[0] == 0 or n == 0:
         return x.new_zeros((*lead, n), dtype=od)
     if x.dtype != torch.int8 and _use_triton(x2) and _dp4a_ok(x2, packed, scale, group_size):
-        # quantize into the dp4a order and multiply on the integer dot-product unit; compiled,
-        # the quantization is left to inductor to fuse into x's producer
-        if torch.compiler.is_compiling():
-            xq, xs = _quant_dp4a_torch(x2)
-            return _dp4a_q_op(xq, xs, packed, scale, _code(od)).reshape(*lead, n)
+        # quantize into the dp4a order and multiply on the integer dot-product unit
         return _dp4a_op(x2, packed, scale, _code(od)).reshape(*lead, n)
     if x.dtype == torch.int8:
         xq, xs = x2, x_scale.reshape(-1).float()
