@@ -8,8 +8,14 @@ A configuration is ``mode:allocation`` (allocation uniform, greedy or global) fo
 options: ``weighted`` (criterion), ``seq`` (sequential calibration: thresholds from
 activations already sparsified upstream),
 ``up`` (greedy searched on inputs with the earlier layers sparsified), ``refine`` (global
-allocation re-estimated once at its own operating point), e.g.
-``threshold:greedy:weighted:seq``.
+allocation re-estimated once at its own operating point), ``match`` (global allocation's nominal
+average moved, 3 rounds, until the sparsity measured on the calibration windows with upstream
+inputs sparsified is the target), a rotation of the sparsified inputs
+(rarefy.sparsity.activation_rotation, pca basis from 8 calibration windows): ``vo`` (per key/value
+head, folded: free), ``res`` (one rotation of the residual stream, folded: free), ``layer`` or
+``layerN`` (per layer, online: a d x d or block-diagonal d x N matmul per attention / MLP input,
+counted against the sparsity in the *net* column), e.g. ``threshold:greedy:weighted:seq``,
+``threshold:global:vo``.
 
 Calibration statistics come from windows of the second half of WikiText-2 valid (one dense
 pass shared by all configurations); perplexity is measured on the first chunks of the first
@@ -21,6 +27,7 @@ projection weight reads skipped) and weighted by entries.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -42,25 +49,53 @@ VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "w
 CONFIGS = ["threshold:uniform", "threshold:global", "threshold:greedy", "threshold:uniform:weighted",
            "threshold:uniform:seq", "threshold:global:refine", "threshold:greedy:weighted", "threshold:greedy:up",
            "topk:uniform", "topk:greedy", "adaptive:uniform"]
-OPTIONS = ("weighted", "seq", "up", "refine")
+OPTIONS = ("weighted", "seq", "up", "refine", "vo", "res", "match")
+MATCH_ROUNDS = 3
+ROTATION_WINDOWS = 8
 ALLOCS = ("uniform", "greedy", "global")
 
 
 def parse_config(text: str) -> dict:
     parts = text.split(":")
-    if len(parts) < 2 or parts[1] not in ALLOCS or any(p not in OPTIONS for p in parts[2:]):
-        raise SystemExit(f"bad configuration {text!r}: mode:uniform|greedy|global[:weighted][:seq][:up][:refine]")
+    def known(p):
+        return p in OPTIONS or (p.startswith("layer") and (p == "layer" or p[5:].isdigit()))
+    if len(parts) < 2 or parts[1] not in ALLOCS or not all(known(p) for p in parts[2:]):
+        raise SystemExit(f"bad configuration {text!r}: mode:uniform|greedy|global[:weighted][:seq][:up][:refine]"
+                         "[:vo][:res|:layer[N]]")
     opts = set(parts[2:])
+    layer = [p for p in parts[2:] if p.startswith("layer")]
+    rotation = tuple(k for k in ("vo", "res") if k in opts) + tuple(layer)
     return {"mode": parts[0], "allocation": parts[1], "greedy": parts[1] == "greedy",
             "criterion": "weighted" if "weighted" in opts else "magnitude", "sequential": "seq" in opts, "upstream": "sparse" if "up" in opts else "dense",
-            "refine": int("refine" in opts)}
+            "refine": int("refine" in opts), "rotation": rotation,
+            "match": MATCH_ROUNDS if "match" in opts else 0}
 
 
 def config_name(c: dict) -> str:
     return " ".join([c["mode"], c["criterion"], c["allocation"]]
                     + (["sparse-upstream"] if c["upstream"] == "sparse" else [])
                     + (["refined"] if c["refine"] else [])
-                    + (["sequential"] if c["sequential"] else []))
+                    + (["matched"] if c.get("match") else [])
+                    + (["sequential"] if c["sequential"] else [])
+                    + ([f"rotated {'+'.join(c['rotation'])}"] if c.get("rotation") else []))
+
+
+def rotate(model, rotation, ids):
+    """A rotated copy of `model` (rarefy.sparsity.activation_rotation); its online cost in
+    weights read per token (0 for the folded kinds)."""
+    from rarefy.sparsity.activation_rotation import rotate_model
+
+    kinds = [{"res": "residual"}.get(k, "layer" if k.startswith("layer") else k) for k in rotation]
+    block = next((int(k[5:]) for k in rotation if k.startswith("layer") and k[5:]), None)
+    gen = torch.Generator().manual_seed(7)
+    starts = torch.randint(0, len(ids) - 512, (ROTATION_WINDOWS,), generator=gen).tolist()
+    m = copy.deepcopy(model)
+    rotate_model(m, kinds, [ids[s:s + 512] for s in starts], "pca", block)
+    online = 0
+    if "layer" in kinds:
+        d = model.config.hidden_size
+        online = 2 * model.config.num_layers * d * min(block or d, d)
+    return m, online
 TARGETS = {0.25: 0.03, 0.40: 0.12, 0.50: 0.30}  # issue 5: greedy + best mode, ppl increase at most
 
 
@@ -106,17 +141,33 @@ def main():
     decoder_w = sum(weights.values())
     head_w = model.lm_head.weight.numel()
     rows, calib = [], {}
+    variants = {(): (model, data, 0, base)}  # rotation -> (model, its statistics, online weights, dense ppl)
     for cfg in configs:
         mode, greedy = cfg["mode"], cfg["greedy"]
         name = config_name(cfg)
+        if cfg["rotation"] not in variants:
+            t0 = time.perf_counter()
+            m, online = rotate(model, cfg["rotation"], ids[half:])
+            d = collect_statistics(m, ids[half:], seq_len=512, samples=a.samples,
+                                   keep_windows=a.greedy_windows if cfg["allocation"] != "uniform" else 0,
+                                   criteria=criteria)
+            with torch.no_grad():
+                own = perplexity(m, eval_ids, ctx=512, max_chunks=a.chunks).ppl
+            variants[cfg["rotation"]] = (m, d, online, own)
+            print(f"rotation {'+'.join(cfg['rotation'])}: {time.perf_counter() - t0:.0f} s, dense ppl {own:.3f}, "
+                  f"online weights {online}", flush=True)
+        cur, cdata, online, own = variants[cfg["rotation"]]
         t0 = time.perf_counter()
-        th = calibrate_from_statistics(model, data, sparsities, mode, greedy_step=a.greedy_step,
+        th = calibrate_from_statistics(cur, cdata, sparsities, mode, greedy_step=a.greedy_step,
                                        greedy_tokens=a.greedy_tokens, criterion=cfg["criterion"],
                                        sequential=cfg["sequential"], sequential_windows=a.sequential_windows,
                                        greedy_upstream=cfg["upstream"], allocation=cfg["allocation"],
                                        global_windows=a.global_windows, global_tokens=a.global_tokens,
-                                       global_method=a.global_method, global_refine=cfg["refine"])
+                                       global_method=a.global_method, global_refine=cfg["refine"],
+                                       global_match=cfg["match"])
         calib[name] = {"seconds": time.perf_counter() - t0}
+        if cfg["rotation"]:
+            calib[name]["rotation"] = {"dense_ppl": own, "online_weights": online}
         if cfg["allocation"] == "global":
             calib[name]["predicted"] = th.greedy["predicted_cost"]
         if cfg["allocation"] != "uniform":
@@ -130,15 +181,17 @@ def main():
             calib[name]["uniform_kept"] = th.greedy["uniform_kept"]
         print(f"{name}: calibrated in {calib[name]['seconds']:.0f} s", flush=True)
         for s in sparsities:
-            with torch.no_grad(), sparsify_activations(model, th.rule(s)) as counts:
-                ppl = perplexity(model, eval_ids, ctx=512, max_chunks=a.chunks).ppl
-            rep = sparsity_report(counts, model)
+            with torch.no_grad(), sparsify_activations(cur, th.rule(s)) as counts:
+                ppl = perplexity(cur, eval_ids, ctx=512, max_chunks=a.chunks).ppl
+            rep = sparsity_report(counts, cur)
             rows.append({"config": name, "mode": mode, "criterion": cfg["criterion"],
                          "allocation": cfg["allocation"]
                          + (", sparse upstream" if greedy and cfg["upstream"] == "sparse" else ""),
                          "calibration": "sequential" if cfg["sequential"] else "dense", "target": s,
-                         "weighted": rep["weighted"], "entries": rep["entries"], "ppl": ppl, "delta": ppl / base - 1})
-            print(f"  target {s:.2f}: weighted {rep['weighted']:.3f}, entries {rep['entries']:.3f}, "
+                         "weighted": rep["weighted"], "entries": rep["entries"], "ppl": ppl, "delta": ppl / base - 1,
+                         "net": rep["weighted"] - online / decoder_w})
+            print(f"  target {s:.2f}: weighted {rep['weighted']:.3f} (net {rows[-1]['net']:.3f}), "
+                  f"entries {rep['entries']:.3f}, "
                   f"ppl {ppl:.3f} ({ppl / base - 1:+.1%})", flush=True)
         # written after every configuration, so an interrupted run keeps what it measured
         text = write(a, {"dense": base, "rows": rows, "calibration": calib, "collect_s": collect_s,
@@ -185,13 +238,22 @@ def report(r, a) -> str:
              "`weighted` by |x_i| times the norm of the weight column that reads channel i (WINA-style); "
              "*allocation*: uniform, greedy per layer (TEAL-style; *sparse upstream*: searched on inputs with "
              "the earlier layers sparsified), or global across layers from output-KL sensitivity curves "
-             "(*refined*: curves re-estimated at the allocation's operating point); *sequential*: each input's threshold taken from activations already "
+             "(*refined*: curves re-estimated at the allocation's operating point; *matched*: nominal average "
+             "moved until the sparsity measured on calibration windows is the target); *sequential*: each input's threshold taken from activations already "
              "sparsified upstream instead of dense ones.", "",
              "Sparsity columns are measured on the evaluation text: *weighted* = zeroed fraction of each input "
              "weighted by the weights it gates (q+k+v, o, gate+up, down), i.e. the fraction of decoder "
              "projection weight reads skipped (the true average over all projections); *entries* = zeroed "
              "entries over all input entries.", "",
-             f"Dense perplexity: **{base:.3f}**.", "",
+             f"Dense perplexity: **{base:.3f}**."
+             + "".join(f" Rotated ({n.split('rotated ')[-1]}), dense: {c['rotation']['dense_ppl']:.3f}."
+                       for n, c in r["calibration"].items() if "rotation" in c), "",
+             "Rotations (`rotated ...`): the sparsified inputs are rotated by orthogonal matrices (pca basis, 8 "
+             "calibration windows; rarefy/sparsity/activation_rotation.py). `vo` (per key/value head) and `res` "
+             "(residual stream) are folded into the weights: no run-time cost. `layer` rotates each layer's "
+             "attention and MLP input at run time, a d x d matmul each (`layerN`: block-diagonal, d x N); *net* "
+             "is the sparsity minus those rotation weights read per token, over the decoder projection weights.",
+             "",
              "## Side by side: perplexity vs dense (true weighted sparsity)", "",
              "| configuration | " + " | ".join(f"{t:.2f}" for t in targets) + " |",
              "| --- |" + " --- |" * len(targets)]
@@ -199,7 +261,9 @@ def report(r, a) -> str:
         cells = []
         for t in targets:
             x = next((x for x in rows if x.get("config", n) == n and abs(x["target"] - t) < 1e-9), None)
-            cells.append("-" if x is None else f"{x['delta']:+.1%} ({x['weighted']:.3f})")
+            net = "" if x is None or abs(x.get("net", x["weighted"]) - x["weighted"]) < 1e-12 else \
+                f", net {x['net']:.3f}"
+            cells.append("-" if x is None else f"{x['delta']:+.1%} ({x['weighted']:.3f}{net})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "## All rows", "",
               "| mode | criterion | allocation | thresholds from | target | weighted sparsity | entries sparsity "

@@ -46,6 +46,11 @@ def calibrate_activations(
     global_refine: int = typer.Option(0, "--global-refine",
                                       help="re-estimate --global's curves N times, each level at its own operating "
                                            "point (every input sparsified by the previous allocation); fisher only"),
+    global_match: int = typer.Option(0, "--global-match",
+                                      help="rounds moving each --global level's nominal average until the sparsity "
+                                           "measured on calibration windows, upstream inputs sparsified, is the "
+                                           "target (thresholds from dense statistics otherwise overshoot or "
+                                           "undershoot it); 3 is plenty"),
     global_tokens: int = typer.Option(0, "--global-tokens",
                                       help="tokens of the first calibration window that --global's sensitivity "
                                            "curves run on (0: the whole window; 128 keeps --global-method kl "
@@ -91,6 +96,8 @@ def calibrate_activations(
             raise RarefyError("--global-refine takes N >= 0, with --global-method fisher")
         if global_method not in ("fisher", "kl"):
             raise RarefyError(f"--global-method must be fisher or kl, got {global_method!r}")
+        if global_match < 0:
+            raise RarefyError(f"--global-match takes N >= 0, got {global_match}")
         if global_tokens == 1 or global_tokens < 0:
             raise RarefyError(f"--global-tokens must be 0 (whole window) or >= 2, got {global_tokens}")
     check_destination(out, model, overwrite)
@@ -102,7 +109,8 @@ def calibrate_activations(
                               greedy_windows=greedy_windows, greedy_tokens=greedy_tokens, criterion=criterion,
                               sequential=sequential, greedy_upstream=greedy_upstream,
                               allocation="global" if global_alloc else None, global_tokens=global_tokens or None,
-                              global_method=global_method, global_refine=global_refine)
+                              global_method=global_method, global_refine=global_refine,
+                              global_match=global_match)
     # the sparsity actually reached, over all inputs, on calibration windows
     th.measured = measure_levels(loaded.model, ids, th, seq_len=seq_len, windows=min(samples, MEASURE_WINDOWS),
                                  seed=seed + 1)

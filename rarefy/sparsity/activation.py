@@ -300,7 +300,7 @@ def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int =
                          criterion: str = "magnitude", sequential: bool = False,
                          greedy_upstream: str = "dense", allocation: str | None = None,
                          global_tokens: int | None = None, global_method: str = "fisher",
-                         global_refine: int = 0) -> Thresholds:
+                         global_refine: int = 0, global_match: int = 0) -> Thresholds:
     """Calibrate `mode` at each target sparsity from `samples` windows of `seq_len` tokens;
     uniform allocation, or greedy per layer (see rarefy.sparsity.activation_greedy); entries
     ranked by `criterion` (rarefy.sparsity.activation_criteria); with `sequential`, each
@@ -325,7 +325,7 @@ def calibrate_thresholds(model, token_ids: list[int], sparsities, seq_len: int =
                                      greedy_tokens=greedy_tokens, progress=progress, criterion=criterion,
                                      sequential=sequential, greedy_upstream=greedy_upstream, allocation=allocation,
                                      global_tokens=global_tokens, global_method=global_method,
-                                     global_refine=global_refine)
+                                     global_refine=global_refine, global_match=global_match)
 
 
 def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: str = "threshold",
@@ -335,7 +335,8 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
                               greedy_upstream: str = "dense", allocation: str | None = None,
                               global_windows: int = 1, global_grid=None,
                               global_tokens: int | None = None, global_method: str = "fisher",
-                              global_refine: int = 0, global_samples: int = 4) -> Thresholds:
+                              global_refine: int = 0, global_samples: int = 4,
+                              global_match: int = 0) -> Thresholds:
     """Parameters per level and input from collected statistics. ``allocation``: "uniform",
     "greedy" (rarefy.sparsity.activation_greedy) or "global" (rarefy.sparsity.activation_global);
     None: greedy if ``greedy`` else uniform."""
@@ -368,10 +369,11 @@ def calibrate_from_statistics(model, data: CalibrationData, sparsities, mode: st
         alloc, greedy_info = global_allocation(model, data, sparsities, mode, stats, scales,
                                                grid=global_grid or DEFAULT_GRID, windows=global_windows,
                                                tokens=global_tokens, progress=progress, method=global_method,
-                                               refine=global_refine, samples=global_samples)
+                                               refine=global_refine, samples=global_samples,
+                                               match=global_match)
         per_input = {_key(s): alloc[j] for j, s in enumerate(sparsities)}
         calibration["global"] = {k: greedy_info.pop(k)
-                                 for k in ("grid", "method", "refine", "samples", "windows", "tokens")}
+                                 for k in ("grid", "method", "refine", "samples", "windows", "tokens", "match")}
     else:
         per_input = {_key(s): {n: float(s) for n in names} for s in sparsities}
     if sequential:

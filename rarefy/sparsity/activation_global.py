@@ -249,10 +249,59 @@ def allocate(curves: dict[str, list[float]], grid, weights: dict[str, int], targ
     raise RarefyError(f"global allocation could not reach sparsity {target} (the grid ends at {grid[-1]})")
 
 
+@torch.no_grad()
+def measured_sparsity_of(model, data, mode: str, stats, scales, alloc: dict[str, float], windows: int = 2,
+                         tokens: int | None = None) -> float:
+    """Fraction of decoder weight reads skipped (inputs weighted by the weights they gate) when
+    every input is sparsified by `alloc`'s parameter, on the kept calibration windows: the
+    sparsity reached with upstream inputs already sparsified, which differs from the
+    allocation's nominal average (thresholds come from dense statistics)."""
+    from rarefy.sparsity.activation import input_weights, measured_sparsity
+
+    sites, layers, n_win, n = _setup(model, data, windows, tokens)
+    counts = {name: [0, 0] for name in sites}
+
+    def hook(name, p, sc):
+        def pre(mod, args):
+            y, dropped = apply_rule(mode, p, args[0], sc)
+            counts[name][0] += int(dropped)
+            counts[name][1] += args[0].numel()
+            return (y,) + tuple(args[1:])
+        return pre
+
+    handles = [site.hook.register_forward_pre_hook(hook(name, stats[name].param(mode, alloc[name]),
+                                                        None if scales is None else scales[name]))
+               for name, site in sites.items()]
+    try:
+        for w in range(n_win):
+            _tail(layers, 0, data.layer_inputs[0][w][:, :n], tuple(r[:, :n] for r in data.rope[w]))
+    finally:
+        for h in handles:
+            h.remove()
+    return measured_sparsity(counts, input_weights(model))
+
+
+def match_sparsity(model, data, mode, stats, scales, curves, grid, weights, target: float, rounds: int,
+                   windows: int = 2, tokens: int | None = None):
+    """Allocation whose *measured* sparsity on the calibration windows is `target`: the
+    nominal average is moved by the miss, `rounds` times (the measured sparsity follows the
+    nominal one with slope close to 1). Returns (allocation, log of (nominal, measured))."""
+    nominal, log = float(target), []
+    alloc = allocate(curves, grid, weights, nominal)
+    for _ in range(rounds):
+        got = measured_sparsity_of(model, data, mode, stats, scales, alloc, windows, tokens)
+        log.append((round(nominal, 5), round(got, 5)))
+        nominal = min(max(nominal + (target - got), 0.0), grid[-1] - 1e-6)
+        alloc = allocate(curves, grid, weights, nominal)
+    return alloc, log
+
+
 def global_allocation(model, data, sparsities, mode: str, stats, scales, grid=DEFAULT_GRID, windows: int = 1,
                       tokens: int | None = None, progress: bool = False, method: str = "fisher",
-                      refine: int = 0, samples: int = 4):
-    """Per target, {input: sparsity}; and a report with the curves and the predicted costs."""
+                      refine: int = 0, samples: int = 4, match: int = 0):
+    """Per target, {input: sparsity}; and a report with the curves and the predicted costs.
+    ``match``: rounds of moving each target's nominal average until the sparsity measured on
+    the kept calibration windows (upstream inputs sparsified) is the target (match_sparsity)."""
     from rarefy.sparsity.activation import _key, input_weights
 
     grid = check_global_options(sparsities, grid)
@@ -275,7 +324,14 @@ def global_allocation(model, data, sparsities, mode: str, stats, scales, grid=DE
                                 operating=ops)
             alloc[k] = allocate(c_t, grid, weights, float(t))
 
-    report = {"grid": grid, "method": method, "refine": refine, "samples": samples, "windows": min(windows, len(data.layer_inputs[0])),
+    matched = {}
+    if match:
+        for k, t in enumerate(sparsities):
+            if t > 0:
+                alloc[k], matched[_key(t)] = match_sparsity(model, data, mode, stats, scales, curves, grid, weights,
+                                                           float(t), match, tokens=tokens)
+    report = {"grid": grid, "method": method, "refine": refine, "samples": samples, "match": matched,
+              "windows": min(windows, len(data.layer_inputs[0])),
               "tokens": min(tokens or data.seq_len, data.layer_inputs[0][0].shape[1]),
               "predicted_cost": {_key(t): {"global": _total(curves, grid, a),
                                            "uniform": _total(curves, grid, {n: float(t) for n in curves})}

@@ -176,18 +176,32 @@ class RotatedNorm(nn.Module):
         return self.norm(h) @ self.rotation.to(h.dtype)
 
 
+def _block_eig(m: torch.Tensor, block: int | None) -> torch.Tensor:
+    """_eig_desc of m, or block-diagonal: each run of `block` channels rotated on its own."""
+    d = m.shape[0]
+    if not block or block >= d:
+        return _eig_desc(m)
+    r = torch.zeros(d, d)
+    for a in range(0, d, block):
+        b = min(a + block, d)
+        r[a:b, a:b] = _eig_desc(m[a:b, a:b])
+    return r
+
+
 @torch.no_grad()
-def rotate_layers(model, moments, basis: str) -> None:
-    """Per layer, rotate the normalised attention and MLP inputs (online; see module doc)."""
+def rotate_layers(model, moments, basis: str, block: int | None = None) -> None:
+    """Per layer, rotate the normalised attention and MLP inputs (online; see module doc).
+    ``block``: block-diagonal rotations of `block` channels (run-time cost d * block per input
+    and token instead of d^2)."""
     from rarefy.sparsity.activation import decoder_layers
 
     for i, layer in enumerate(decoder_layers(model)):
         for which, norm_name in (("attn", "input_layernorm"), ("mlp", "post_attention_layernorm")):
             ps = _projs(layer, which)
             if basis == "pca":
-                r = _eig_desc(moments[which][i])
+                r = _block_eig(moments[which][i], block)
             else:
-                r = _eig_desc(sum(_w(p).float().t() @ _w(p).float() for p in ps))
+                r = _block_eig(sum(_w(p).float().t() @ _w(p).float() for p in ps), block)
             for p in ps:
                 _set(p, _w(p).float() @ r)
             setattr(layer, norm_name, RotatedNorm(getattr(layer, norm_name), r))
@@ -246,7 +260,8 @@ def check_rotation(kinds, basis: str) -> list[str]:
     return kinds
 
 
-def rotate_model(model, kinds, windows: list[list[int]] | None = None, basis: str = "pca") -> dict:
+def rotate_model(model, kinds, windows: list[list[int]] | None = None, basis: str = "pca",
+                 block: int | None = None) -> dict:
     """Apply the rotations `kinds` (subset of KINDS) in place; `windows` (token lists) give the
     second moments for the pca basis. Returns a summary."""
     kinds = check_rotation(kinds, basis)
@@ -260,5 +275,5 @@ def rotate_model(model, kinds, windows: list[list[int]] | None = None, basis: st
     if "residual" in kinds:
         rotate_residual(model, moments, basis)
     if "layer" in kinds:
-        rotate_layers(model, moments, basis)
-    return {"kinds": kinds, "basis": basis, "tokens": moments["tokens"] if moments else 0}
+        rotate_layers(model, moments, basis, block)
+    return {"kinds": kinds, "basis": basis, "block": block, "tokens": moments["tokens"] if moments else 0}

@@ -128,3 +128,17 @@ def test_weighted_sequential_calibrate_and_apply(tiny_model_dir, tmp_path):
     r = run("calibrate-activations", "--model", tiny_model_dir, "--calib", text, "--greedy", "--global",
             "--out", tmp_path / "z")
     assert r.exit_code != 0 and "choose one of --greedy and --global" in r.output
+
+
+def test_global_match_option(tiny_model_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("Sparse activations skip weight columns. The quick brown fox jumps over the lazy dog. " * 300)
+    out = tmp_path / "matched"
+    r = run("calibrate-activations", "--model", tiny_model_dir, "--calib", text, "--sparsity", "0.5", "--global",
+            "--global-match", 2, "--samples", 4, "--seq-len", 32, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "activation_thresholds.json").read_text())
+    assert len(saved["calibration"]["global"]["match"]["0.5000"]) == 2
+    r = run("calibrate-activations", "--model", tiny_model_dir, "--calib", text, "--global", "--global-match", -1,
+            "--out", tmp_path / "z")
+    assert r.exit_code != 0 and "--global-match takes N >= 0" in r.output and not (tmp_path / "z").exists()

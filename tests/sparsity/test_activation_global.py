@@ -71,7 +71,7 @@ def test_refined_global_allocation_at_its_operating_point():
     torch.set_num_threads(1)
     model = _model()
     data = collect_statistics(model, _tokens(3000, 1), seq_len=128, samples=8, keep_windows=1)
-    kw = dict(allocation="global", global_grid=(0.2, 0.4, 0.6, 0.8))
+    kw = {"allocation": "global", "global_grid": (0.2, 0.4, 0.6, 0.8)}
     first = calibrate_from_statistics(model, data, [0.5], "threshold", **kw)
     refined = calibrate_from_statistics(model, data, [0.5], "threshold", global_refine=1, **kw)
     assert refined.calibration["global"]["refine"] == 1
@@ -102,3 +102,24 @@ def test_global_file_round_trip_and_bad_input(tmp_path):
     with pytest.raises(RarefyError, match="needs layer inputs"):
         calibrate_from_statistics(model, collect_statistics(model, _tokens(2000, 1), seq_len=64, samples=1), [0.4],
                                   allocation="global")
+
+
+def test_global_match_hits_the_measured_sparsity():
+    """--global-match moves the nominal average until the sparsity measured with upstream
+    inputs sparsified is the target, on the calibration windows and on held-out text."""
+    from rarefy.sparsity.activation_global import measured_sparsity_of
+
+    torch.set_num_threads(1)
+    model = _model(layers=3)
+    data = collect_statistics(model, _tokens(4000, 1), seq_len=128, samples=16, keep_windows=2)
+    kw = {"allocation": "global", "global_grid": (0.2, 0.4, 0.6, 0.8)}
+    plain = calibrate_from_statistics(model, data, [0.5], "threshold", **kw)
+    matched = calibrate_from_statistics(model, data, [0.5], "threshold", global_match=3, **kw)
+    log = matched.calibration["global"]["match"]["0.5000"]
+    assert len(log) == 3 and log[0][0] == 0.5
+    miss = [abs(measured_sparsity_of(model, data, "threshold", data.stats, None, th.sparsity_of_inputs(0.5)) - 0.5)
+            for th in (plain, matched)]
+    assert miss[1] <= miss[0] and miss[1] < 0.005, miss
+    with torch.no_grad(), sparsify_activations(model, matched.rule(0.5)) as counts:
+        model(_held_out())
+    assert abs(sparsity_report(counts, model)["weighted"] - 0.5) < 0.02
