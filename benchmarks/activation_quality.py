@@ -157,8 +157,11 @@ def main():
             print(f"rotation {'+'.join(cfg['rotation'])}: {time.perf_counter() - t0:.0f} s, dense ppl {own:.3f}, "
                   f"online weights {online}", flush=True)
         cur, cdata, online, own = variants[cfg["rotation"]]
+        # an online rotation reads weights too: calibrate so that the *net* sparsity is the target
+        shift = online / decoder_w
+        levels = [round(s + shift, 4) for s in sparsities]
         t0 = time.perf_counter()
-        th = calibrate_from_statistics(cur, cdata, sparsities, mode, greedy_step=a.greedy_step,
+        th = calibrate_from_statistics(cur, cdata, levels, mode, greedy_step=a.greedy_step,
                                        greedy_tokens=a.greedy_tokens, criterion=cfg["criterion"],
                                        sequential=cfg["sequential"], sequential_windows=a.sequential_windows,
                                        greedy_upstream=cfg["upstream"], allocation=cfg["allocation"],
@@ -168,20 +171,22 @@ def main():
         calib[name] = {"seconds": time.perf_counter() - t0}
         if cfg["rotation"]:
             calib[name]["rotation"] = {"dense_ppl": own, "online_weights": online}
+        if cfg["match"]:
+            calib[name]["match"] = th.calibration["global"]["match"]
         if cfg["allocation"] == "global":
             calib[name]["predicted"] = th.greedy["predicted_cost"]
         if cfg["allocation"] != "uniform":
             calib[name]["allocation"] = {
-                f"{s:.4f}": {inp: statistics.mean(v for n, v in th.sparsity_of_inputs(s).items() if n.endswith(inp))
-                             for inp in ("attn_in", "o_in", "mlp_in", "down_in")} for s in sparsities}
+                f"{s:.4f}": {inp: statistics.mean(v for n, v in th.sparsity_of_inputs(lv).items() if n.endswith(inp))
+                             for inp in ("attn_in", "o_in", "mlp_in", "down_in")} for s, lv in zip(sparsities, levels)}
         if greedy:
             err = th.greedy["error"]
             calib[name]["error_ratio"] = {k: statistics.mean(g / u for g, u in zip(v["greedy"], v["uniform"]) if u > 0)
                                           for k, v in err.items()}
             calib[name]["uniform_kept"] = th.greedy["uniform_kept"]
         print(f"{name}: calibrated in {calib[name]['seconds']:.0f} s", flush=True)
-        for s in sparsities:
-            with torch.no_grad(), sparsify_activations(cur, th.rule(s)) as counts:
+        for s, lv in zip(sparsities, levels):
+            with torch.no_grad(), sparsify_activations(cur, th.rule(lv)) as counts:
                 ppl = perplexity(cur, eval_ids, ctx=512, max_chunks=a.chunks).ppl
             rep = sparsity_report(counts, cur)
             rows.append({"config": name, "mode": mode, "criterion": cfg["criterion"],
@@ -232,7 +237,7 @@ def report(r, a) -> str:
              f"{a.chunks} chunks of 512 tokens of the first half (held out). Whole run: {r['total_s'] / 60:.0f} min.",
              "",
              "Command: `nice -n 19 python3 benchmarks/activation_quality.py --chunks "
-             f"{a.chunks} --sparsities {a.sparsities} --date {date} --out docs/results/activation-sparsity.md`"
+             f"{a.chunks} --sparsities {a.sparsities} --date {date} --out {a.out or 'docs/results/activation-sparsity.md'}`"
              + ("" if a.configs == ",".join(CONFIGS) else f" with `--configs {a.configs}`"), "",
              "Configurations: *mode* (threshold, topk, adaptive); *criterion*: `magnitude` ranks entries by |x|, "
              "`weighted` by |x_i| times the norm of the weight column that reads channel i (WINA-style); "
@@ -266,13 +271,13 @@ def report(r, a) -> str:
             cells.append("-" if x is None else f"{x['delta']:+.1%} ({x['weighted']:.3f}{net})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "## All rows", "",
-              "| mode | criterion | allocation | thresholds from | target | weighted sparsity | entries sparsity "
-              "| perplexity | vs dense |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| configuration | thresholds from | target | weighted sparsity | net of online rotations "
+              "| entries sparsity | perplexity | vs dense |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in rows:
-        lines.append(f"| {x['mode']} | {x.get('criterion', 'magnitude')} | {x['allocation']} | "
+        lines.append(f"| {x.get('config', x['mode'] + ' ' + x['allocation'])} | "
                      f"{'sparse upstream' if x.get('calibration') == 'sequential' else 'dense pass'} | "
-                     f"{x['target']:.2f} | {x['weighted']:.3f} | {x['entries']:.3f} | {x['ppl']:.3f} | "
-                     f"{x['delta']:+.1%} |")
+                     f"{x['target']:.2f} | {x['weighted']:.3f} | {x.get('net', x['weighted']):.3f} | "
+                     f"{x['entries']:.3f} | {x['ppl']:.3f} | {x['delta']:+.1%} |")
     lines += ["", "## Against the issue's targets (non-uniform allocation, best mode)", "",
               "| target sparsity | allowed | best greedy or global row | weighted sparsity | vs dense | met? | best row of any "
               "allocation |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -283,7 +288,8 @@ def report(r, a) -> str:
             continue
         best = min(cands, key=lambda x: x["ppl"])
         any_best = min(at, key=lambda x: x["ppl"])
-        lines.append(f"| {s_:.2f} | +{allowed:.0%} | {best.get('config', best['mode'])} | {best['weighted']:.3f} | "
+        net = "" if abs(best.get("net", best["weighted"]) - best["weighted"]) < 1e-12 else f" (net {best['net']:.3f})"
+        lines.append(f"| {s_:.2f} | +{allowed:.0%} | {best.get('config', best['mode'])} | {best['weighted']:.3f}{net} | "
                      f"{best['delta']:+.1%} | {'met' if best['delta'] <= allowed else 'missed'} | "
                      f"{any_best.get('config', any_best['mode'])}: {any_best['delta']:+.1%} "
                      f"({any_best['weighted']:.3f}) |")
