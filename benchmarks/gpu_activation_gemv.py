@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer sparsities and batches")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", default=None, help="comma list of shape names (default: all)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     sparsities = (0.0, 0.4, 0.5, 0.9) if a.quick else (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
@@ -91,6 +92,8 @@ def main():
     rows_m1, rows_batch, best_cfgs = [], [], {}
     t_start = time.time()
     for name, k, n, glu in SHAPES:
+        if a.shapes and name.split(" ")[0] not in a.shapes.split(","):
+            continue
         wt, w = weight_copies(k, n, dev)
         n_out = n // 2 if glu else n
         x1 = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=gen)

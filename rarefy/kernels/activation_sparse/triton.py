@@ -45,10 +45,11 @@ class ActSparseConfig:
     use_dot: bool = False
     block_m: int = 1
     num_warps: int = 4
-    # M = 1, how x is loaded: 0 as a [BLOCK_K] vector (its mask is converted to the weight
-    # tile's layout every step), 1 broadcast to [BLOCK_K, BLOCK_N] (born in the tile's
-    # layout), 2 as a [BLOCK_K, 1] column (broadcast by the multiply).
-    xmode: int = 1
+    # M = 1, how x is loaded: 0 as a [BLOCK_K] vector, 1 broadcast to [BLOCK_K, BLOCK_N],
+    # 2 as a [BLOCK_K, 1] column (broadcast by the multiply). With the weight columns'
+    # contiguity visible (EVEN_N), 2 keeps the weight tile's 16-byte row loads and needs no
+    # layout conversion in the loop (sm_90 compile); 1 then costs 16 conversions a call.
+    xmode: int = 2
     # M = 1: reduce each step's tile along K into a [BLOCK_N] accumulator (in-thread when
     # block_n == 8 * 32 * num_warps for 16-bit weights: lanes and warps all along N).
     fold: bool = False
@@ -100,7 +101,7 @@ def _act_sparse_kernel(
     stride_xm, stride_wk, stride_om, n_glu,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, ITERS: tl.constexpr, XMODE: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -112,7 +113,9 @@ def _act_sparse_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # Clamp instead of masking along N and M: loads stay predicated on the K row only
     # (the active-input predicate); duplicated columns/rows are dropped by the store.
-    cols = tl.where(offs_n < N, offs_n, N - 1)
+    # (a clamp hides the columns' contiguity from Triton: the weight loads then go out two
+    # bytes at a time, so it is only there when N is not a multiple of BLOCK_N)
+    cols = offs_n if EVEN_N else tl.where(offs_n < N, offs_n, N - 1)
     rows_m = tl.where(offs_m < M, offs_m, M - 1)
     offs_k = tl.arange(0, BLOCK_K)
     k_base = pid_k * (ITERS * BLOCK_K)
@@ -246,15 +249,20 @@ def _pow2(v: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> ActSparseConfig:
-    """Heuristic, from the H100 probes (benchmarks/gpu_activation_probe.py, docs/results/
-    activation-gpu.md): M = 1 takes the FMA path with x broadcast in the weight tile's
-    layout, 128 columns x 16 rows per step, and as many unrolled steps (16, 8 or 4) as
-    keep at least 12 programs per SM; M > 1 takes the tensor-core path."""
+    """Heuristic, from the H100 sweep of 2026-11-23 (benchmarks/gpu_activation_gemv.py --sweep,
+    docs/results/activation-gpu.md), after the weight loads became 16-byte row loads: M = 1
+    takes the FMA path with x as a [BLOCK_K, 1] column and 512 weight rows a program (64
+    columns x 64 rows x 8 steps on 8 warps up to N = 4096, 64 x 32 x 16 on 8 warps up to 8192,
+    else 128 x 32 x 16 on 4 warps);
+    M > 1 takes the tensor-core path."""
     if M == 1:
-        cfg = ActSparseConfig(block_n=128, block_k=16, iters=16, num_warps=4, xmode=1)
-    else:
-        cfg = ActSparseConfig(block_n=128, block_k=32, iters=8, use_dot=True,
-                              block_m=16 if M <= 16 else 32, num_warps=4)
+        if N <= 4096:
+            return ActSparseConfig(block_n=64, block_k=64, iters=8, num_warps=8, xmode=2)
+        if N <= 8192:
+            return ActSparseConfig(block_n=64, block_k=32, iters=16, num_warps=8, xmode=2)
+        return ActSparseConfig(block_n=128, block_k=32, iters=16, num_warps=4, xmode=2)
+    cfg = ActSparseConfig(block_n=128, block_k=32, iters=8, use_dot=True,
+                          block_m=16 if M <= 16 else 32, num_warps=4)
     tiles = -(-N // cfg.block_n) * -(-M // cfg.block_m)
     iters = cfg.iters
     while iters > 4 and tiles * -(-K // (iters * cfg.block_k)) < 12 * num_sms:
@@ -322,5 +330,5 @@ def input_sparse_matmul_triton(x: torch.Tensor, wt: torch.Tensor, threshold: flo
         HAS_BIAS=bias is not None, GLU=glu, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
         SPLIT=split, ITERS=cfg.iters, XMODE=0 if cfg.use_dot else cfg.xmode, FOLD=cfg.fold and not cfg.use_dot and not cfg.prefetch,
         PREFETCH=cfg.prefetch and not cfg.use_dot and not glu and cfg.xmode == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps)
+        EVEN_N=N % cfg.block_n == 0, num_warps=cfg.num_warps)
     return out
