@@ -59,8 +59,10 @@ def calibrate_attention(
                                        "retrieval / streaming heads; metric out, cos or sens); measuring adds each "
                                        "head's error alone"),
     errors_out: str | None = typer.Option(None, "--errors-out", help="also save the measured error table (JSON)"),
-    errors: str | None = typer.Option(None, "--errors", help="allocate from saved error tables (comma list, "
-                                                                "merged) instead of measuring (no model or text)"),
+    errors: str | None = typer.Option(None, "--errors", help="allocate from saved error tables (comma list: "
+                                                                "tables of the same candidates on other text are "
+                                                                "averaged, others merged) instead of measuring "
+                                                                "(no model or text)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     model: str | None = ModelOpt,
     device: str = DeviceOpt,
@@ -96,7 +98,9 @@ def calibrate_attention(
         paths = [x for x in errors.split(",") if x.strip()]
         table = WindowErrors.load(paths[0])
         for extra in paths[1:]:
-            table = table.merge(WindowErrors.load(extra))
+            other = WindowErrors.load(extra)
+            # the same candidates on other text: pool (average); other candidates: merge
+            table = table.pooled(other) if other.candidates == table.candidates else table.merge(other)
     else:
         if calib is None:
             raise RarefyError("give --calib TEXT to measure on (or --errors TABLE from an earlier run)")

@@ -326,6 +326,27 @@ class WindowErrors:
                             cat(self.fisher, other.fisher) if self.fisher is not None and other.fisher is not None
                             else None, cat_h(self.fisher_heads, other.fisher_heads))
 
+    def pooled(self, other: WindowErrors) -> WindowErrors:
+        """Both tables' errors averaged, weighted by scored tokens: the same candidates measured
+        on other text (more calibration chunks). The sensitivity is kept only if one has it."""
+        if other.candidates != self.candidates or (other.ctx, other.block_size, other.num_layers) != (
+                self.ctx, self.block_size, self.num_layers):
+            raise RarefyError("window-error tables to pool must have the same candidates, ctx, block size and layers")
+        a, b = self.tokens / (self.tokens + other.tokens), other.tokens / (self.tokens + other.tokens)
+
+        def avg(x, y):
+            if x is None or y is None:
+                return None
+            if isinstance(x, list):
+                return [avg(u, v) for u, v in zip(x, y, strict=True)]
+            return a * x + b * y
+        return WindowErrors(self.candidates, avg(self.out, other.out), avg(self.cos, other.cos), self.ctx,
+                            self.block_size, self.tokens + other.tokens,
+                            "; ".join(x for x in (self.source, other.source) if x), avg(self.grad, other.grad),
+                            self.sensitivity or other.sensitivity, self.sens_ref or other.sens_ref,
+                            avg(self.out_heads, other.out_heads), avg(self.cos_heads, other.cos_heads),
+                            avg(self.fisher, other.fisher), avg(self.fisher_heads, other.fisher_heads))
+
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=1)

@@ -457,3 +457,14 @@ def test_fisher_metric_estimates_the_kl_of_one_windowed_head(tiny_model_dir):
             assert x == pytest.approx(y, rel=1e-4, abs=1e-12)
     a = allocate_head_windows(t, 0.5, "fisher")
     assert a.memory_fraction <= 0.5
+
+
+def test_tables_of_the_same_candidates_pool_by_tokens():
+    t = _head_table()
+    u = WindowErrors(t.candidates, [[2 * x for x in r] for r in t.out], t.cos, 64, 4, 300, "other",
+                     out_heads=[[[2 * x for x in h] for h in layer] for layer in t.out_heads], cos_heads=t.cos_heads)
+    p = t.pooled(u)
+    assert p.tokens == 400 and p.out[0][0] == pytest.approx(0.25 * t.out[0][0] + 0.75 * u.out[0][0])
+    assert p.out_heads[0][0][0] == pytest.approx(1.75) and p.fisher is None
+    with pytest.raises(RarefyError, match="same candidates"):
+        t.pooled(WindowErrors(t.candidates[:2], [r[:2] for r in t.out], [r[:2] for r in t.cos], 64, 4, 100))
