@@ -17,7 +17,7 @@ of the output < ``tol``, no NaN); a row that fails is FAILED and not timed.
 Timing (GPU): back-to-back launches replayed from a CUDA graph (rarefy.bench.gpu_timing),
 rotating over copies of the cache (disjoint blocks of one cache tensor, one block table per
 copy) that together exceed 4x L2 so L2 never serves a repeat; the median of ``samples``
-replays. CPU: wall clock of back-to-back calls (rarefy.bench.kernels.cpu_time_us).
+replays. CPU: wall clock of back-to-back calls (rarefy.bench.cpu_timing.cpu_time_us).
 
 Bytes are what the kernel must read and write: K + V as stored, their float16 scales
 (quantized dtypes), the block tables, seq_lens, the query and the output. TB/s = bytes /
@@ -232,7 +232,7 @@ class _Runner:
 
     def time_us(self, launch, nbuf: int) -> tuple[float, str]:
         if not self.cuda:
-            from rarefy.bench.kernels import cpu_time_us
+            from rarefy.bench.cpu_timing import cpu_time_us
 
             return cpu_time_us(launch, nbuf, self.cfg.samples, 0.01), "wall clock"
         from rarefy.bench.gpu_timing import do_bench_us, graph_time_us
@@ -440,7 +440,7 @@ def run_bench(cfg: AttnBenchConfig, progress=None) -> dict:
 
         runner.copy_tbs = copy_bandwidth_tbs(runner.device, cfg.copy_bytes or 2**30)
     else:
-        from rarefy.bench.kernels import cpu_copy_bandwidth_tbs
+        from rarefy.bench.cpu_timing import cpu_copy_bandwidth_tbs
 
         runner.copy_tbs = cpu_copy_bandwidth_tbs(cfg.copy_bytes or 256 * 2**20)
     info["copy_tbs"] = runner.copy_tbs

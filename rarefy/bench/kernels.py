@@ -35,432 +35,72 @@ Bytes are what the kernel must move: the weight as stored (values + metadata: fo
 ``weight.nbytes`` of the sparse format; CSR values + indices; 2:4 packed values + metadata)
 + x + out. TB/s = bytes / time; "% copy" compares it with the device-to-device copy bandwidth
 (read + write) measured in the same run.
+
+This module holds the config and the runner (the check, the timing, the sweep); the rest
+lives in kernel_cases (shapes, patterns, the --shapes/--patterns/--batches parsers),
+kernel_methods (the methods above and how each is prepared), cpu_timing (CPU timing) and
+kernels_report (summary, table, markdown). Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import gc
 import math
 import os
 import platform
-import statistics
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from rarefy.errors import RarefyError
 
-# ------------------------------------------------------------------------------- shapes
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A weight matrix [N, K] (nn.Linear layout: N outputs, K inputs)."""
-
-    name: str
-    n: int
-    k: int
-
-    @property
-    def dims(self) -> str:
-        return f"{self.n}x{self.k}"
-
-
-LLAMA3_8B_SHAPES = (
-    Shape("llama3-8b q/o", 4096, 4096),
-    Shape("llama3-8b k/v", 1024, 4096),
-    Shape("llama3-8b gate/up", 14336, 4096),
-    Shape("llama3-8b down", 4096, 14336),
+from .cpu_timing import _cpu_cache_bytes, cpu_copy_bandwidth_tbs, cpu_time_us
+from .kernel_cases import (
+    DEFAULT_PATTERNS,
+    LLAMA3_8B_SHAPES,
+    QWEN35_27B_SHAPES,
+    SHAPE_SETS,
+    SMOLLM2_SHAPES,
+    SUMMARY_PREFIX,
+    BenchPattern,
+    Shape,
+    parse_batches,
+    parse_patterns,
+    parse_shapes,
 )
-QWEN35_27B_SHAPES = (  # hidden 5120, FFN 17408, q projection 6144
-    Shape("qwen3.5-27b 5120x5120", 5120, 5120),
-    Shape("qwen3.5-27b gate/up", 17408, 5120),
-    Shape("qwen3.5-27b down", 5120, 17408),
-    Shape("qwen3.5-27b q_proj", 6144, 5120),
+from .kernel_methods import (
+    Case,
+    Method,
+    Prepared,
+    Unavailable,
+    Unsupported,
+    _dt,
+    _tensor_bytes,
+    cpu_methods,
+    gpu_methods,
 )
-SMOLLM2_SHAPES = (  # the embedded SmolLM2-135M: hidden 576, MLP 1536, 3 KV heads of 64
-    Shape("smollm2 q/o", 576, 576),
-    Shape("smollm2 k/v", 192, 576),
-    Shape("smollm2 gate/up", 1536, 576),
-    Shape("smollm2 down", 576, 1536),
+from .kernels_report import (
+    SUMMARY_PATTERNS,
+    _stderr_progress,
+    format_markdown,
+    format_progress,
+    format_summary,
+    format_table,
+    summarize,
 )
-SHAPE_SETS = {"llama3-8b": LLAMA3_8B_SHAPES, "qwen3.5-27b": QWEN35_27B_SHAPES, "smollm2": SMOLLM2_SHAPES}
-SUMMARY_PREFIX = "llama3-8b"  # the summary's medians are over these shapes
 
-
-def parse_shapes(text: str) -> tuple[Shape, ...]:
-    """"llama3-8b,qwen3.5-27b" (set names), "4096x4096,64x96" (N x K) or a mix."""
-    out: list[Shape] = []
-    for item in (v.strip() for v in text.split(",")):
-        if not item:
-            continue
-        if item.lower() in SHAPE_SETS:
-            out.extend(SHAPE_SETS[item.lower()])
-            continue
-        try:
-            n_s, k_s = item.lower().split("x")
-            n, k = int(n_s), int(k_s)
-        except ValueError:
-            raise RarefyError(f"--shapes: '{item}' is neither NxK (e.g. 4096x4096) nor one of "
-                              f"{', '.join(SHAPE_SETS)}") from None
-        if n < 1 or k < 1:
-            raise RarefyError(f"--shapes: {item} has a non-positive side")
-        known = [s for group in SHAPE_SETS.values() for s in group if (s.n, s.k) == (n, k)]
-        out.append(known[0] if known else Shape(f"{n}x{k}", n, k))
-    if not out:
-        raise RarefyError("--shapes: give at least one shape")
-    seen, uniq = set(), []
-    for s in out:
-        if (s.n, s.k) not in seen:
-            seen.add((s.n, s.k))
-            uniq.append(s)
-    return tuple(uniq)
-
-
-# ----------------------------------------------------------------------------- patterns
-
-
-@dataclass(frozen=True)
-class BenchPattern:
-    """A sparsity pattern: unstructured at `sparsity`, n:m, or square blocks at `sparsity`."""
-
-    kind: str  # "unstructured" | "nm" | "block"
-    sparsity: float
-    n: int = 0
-    m: int = 0
-    block: int = 0
-
-    @property
-    def label(self) -> str:
-        if self.kind == "nm":
-            return f"{self.n}:{self.m}"
-        if self.kind == "block":
-            return f"block{self.block} {self.sparsity:.0%}"
-        return f"unstr {self.sparsity:.0%}"
-
-    @property
-    def spec(self) -> str:
-        """The --patterns text that gives this pattern."""
-        pct = f"{100 * self.sparsity:g}"
-        if self.kind == "nm":
-            return f"{self.n}:{self.m}"
-        if self.kind == "block":
-            return f"b{self.block}@{pct}"
-        return pct
-
-    @property
-    def format(self) -> str:
-        """The explicit rarefy format for this pattern."""
-        return {"unstructured": "bitmap", "nm": "nm", "block": "bsr"}[self.kind]
-
-    def unfit_reason(self, n: int, k: int) -> Optional[str]:
-        if self.kind == "nm" and k % self.m:
-            return f"K={k} is not a multiple of {self.m}"
-        if self.kind == "block" and (n % self.block or k % self.block):
-            return f"block {self.block} does not divide {n}x{k}"
-        return None
-
-    def keep_mask(self, score: torch.Tensor) -> torch.Tensor:
-        from rarefy.sparsity.masks import block_mask, nm_mask, unstructured_mask
-
-        if self.kind == "nm":
-            return nm_mask(score, self.n, self.m)
-        if self.kind == "block":
-            return block_mask(score, self.sparsity, self.block, self.block)
-        return unstructured_mask(score, self.sparsity)
-
-    def to_format(self, w: torch.Tensor):
-        from rarefy.formats.sparse_weight import BlockSparse, NMSparse, TiledBitmap
-
-        if self.kind == "nm":
-            return NMSparse.from_dense(w, self.n, self.m)
-        if self.kind == "block":
-            return BlockSparse.from_dense(w, self.block)
-        return TiledBitmap.from_dense(w)
-
-
-# Block patterns at both 50% and 75% of the blocks removed: 50% is the sparsity where the
-# unstructured/2:4 comparison is made, 75% is where block sparsity has a quality budget to
-# spend (whole blocks hurt more than single weights at the same count).
-DEFAULT_PATTERNS = "50,70,75,90,2:4,4:8,b16@50,b32@50,b64@50,b16@75,b32@75,b64@75"
-
-
-def parse_patterns(text: str) -> tuple[BenchPattern, ...]:
-    """"50,90" unstructured %, "2:4" n:m, "b16@50" blocks of 16x16 with 50% of blocks removed."""
-    out: list[BenchPattern] = []
-    for item in (v.strip().lower().rstrip("%") for v in text.split(",")):
-        if not item:
-            continue
-        try:
-            if ":" in item:
-                n_s, m_s = item.split(":")
-                n, m = int(n_s), int(m_s)
-                if not (0 < n < m) or 32 % m:
-                    raise RarefyError(f"--patterns: {item} needs 0 < n < m and m dividing 32")
-                out.append(BenchPattern("nm", 1 - n / m, n=n, m=m))
-            elif item.startswith("b"):
-                b_s, _, s_s = item.removeprefix("block").removeprefix("b").partition("@")
-                b, s = int(b_s), float(s_s or 50)
-                if b < 1:
-                    raise RarefyError(f"--patterns: block size must be positive in {item}")
-                out.append(BenchPattern("block", _pct(s, item), block=b))
-            else:
-                out.append(BenchPattern("unstructured", _pct(float(item.removeprefix("u")), item)))
-        except ValueError:
-            raise RarefyError(f"--patterns: cannot read '{item}' (expected e.g. 50, 2:4, b16@50)") from None
-    if not out:
-        raise RarefyError("--patterns: give at least one pattern")
-    return tuple(dict.fromkeys(out))
-
-
-def _pct(v: float, item: str) -> float:
-    if not 0 < v < 100:
-        raise RarefyError(f"--patterns: sparsity in '{item}' must be a percentage in (0, 100)")
-    return v / 100
-
-
-def parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        vals = sorted({int(v) for v in text.replace(" ", "").split(",") if v})
-    except ValueError:
-        raise RarefyError(f"--batches: expected comma-separated integers, got '{text}'") from None
-    if not vals or vals[0] < 1:
-        raise RarefyError(f"--batches: batches must be positive integers, got '{text}'")
-    return tuple(vals)
-
-
-# ------------------------------------------------------------------------------ methods
-
-
-class Unsupported(Exception):
-    """The method does not handle this case (dtype, device, shape)."""
-
-
-class Unavailable(Exception):
-    """The method's code is not there (module not written yet, extension did not build)."""
-
-
-@dataclass
-class Case:
-    """What a method gets: one shape, one pattern (None for the dense rows), its data."""
-
-    shape: Shape
-    pattern: Optional[BenchPattern]
-    w: torch.Tensor  # [N, K] dense in the bench dtype; pruned to `pattern` (zeros = pruned)
-    sw: Any  # the explicit SparseWeight of `pattern` (None for dense rows or if it failed)
-    x: torch.Tensor  # [max batch, K] in the bench dtype; batch M uses x[:M]
-    batches: tuple[int, ...]
-    device: torch.device
-    dtype: torch.dtype
-    density: float = 1.0  # share of nonzero weights in `w`
-
-
-@dataclass
-class Prepared:
-    """A method made ready for one case.
-
-    ``call(weight, x) -> y [M, N]`` runs it; ``copy(weight)`` makes an independent copy of
-    the weight operand (other memory) for rotation; ``weight_bytes`` is what one call reads
-    of it; ``x_dtype`` converts x before the call (fp32 methods). ``batch_notes`` may be
-    filled by ``call`` during the check (e.g. "x padded to 16 rows").
-    """
-
-    weight: Any
-    call: Callable[[Any, torch.Tensor], torch.Tensor]
-    weight_bytes: int
-    copy: Optional[Callable[[Any], Any]] = None
-    x_dtype: Optional[torch.dtype] = None
-    note: str = ""
-    info: dict = field(default_factory=dict)
-    batch_notes: dict = field(default_factory=dict)  # M -> extra note for that batch's row
-
-
-@dataclass
-class Method:
-    """`gate`: a row that misses the tolerance is FAILED and not timed (rarefy's kernels, and
-    anything injected). Baselines are not gated: they are timed anyway with the error in the
-    note (cuSPARSE's bf16 SpMM misses 1e-2 at some shapes); NaN fails every method."""
-
-    key: str
-    label: str
-    dense: bool  # timed once per shape on the unpruned weight (else per pattern)
-    prepare: Callable[[Case], Prepared]
-    applies: Callable[[Optional[BenchPattern]], bool] = lambda p: True
-    gate: bool = True
-
-
-def _clone_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.clone()
-
-
-def _clone_sparse_weight(sw):
-    return dataclasses.replace(sw, **{k: t.clone() for k, t in sw.tensors().items()})
-
-
-def _tensor_bytes(*ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts if t is not None)
-
-
-def _prep_dense(case: Case) -> Prepared:
-    return Prepared(case.w, lambda w, x: F.linear(x, w), _tensor_bytes(case.w), _clone_tensor)
-
-
-def _prep_dense_fp32(case: Case) -> Prepared:
-    w = case.w.float()
-    return Prepared(w, lambda w, x: F.linear(x, w), _tensor_bytes(w), _clone_tensor, x_dtype=torch.float32)
-
-
-def _prep_rarefy_dense(case: Case) -> Prepared:
-    if case.device.type == "cuda":
-        from rarefy.kernels.gemv import MAX_M, gemv, triton_available
-
-        if not triton_available():
-            raise Unavailable("Triton is not available")
-        big = [m for m in case.batches if m > MAX_M]
-        note = f"M>{MAX_M} falls back to F.linear" if big else ""
-        return Prepared(case.w, lambda w, x: gemv(x, w), _tensor_bytes(case.w), _clone_tensor, note=note)
-    from rarefy.kernels import gemv_cpu
-
-    if not gemv_cpu.available():
-        raise Unavailable(f"gemv_f16 extension unavailable: {gemv_cpu._state['error']}")
-    w16 = case.w.half()
-    return Prepared(w16, lambda w, x: gemv_cpu.gemv_f16(x, w), _tensor_bytes(w16), _clone_tensor,
-                    x_dtype=torch.float32, note="fp16 weights, fp32 x")
-
-
-def _csr(w: torch.Tensor) -> torch.Tensor:
-    """CSR of `w`; on CUDA with int32 indices (cuSPARSE takes them natively: fewer bytes than
-    torch's default int64). On the CPU torch's CSR matmul is slower with int32, so int64 stays."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta", invariant checks
-        c = w.to_sparse_csr()
-        if not w.is_cuda:
-            return c
-        return torch.sparse_csr_tensor(c.crow_indices().to(torch.int32), c.col_indices().to(torch.int32),
-                                       c.values(), c.shape)
-
-
-def _csr_bytes(c: torch.Tensor) -> int:
-    return _tensor_bytes(c.values(), c.col_indices(), c.crow_indices())
-
-
-def _csr_call(c, x):
-    # W_csr @ x.T; the transposed copy of x is part of the call (on an H100 it is 1.3-1.4x
-    # faster at M = 8 than handing cuSPARSE the strided x.t()).
-    return torch.sparse.mm(c, x.t().contiguous()).t()
-
-
-def _prep_csr(case: Case, dtype: Optional[torch.dtype] = None) -> Prepared:
-    w = case.w if dtype is None else case.w.to(dtype)
-    c = _csr(w)
-    return Prepared(c, _csr_call, _csr_bytes(c), _clone_tensor, x_dtype=dtype,
-                    note=f"{str(c.col_indices().dtype).removeprefix('torch.')} indices")
-
-
-def _prep_semi24(case: Case) -> Prepared:
-    if case.device.type != "cuda":
-        raise Unsupported("CUDA only")
-    try:
-        from torch.sparse import to_sparse_semi_structured
-    except ImportError as e:
-        raise Unavailable(f"torch.sparse.to_sparse_semi_structured missing ({e})") from None
-    sw = to_sparse_semi_structured(case.w)
-    backend = getattr(sw, "BACKEND", type(sw).__name__)
-    try:
-        min_rows = sw._DTYPE_SHAPE_CONSTRAINTS[case.dtype].dense_min_rows
-    except Exception:
-        min_rows = 1
-    pad_rows: dict[int, int] = {}  # M -> padded M, set when torch refuses the unpadded x
-
-    # torch pads x to a multiple of dense_min_rows itself (inside the timed call); where an
-    # older torch refuses instead, the call pads x here (also timed) and says so.
-    batch_notes = {m: f"torch pads x to {-(-m // min_rows) * min_rows} rows" for m in case.batches if m % min_rows}
-
-    def call(b, x):
-        m = x.shape[0]
-        if m in pad_rows:
-            return F.linear(F.pad(x, (0, 0, 0, pad_rows[m] - m)), b)[:m]
-        try:
-            return F.linear(x, b)
-        except (RuntimeError, ValueError, NotImplementedError):
-            if torch.cuda.is_current_stream_capturing():
-                raise
-            pad_rows[m] = -(-m // max(min_rows, 8)) * max(min_rows, 8)
-            batch_notes[m] = f"x padded to {pad_rows[m]} rows (torch refused {m})"
-            return F.linear(F.pad(x, (0, 0, 0, pad_rows[m] - m)), b)[:m]
-
-    prep = Prepared(sw, call, _tensor_bytes(sw.packed, sw.meta), lambda _: to_sparse_semi_structured(case.w),
-                    note=backend, info={"backend": backend, "dense_min_rows": min_rows}, batch_notes=batch_notes)
-    return prep
-
-
-def _prep_sparse_matmul(case: Case) -> Prepared:
-    try:
-        from rarefy.kernels.sparse_matmul import sparse_matmul
-    except ImportError as e:
-        raise Unavailable(f"rarefy.kernels.sparse_matmul not importable yet ({e})") from None
-    if case.sw is None:
-        raise Unsupported(f"no {case.pattern.format} format for this weight")
-    return Prepared(case.sw, lambda sw, x: sparse_matmul(x, sw), case.sw.nbytes, _clone_sparse_weight,
-                    note=case.pattern.format, info={"format": case.pattern.format})
-
-
-def _prep_compiled(case: Case) -> Prepared:
-    try:
-        from rarefy.sparse_compiler import compile_matrix
-    except ImportError as e:
-        raise Unavailable(f"rarefy.sparse_compiler not importable yet ({e})") from None
-    t0 = time.perf_counter()
-    cm = compile_matrix(case.w, batch_sizes=tuple(case.batches), cache_dir=None, autotune=True,
-                        name=f"{case.shape.name} {case.pattern.label}")
-    if case.device.type == "cuda":
-        torch.cuda.synchronize(case.device)
-    compile_s = time.perf_counter() - t0
-    fmt = getattr(getattr(cm, "plan", None), "format", "?")
-    weight = getattr(cm, "weight", None)
-    nbytes = int(getattr(weight, "nbytes", 0) or 0)
-    report = getattr(cm, "report", None)
-    return Prepared(cm, lambda cm, x: cm(x), nbytes, copy.deepcopy, note=f"{fmt}, compiled in {compile_s:.1f} s",
-                    info={"format": fmt, "compile_s": compile_s, "report": report})
-
-
-def gpu_methods() -> list[Method]:
-    return [
-        Method("dense", "cuBLAS dense", True, _prep_dense, gate=False),
-        Method("rarefy_dense", "rarefy dense (Triton gemv)", True, _prep_rarefy_dense),
-        Method("csr", "torch CSR (cuSPARSE)", False, _prep_csr, gate=False),
-        Method("semi24", "torch 2:4 semi-structured", False, _prep_semi24,
-               lambda p: p is not None and p.kind == "nm" and (p.n, p.m) == (2, 4), gate=False),
-        Method("sparse_matmul", "rarefy sparse_matmul", False, _prep_sparse_matmul),
-        Method("rarefy", "rarefy compile_matrix", False, _prep_compiled),
-    ]
-
-
-def cpu_methods(dtype: torch.dtype) -> list[Method]:
-    out = [Method("dense", f"torch dense {_dt(dtype)}", True, _prep_dense, gate=False)]
-    if dtype != torch.float32:
-        out.append(Method("dense_fp32", "torch dense fp32", True, _prep_dense_fp32, gate=False))
-    out.append(Method("rarefy_dense", "rarefy dense (gemv_f16)", True, _prep_rarefy_dense))
-    out.append(Method("csr", f"torch CSR {_dt(dtype)}", False, _prep_csr, gate=False))
-    if dtype != torch.float32:
-        out.append(Method("csr_fp32", "torch CSR fp32", False, lambda c: _prep_csr(c, torch.float32), gate=False))
-    out += [Method("sparse_matmul", "rarefy sparse_matmul", False, _prep_sparse_matmul),
-            Method("rarefy", "rarefy compile_matrix", False, _prep_compiled)]
-    return out
-
-
-def _dt(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
-
+# the public names used through `rarefy.bench.kernels` (with those defined here)
+__all__ = [
+    "DEFAULT_PATTERNS", "DTYPES", "LLAMA3_8B_SHAPES", "QWEN35_27B_SHAPES", "SHAPE_SETS", "SMOLLM2_SHAPES",
+    "SUMMARY_PATTERNS", "SUMMARY_PREFIX", "BenchConfig", "BenchPattern", "Case", "Method", "Prepared", "Shape",
+    "Unavailable", "Unsupported", "_stderr_progress", "cpu_copy_bandwidth_tbs", "cpu_methods", "cpu_time_us",
+    "default_config", "device_info", "format_markdown", "format_progress", "format_summary", "format_table",
+    "gpu_methods", "parse_batches", "parse_patterns", "parse_shapes", "run_bench", "summarize",
+]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -507,51 +147,6 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, bool]:
     d = y.double()
     err = ((d - ref).norm() / ref.norm().clamp_min(1e-300)).item()
     return (err if math.isfinite(err) else math.inf), nan
-
-
-def _cpu_cache_bytes() -> int:
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            v = f.read().strip().upper()
-        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(v[-1], 1)
-        return int(v.rstrip("KMG")) * mult
-    except (OSError, ValueError):
-        return 32 * 2**20
-
-
-def cpu_time_us(launch, nbuf: int, samples: int = 5, sample_s: float = 0.01) -> float:
-    """Median µs per call of back-to-back ``launch(i)`` calls cycling over `nbuf` copies.
-
-    Each timed burst lasts about `sample_s`; the copy index keeps cycling across bursts, so a
-    copy is not touched again until all the others have been.
-    """
-    warm = min(nbuf, 8)
-    t0 = time.perf_counter()
-    for i in range(warm):
-        launch(i)
-    per = (time.perf_counter() - t0) / warm
-    calls = max(1, math.ceil(sample_s / max(per, 1e-7)))
-    times, j = [], warm
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            launch(j % nbuf)
-            j += 1
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(times)
-
-
-def cpu_copy_bandwidth_tbs(nbytes: int = 256 * 2**20, samples: int = 5) -> float:
-    """memcpy bandwidth in TB/s, counting read + write."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times) / 1e12
 
 
 class _Runner:
@@ -939,174 +534,3 @@ def run_bench(cfg: BenchConfig, progress=None, extra_methods: Optional[list[Meth
                   max_seconds=cfg.max_seconds, command=cfg.command)
     return {"info": info, "config": config, "rows": runner.rows,
             "summary": summarize(runner.rows, cfg), "notes": runner.notes, "case_seconds": runner.case_seconds}
-
-
-# ------------------------------------------------------------------------------ summary
-
-SUMMARY_PATTERNS = ("50", "75", "90", "2:4")
-
-
-def summarize(rows: list[dict], cfg: BenchConfig) -> dict:
-    """The issue's figures: medians over the Llama-3-8B shapes of the speed-up at batch 1
-    (50/75/90% unstructured, 2:4) and of batch-8 speed-up / batch-1 speed-up, per method."""
-    ok = [r for r in rows if r["status"] == "ok" and r["pattern_kind"] != "dense"]
-    shapes = sorted({(r["n"], r["k"]) for r in ok if r["shape"].startswith(SUMMARY_PREFIX)})
-    scope = f"the {len(shapes)} {SUMMARY_PREFIX} shapes"
-    if not shapes:
-        shapes = sorted({(r["n"], r["k"]) for r in ok})
-        scope = f"all {len(shapes)} benchmarked shapes (no {SUMMARY_PREFIX} shapes in this run)"
-    methods = list(dict.fromkeys(r["method"] for r in ok))
-    labels = {r["method"]: r["label"] for r in ok}
-    entries = []
-    for key in methods:
-        for spec in SUMMARY_PATTERNS:
-            sel = {(r["n"], r["k"], r["batch"]): r for r in ok if r["method"] == key and r["pattern_spec"] == spec
-                   and (r["n"], r["k"]) in shapes}
-            if not sel:
-                continue
-            e = {"method": key, "label": labels[key], "pattern": spec, "shapes": 0}
-            for col in ("speedup_vs_dense", "speedup_vs_rarefy_dense"):
-                s1 = {s: sel[s + (1,)][col] for s in shapes if s + (1,) in sel and sel[s + (1,)][col]}
-                s8 = {s: sel[s + (8,)][col] for s in shapes if s + (8,) in sel and sel[s + (8,)][col]}
-                ratio = [s8[s] / s1[s] for s in s1 if s in s8]
-                suffix = "" if col == "speedup_vs_dense" else "_vs_rarefy_dense"
-                e["batch1" + suffix] = statistics.median(s1.values()) if s1 else None
-                e["batch8" + suffix] = statistics.median(s8.values()) if s8 else None
-                e["batch8_over_batch1" + suffix] = statistics.median(ratio) if ratio else None
-                if col == "speedup_vs_dense":
-                    e["shapes"] = len(s1)
-            entries.append(e)
-    return {"scope": scope, "dtype": _dt(cfg.dtype), "shapes": [f"{n}x{k}" for n, k in shapes],
-            "entries": entries}
-
-
-# ----------------------------------------------------------------------------- printing
-
-_COLS = ("shape", "N x K", "pattern", "M", "method", "µs", "MB", "TB/s", "% copy", "vs dense", "vs r-dense",
-         "status / note")
-
-
-def _f(v, fmt: str, none: str = "-") -> str:
-    return none if v is None else format(v, fmt)
-
-
-def _cells(r: dict, batches: str) -> list[str]:
-    note = r["status"] if r["status"] != "ok" else ""
-    if r["note"]:
-        note = f"{note}: {r['note']}" if note else r["note"]
-    if r["status"] == "ok" and r.get("timing") and r["timing"] != "cuda graph" and r["timing"] != "wall clock":
-        note = f"{note}; {r['timing']}" if note else r["timing"]
-    return [r["shape"], f"{r['n']}x{r['k']}", r["pattern"], batches, r["label"], _f(r["us"], ".1f"),
-            _f(r["mb"], ".2f"), _f(r["tbs"], ".3f" if (r["tbs"] or 1) < 0.1 else ".2f"),
-            _f(r["frac_copy_bw"] and 100 * r["frac_copy_bw"], ".0f"),
-            _f(r["speedup_vs_dense"], ".2f") + ("x" if r["speedup_vs_dense"] else ""),
-            _f(r["speedup_vs_rarefy_dense"], ".2f") + ("x" if r["speedup_vs_rarefy_dense"] else ""), note]
-
-
-def _collapsed(rows: list[dict]) -> list[list[str]]:
-    """Table cells; consecutive non-ok rows of one (shape, pattern, method) with the same note
-    become one line listing their batches."""
-    out, i = [], 0
-    while i < len(rows):
-        r, j = rows[i], i + 1
-        if r["status"] != "ok":
-            while (j < len(rows) and rows[j]["status"] == r["status"] and rows[j]["note"] == r["note"]
-                   and all(rows[j][c] == r[c] for c in ("shape", "n", "k", "pattern", "method"))):
-                j += 1
-        out.append(_cells(r, ",".join(str(x["batch"]) for x in rows[i:j])))
-        i = j
-    return out
-
-
-def format_table(result: dict) -> str:
-    info, cuda = result["info"], result["config"]["device"] == "cuda"
-    cols = list(_COLS)
-    cols[9], cols[10] = ("vs cuBLAS", "vs Triton") if cuda else ("vs F.linear", "vs gemv_f16")
-    cells = _collapsed(result["rows"])
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols[:-1])]
-    right = {3, 5, 6, 7, 8, 9, 10}
-
-    def line(vals):
-        return "  ".join((v.rjust(w) if i in right else v.ljust(w)) for i, (v, w) in enumerate(zip(vals, widths))) \
-            + "  " + vals[-1]
-
-    out = [f"rarefy bench kernels: {info['device']}, {info['dtype']}, torch {info['torch']}"
-           + (f", triton {info['triton']}" if info.get("triton") else "")
-           + f"; copy bandwidth {info['copy_tbs']:.2f} TB/s (read + write); {info['seconds']:.0f} s",
-           f"dense reference: {info['dense_reference']}; second reference: {info['rarefy_dense_reference']}",
-           "", line(cols), line(["-" * w for w in widths] + ["-" * 13])]
-    prev = None
-    for row in cells:
-        if prev is not None and row[0] != prev:
-            out.append("")
-        prev = row[0]
-        out.append(line(row).rstrip())
-    out += ["", *format_summary(result)]
-    if result["notes"]:
-        out += ["", "notes:"] + [f"  {k}: {v}" for k, v in result["notes"].items()]
-    return "\n".join(out)
-
-
-def format_summary(result: dict) -> list[str]:
-    s, cuda = result["summary"], result["config"]["device"] == "cuda"
-    ref, ref2 = ("cuBLAS", "Triton gemv") if cuda else ("F.linear", "gemv_f16")
-    out = [f"Summary: median over {s['scope']}, {s['dtype']}; speed-up vs {ref} dense (vs rarefy's {ref2} "
-           "in brackets); b8/b1 = median over shapes of (batch-8 speed-up / batch-1 speed-up)"]
-    if not s["entries"]:
-        return out + ["  (no timed sparse rows at the summary patterns " + ", ".join(SUMMARY_PATTERNS) + ")"]
-    w = max(len(e["label"]) for e in s["entries"])
-    out.append(f"  {'method':<{w}}  {'pattern':<9}{'shapes':>7}  {'batch 1':>17}  {'batch 8':>17}  {'b8/b1':>12}")
-    for e in s["entries"]:
-        pat = e["pattern"] if ":" in e["pattern"] else f"unstr {e['pattern']}%"
-
-        def pair(a, b, unit="x"):
-            return f"{_f(a, '.2f')}{unit if a is not None else ''} ({_f(b, '.2f')}{unit if b is not None else ''})"
-
-        out.append(f"  {e['label']:<{w}}  {pat:<9}{e['shapes']:>7}  "
-                   f"{pair(e['batch1'], e['batch1_vs_rarefy_dense']):>17}  "
-                   f"{pair(e['batch8'], e['batch8_vs_rarefy_dense']):>17}  "
-                   f"{pair(e['batch8_over_batch1'], e['batch8_over_batch1_vs_rarefy_dense'], ''):>12}")
-    return out
-
-
-def format_markdown(result: dict) -> str:
-    info, cfg, cuda = result["info"], result["config"], result["config"]["device"] == "cuda"
-    ref, ref2 = ("cuBLAS", "rarefy Triton") if cuda else ("F.linear", "rarefy gemv_f16")
-    timing = ("CUDA-graph replay of back-to-back launches, rotating over weight copies totalling >= 4x L2 "
-              f"({info['cache_bytes'] / 2**20:.0f} MiB), median of {cfg['samples']} replays; do_bench (clean L2) "
-              "where a launch cannot be captured" if cuda else
-              "wall clock of back-to-back calls rotating over weight copies (>= 2x the last-level cache, at most "
-              f"256 copies), median of {cfg['samples']} bursts")
-    out = ["# rarefy bench kernels", "",
-           f"- date: {info['date']}",
-           f"- device: {info['device']}" + (f" ({info.get('sms')} SMs, CUDA {info.get('cuda')})" if cuda else ""),
-           f"- torch {info['torch']}, triton {info.get('triton') or 'n/a'}, python {info['python']}",
-           f"- copy bandwidth: {info['copy_tbs']:.2f} TB/s (device-to-device copy, read + write)",
-           f"- dtype: {info['dtype']}; weights: random normal, magnitude-pruned to the pattern",
-           f"- patterns: {', '.join(cfg['patterns'])} (`b16@50`: 16x16 blocks, 50% of blocks removed)",
-           f"- batches: {', '.join(map(str, cfg['batches']))}; run took {info['seconds']:.0f} s",
-           f"- timing: {timing}",
-           "- bytes: the weight as stored (values + metadata; rarefy: the sparse format's `nbytes`) + x + out; "
-           f"% copy = achieved TB/s / copy bandwidth; speed-ups: {ref} dense time / time, {ref2} dense time / time",
-           "- every row is checked first against a float64 reference (rel err < "
-           f"{cfg['tol']:g}, no NaN); FAILED rows are not timed",
-           f"- command: `{cfg['command'] or 'run_bench(...)'}`", "",
-           "## Summary", "", "```", *format_summary(result), "```", ""]
-    if result["notes"]:
-        out += ["## Notes", ""] + [f"- {k}: {v}" for k, v in result["notes"].items()] + [""]
-    cols = list(_COLS)
-    cols[9], cols[10] = f"vs {ref}", f"vs {ref2}"
-    out += ["## All rows", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in _collapsed(result["rows"]):
-        out.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
-    return "\n".join(out) + "\n"
-
-
-def format_progress(r: dict) -> str:
-    return (f"[bench] {r['shape']} {r['n']}x{r['k']} {r['pattern']} M={r['batch']} {r['label']}: "
-            + (f"{r['us']:.1f} us, {r['tbs']:.2f} TB/s, x{_f(r['speedup_vs_dense'], '.2f')} vs dense"
-               if r["status"] == "ok" else f"{r['status']} {r['note']}"))
-
-
-def _stderr_progress(r: dict) -> None:
-    print(format_progress(r), file=sys.stderr, flush=True)
