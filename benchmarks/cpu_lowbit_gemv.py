@@ -353,7 +353,7 @@ def run_e2e(a) -> list[str]:
           f" count): GGUF blocks through gguf_gemv_cpu {p_k:.4f} ({100 * (p_k / p_d - 1):+.3f}%; target: within 0.1%),"
           f" with int8 activations (llama.cpp's scheme) {p_8:.4f} ({100 * (p_8 / p_d - 1):+.3f}%),"
           f" dequantized fp32 {p_d:.4f}."
-          + "".join(f" {k.split(',')[0].replace('rarefy ', '')}: {ppl[k]:.2f} ({ppl[k] / p_d:.1f}x fp32's)"
+          + "".join(f" {k.split(',')[0].replace('rarefy ', '')}: {ppl[k]:.2f} ({ppl[k] / p_d:.3g}x fp32's)"
                     for k in lowbit)
           + ("; the low-bit rows' perplexity is computed with the same packed weights in \"cache\" mode"
              " (fp32 products). Post-training ternary quantization of a model not trained for it destroys"
