@@ -15,6 +15,11 @@ opens the checkpoint, whose quantization_config it would refuse):
     from rarefy.lowbit.composed import load_sparse_int8, sparse_int8_plan
     if sparse_int8_plan(path) is not None:
         return load_sparse_int8(path, dev, dtype, with_tokenizer=with_tokenizer, progress=progress)
+
+placed after `path` is resolved (the embedded model's default) and before `lowbit_plan(path)`.
+
+Ternary + activation sparsity: ``use_ternary_activation_sparsity`` (rarefy/layers/
+ternary_activation_sparse.py) and the transposed layout T1 below.
 """
 
 from __future__ import annotations

@@ -31,11 +31,10 @@ def run(*args):
 def hooked(monkeypatch):
     orig = loader.load_model
 
-    def load_model(path=None, device="cpu", dtype="auto", with_tokenizer=True, progress=False, sparse="off"):
+    def load_model(path=None, device="cpu", dtype="auto", with_tokenizer=True, progress=False, **kw):
         if path is not None and sparse_int8_plan(path) is not None:
             return load_sparse_int8(path, device, dtype, with_tokenizer=with_tokenizer, progress=progress)
-        return orig(path, device=device, dtype=dtype, with_tokenizer=with_tokenizer, progress=progress,
-                    sparse=sparse)
+        return orig(path, device=device, dtype=dtype, with_tokenizer=with_tokenizer, progress=progress, **kw)
 
     monkeypatch.setattr(loader, "load_model", load_model)
 
