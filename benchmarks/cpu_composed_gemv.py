@@ -227,8 +227,9 @@ def run_gpu(a) -> list[str]:
     from rarefy.lowbit.composed import pack_ternary_t
     from rarefy.lowbit.ternary import pack_ternary
 
-    dev = torch.device("cuda")
-    l2 = 50e6 * 2  # rotate over > 2x an H100's / H200's L2
+    dev = torch.device(a.gpu_device)
+    l2 = 50e6 * 2 if dev.type == "cuda" else 1e5  # rotate over > 2x an H100's / H200's L2
+    shapes = LLAMA3_8B if not a.gpu_dry_run else [(40, 96, "dry-run")]
 
     def timed(fn, ws):
         i = [0]
@@ -236,6 +237,10 @@ def run_gpu(a) -> list[str]:
         def call():
             fn(ws[i[0] % len(ws)])
             i[0] += 1
+        if dev.type != "cuda":  # --gpu-dry-run under TRITON_INTERPRET=1: checks the code path only
+            t0 = time.perf_counter()
+            call()
+            return (time.perf_counter() - t0) * 1e6
         return triton.testing.do_bench(call, warmup=50, rep=200, return_mode="median") * 1e3  # µs
 
     def copies(nbytes):
@@ -247,10 +252,13 @@ def run_gpu(a) -> list[str]:
     tern_cfgs = [None] + ([TernarySparseConfig(block_n=bn, block_k=bk, split_k=sk, num_warps=w)
                            for bn in (128, 256, 512) for bk in (16, 32, 64) for sk in (1, 4, 8, 16) for w in (4, 8)]
                           if a.sweep else [])
+    if a.gpu_dry_run:
+        bitmap_cfgs = bitmap_cfgs[:2] + [BitmapConfig(block_n=2, block_k=32, flat=True)]
+        tern_cfgs = tern_cfgs[:2] + [TernarySparseConfig(block_n=16, block_k=16, split_k=3)]
     lines = ["| shape | variant | density | µs (default) | µs (best) | best config | speed-up vs cuBLAS bf16 |",
              "|---|---|---|---|---|---|---|"]
     g = torch.Generator().manual_seed(a.seed)
-    for n, k, what in LLAMA3_8B:
+    for n, k, what in shapes:
         x = torch.randn(1, k, generator=g).to(dev, torch.bfloat16)
         w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dev, torch.bfloat16)
         ws = [w.clone() for _ in range(copies(w.numel() * 2))]
@@ -308,7 +316,8 @@ def run_gpu(a) -> list[str]:
         for label, dens, t0, tb, cfg in rows:
             lines.append(f"| {what} {n}x{k} | {label} | {dens} | {t0:.1f} | {tb:.1f} | {cfg} | {t_cublas / tb:.2f}x |")
         print("\n".join(lines[-len(rows):]), flush=True)
-    return [f"GPU: {torch.cuda.get_device_name()}, batch 1, bf16 activations.\n"] + lines + [""]
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "dry run (no GPU)"
+    return [f"GPU: {name}, batch 1, bf16 activations.\n"] + lines + [""]
 
 
 def run_quality(a) -> list[str]:
@@ -360,6 +369,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["sparse-int8", "ternary-act", "quality", "gpu"], required=True)
     ap.add_argument("--sweep", action="store_true", help="gpu: sweep launch configs (default: defaults only)")
+    ap.add_argument("--gpu-device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--gpu-dry-run", action="store_true", help=argparse.SUPPRESS)  # tiny shape, any device
     ap.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")], default=[2])
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--min-mb", type=float, default=300.0, help="weight copies per variant exceed this (MB)")
