@@ -48,6 +48,18 @@ def _ld_b32(addr):
 
 
 @triton.jit
+def _row_streams(row_ptr, N, BLOCK_N: tl.constexpr):
+    """This program's rows, their validity, entry start and length, and the longest length."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    # rows start and end on multiples of ROW_ALIGN (16): tell the compiler, so the value and
+    # gap loads become 16-byte vector loads even under the row-length mask
+    start = tl.multiple_of(tl.load(row_ptr + rows, mask=row_ok, other=0), 16)
+    length = tl.multiple_of(tl.load(row_ptr + rows + 1, mask=row_ok, other=0) - start, 16)
+    return rows, row_ok, start, length, tl.max(length, axis=0)
+
+
+@triton.jit
 def _chunk_columns(g):
     """Gap words [A, B] (8 nibbles, entry 0 lowest) -> the column offsets [A, B, 8] of the
     chunk's entries from the column before it (prefix sums of gap + 1), and their total [A, B].
@@ -93,13 +105,8 @@ def _delta_chunk_kernel(
     of gaps), each chunk meant to live in one thread, so the prefix sum of its gaps is a
     chain of in-register adds. Only the chunk totals are scanned across threads, once per
     8 entries instead of once per entry as in _delta_kernel."""
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    start = tl.multiple_of(tl.load(row_ptr + rows, mask=row_ok, other=0), 16)
-    length = tl.multiple_of(tl.load(row_ptr + rows + 1, mask=row_ok, other=0) - start, 16)
-    longest = tl.max(length, axis=0)
+    rows, row_ok, start, length, longest = _row_streams(row_ptr, N, BLOCK_N)
     c = tl.arange(0, CHUNKS)
     e = tl.arange(0, 8)
     gp = gap_ptr.to(tl.pointer_type(tl.int32))
@@ -141,15 +148,8 @@ def _delta_kernel(
     M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    # rows start and end on multiples of ROW_ALIGN (16): tell the compiler, so the value and
-    # gap loads become 16-byte vector loads even under the row-length mask
-    start = tl.multiple_of(tl.load(row_ptr + rows, mask=row_ok, other=0), 16)
-    length = tl.multiple_of(tl.load(row_ptr + rows + 1, mask=row_ok, other=0) - start, 16)
-    longest = tl.max(length, axis=0)
+    rows, row_ok, start, length, longest = _row_streams(row_ptr, N, BLOCK_N)
     i = tl.arange(0, BLOCK_V)
     h = tl.arange(0, BLOCK_V // 2)
     col_base = tl.full([BLOCK_N], -1, tl.int32)
