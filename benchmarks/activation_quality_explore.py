@@ -43,6 +43,7 @@ ap.add_argument("--rot-windows", type=int, default=8)
 ap.add_argument("--tag", default="")
 ap.add_argument("--json-dir", default="/tmp")
 ap.add_argument("--refine", type=int, default=0)
+ap.add_argument("--match", type=int, default=0, help="--global-match rounds")
 ap.add_argument("--rblock", type=int, default=0)
 ap.add_argument("--fdiag", type=int, default=0, help="windows for Fisher-diagonal channel scales (criterion)")
 ap.add_argument("--ffloor", type=float, default=1e-3)
@@ -103,7 +104,7 @@ if a.fdiag:
     print(f"fisher diag scales {time.time()-t0:.0f}s", flush=True)
 data = collect_statistics(model, calib, seq_len=512, samples=16, keep_windows=2, criteria=(a.criterion,))
 th = calibrate_from_statistics(model, data, levels, "threshold", criterion=a.criterion, allocation=a.alloc,
-                               global_windows=1, global_tokens=512)
+                               global_windows=1, global_tokens=512, global_match=a.match)
 print(f"calibrated {time.time()-t0:.0f}s", flush=True)
 sites = input_sites(model)
 res = []

@@ -249,16 +249,21 @@ def allocate(curves: dict[str, list[float]], grid, weights: dict[str, int], targ
     raise RarefyError(f"global allocation could not reach sparsity {target} (the grid ends at {grid[-1]})")
 
 
-@torch.no_grad()
-def measured_sparsity_of(model, data, mode: str, stats, scales, alloc: dict[str, float], windows: int = 2,
-                         tokens: int | None = None) -> float:
-    """Fraction of decoder weight reads skipped (inputs weighted by the weights they gate) when
-    every input is sparsified by `alloc`'s parameter, on the kept calibration windows: the
-    sparsity reached with upstream inputs already sparsified, which differs from the
-    allocation's nominal average (thresholds come from dense statistics)."""
-    from rarefy.sparsity.activation import input_weights, measured_sparsity
+#: calibration windows the measured sparsity of --global-match runs on
+MATCH_WINDOWS = 8
 
-    sites, layers, n_win, n = _setup(model, data, windows, tokens)
+
+@torch.no_grad()
+def measured_sparsity_of(model, data, mode: str, stats, scales, alloc: dict[str, float],
+                         windows: int = MATCH_WINDOWS, tokens: int | None = None) -> float:
+    """Fraction of decoder weight reads skipped (inputs weighted by the weights they gate) when
+    every input is sparsified by `alloc`'s parameter, on `windows` calibration windows (the
+    windows' tokens through the whole model when the data holds them, else the kept layer
+    inputs): the sparsity reached with upstream inputs already sparsified, which differs from
+    the allocation's nominal average (thresholds come from dense statistics)."""
+    from rarefy.sparsity.activation import input_sites, input_weights, measured_sparsity
+
+    sites = input_sites(model)
     counts = {name: [0, 0] for name in sites}
 
     def hook(name, p, sc):
@@ -273,8 +278,14 @@ def measured_sparsity_of(model, data, mode: str, stats, scales, alloc: dict[str,
                                                         None if scales is None else scales[name]))
                for name, site in sites.items()]
     try:
-        for w in range(n_win):
-            _tail(layers, 0, data.layer_inputs[0][w][:, :n], tuple(r[:, :n] for r in data.rope[w]))
+        if data.windows:
+            device = next(model.parameters()).device
+            for w in data.windows[:windows]:
+                model(torch.tensor([w], device=device))
+        else:
+            _, layers, n_win, n = _setup(model, data, windows, tokens)
+            for w in range(n_win):
+                _tail(layers, 0, data.layer_inputs[0][w][:, :n], tuple(r[:, :n] for r in data.rope[w]))
     finally:
         for h in handles:
             h.remove()
@@ -282,7 +293,7 @@ def measured_sparsity_of(model, data, mode: str, stats, scales, alloc: dict[str,
 
 
 def match_sparsity(model, data, mode, stats, scales, curves, grid, weights, target: float, rounds: int,
-                   windows: int = 2, tokens: int | None = None):
+                   windows: int = MATCH_WINDOWS, tokens: int | None = None):
     """Allocation whose *measured* sparsity on the calibration windows is `target`: the
     nominal average is moved by the miss, `rounds` times (the measured sparsity follows the
     nominal one with slope close to 1). Returns (allocation, log of (nominal, measured))."""
@@ -329,7 +340,7 @@ def global_allocation(model, data, sparsities, mode: str, stats, scales, grid=DE
         for k, t in enumerate(sparsities):
             if t > 0:
                 alloc[k], matched[_key(t)] = match_sparsity(model, data, mode, stats, scales, curves, grid, weights,
-                                                           float(t), match, tokens=tokens)
+                                                           float(t), match)
     report = {"grid": grid, "method": method, "refine": refine, "samples": samples, "match": matched,
               "windows": min(windows, len(data.layer_inputs[0])),
               "tokens": min(tokens or data.seq_len, data.layer_inputs[0][0].shape[1]),
