@@ -57,6 +57,33 @@ def store_tile(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_om, p
 
 
 @triton.jit
+def first_words(w_ptrs, u0, u_end, PREFETCH: tl.constexpr, EVEN: tl.constexpr):
+    """The packed words of the first step when prefetching (else a placeholder)."""
+    if PREFETCH:
+        if EVEN:
+            return tl.load(w_ptrs)
+        return tl.load(w_ptrs, mask=u0 < u_end, other=0)
+    return tl.zeros(w_ptrs.shape, dtype=tl.int32)
+
+
+@triton.jit
+def step_words(w_ptrs, w_nxt, it, n_iter, u, u_end, PREFETCH: tl.constexpr, EVEN: tl.constexpr,
+               BLOCK_U: tl.constexpr):
+    """(this step's packed words, the next step's). With PREFETCH the next step's loads go out
+    before this step's math (register double buffering; the last step re-reads its own
+    words instead of masking)."""
+    if PREFETCH:
+        if EVEN:
+            nxt = tl.load(w_ptrs + tl.where(it + 1 < n_iter, BLOCK_U, 0))
+        else:
+            nxt = tl.load(w_ptrs + BLOCK_U, mask=(u + BLOCK_U) < u_end, other=0)
+        return w_nxt, nxt
+    if EVEN:
+        return tl.load(w_ptrs), w_nxt
+    return tl.load(w_ptrs, mask=u < u_end, other=0), w_nxt
+
+
+@triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """With programmatic dependent launch: wait here for the previous kernel in the stream
     (everything before this point may only read data no earlier kernel writes: weights,

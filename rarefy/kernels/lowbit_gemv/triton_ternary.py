@@ -54,8 +54,10 @@ from .plan import TernaryConfig, cdiv, next_pow2, pick_ternary_config, ternary_w
 from .triton_common import (
     GemvWorkspace,
     device_sms,
+    first_words,
     pdl_launch_dependents,
     pdl_wait,
+    step_words,
     store_tile,
     workspace_for,
 )
@@ -104,29 +106,13 @@ def _ternary_fma_kernel(
     else:
         xacc = tl.zeros([1, BLOCK_U], dtype=tl.float32)
 
-    if PREFETCH:
-        if EVEN:
-            w_nxt = tl.load(w_ptrs)
-        else:
-            w_nxt = tl.load(w_ptrs, mask=(u_start + offs_u) < u_end, other=0)
+    w_nxt = first_words(w_ptrs, u_start + offs_u, u_end, PREFETCH, EVEN)
     # weights and scales are constants: only the activations wait for the previous kernel
     pdl_wait(PDL)
 
     for it in range(n_iter):
         u = u_start + it * BLOCK_U + offs_u
-        if PREFETCH:
-            # register double buffering: issue the next step's loads before this step's
-            # math (the last step re-reads its own words instead of masking)
-            w = w_nxt
-            if EVEN:
-                w_nxt = tl.load(w_ptrs + tl.where(it + 1 < n_iter, BLOCK_U, 0))
-            else:
-                w_nxt = tl.load(w_ptrs + BLOCK_U, mask=(u + BLOCK_U) < u_end, other=0)
-        else:
-            if EVEN:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=u < u_end, other=0)
+        w, w_nxt = step_words(w_ptrs, w_nxt, it, n_iter, u, u_end, PREFETCH, EVEN, BLOCK_U)
         w = w.to(tl.int32)
         if WPB == 16:
             wh = w >> 16

@@ -34,9 +34,11 @@ import triton.language as tl
 
 from .triton_common import (
     cdiv,
+    first_words,
     next_pow2,
     pdl_launch_dependents,
     pdl_wait,
+    step_words,
     store_tile,
     workspace_for,
 )
@@ -91,25 +93,12 @@ def _ternary_dp4a_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.int32)
     xacc = tl.zeros([1, BLOCK_U], dtype=tl.int32)
     ones = tl.full([1, BLOCK_U], 0x01010101, dtype=tl.int32)
-    if PREFETCH:
-        if EVEN:
-            w_nxt = tl.load(w_ptrs)
-        else:
-            w_nxt = tl.load(w_ptrs, mask=(u_start + offs_u) < u_end, other=0)
+    w_nxt = first_words(w_ptrs, u_start + offs_u, u_end, PREFETCH, EVEN)
     # the packed weights are constants: only the activations wait for the previous kernel
     pdl_wait(PDL)
     for it in range(n_iter):
         u = u_start + it * BLOCK_U + offs_u
-        if PREFETCH:
-            w = w_nxt
-            if EVEN:
-                w_nxt = tl.load(w_ptrs + tl.where(it + 1 < n_iter, BLOCK_U, 0))
-            else:
-                w_nxt = tl.load(w_ptrs + BLOCK_U, mask=(u + BLOCK_U) < u_end, other=0)
-        elif EVEN:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=u < u_end, other=0)
+        w, w_nxt = step_words(w_ptrs, w_nxt, it, n_iter, u, u_end, PREFETCH, EVEN, BLOCK_U)
         for t in tl.static_range(4):
             if EVEN:
                 xw = tl.load(x_row + 4 * u + t)
