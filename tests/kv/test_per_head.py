@@ -415,6 +415,14 @@ def test_cli_per_head(tiny_model_dir, tmp_path):
     assert r.exit_code != 0 and "no per-KV-head errors" in r.output
     r = run(app, args[:-2] + ["--metric", "grad", "--overwrite"])
     assert r.exit_code != 0 and "--per-head takes" in r.output
+    # the loss-based metric, measured and allocated per head
+    r = run(app, args[:-4] + ["--out", str(tmp_path / "f.json"), "--metric", "fisher", "--fisher-samples", "1",
+                              "--errors-out", str(tmp_path / "f-errors.json")])
+    assert r.exit_code == 0, r.output
+    assert WindowErrors.load(str(tmp_path / "f-errors.json")).fisher_heads is not None
+    assert load_policy_config(str(tmp_path / "f.json")).memory_fraction(2, 64, 4) <= 0.4 + 1e-9
+    r = run(app, args[:-4] + ["--out", str(tmp_path / "g.json"), "--metric", "fisher", "--fisher-samples", "0"])
+    assert r.exit_code != 0 and "--fisher-samples" in r.output
 
 
 def test_fisher_metric_estimates_the_kl_of_one_windowed_head(tiny_model_dir):
