@@ -9,14 +9,8 @@ from the kept values) and kept in the bitmap layout (``Int8TiledBitmap``), run b
     sparse_int8_plan(path)                 the checkpoint's "sparse_int8" metadata, or None
     load_sparse_int8(path, device, dtype)  -> LoadedModel (what load_model returns)
 
-``rarefy.models.loader.load_model`` needs one hook to load these checkpoints (before it
-opens the checkpoint, whose quantization_config it would refuse):
-
-    from rarefy.lowbit.composed import load_sparse_int8, sparse_int8_plan
-    if sparse_int8_plan(path) is not None:
-        return load_sparse_int8(path, dev, dtype, with_tokenizer=with_tokenizer, progress=progress)
-
-placed after `path` is resolved (the embedded model's default) and before `lowbit_plan(path)`.
+``rarefy.models.loader.load_model`` calls ``load_sparse_int8`` when ``sparse_int8_plan(path)``
+finds this metadata (before it opens the checkpoint, whose quantization_config it would refuse).
 
 Ternary + activation sparsity: ``use_ternary_activation_sparsity`` (rarefy/layers/
 ternary_activation_sparse.py) and the transposed layout T1 below.

@@ -116,7 +116,8 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
     ``rarefy prune`` through SparseLinear (compiled and autotuned per matrix, dense where
     sparse measured slower); "on" does so for any checkpoint; "force" makes every sparse
     enough projection sparse without timing (fewest bytes wins). Low-bit
-    checkpoints (`rarefy quantize`, BitNet-packed) load as TernaryLinear / Int8Linear.
+    checkpoints (`rarefy quantize`, BitNet-packed) load as TernaryLinear / Int8Linear; sparse
+    int8 ones (`rarefy quantize --to int8` of a pruned model) as SparseLinear(Int8TiledBitmap).
 
     GGUF files on the CPU with dtype "auto" keep their Q4_0/Q4_1/Q8_0 projections (and lm_head)
     as the file's blocks (GGUFLinear, the C++ kernels on the raw bytes; q/k/v and gate/up
@@ -127,6 +128,9 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = str(path) if path is not None else default_model_path()
+    from rarefy.lowbit.composed import load_sparse_int8, sparse_int8_plan
+    if sparse_int8_plan(path) is not None:  # before open_checkpoint, which refuses its quantization_config
+        return load_sparse_int8(path, dev, dtype, with_tokenizer=with_tokenizer, progress=progress)
     from rarefy.lowbit.checkpoint import lowbit_plan
     lowbit = lowbit_plan(path)  # config.json's metadata: rarefy low-bit or BitNet-packed weights
     fmt, cfg, ckpt = open_checkpoint(path)

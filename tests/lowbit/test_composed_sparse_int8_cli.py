@@ -2,9 +2,7 @@
 (kept sparse) -> safetensors + metadata -> loaded back as SparseLinear(Int8TiledBitmap) ->
 `rarefy generate` / `rarefy eval ppl`.
 
-rarefy.models.loader.load_model needs a hook to load these checkpoints (docstring of
-rarefy.lowbit.composed); until it has one, the CLI runs here go through a load_model patched
-with exactly that hook, and test_real_loader_hook skips.
+Loaded through rarefy.models.loader.load_model's sparse int8 hook.
 """
 
 from __future__ import annotations
@@ -16,27 +14,14 @@ import torch
 from typer.testing import CliRunner
 
 from rarefy.cli import app
-from rarefy.errors import RarefyError
 from rarefy.formats.sparse_weight import Int8TiledBitmap
 from rarefy.layers.sparse_linear import SparseLinear
-from rarefy.lowbit.composed import load_sparse_int8, sparse_int8_plan
+from rarefy.lowbit.composed import load_sparse_int8
 from rarefy.models import loader
 
 
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture
-def hooked(monkeypatch):
-    orig = loader.load_model
-
-    def load_model(path=None, device="cpu", dtype="auto", with_tokenizer=True, progress=False, **kw):
-        if path is not None and sparse_int8_plan(path) is not None:
-            return load_sparse_int8(path, device, dtype, with_tokenizer=with_tokenizer, progress=progress)
-        return orig(path, device=device, dtype=dtype, with_tokenizer=with_tokenizer, progress=progress, **kw)
-
-    monkeypatch.setattr(loader, "load_model", load_model)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +83,7 @@ def test_loaded_matches_pruned_model(pruned, quantized):
         torch.testing.assert_close(got(ids), ref(ids), rtol=1e-4, atol=1e-4)
 
 
-def test_generate_and_eval_ppl(quantized, pruned, hooked, tmp_path):
+def test_generate_and_eval_ppl(quantized, pruned, tmp_path):
     out, _ = quantized
     gen = run("generate", "--model", out, "-n", 4, "--ignore-eos", "--json", "The quick")
     assert gen.exit_code == 0, gen.output
@@ -132,8 +117,5 @@ def test_bad_options(pruned, tiny_model_dir, tmp_path):
 
 def test_real_loader_hook(quantized):
     out, _ = quantized
-    try:
-        m = loader.load_model(out, dtype="fp32").model
-    except RarefyError as e:
-        pytest.skip(f"load_model has no sparse int8 hook yet: {e}")
+    m = loader.load_model(out, dtype="fp32").model
     assert any(isinstance(x, SparseLinear) for x in m.modules())
