@@ -105,7 +105,7 @@ def quantize(
 def _quantize_sparse_int8(source: str, out: str, patterns: tuple[str, ...], save_dtype: str | None, force: bool,
                           as_json: bool) -> None:
     from rarefy.commands.prune import _default_save_dtype
-    from rarefy.formats.checkpoint import save_sparse_int8
+    from rarefy.formats.sparse_int8_checkpoint import save_sparse_int8
     from rarefy.lowbit.composed import quantize_sparse_int8
     from rarefy.models.loader import DTYPES
 

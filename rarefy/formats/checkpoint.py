@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -30,7 +31,7 @@ from rarefy.models.safetensors_dir import read_rarefy_metadata
 if TYPE_CHECKING:
     from rarefy.tokenizer import Tokenizer
 
-__all__ = ["save_pruned", "save_sparse_int8", "read_rarefy_metadata", "file_sha256", "FORMAT_VERSION"]
+__all__ = ["save_pruned", "read_rarefy_metadata", "file_sha256", "FORMAT_VERSION", "prepare_save", "SaveInputs"]
 
 FORMAT_VERSION = 1
 # The sparse-bitmask layout is that of compressed-tensors <= 0.14.0.1, the last release
@@ -54,6 +55,42 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass
+class SaveInputs:
+    """What every checkpoint saver resolves before writing: see `prepare_save`."""
+    out: Path
+    source: Path | None
+    cfg: dict
+    tok_src: "Path | Tokenizer | None"
+    gguf: _GGUFCache
+    meta: dict
+
+
+def prepare_save(out_dir: str | os.PathLike, source_path: str | os.PathLike | None, *, overwrite: bool,
+                 shard_size_bytes: int, config_dict: dict | None, tokenizer_files_from, meta: dict | None,
+                 meta_name: str) -> SaveInputs:
+    """The savers' common prologue: resolve `out_dir` and `source_path`, refuse a destination
+    that is or holds the source (or is non-empty without `overwrite`), check the shard size
+    and that `meta` (called `meta_name` in errors) is JSON-serialisable, and find the config
+    (`config_dict`, else the source's) and the tokenizer source (default: the source)."""
+    out = Path(out_dir).expanduser().resolve()
+    source = Path(source_path).expanduser().resolve() if source_path is not None else None
+    _check_destination(out, source, overwrite)
+    if shard_size_bytes <= 0:
+        raise RarefyError("shard_size_bytes must be positive")
+    meta = dict(meta or {})
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise RarefyError(f"{meta_name} is not JSON-serialisable: {e}") from None
+    tok_src = tokenizer_files_from if tokenizer_files_from is not None else source
+    if isinstance(tok_src, (str, os.PathLike)):
+        tok_src = Path(tok_src).expanduser().resolve()
+    gguf = _GGUFCache()
+    cfg = dict(config_dict) if config_dict is not None else _source_config(source, gguf)
+    return SaveInputs(out, source, cfg, tok_src, gguf, meta)
 
 
 def save_pruned(model, out_dir: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
@@ -80,34 +117,22 @@ def save_pruned(model, out_dir: str | os.PathLike, *, source_path: str | os.Path
     dtype: cast floating tensors to it before saving (default: keep the model's dtypes).
     overwrite: replace a non-empty `out_dir` (never allowed when it is or holds the source).
     """
-    out = Path(out_dir).expanduser().resolve()
-    source = Path(source_path).expanduser().resolve() if source_path is not None else None
-    _check_destination(out, source, overwrite)
-    if shard_size_bytes <= 0:
-        raise RarefyError("shard_size_bytes must be positive")
-    try:
-        json.dumps(rarefy_meta or {})
-    except (TypeError, ValueError) as e:
-        raise RarefyError(f"rarefy_meta is not JSON-serialisable: {e}") from None
-
-    tok_src = tokenizer_files_from if tokenizer_files_from is not None else source
-    if isinstance(tok_src, (str, os.PathLike)):
-        tok_src = Path(tok_src).expanduser().resolve()
-    gguf = _GGUFCache()
-    cfg = dict(config_dict) if config_dict is not None else _source_config(source, gguf)
+    io = prepare_save(out_dir, source_path, overwrite=overwrite, shard_size_bytes=shard_size_bytes,
+                      config_dict=config_dict, tokenizer_files_from=tokenizer_files_from, meta=rarefy_meta,
+                      meta_name="rarefy_meta")
     tensors = _state_tensors(model)
 
     def fill(tmp: Path) -> dict:
         stats = _write_weights(tmp, tensors, compress, shard_size_bytes, dtype)
-        stats["cfg"] = _final_config(cfg, stats, tensors, source, rarefy_meta or {})
+        stats["cfg"] = _final_config(io.cfg, stats, tensors, io.source, io.meta)
         _write_json(tmp / "config.json", stats["cfg"])
-        if tok_src is not None:
-            _write_tokenizer(tmp, tok_src, gguf)
+        if io.tok_src is not None:
+            _write_tokenizer(tmp, io.tok_src, io.gguf)
         return stats
 
-    stats = write_dir_atomically(out, fill)
+    stats = write_dir_atomically(io.out, fill)
     cfg = stats["cfg"]
-    return {"out_dir": str(out), "files": stats["files"], "compressed": stats["compressed"],
+    return {"out_dir": str(io.out), "files": stats["files"], "compressed": stats["compressed"],
             "bytes": stats["bytes"], "dense_bytes": stats["dense_bytes"],
             "measured": cfg["rarefy"]["measured"]}
 
@@ -430,181 +455,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# -- sparse + int8 ---------------------------------------------------------------------
-#
-# A pruned model whose projections are Int8TiledBitmap (SparseLinear): each such projection P
-# is stored as compressed-tensors' sparse-bitmask parts of its int8 matrix Q plus its scale,
-#
-#     P.shape int64 [2], P.compressed int8 [nnz], P.bitmask uint8 [N, ceil(K/8)],
-#     P.row_offsets int64 [N], P.weight_scale float32 [N, 1]      (W ~= weight_scale * Q)
-#
-# (+ P.bias), everything else dense as in the source. config.json says so under
-# "rarefy" -> "sparse_int8" (weights_format "sparse-int8"); quantization_config declares int8
-# channel-wise weights (config_groups) next to the sparse-bitmask sparsity_config, so a reader
-# that does not know the composition refuses the checkpoint instead of reading Q unscaled.
-# Loaded by rarefy.lowbit.composed.load_sparse_int8. Layout: docs/sparse-kernels.md.
-
-SPARSE_INT8_FORMAT = "sparse-int8"
-SPARSE_INT8_VERSION = 1
-
-
-def save_sparse_int8(model, out_dir: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
-                     config_dict: dict | None = None, tokenizer_files_from=None, meta: dict | None = None,
-                     dtype: torch.dtype | None = None, overwrite: bool = False,
-                     shard_size_bytes: int = DEFAULT_SHARD_SIZE) -> dict:
-    """Write `model` (a DecoderLM whose pruned projections are SparseLinear over an
-    Int8TiledBitmap) to `out_dir`, atomically; returns a summary dict.
-
-    Arguments as `save_pruned`; `meta` goes to config.json["rarefy"]["sparse_int8"];
-    `dtype` casts the dense floating tensors (int8 values and fp32 scales are kept).
-    """
-    from rarefy.formats.sparse_weight import Int8TiledBitmap
-    from rarefy.layers.sparse_linear import DirectWeight, SparseLinear
-    from rarefy.models.llama import DecoderLM
-
-    out = Path(out_dir).expanduser().resolve()
-    source = Path(source_path).expanduser().resolve() if source_path is not None else None
-    _check_destination(out, source, overwrite)
-    if shard_size_bytes <= 0:
-        raise RarefyError("shard_size_bytes must be positive")
-    cfg_model = model.config
-    sparse = {name: m for name, m in model.named_modules()
-              if isinstance(m, SparseLinear) and isinstance(m.compiled, DirectWeight)
-              and isinstance(m.compiled.weight, Int8TiledBitmap)}
-    if not sparse:
-        raise RarefyError("the model has no sparse int8 projections to save")
-    with torch.device("meta"):
-        order = list(DecoderLM(cfg_model).state_dict())
-    expected = set(order)
-    if cfg_model.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    for name in sparse:
-        if f"{name}.weight" not in expected:
-            raise RarefyError(f"sparse int8 module {name} has no HF name; save before fuse_projections()")
-        expected.discard(f"{name}.weight")
-    dense = {n: t.detach() for n, t in model.state_dict().items()
-             if not (cfg_model.tie_word_embeddings and n == "lm_head.weight")}
-    if set(dense) != expected:
-        odd = sorted(set(dense) ^ expected)
-        raise RarefyError(f"the model's tensors do not have HF names (e.g. {odd[0]}); "
-                          "save before fuse_projections() or other layer swaps")
-    gguf = _GGUFCache()
-    cfg = dict(config_dict) if config_dict is not None else _source_config(source, gguf)
-    tok_src = tokenizer_files_from if tokenizer_files_from is not None else source
-    if isinstance(tok_src, (str, os.PathLike)):
-        tok_src = Path(tok_src).expanduser().resolve()
-    meta = dict(meta or {})
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError) as e:
-        raise RarefyError(f"meta is not JSON-serialisable: {e}") from None
-
-    modules = {}
-    for name, m in sparse.items():
-        w = m.compiled.weight
-        modules[name] = {"shape": list(w.shape), "density": round(w.nnz / max(1, w.shape[0] * w.shape[1]), 6)}
-    # write in the model's own order: a sparse module's parts where its weight would be
-    groups = []
-    for name in order:
-        mod = name.rpartition(".")[0]
-        key = mod if (mod in sparse and name == f"{mod}.weight") else name
-        if key in sparse or key in dense:
-            groups.append(key)
-
-    def parts_of(key: str) -> dict[str, torch.Tensor]:
-        if key in sparse:
-            w = sparse[key].compiled.weight.to("cpu")
-            enc = encode_bitmask(w.quantized())
-            p = {f"{key}.{s}": v for s, v in enc.items()}
-            p[f"{key}.weight_scale"] = w.scale.reshape(-1, 1).contiguous()
-            return p
-        t = dense[key]
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return {key: t.cpu().contiguous()}
-
-    def fill(tmp: Path) -> dict:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes, files, keys = [0], [], []
-        stats = {"bytes": 0, "sparse_int8_bytes": 0, "dense_bf16_bytes": 0, "dtypes": set()}
-
-        def flush():
-            path = tmp / f"part-{len(files):05d}.safetensors"
-            save_file(shards[-1], str(path), metadata={"format": "pt", "rarefy_format_version": str(FORMAT_VERSION)})
-            _fsync_file(path)
-            files.append(path)
-            keys.append(list(shards[-1]))
-            shards[-1], sizes[-1] = {}, 0
-
-        for key in groups:
-            part = parts_of(key)
-            size = sum(v.numel() * v.element_size() for v in part.values())
-            if key in sparse:
-                n, k = modules[key]["shape"]
-                stats["sparse_int8_bytes"] += size
-                stats["dense_bf16_bytes"] += 2 * n * k
-            else:
-                for v in part.values():
-                    if v.is_floating_point():
-                        stats["dtypes"].add(str(v.dtype).removeprefix("torch."))
-            if shards[-1] and sizes[-1] + size > shard_size_bytes:
-                flush()
-            shards[-1].update(part)
-            sizes[-1] += size
-            stats["bytes"] += size
-        if shards[-1] or not files:
-            flush()
-        names = (["model.safetensors"] if len(files) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
-        for path, final in zip(files, names):
-            os.replace(path, tmp / final)
-        if len(files) > 1:
-            _write_json(tmp / "model.safetensors.index.json",
-                        {"metadata": {"total_size": stats["bytes"]},
-                         "weight_map": {k: final for final, ks in zip(names, keys) for k in ks}})
-        stats["files"] = names
-        _write_json(tmp / "config.json", _sparse_int8_config(cfg, stats, modules, source, meta))
-        if tok_src is not None:
-            _write_tokenizer(tmp, tok_src, gguf)
-        return stats
-
-    stats = write_dir_atomically(out, fill)
-    return {"out_dir": str(out), "files": stats["files"], "bytes": stats["bytes"],
-            "sparse_int8_bytes": stats["sparse_int8_bytes"], "dense_bf16_bytes": stats["dense_bf16_bytes"],
-            "modules": len(modules)}
-
-
-def _sparse_int8_config(cfg: dict, stats: dict, modules: dict, source: Path | None, meta: dict) -> dict:
-    cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config", "rarefy")}
-    if len(stats["dtypes"]) == 1:
-        cfg["dtype" if "dtype" in cfg else "torch_dtype"] = next(iter(stats["dtypes"]))
-    targets = sorted(modules)
-    cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "version": COMPRESSED_TENSORS_VERSION,
-        "format": "int-quantized",
-        "config_groups": {"group_0": {
-            "targets": targets,
-            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
-                        "dynamic": False},
-            "input_activations": None, "output_activations": None}},
-        "sparsity_config": {"format": "sparse-bitmask", "sparsity_structure": "unstructured",
-                            "targets": targets, "ignore": [], "registry_requires_subclass": False},
-        "transform_config": {},
-    }
-    n_w = sum(s[0] * s[1] for s in (m["shape"] for m in modules.values()))
-    nnz = sum(m["density"] * m["shape"][0] * m["shape"][1] for m in modules.values())
-    cfg["rarefy"] = {
-        "format_version": FORMAT_VERSION,
-        "writer": f"rarefy {rarefy.__version__}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": str(source) if source is not None else None,
-        "weights_format": SPARSE_INT8_FORMAT,
-        "sparse_int8": {"format_version": SPARSE_INT8_VERSION, "scale": "per output row, symmetric, fp32",
-                        **{k: v for k, v in meta.items() if k not in ("format_version", "modules")},
-                        "modules": modules},
-        "measured": {"sparse_int8_modules": len(modules), "density": round(nnz / max(1, n_w), 6),
-                     "bytes": stats["bytes"], "sparse_int8_bytes": stats["sparse_int8_bytes"],
-                     "dense_bf16_bytes": stats["dense_bf16_bytes"]},
-    }
-    return cfg
+def __getattr__(name: str):
+    # the sparse + int8 saver lives in its own module (which imports this one)
+    if name in ("save_sparse_int8", "SPARSE_INT8_FORMAT", "SPARSE_INT8_VERSION"):
+        from rarefy.formats import sparse_int8_checkpoint
+        return getattr(sparse_int8_checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

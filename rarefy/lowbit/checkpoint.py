@@ -15,7 +15,6 @@ never touch the input. Layout and keys: docs/lowbit-formats.md.
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,8 +25,8 @@ from torch import nn
 
 import rarefy
 from rarefy.errors import RarefyError
-from rarefy.formats.checkpoint import (DEFAULT_SHARD_SIZE, _check_destination, _fsync_file, _GGUFCache,
-                                       _source_config, _write_json, _write_tokenizer, write_dir_atomically)
+from rarefy.formats.checkpoint import (DEFAULT_SHARD_SIZE, _fsync_file, _write_json, _write_tokenizer, prepare_save,
+                                       write_dir_atomically)
 from rarefy.layers.lowbit_linear import LOWBIT_CLASSES, MODES, is_lowbit, set_lowbit_mode
 from rarefy.lowbit import ternary
 from rarefy.models.safetensors_dir import read_rarefy_metadata
@@ -102,33 +101,21 @@ def save_lowbit(model: nn.Module, out_dir: str | os.PathLike, *,
         it; packed weights and scales are saved as they are.
     overwrite: replace a non-empty out_dir (never when it is or holds the source).
     """
-    out = Path(out_dir).expanduser().resolve()
-    source = Path(source_path).expanduser().resolve() if source_path is not None else None
-    _check_destination(out, source, overwrite)
-    if shard_size_bytes <= 0:
-        raise RarefyError("shard_size_bytes must be positive")
+    io = prepare_save(out_dir, source_path, overwrite=overwrite, shard_size_bytes=shard_size_bytes,
+                      config_dict=config_dict, tokenizer_files_from=tokenizer_files_from, meta=lowbit_meta,
+                      meta_name="lowbit_meta")
     specs = module_specs(model)
     tensors = _state_tensors(model, specs)
-    gguf = _GGUFCache()
-    cfg = dict(config_dict) if config_dict is not None else _source_config(source, gguf)
-    tok_src = tokenizer_files_from if tokenizer_files_from is not None else source
-    if isinstance(tok_src, (str, os.PathLike)):
-        tok_src = Path(tok_src).expanduser().resolve()
-    meta = dict(lowbit_meta or {})
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError) as e:
-        raise RarefyError(f"lowbit_meta is not JSON-serialisable: {e}") from None
 
     def fill(tmp: Path) -> dict:
         stats = _write_weights(tmp, tensors, specs, shard_size_bytes, dtype)
-        _write_json(tmp / "config.json", _final_config(cfg, stats, specs, source, meta))
-        if tok_src is not None:
-            _write_tokenizer(tmp, tok_src, gguf)
+        _write_json(tmp / "config.json", _final_config(io.cfg, stats, specs, io.source, io.meta))
+        if io.tok_src is not None:
+            _write_tokenizer(tmp, io.tok_src, io.gguf)
         return stats
 
-    stats = write_dir_atomically(out, fill)
-    return {"out_dir": str(out), "files": stats["files"], "bytes": stats["bytes"],
+    stats = write_dir_atomically(io.out, fill)
+    return {"out_dir": str(io.out), "files": stats["files"], "bytes": stats["bytes"],
             "lowbit_bytes": stats["lowbit_bytes"], "lowbit_bf16_bytes": stats["lowbit_bf16_bytes"],
             "lowbit_modules": len(specs)}
 

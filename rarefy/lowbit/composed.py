@@ -5,7 +5,7 @@ from the kept values) and kept in the bitmap layout (``Int8TiledBitmap``), run b
 ``SparseLinear`` (C++ ``bitmap_matmul_int8`` on CPU, ``triton_bitmap_int8`` on CUDA).
 
     quantize_sparse_int8(model, skip)     DenseLinear projections -> SparseLinear(Int8TiledBitmap)
-    save: rarefy.formats.checkpoint.save_sparse_int8
+    save: rarefy.formats.sparse_int8_checkpoint.save_sparse_int8
     sparse_int8_plan(path)                 the checkpoint's "sparse_int8" metadata, or None
     load_sparse_int8(path, device, dtype)  -> LoadedModel (what load_model returns)
 
@@ -95,7 +95,7 @@ def quantize_sparse_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",),
 
 def sparse_int8_plan(path: str | os.PathLike | None) -> dict | None:
     """config.json["rarefy"]["sparse_int8"] of a sparse + int8 checkpoint, else None."""
-    from rarefy.formats.checkpoint import SPARSE_INT8_FORMAT, SPARSE_INT8_VERSION
+    from rarefy.formats.sparse_int8_checkpoint import SPARSE_INT8_FORMAT, SPARSE_INT8_VERSION
     from rarefy.models.safetensors_dir import read_rarefy_metadata
     if path is None or not os.path.isdir(os.fspath(path)):
         return None
