@@ -3,8 +3,9 @@ rarefy's dense decode, in one process, with each level's perplexity beside its s
 
     python3 benchmarks/cpu_activation_decode.py [--levels 0.25,0.4,0.5] [--thresholds FILE] [--out FILE.md]
 
-Both run the CPU default (fp16-stored weights, fp32 math). "dense" is rarefy's fp16 GEMV;
-each level swaps every decoder projection for the input-sparse kernels
+Both load the GGUF file as dense fp16-stored weights, fp32 math (gguf_blocks=False: the CPU
+default keeps its quantized blocks, which the input-sparse kernels cannot read). "dense" is
+rarefy's fp16 GEMV; each level swaps every decoder projection for the input-sparse kernels
 (rarefy/kernels/activation_cpu via use_activation_sparsity; the LM head stays dense).
 Thresholds: calibrated here (uniform, windows of the second half of WikiText-2 valid) unless
 --thresholds gives a file from `rarefy calibrate-activations`. Perplexity: the first 8 chunks
@@ -52,7 +53,7 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     levels = [float(v) for v in a.levels.split(",")]
-    loaded = load_model(None)
+    loaded = load_model(None, gguf_blocks=False)
     ids = loaded.tokenizer.encode(open(VALID, encoding="utf-8").read(), add_special_tokens=False)
     half = len(ids) // 2
     with torch.no_grad():
@@ -77,7 +78,7 @@ def main():
     outs = {}
     for _round in range(2):
         for s in [0.0] + levels:
-            loaded = load_model(None)
+            loaded = load_model(None, gguf_blocks=False)
             if s > 0:
                 use_activation_sparsity(loaded.model, th.for_sparsity(s))
             r, out = rate(loaded, a.tokens, a.repeats)

@@ -93,7 +93,7 @@ def real_activations(tokens: int) -> torch.Tensor:
     """|down_proj input| of the embedded model, [layers, tokens, I], on WikiText-2 valid text."""
     from rarefy.models.loader import load_model
 
-    lm = load_model(None)
+    lm = load_model(None, gguf_blocks=False)
     model, tok = lm.model, lm.tokenizer
     with open(VALID, encoding="utf-8") as f:
         text = f.read()[:200_000]

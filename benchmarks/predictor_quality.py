@@ -72,7 +72,7 @@ def main():
         render(res, a.out)
         return
     torch.set_num_threads(a.threads)
-    loaded = load_model(None)
+    loaded = load_model(None, gguf_blocks=False)
     model = loaded.model
     ids = loaded.tokenizer.encode(open(VALID, encoding="utf-8").read(), add_special_tokens=False)
     half = len(ids) // 2

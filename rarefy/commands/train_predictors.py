@@ -58,7 +58,8 @@ def train_predictors_cmd(
         raise RarefyError("--samples must be >= 2 and --seq-len >= 8")
     check_destination(out, model, overwrite)
     body = read_text_file(calib)
-    loaded = load_for_cli(model, device, "auto", sparse="off")
+    # dense weights: the predictors are fitted to the gate/up matrices, which GGUF blocks do not expose
+    loaded = load_for_cli(model, device, "auto", sparse="off", gguf_blocks=False)
     cfg = loaded.model.config
     check_rank(rank, cfg.hidden_size, cfg.intermediate_size, kind)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
