@@ -59,8 +59,9 @@ from rarefy.sparsity.activation_modes import (
 )
 
 FORMAT = "rarefy-activation-thresholds"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4  # written only when the file carries a rotation; version 3 otherwise
+READABLE_VERSIONS = (1, 2, 3, 4)
+ROTATION_KINDS = ("vo",)  # the rotations a calibration file can carry (rarefy.sparsity.activation_rotation)
 ALLOCATIONS = ("uniform", "greedy", "global")
 INPUT_NAMES = ("attn_in", "o_in", "mlp_in", "down_in")
 SAMPLE_PER_INPUT = 1 << 18  # |x| values kept per input for the quantiles
@@ -102,6 +103,10 @@ class Thresholds:
     measured: dict = field(default_factory=dict)  # level -> {"weighted", "entries"}
     version: int = VERSION
     criterion: str = "magnitude"
+    # a rotation folded into the weights before calibrating (format 4): its description, and
+    # the matrices (per layer, one [head_dim, head_dim] per key/value head) kept in a sidecar
+    rotation: dict = field(default_factory=dict)
+    rotations: list | None = None
 
     def __post_init__(self):
         if self.mode == "threshold" and not self.params:
@@ -475,7 +480,10 @@ def measure_levels(model, token_ids: list[int], th: Thresholds, seq_len: int = 5
 # -- file -------------------------------------------------------------------------------
 
 def save_thresholds(th: Thresholds, path: str | os.PathLike) -> None:
-    data = {"format": FORMAT, "version": VERSION, "mode": th.mode, "criterion": th.criterion,
+    """Write the calibration as JSON; a rotation's matrices go to a safetensors sidecar in
+    the same directory (format 4), written first. Both go through temporary files."""
+    rotated = th.rotations is not None
+    data = {"format": FORMAT, "version": VERSION if rotated else 3, "mode": th.mode, "criterion": th.criterion,
             "allocation": th.allocation, "model": th.model, "sparsities": th.sparsities}
     if th.mode == "threshold":
         data["thresholds"] = th.thresholds
@@ -485,6 +493,13 @@ def save_thresholds(th: Thresholds, path: str | os.PathLike) -> None:
     for k in ("inputs", "calibration", "measured", "greedy"):
         if getattr(th, k):
             data[k] = getattr(th, k)
+    if rotated:
+        from rarefy.sparsity.activation_rotation import SIDECAR, save_vo_rotations
+        kind = th.rotation.get("kind", "vo")
+        if kind not in ROTATION_KINDS:
+            raise RarefyError(f"a calibration file carries only the {', '.join(ROTATION_KINDS)} rotation, not {kind!r}")
+        digest = save_vo_rotations(os.path.join(os.path.dirname(os.fspath(path)) or ".", SIDECAR), th.rotations)
+        data["rotation"] = {**th.rotation, "kind": kind, "file": SIDECAR, "sha256": digest}
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -511,7 +526,23 @@ def load_thresholds(path: str | os.PathLike, model=None) -> Thresholds:
         raise RarefyError(f"{path} is a malformed threshold file ({type(e).__name__}: {e})") from None
     if model is not None:
         _check_model(th, model, path)
+    if th.rotation:
+        th.rotations = _load_rotation(th.rotation, path, model)
     return th
+
+
+def _load_rotation(info: dict, path, model):
+    """The sidecar matrices of a version 4 file (checked against `model` when given)."""
+    from rarefy.sparsity.activation_rotation import load_vo_rotations
+
+    kind, name = info.get("kind"), info.get("file")
+    if kind not in ROTATION_KINDS:
+        raise RarefyError(f"{path}: unknown rotation {kind!r}; a calibration file carries {', '.join(ROTATION_KINDS)}")
+    if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+        raise RarefyError(f"{path}: rotation 'file' must name a file beside it, got {name!r}")
+    sha = info.get("sha256")
+    return load_vo_rotations(os.path.join(os.path.dirname(os.fspath(path)) or ".", name),
+                             sha if isinstance(sha, str) else None, model)
 
 
 def _parse(data: dict, path) -> Thresholds:
@@ -554,13 +585,19 @@ def _parse(data: dict, path) -> Thresholds:
         if "input_sparsity" in data else {}
     if per_input and set(next(iter(per_input.values()))) != names:
         raise RarefyError(f"{path}: input_sparsity and {key} name different inputs")
+    rotation = data.get("rotation", {})
+    if rotation and (version < 4 or not isinstance(rotation, dict)):
+        raise RarefyError(f"{path}: 'rotation' needs a version 4 file holding an object")
+    if version >= 4 and not rotation:
+        raise RarefyError(f"{path}: a version 4 file must describe its rotation ('rotation')")
     inputs = data.get("inputs", {})
     if inputs and set(inputs) != names:
         raise RarefyError(f"{path}: 'inputs' and {key} name different inputs")
     return Thresholds(sparsities, params if mode == "threshold" else {}, data.get("model", {}), mode=mode,
                       allocation=allocation, params=params, input_sparsity=per_input, inputs=inputs,
                       calibration=data.get("calibration", {}), greedy=data.get("greedy", {}),
-                      measured=data.get("measured", {}), version=version, criterion=criterion)
+                      measured=data.get("measured", {}), version=version, criterion=criterion,
+                      rotation=dict(rotation))
 
 
 def _levels(table, sparsities, path, what, check) -> dict[str, dict[str, float]]:

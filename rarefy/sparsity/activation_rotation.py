@@ -277,3 +277,124 @@ def rotate_model(model, kinds, windows: list[list[int]] | None = None, basis: st
     if "layer" in kinds:
         rotate_layers(model, moments, basis, block)
     return {"kinds": kinds, "basis": basis, "block": block, "tokens": moments["tokens"] if moments else 0}
+
+
+# -- the v/o rotation carried by a calibration file (format 4: a safetensors sidecar) -------
+
+SIDECAR = "activation_rotation.safetensors"
+SIDECAR_FORMAT = "rarefy-activation-rotation"
+ORTHOGONAL_TOL = 1e-3  # max |R^T R - I| accepted from a file (fp32 eigenvectors reach ~1e-6)
+
+
+def compute_vo_rotations(model, windows: list[list[int]] | None, basis: str = "pca") -> list[list[torch.Tensor]]:
+    """The per key/value head rotations ``rotate_vo`` folds (pca basis from `windows`, token
+    lists), one list of [head_dim, head_dim] fp32 matrices per decoder layer; the model is
+    not changed."""
+    check_rotation(["vo"], basis)
+    moments = None
+    if basis == "pca":
+        if not windows:
+            raise RarefyError("the pca rotation basis needs calibration windows")
+        moments = second_moments(model, windows)
+    return _vo_rotations(model, moments, basis)
+
+
+def vo_shape(model) -> tuple[int, int, int]:
+    cfg = model.config
+    return cfg.num_kv_heads, cfg.head_dim, cfg.head_dim
+
+
+def save_vo_rotations(path, rotations: list[list[torch.Tensor]], kind: str = "vo") -> str:
+    """Write the rotations to a safetensors file (tensor ``layers.{i}.vo``, [kv heads,
+    head_dim, head_dim] fp32), through a temporary file renamed into place; returns the
+    file's sha256."""
+    import hashlib
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {f"layers.{i}.vo": torch.stack([r.detach().float().cpu() for r in rs]).contiguous()
+               for i, rs in enumerate(rotations)}
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={"format": SIDECAR_FORMAT, "kind": kind, "layers": str(len(rotations))})
+        with open(tmp, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return digest
+
+
+def load_vo_rotations(path, sha256: str | None = None, model=None) -> list[list[torch.Tensor]]:
+    """Read a sidecar written by ``save_vo_rotations``; checks its checksum (when given), that
+    every matrix is finite and orthogonal, and, with `model`, the layer count and shapes.
+    Any problem is one RarefyError naming the file."""
+    import hashlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise RarefyError(f"rotation sidecar {path} is missing: a version 4 calibration keeps its v/o rotation "
+                          "there (copy the whole directory that calibrate-activations wrote)") from None
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise RarefyError(f"rotation sidecar {path} does not match its calibration file (checksum differs): "
+                          "it belongs to another calibration")
+    try:
+        tensors = load_bytes(raw)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise RarefyError(f"rotation sidecar {path} is not a safetensors file ({e})") from None
+    n = len(tensors)
+    if set(tensors) != {f"layers.{i}.vo" for i in range(n)}:
+        raise RarefyError(f"rotation sidecar {path} must hold layers.0.vo ... layers.{n - 1}.vo, "
+                          f"got {', '.join(sorted(tensors)[:3])}")
+    if model is not None:
+        from rarefy.sparsity.activation import decoder_layers
+        layers = len(decoder_layers(model))
+        if n != layers:
+            raise RarefyError(f"rotation sidecar {path} has {n} layers, this model {layers} "
+                              "(calibrated on another model?)")
+    want = vo_shape(model) if model is not None else None
+    out = []
+    for i in range(n):
+        t = tensors[f"layers.{i}.vo"]
+        shape = tuple(t.shape)
+        if len(shape) != 3 or shape[1] != shape[2] or (want is not None and shape != want):
+            raise RarefyError(f"rotation sidecar {path}: layers.{i}.vo has shape {list(shape)}, this model needs "
+                              f"{list(want) if want else '[kv_heads, head_dim, head_dim]'} (mismatched shapes: "
+                              "calibrated on another model?)")
+        t = t.float()
+        eye = torch.eye(shape[1])
+        if not torch.isfinite(t).all() or float((t.transpose(1, 2) @ t - eye).abs().max()) > ORTHOGONAL_TOL:
+            raise RarefyError(f"rotation sidecar {path}: layers.{i}.vo is not orthogonal")
+        out.append(list(t.unbind(0)))
+    return out
+
+
+def apply_vo_rotations(model, rotations: list[list[torch.Tensor]], tag: str | None = None) -> bool:
+    """Fold a calibration's v/o rotation into the model, once: a model already rotated with
+    the same `tag` (the sidecar checksum) is left alone (returns False); one rotated by
+    another calibration is refused."""
+    done = getattr(model, "_rarefy_vo_rotation", None)
+    if done is not None:
+        if tag is not None and done == tag:
+            return False
+        raise RarefyError("this model already carries another calibration's v/o rotation")
+    want = vo_shape(model)
+    from rarefy.sparsity.activation import decoder_layers
+    if len(rotations) != len(decoder_layers(model)) or any(
+            len(rs) != want[0] or any(tuple(r.shape) != want[1:] for r in rs) for rs in rotations):
+        raise RarefyError(f"the v/o rotation does not fit this model (needs {len(decoder_layers(model))} layers "
+                          f"of {want[0]} matrices {want[1]}x{want[2]})")
+    rotate_vo(model, [[r.to(_w(layer.self_attn.v_proj).device) for r in rs]
+                      for layer, rs in zip(decoder_layers(model), rotations)])
+    try:
+        model._rarefy_vo_rotation = tag or "unnamed"
+    except AttributeError:
+        pass
+    return True
