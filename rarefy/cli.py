@@ -82,7 +82,8 @@ def generate(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
     kv = kv_options(kv_cache, kv_dtype, kv_block_size, kv_memory, attention_policy)
-    loaded = load_for_cli(model, device, dtype, sparse)
+    # activation sparsity (and a calibration's rotation) needs dense weights: GGUF loads dense
+    loaded = load_for_cli(model, device, dtype, sparse, gguf_blocks=False if act_dir else None)
     tk = loaded.tokenizer
     texts = [tk.apply_chat_template([{"role": "user", "content": p}]) if chat else p
              for p in prompts]
@@ -152,7 +153,7 @@ def eval_ppl(
     if batch_size < 1:
         raise RarefyError("--batch-size must be at least 1")
     body = read_text_file(text)
-    loaded = load_for_cli(model, device, dtype, sparse)
+    loaded = load_for_cli(model, device, dtype, sparse, gguf_blocks=False if act_dir else None)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     if kv_dtype is not None or attention_policy is not None:
         from rarefy.kv.options import load_attention_policy
@@ -160,17 +161,24 @@ def eval_ppl(
         from rarefy.kv.simulate import configure_eval_attention
         configure_eval_attention(loaded.model, check_kv_dtype(kv_dtype or "bf16"),
                                  load_attention_policy(attention_policy))
-    with activation_context(loaded.model, act_dir, act_level), \
+    with activation_context(loaded.model, act_dir, act_level) as act_counts, \
             predictor_context(loaded.model, predictors) as neurons:
         res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,
                          score_second_half=score_second_half, batch_size=batch_size,
                          progress=not as_json or sys.stderr.isatty())
+    extra = {} if neurons is None else {"mlp_neuron_sparsity": neuron_sparsity(neurons)}
+    if act_counts is not None:  # measured on the scored text: weighted by the weights each input gates
+        from rarefy.sparsity.activation import sparsity_report
+        extra["activation_sparsity"] = sparsity_report(act_counts, loaded.model)
     if as_json:
-        emit_json(res.as_dict() | ({} if neurons is None else {"mlp_neuron_sparsity": neuron_sparsity(neurons)}))
+        emit_json(res.as_dict() | extra)
     else:
         typer.echo(f"perplexity {res.ppl:.4f} ± {res.stderr:.4f} over {res.tokens} tokens "
                    f"({res.chunks} chunks of {res.ctx})"
-                   + ("" if neurons is None else f", MLP neuron sparsity {neuron_sparsity(neurons):.3f}"))
+                   + ("" if neurons is None else f", MLP neuron sparsity {neuron_sparsity(neurons):.3f}")
+                   + ("" if act_counts is None else
+                      f", activation sparsity {extra['activation_sparsity']['weighted']:.3f} (weighted by weights "
+                      f"read) / {extra['activation_sparsity']['entries']:.3f} (by entries)"))
 
 
 @app.command()

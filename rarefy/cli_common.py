@@ -76,11 +76,13 @@ def user_errors(fn):
     return wrapper
 
 
-def load_for_cli(model, device, dtype, sparse: str = "auto"):
+def load_for_cli(model, device, dtype, sparse: str = "auto", gguf_blocks: bool | None = None):
     """Load a model with its tokenizer, with a progress bar on a terminal. A checkpoint
-    written by `rarefy prune` runs through SparseLinear unless `sparse` is "off"."""
+    written by `rarefy prune` runs through SparseLinear unless `sparse` is "off".
+    ``gguf_blocks``: as load_model's (False: GGUF files load as dense weights)."""
     from rarefy.models.loader import load_model
-    loaded = load_model(model, device=device, dtype=dtype, progress=sys.stderr.isatty(), sparse=sparse)
+    loaded = load_model(model, device=device, dtype=dtype, progress=sys.stderr.isatty(), sparse=sparse,
+                        gguf_blocks=gguf_blocks)
     if loaded.tokenizer is None:
         raise RarefyError("this checkpoint has no tokenizer")
     return loaded

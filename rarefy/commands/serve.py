@@ -97,7 +97,7 @@ def serve(
     if not is_loopback(host) and api_key is None:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine "
                    "can use the model", err=True)
-    loaded = load_for_cli(model, device, dtype, sparse)
+    loaded = load_for_cli(model, device, dtype, sparse, gguf_blocks=False if act_dir else None)
     act = activation_for_decode(loaded.model, act_dir, act_level)
     logging.basicConfig(level=log_level.upper() if log_level.upper() in logging._nameToLevel else "INFO")
     with act:

@@ -1,9 +1,10 @@
 """Ternary + activation sparsity in a model: TernaryInputSparseLinear and
 use_ternary_activation_sparsity on the tiny checkpoint quantized to ternary, against the same
 model with the inputs masked by hooks (rarefy.sparsity.activation.sparsify_activations); and
-`rarefy generate --activation-sparsity DIR` on it through the hook that
-rarefy.commands.calibrate_activations.activation_for_decode needs (patched in here until it
-has it; test_real_cli_hook skips until then).
+`rarefy generate --activation-sparsity DIR` on it: through a patched-in hook
+(test_generate_with_activation_sparsity, written before the hook existed) and through
+rarefy.commands.calibrate_activations.activation_for_decode's own ternary path
+(test_real_cli_hook).
 """
 
 from __future__ import annotations
@@ -123,7 +124,13 @@ def test_generate_with_activation_sparsity(ternary_dir, act_dir, text, hooked):
     assert r.exit_code == 0, r.output
 
 
-def test_real_cli_hook(ternary_dir, act_dir):
-    r = run("generate", "--model", ternary_dir, "-n", 2, "--ignore-eos", "--activation-sparsity", act_dir, "Hi")
-    if r.exit_code != 0:
-        pytest.skip(f"activation_for_decode has no ternary hook yet: {r.output.strip()[-200:]}")
+def test_real_cli_hook(ternary_dir, act_dir, monkeypatch):
+    """activation_for_decode itself takes the ternary path (no patch)."""
+    import rarefy.layers.ternary_activation_sparse as tas
+    swapped = []
+    real = tas.use_ternary_activation_sparsity
+    monkeypatch.setattr(tas, "use_ternary_activation_sparsity", lambda *a, **k: swapped.append(real(*a, **k)))
+    r = run("generate", "--model", ternary_dir, "-n", 2, "--ignore-eos", "--json", "--activation-sparsity", act_dir,
+            "Hi")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]) == 2 and swapped and swapped[0] > 0
