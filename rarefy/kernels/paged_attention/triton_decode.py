@@ -253,6 +253,17 @@ def _decode_kernel(
                 acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
 
+    _write_result(acc, m_i, l_i, b, kvh, sp, heads, g_mask, offs_d, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+                  stride_ob, stride_oh, num_splits, GROUP, HEAD_DIM, SPLIT, FUSED, CHUNK)
+
+
+@triton.jit
+def _write_result(acc, m_i, l_i, b, kvh, sp, heads, g_mask, offs_d, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+                  stride_ob, stride_oh, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  SPLIT: tl.constexpr, FUSED: tl.constexpr, CHUNK: tl.constexpr):
+    """Normalise one program's accumulator (``acc`` [GROUP_PAD, HEAD_DIM], running max ``m_i``
+    and sum ``l_i`` in base 2) and write it: the output directly with one split, else the
+    partial output and its LSE, and with ``FUSED`` the last program of (b, kvh) combines."""
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if not SPLIT:
@@ -397,6 +408,37 @@ def counters_for(device: torch.device, n: int) -> torch.Tensor | None:
     return buf
 
 
+def launch_buffers(q, plan: DecodePlan, num_kv_heads: int, counters: torch.Tensor | None = None):
+    """(out, po, plse, counters, fused, chunk) for one decode launch: the output, the fp32 split
+    workspaces (aliases of ``out`` with one split), the arrival counters of the fused reduction
+    (None when it is off or cannot be had), and the reduction's chunk of splits."""
+    batch, num_heads, head_dim = q.shape
+    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    splits = plan.num_splits
+    if splits > 1:
+        po = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        plse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        po = plse = out  # unused
+    fused = plan.fused_reduce and splits > 1
+    cnt = None
+    if fused:
+        cnt = counters if counters is not None else counters_for(q.device, batch * num_kv_heads)
+        fused = cnt is not None
+    chunk = 16 if splits > 8 else 8  # few distinct values: no recompiles as the split count changes
+    return out, po, plse, cnt, fused, chunk
+
+
+def launch_reduce(po, plse, out, splits: int, chunk: int) -> None:
+    """The separate split reduction: ``_reduce_kernel`` over (batch, num_heads)."""
+    batch, num_heads, head_dim = out.shape
+    _reduce_kernel[(batch, num_heads)](
+        po, plse, out, out.stride(0), out.stride(1), splits,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, CHUNK=chunk,
+        num_warps=4 if head_dim * chunk >= 2048 else 2,
+    )
+
+
 def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, kv_dtype,
                                   sm_scale, num_splits=None, max_seq_len=None, plan: DecodePlan | None = None,
                                   return_kernel: bool = False, counters: torch.Tensor | None = None):
@@ -411,19 +453,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
     if plan is None:
         plan = make_plan(q, k_cache, block_tables, kv_dtype, num_splits, max_seq_len)
     quant = kv_dtype in _QUANT
-    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    out, po, plse, cnt, fused, chunk = launch_buffers(q, plan, num_kv_heads, counters)
     splits = plan.num_splits
-    if splits > 1:
-        po = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
-        plse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
-    else:
-        po = plse = out  # unused
-    fused = plan.fused_reduce and splits > 1
-    cnt = None
-    if fused:
-        cnt = counters if counters is not None else counters_for(q.device, batch * num_kv_heads)
-        fused = cnt is not None
-    chunk = 16 if splits > 8 else 8  # few distinct values: no recompiles as the split count changes
     dot = {"fp32": _DOT_F32, "bf16": _DOT_BF16, "fp16": _DOT_F16}[plan.dot_dtype]
     conv = conv_code(plan, kv_dtype)
     kv_mul = 256.0 if conv in (2, 3) else 1.0
@@ -446,11 +477,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}),
     )
     if splits > 1 and not fused:
-        _reduce_kernel[(batch, num_heads)](
-            po, plse, out, out.stride(0), out.stride(1), splits,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, CHUNK=chunk,
-            num_warps=4 if head_dim * chunk >= 2048 else 2,
-        )
+        launch_reduce(po, plse, out, splits, chunk)
     if return_kernel:
         return out, kernel
     return out

@@ -1,0 +1,138 @@
+"""The warp-split decode kernel (one online softmax per warp, V token- or dim-major) against
+rarefy's default decode kernel, in one run on a GPU: 32k x 1 for every KV dtype, then the
+batch points. Every variant is checked against the torch path before it is timed (CUDA-graph
+replay over cache copies larger than L2).
+
+    PYTHONPATH=. python3 benchmarks/gpu_attention_warpsplit.py [--points 32k:1,4k:32] [--dtypes bf16,int8,...]
+        [--variants "t128 w4 st5 dm,..."] [--json FILE]
+
+Variant labels: t<tokens per tile> w<warps = sub-streams> st<num_stages> dm|tm (V dim- or
+token-major), sw (the swapped products), r<register cap>, s<splits>, fr (fused
+split reduction), cp (Triton's own int8/fp8 conversion); "base" is the default kernel and plan. docs/results/attention.md ("Warp split").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULT_VARIANTS = ("t64 w4 st5 dm", "t64 w4 st5 dm sw", "t64 w4 st7 dm sw", "t64 w4 st3 dm sw", "t128 w4 st5 dm sw",
+                    "t128 w4 st5 dm sw r128", "t128 w8 st5 dm sw", "t128 w8 st7 dm sw", "t256 w8 st5 dm sw r128",
+                    "t64 w2 st5 dm sw", "t32 w2 st5 dm sw")
+
+
+def parse_variant(label: str) -> dict:
+    out = {}
+    for part in label.split():
+        if part in ("dm", "tm"):
+            out["dm"] = part == "dm"
+        elif part == "sw":
+            out["swap"] = True
+        elif part == "fr":
+            out["fused_reduce"] = True
+        elif part == "cp":
+            out["convert"] = "plain"
+        elif part.startswith("r"):
+            out["max_regs"] = int(part[1:])
+        elif part.startswith("st"):
+            out["num_stages"] = int(part[2:])
+        elif part.startswith("t"):
+            out["tile_n"] = int(part[1:])
+        elif part.startswith("w"):
+            out["num_warps"] = int(part[1:])
+        elif part.startswith("s"):
+            out["num_splits"] = int(part[1:])
+    return out
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from rarefy.bench.attention import AttnBenchConfig, _Case, _rel_err, _Runner, kv_bytes
+    from rarefy.kernels.paged_attention.plan import plan_decode
+    from rarefy.kernels.paged_attention.torch_decode import paged_decode_attention_torch
+    from rarefy.kernels.paged_attention.triton_decode import paged_decode_attention_triton, sm_count_of
+    from rarefy.kernels.paged_attention.triton_decode_warpsplit import paged_decode_attention_warpsplit
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--points", default="32k:1")
+    ap.add_argument("--dtypes", default="bf16,int8,fp8_e4m3,fp8_e5m2")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    cfg = AttnBenchConfig(device="cuda", samples=a.samples)
+    run = _Runner(cfg, None)
+    dev = run.device
+    sms = sm_count_of(dev)
+    rows = []
+    for pt in a.points.split(","):
+        c, b = pt.split(":")
+        ctx = int(c[:-1]) * 1024 if c.endswith("k") else int(c)
+        batch = int(b)
+        for kvd in a.dtypes.split(","):
+            nb = kv_bytes(kvd, batch, ctx, 8, 32, 128, 16, 2)
+            case = _Case(cfg, ctx, batch, kvd, run.nbuf_for(nb["kv"] + nb["scales"]), dev)
+            try:
+                ref = paged_decode_attention_torch(*case.args(0), case.sm_scale).float()
+                v_dm = case.v_cache.transpose(2, 3).contiguous()
+                for label in ["base"] + [v for v in a.variants.split(",") if v]:
+                    r = dict(kvd=kvd, ctx=ctx, batch=batch, label=label, us=None, err=None, plan="", note="")
+                    try:
+                        if label == "base":
+                            plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms)
+
+                            def launch(i, p=plan):
+                                return paged_decode_attention_triton(*case.args(i), case.sm_scale, plan=p)
+                        else:
+                            kw = parse_variant(label)
+                            dm = kw.pop("dm", True)
+                            sw = kw.pop("swap", False)
+                            plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, **kw)
+
+                            def launch(i, p=plan, dm=dm, sw=sw):
+                                q, kc, vc, ks, vs, bt, sl, kv = case.args(i)
+                                return paged_decode_attention_warpsplit(
+                                    q, kc, v_dm if dm else vc, ks, vs, bt, sl, kv, case.sm_scale, plan=p,
+                                    v_dim_major=dm, swap=sw)
+                        r["plan"] = plan.describe()
+                        y = launch(0)
+                        r["err"] = _rel_err(y, ref)
+                        if not r["err"] < 2e-2:
+                            r["note"] = "FAILED check"
+                        else:
+                            r["us"], _ = run.time_us(launch, case.nbuf)
+                    except Exception as e:  # noqa: BLE001
+                        r["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                        torch.cuda.synchronize(dev)
+                    rows.append(r)
+                    us = f"{r['us']:.1f}" if r["us"] else "-"
+                    print(f"{kvd:8s} {ctx // 1024}k x{batch:<3d} {label:18s} {us:>7s} µs  err {r['err'] or 0:.1e} "
+                          f"{r['note']}", file=sys.stderr, flush=True)
+            finally:
+                case = None
+                v_dm = None
+                run.free()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(dev), rows=rows), f, indent=1)
+    print(f"\n{torch.cuda.get_device_name(dev)}; vs bf16 = bf16 base µs / this µs at the same point")
+    print("kv        point    variant               µs  vs base  vs bf16  rel err")
+    for pt in sorted({(r["ctx"], r["batch"]) for r in rows}):
+        at = [r for r in rows if (r["ctx"], r["batch"]) == pt]
+        bf = next((r["us"] for r in at if r["kvd"] == "bf16" and r["label"] == "base" and r["us"]), None)
+        for r in at:
+            base = next((x["us"] for x in at if x["kvd"] == r["kvd"] and x["label"] == "base" and x["us"]), None)
+            vb = f"{base / r['us']:.2f}x" if base and r["us"] else "-"
+            vf = f"{bf / r['us']:.2f}x" if bf and r["us"] else "-"
+            print(f"{r['kvd']:8s}  {r['ctx'] // 1024}k x{r['batch']:<3d} {r['label']:18s} {r['us'] or 0:7.1f}  "
+                  f"{vb:>7s}  {vf:>7s}  {r['err'] or 0:.1e} {r['note']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Flash-decoding with one online softmax per warp ("warp split"), for the paged KV cache.
+
+``_decode_kernel`` (triton_decode.py) spreads each tile's tokens over the program's warps
+inside one 2-D ``tl.dot``: the row max and row sum of the scores then cross warps (shared
+memory and a block-wide barrier) every tile, and ``P`` goes through shared memory so that
+every warp can multiply it by its slice of ``V``. For 8-bit caches that chain, not the
+bytes, sets the time per tile (docs/results/attention.md, "Quantized caches").
+
+Here a tile is ``[SUB, SUB_N]`` tokens and every product is a batched 3-D ``tl.dot`` whose
+batch axis is ``SUB`` (= the warp count; Triton gives each batch slice its own warp), so
+sub-stream ``w`` keeps its own running max, sum and ``[GROUP_PAD, HEAD_DIM]`` accumulator
+and nothing crosses warps until the end, where the ``SUB`` partial softmaxes are merged by
+their maxima (the same log-sum-exp combine the splits use).
+
+V may be stored token-major (``[block, head, token, dim]``, the cache's layout) or
+dim-major (``[block, head, dim, token]``): the strides say which. Dim-major keeps the
+tokens, the reduction axis of ``P @ V``, contiguous, so an 8-bit V tile reaches the
+tensor cores with 4-byte shared-memory loads instead of byte loads.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from rarefy.kernels.paged_attention.triton_decode import _to_dot, _write_result
+
+
+@triton.jit
+def _decode_warpsplit_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, sl_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+    qk_scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_sb, stride_sh,
+    stride_btb,
+    stride_ob, stride_oh,
+    tokens_per_split, num_splits,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SUB: tl.constexpr,
+    SUB_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FUSED: tl.constexpr,
+    QUANT: tl.constexpr,
+    DOT: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CONV: tl.constexpr,
+    KV_MUL: tl.constexpr,
+    V_DIM_MAJOR: tl.constexpr,
+    V_FINITE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = sp * tokens_per_split
+    if sp == num_splits - 1:
+        end = seq_len
+    else:
+        end = tl.minimum(start + tokens_per_split, seq_len)
+
+    offs_w = tl.arange(0, SUB)
+    offs_n = tl.arange(0, SUB_N)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    if DOT == 1:
+        q = q.to(tl.bfloat16)
+    else:
+        q = q.to(tl.float16)
+    qb = tl.broadcast_to(q[None, :, :], (SUB, GROUP_PAD, HEAD_DIM))
+
+    m_i = tl.full([SUB, GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([SUB, GROUP_PAD], tl.float32)
+    acc = tl.zeros([SUB, GROUP_PAD, HEAD_DIM], tl.float32)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    k_head = kvh.to(tl.int64) * stride_kh
+    v_head = kvh.to(tl.int64) * stride_vh
+    s_head = kvh.to(tl.int64) * stride_sh
+
+    PAGES: tl.constexpr = SUB_N // BLOCK_SIZE
+    offs_p = tl.arange(0, PAGES)
+    offs_b = tl.arange(0, BLOCK_SIZE)
+    for t0 in range(start, end, SUB * SUB_N):
+        # one block-table entry per page (tokens_per_split is a multiple of the tile, so t0 is
+        # page-aligned); addresses are built per (page, slot) so Triton sees each page's slots
+        # as one contiguous run, and reshaped to [SUB, SUB_N] (sub-stream w, its tokens)
+        pg = t0 // BLOCK_SIZE + offs_w[:, None] * PAGES + offs_p[None, :]
+        blk = tl.load(bt_row + pg, mask=pg * BLOCK_SIZE < end, other=0).to(tl.int64)[:, :, None]
+        tok3 = pg[:, :, None] * BLOCK_SIZE + offs_b[None, None, :]
+        t_mask = tl.reshape(tok3 < end, (SUB, SUB_N))
+        k_row = blk * stride_kb + k_head + offs_b[None, None, :] * stride_kt
+        # unmasked: slots past the end (pages past it read page 0) only produce scores that
+        # the token mask below replaces with -inf, NaN included
+        k = tl.load(k_ptr + k_row[:, :, :, None] + offs_d[None, None, None, :])
+        k = tl.reshape(k, (SUB, SUB_N, HEAD_DIM))
+        s = tl.dot(qb, tl.trans(_to_dot(k, DOT, CONV), (0, 2, 1)))  # [SUB, GROUP_PAD, SUB_N]
+        s = s * qk_scale
+        if QUANT:
+            srow = tl.reshape(blk * stride_sb + s_head + offs_b[None, None, :], (SUB, SUB_N))
+            k_s = tl.load(ks_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
+            s = s * k_s[:, None, :]
+        s = tl.where(t_mask[:, None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=2))
+        # a sub-stream whose tokens are all past the end has seen nothing yet: keep exp2 finite
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, axis=2)
+
+        v_row = blk * stride_vb + v_head + offs_b[None, None, :] * stride_vt
+        v_ptrs = v_ptr + v_row[:, :, :, None] + offs_d[None, None, None, :] * stride_vd
+        if V_DIM_MAJOR:
+            # a token mask along the contiguous axis would cost the vector loads: mask whole
+            # pages, then zero the slots past the end of the last one (P is 0 there, but an
+            # unwritten slot may hold a NaN pattern) unless every bit pattern is finite (int8)
+            v = tl.load(v_ptrs, mask=(pg * BLOCK_SIZE < end)[:, :, None, None], other=0.0)
+            v = tl.reshape(v, (SUB, SUB_N, HEAD_DIM))
+            if not V_FINITE:
+                v = tl.where(t_mask[:, :, None], v, tl.zeros_like(v))
+        else:
+            v = tl.load(v_ptrs, mask=(tok3 < end)[:, :, :, None], other=0.0)
+            v = tl.reshape(v, (SUB, SUB_N, HEAD_DIM))
+        acc = acc * alpha[:, :, None]
+        if QUANT:
+            # fp16 P carries the per-token V scales normalised by each sub-stream's largest
+            # (triton_decode.py: the unnormalised product would underflow)
+            v_s = tl.load(vs_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
+            v_top = tl.maximum(tl.max(v_s, axis=1), 1e-30)
+            pq = (p * (v_s / v_top[:, None])[:, None, :]).to(tl.float16)
+            acc += tl.dot(pq, _to_dot(v, DOT, CONV)) * (v_top * KV_MUL)[:, None, None]
+        elif DOT == 1:
+            acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+        m_i = m_new
+
+    # merge the SUB partial softmaxes by their maxima
+    m = tl.max(m_i, axis=0)
+    m_use = tl.where(m > float("-inf"), m, 0.0)
+    w = tl.exp2(m_i - m_use[None, :])
+    l_tot = tl.sum(l_i * w, axis=0)
+    acc_tot = tl.sum(acc * w[:, :, None], axis=0)
+    _write_result(acc_tot, m, l_tot, b, kvh, sp, heads, g_mask, offs_d, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+                  stride_ob, stride_oh, num_splits, GROUP, HEAD_DIM, SPLIT, FUSED, CHUNK)
+
+
+@triton.jit
+def _page_ids(bt_row, t0, limit, SUB: tl.constexpr, PAGES: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """[SUB, PAGES] page ids of the tile at t0 (0 for pages at or past ``limit``)."""
+    pg = t0 // BLOCK_SIZE + tl.arange(0, SUB)[:, None] * PAGES + tl.arange(0, PAGES)[None, :]
+    return tl.load(bt_row + pg, mask=pg * BLOCK_SIZE < limit, other=0).to(tl.int64)
+
+
+@triton.jit
+def _page_scales(s_ptr, blk, s_head, stride_sb, t0, end, SUB: tl.constexpr, SUB_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    """[SUB, SUB_N] fp32 per-token scales of the tile at t0 (0 past ``end`` when MASKED)."""
+    PAGES: tl.constexpr = SUB_N // BLOCK_SIZE
+    offs_b = tl.arange(0, BLOCK_SIZE)
+    ptrs = tl.reshape(s_ptr + blk[:, :, None] * stride_sb + s_head + offs_b[None, None, :], (SUB, SUB_N))
+    if MASKED:
+        pg = t0 // BLOCK_SIZE + tl.arange(0, SUB)[:, None] * PAGES + tl.arange(0, PAGES)[None, :]
+        tok = tl.reshape(pg[:, :, None] * BLOCK_SIZE + offs_b[None, None, :], (SUB, SUB_N))
+        return tl.load(ptrs, mask=tok < end, other=0.0).to(tl.float32)
+    return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _swap_tile(t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_ptr, k_head, v_head,
+               stride_kb, stride_kt, stride_vb, stride_vt, stride_vd,
+               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SUB: tl.constexpr, SUB_N: tl.constexpr,
+               QUANT: tl.constexpr, DOT: tl.constexpr, CONV: tl.constexpr, KV_MUL: tl.constexpr,
+               V_DIM_MAJOR: tl.constexpr, V_FINITE: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of ``_decode_swap_kernel``: tokens t0 .. t0 + SUB * SUB_N (sub-stream w takes
+    the w-th run of SUB_N), folded into the running (max, sum, accumulator, unit). ``blk``
+    [SUB, PAGES] holds the tile's page ids and ``k_s`` / ``v_s`` [SUB, SUB_N] its fp32 scales
+    (quantized caches), both loaded ahead by the caller. Without ``MASKED`` every token is
+    below ``end``."""
+    PAGES: tl.constexpr = SUB_N // BLOCK_SIZE
+    offs_w = tl.arange(0, SUB)
+    offs_p = tl.arange(0, PAGES)
+    offs_b = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    pg = t0 // BLOCK_SIZE + offs_w[:, None] * PAGES + offs_p[None, :]  # [SUB, PAGES]
+    if MASKED:
+        pg_live = pg * BLOCK_SIZE < end
+        tok3 = pg[:, :, None] * BLOCK_SIZE + offs_b[None, None, :]
+        t_mask = tl.reshape(tok3 < end, (SUB, SUB_N))
+
+    # K unmasked even in the partial tile: slots past the end (pages past it read page 0) only
+    # make scores that the token mask replaces with -inf, NaN included
+    k_row = blk[:, :, None] * stride_kb + k_head + offs_b[None, None, :] * stride_kt
+    k = tl.reshape(tl.load(k_ptr + k_row[:, :, :, None] + offs_d[None, None, None, :]), (SUB, SUB_N, HEAD_DIM))
+    s = tl.dot(_to_dot(k, DOT, CONV), qb) * qk_scale  # [SUB, SUB_N, GROUP_PAD]
+    if QUANT:
+        s = s * k_s[:, :, None]
+    if MASKED:
+        s = tl.where(t_mask[:, :, None], s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a sub-stream that has seen no token yet
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None, :])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+
+    if V_DIM_MAJOR:  # V^T tile [SUB, HEAD_DIM, SUB_N]: each page's slots one contiguous run
+        v_t = v_ptr + (blk[:, None, :, None] * stride_vb + v_head + offs_d[None, :, None, None] * stride_vd
+                       + offs_b[None, None, None, :] * stride_vt)
+        if MASKED:
+            # a token mask along the contiguous axis would cost the vector loads: whole pages
+            # are masked, then the slots past the end zeroed (P is 0 there, but an unwritten
+            # slot may hold a NaN pattern) unless every pattern converts to a finite value
+            v_t = tl.reshape(tl.load(v_t, mask=pg_live[:, None, :, None], other=0.0), (SUB, HEAD_DIM, SUB_N))
+            if not V_FINITE:
+                v_t = tl.where(t_mask[:, None, :], v_t, tl.zeros_like(v_t))
+        else:
+            v_t = tl.reshape(tl.load(v_t), (SUB, HEAD_DIM, SUB_N))
+    else:
+        v_t = v_ptr + (blk[:, :, None, None] * stride_vb + v_head + offs_b[None, None, :, None] * stride_vt
+                       + offs_d[None, None, None, :] * stride_vd)
+        if MASKED:
+            v_t = tl.load(v_t, mask=(tok3 < end)[:, :, :, None], other=0.0)
+        else:
+            v_t = tl.load(v_t)
+        v_t = tl.trans(tl.reshape(v_t, (SUB, SUB_N, HEAD_DIM)), (0, 2, 1))
+    if QUANT:
+        # fp16 P carries the V scales normalised by the tile's largest (fp16 would underflow on
+        # the raw products); that factor becomes the accumulator's unit r, so the tile's
+        # product still accumulates inside the MMA
+        v_top = tl.maximum(tl.max(v_s, axis=1), 1e-30) * KV_MUL
+        pq = (p * (v_s * KV_MUL / v_top[:, None])[:, :, None]).to(tl.float16)
+        acc = tl.dot(_to_dot(v_t, DOT, CONV), pq, acc * (alpha * (r / v_top)[:, None])[:, None, :])
+        r = v_top
+    elif DOT == 1:
+        acc = tl.dot(v_t.to(tl.bfloat16), p.to(tl.bfloat16), acc * alpha[:, None, :])
+    else:
+        acc = tl.dot(v_t.to(tl.float16), p.to(tl.float16), acc * alpha[:, None, :])
+    return m_new, l_i, acc, r
+
+
+@triton.jit
+def _decode_swap_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, sl_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+    qk_scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_sb, stride_sh,
+    stride_btb,
+    stride_ob, stride_oh,
+    tokens_per_split, num_splits,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SUB: tl.constexpr,
+    SUB_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FUSED: tl.constexpr,
+    QUANT: tl.constexpr,
+    DOT: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CONV: tl.constexpr,
+    KV_MUL: tl.constexpr,
+    V_DIM_MAJOR: tl.constexpr,
+    V_FINITE: tl.constexpr,
+):
+    """The warp split with the products transposed ("swap AB"): scores^T = K q^T
+    ([SUB_N, GROUP_PAD] per sub-stream) and out^T = V^T P^T ([HEAD_DIM, GROUP_PAD]). The tokens
+    and the head dim fill the MMA's 16-row side, the few query heads its 8-column side, so a
+    GQA group of 4 pads to 8 columns instead of 16 rows: half the MMAs, and a [HEAD_DIM, 8]
+    accumulator per warp instead of [16, HEAD_DIM]. V dim-major is V^T's natural layout."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = sp * tokens_per_split
+    if sp == num_splits - 1:
+        end = seq_len
+    else:
+        end = tl.minimum(start + tokens_per_split, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+
+    q_t = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[None, :] * stride_qh + offs_d[:, None],
+                  mask=g_mask[None, :], other=0.0)  # [HEAD_DIM, GROUP_PAD]
+    if DOT == 1:
+        q_t = q_t.to(tl.bfloat16)
+    else:
+        q_t = q_t.to(tl.float16)
+    qb = tl.broadcast_to(q_t[None, :, :], (SUB, HEAD_DIM, GROUP_PAD))
+
+    m_i = tl.full([SUB, GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([SUB, GROUP_PAD], tl.float32)
+    acc = tl.zeros([SUB, HEAD_DIM, GROUP_PAD], tl.float32)  # out^T in units of r (below)
+    r = tl.full([SUB], 1.0, tl.float32)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    k_head = kvh.to(tl.int64) * stride_kh
+    v_head = kvh.to(tl.int64) * stride_vh
+    s_head = kvh.to(tl.int64) * stride_sh
+
+    # whole tiles need no token mask; the one partial tile at the end of a split is peeled off
+    TILE: tl.constexpr = SUB * SUB_N
+    full_end = start + tl.maximum(end - start, 0) // TILE * TILE
+    PAGES: tl.constexpr = SUB_N // BLOCK_SIZE
+    # The K/V tiles (and their page ids) are staged through shared memory by Triton's
+    # pipeliner, but 2-byte-per-thread scale loads are not pipelined: left in the loop they put
+    # two dependent global round trips (page id -> scale) into every tile's chain. So the
+    # scales are loaded one tile ahead into registers, from page ids loaded two tiles ahead.
+    k_s = tl.zeros([SUB, SUB_N], tl.float32)
+    v_s = tl.zeros([SUB, SUB_N], tl.float32)
+    blk_s = _page_ids(bt_row, start + TILE, full_end, SUB, PAGES, BLOCK_SIZE)  # next tile's, for its scales
+    if QUANT:
+        blk0 = _page_ids(bt_row, start, full_end, SUB, PAGES, BLOCK_SIZE)
+        k_s = _page_scales(ks_ptr, blk0, s_head, stride_sb, start, end, SUB, SUB_N, BLOCK_SIZE, False)
+        v_s = _page_scales(vs_ptr, blk0, s_head, stride_sb, start, end, SUB, SUB_N, BLOCK_SIZE, False)
+    for t0 in range(start, full_end, TILE):
+        k_s_next = k_s
+        v_s_next = v_s
+        blk_s_next = blk_s
+        if QUANT:
+            blk_s_next = _page_ids(bt_row, t0 + 2 * TILE, full_end, SUB, PAGES, BLOCK_SIZE)
+            k_s_next = _page_scales(ks_ptr, blk_s, s_head, stride_sb, t0, end, SUB, SUB_N, BLOCK_SIZE, False)
+            v_s_next = _page_scales(vs_ptr, blk_s, s_head, stride_sb, t0, end, SUB, SUB_N, BLOCK_SIZE, False)
+        blk = _page_ids(bt_row, t0, full_end, SUB, PAGES, BLOCK_SIZE)
+        m_i, l_i, acc, r = _swap_tile(
+            t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_ptr, k_head, v_head,
+            stride_kb, stride_kt, stride_vb, stride_vt, stride_vd,
+            HEAD_DIM, BLOCK_SIZE, SUB, SUB_N, QUANT, DOT, CONV, KV_MUL, V_DIM_MAJOR, V_FINITE, False)
+        blk_s = blk_s_next
+        k_s = k_s_next
+        v_s = v_s_next
+    if full_end < end:
+        blk = _page_ids(bt_row, full_end, end, SUB, PAGES, BLOCK_SIZE)
+        if QUANT:
+            k_s = _page_scales(ks_ptr, blk, s_head, stride_sb, full_end, end, SUB, SUB_N, BLOCK_SIZE, True)
+            v_s = _page_scales(vs_ptr, blk, s_head, stride_sb, full_end, end, SUB, SUB_N, BLOCK_SIZE, True)
+        m_i, l_i, acc, r = _swap_tile(
+            full_end, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_ptr, k_head, v_head,
+            stride_kb, stride_kt, stride_vb, stride_vt, stride_vd,
+            HEAD_DIM, BLOCK_SIZE, SUB, SUB_N, QUANT, DOT, CONV, KV_MUL, V_DIM_MAJOR, V_FINITE, True)
+
+    m = tl.max(m_i, axis=0)
+    m_use = tl.where(m > float("-inf"), m, 0.0)
+    w = tl.exp2(m_i - m_use[None, :])
+    l_tot = tl.sum(l_i * w, axis=0)
+    acc_tot = tl.trans(tl.sum(acc * (w * r[:, None])[:, None, :], axis=0))  # [GROUP_PAD, HEAD_DIM]
+    _write_result(acc_tot, m, l_tot, b, kvh, sp, heads, g_mask, offs_d, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+                  stride_ob, stride_oh, num_splits, GROUP, HEAD_DIM, SPLIT, FUSED, CHUNK)
+
+
+def warpsplit_supported(plan, block_size: int, head_dim: int) -> bool:
+    """Whether the warp-split kernel can run this plan: tensor-core products in bf16/fp16, whole
+    pages per sub-stream (``tile_n / num_warps`` a multiple of the page) and at least 16 tokens
+    per sub-stream (the smallest MMA reduction)."""
+    sub_n = plan.tile_n // plan.num_warps
+    return (plan.use_dot and plan.dot_dtype in ("bf16", "fp16") and not plan.qk_int8
+            and plan.tile_n % plan.num_warps == 0 and sub_n >= 16 and sub_n % block_size == 0
+            and head_dim >= 16)
+
+
+def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, kv_dtype,
+                                     sm_scale, plan, v_dim_major: bool = False, counters=None,
+                                     swap: bool = False):
+    """Launch ``_decode_warpsplit_kernel`` for ``plan`` (a :func:`plan_decode` result that
+    :func:`warpsplit_supported` accepts). ``v_cache`` is ``[blocks, kv_heads, block_size,
+    head_dim]``, or ``[blocks, kv_heads, head_dim, block_size]`` with ``v_dim_major``."""
+    from rarefy.kernels.paged_attention.triton_decode import (
+        LOG2E, _QUANT, _interpreting, conv_code, launch_buffers, launch_reduce)
+
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    if not warpsplit_supported(plan, block_size, head_dim):
+        raise ValueError(f"the warp-split decode kernel cannot run this plan: {plan.describe()}")
+    quant = kv_dtype in _QUANT
+    out, po, plse, cnt, fused, chunk = launch_buffers(q, plan, num_kv_heads, counters)
+    conv = conv_code(plan, kv_dtype)
+    kv_mul = 256.0 if conv in (2, 3) else 1.0
+    if v_dim_major:
+        stride_vt, stride_vd = v_cache.stride(3), v_cache.stride(2)
+    else:
+        stride_vt, stride_vd = v_cache.stride(2), v_cache.stride(3)
+    ks = k_scale if quant else k_cache
+    vs = v_scale if quant else v_cache
+    stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
+    kernel = _decode_swap_kernel if swap else _decode_warpsplit_kernel
+    group_pad = max(2, 1 << (plan.group - 1).bit_length()) if swap else plan.group_pad
+    kernel[plan.grid](
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
+        float(sm_scale) * LOG2E * kv_mul,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), stride_vt, stride_vd,
+        stride_sb, stride_sh,
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        plan.tokens_per_split, plan.num_splits,
+        GROUP=plan.group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        SUB=plan.num_warps, SUB_N=plan.tile_n // plan.num_warps, SPLIT=plan.num_splits > 1, FUSED=fused,
+        QUANT=quant, DOT={"bf16": 1, "fp16": 2}[plan.dot_dtype], CHUNK=chunk, CONV=conv, KV_MUL=kv_mul,
+        V_DIM_MAJOR=bool(v_dim_major), V_FINITE=kv_dtype == "int8" or conv == 2,  # the e4m3 bit trick drops NaN
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}),
+    )
+    if plan.num_splits > 1 and not fused:
+        launch_reduce(po, plse, out, plan.num_splits, chunk)
+    return out
