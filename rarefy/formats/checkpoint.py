@@ -31,7 +31,8 @@ from rarefy.models.safetensors_dir import read_rarefy_metadata
 if TYPE_CHECKING:
     from rarefy.tokenizer import Tokenizer
 
-__all__ = ["save_pruned", "read_rarefy_metadata", "file_sha256", "FORMAT_VERSION", "prepare_save", "SaveInputs"]
+__all__ = ["save_pruned", "read_rarefy_metadata", "file_sha256", "FORMAT_VERSION", "prepare_save", "SaveInputs",
+           "ShardWriter", "base_config", "rarefy_header"]
 
 FORMAT_VERSION = 1
 # The sparse-bitmask layout is that of compressed-tensors <= 0.14.0.1, the last release
@@ -66,6 +67,19 @@ class SaveInputs:
     tok_src: "Path | Tokenizer | None"
     gguf: _GGUFCache
     meta: dict
+
+    def write(self, write_weights: Callable[[Path], dict], make_config: Callable[[dict], dict]) -> dict:
+        """Atomically fill `out`: stats = write_weights(tmp); config.json = make_config(stats)
+        (kept as stats["cfg"]); the tokenizer files. Returns stats."""
+        def fill(tmp: Path) -> dict:
+            stats = write_weights(tmp)
+            stats["cfg"] = make_config(stats)
+            _write_json(tmp / "config.json", stats["cfg"])
+            if self.tok_src is not None:
+                _write_tokenizer(tmp, self.tok_src, self.gguf)
+            return stats
+
+        return write_dir_atomically(self.out, fill)
 
 
 def prepare_save(out_dir: str | os.PathLike, source_path: str | os.PathLike | None, *, overwrite: bool,
@@ -121,16 +135,8 @@ def save_pruned(model, out_dir: str | os.PathLike, *, source_path: str | os.Path
                       config_dict=config_dict, tokenizer_files_from=tokenizer_files_from, meta=rarefy_meta,
                       meta_name="rarefy_meta")
     tensors = _state_tensors(model)
-
-    def fill(tmp: Path) -> dict:
-        stats = _write_weights(tmp, tensors, compress, shard_size_bytes, dtype)
-        stats["cfg"] = _final_config(io.cfg, stats, tensors, io.source, io.meta)
-        _write_json(tmp / "config.json", stats["cfg"])
-        if io.tok_src is not None:
-            _write_tokenizer(tmp, io.tok_src, io.gguf)
-        return stats
-
-    stats = write_dir_atomically(io.out, fill)
+    stats = io.write(lambda tmp: _write_weights(tmp, tensors, compress, shard_size_bytes, dtype),
+                     lambda stats: _final_config(io.cfg, stats, tensors, io.source, io.meta))
     cfg = stats["cfg"]
     return {"out_dir": str(io.out), "files": stats["files"], "compressed": stats["compressed"],
             "bytes": stats["bytes"], "dense_bytes": stats["dense_bytes"],
@@ -250,22 +256,11 @@ def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor], compress: Callab
                    shard_size: int, dtype: torch.dtype | None) -> dict:
     """Encode and write shards (the parts of one matrix stay in one shard); collect sparsity.
     Tensors are cast one at a time, so no second copy of the model is ever held."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = [0]
-    files: list[Path] = []
-    keys: list[list[str]] = []
+    shards = ShardWriter(tmp, shard_size, {"format": "pt", "rarefy_format_version": str(FORMAT_VERSION)})
     dtypes: set[str] = set()
     compressed: list[str] = []
-    zeros_all = numel_all = total = dense_total = 0
+    zeros_all = numel_all = dense_total = 0
     per_comp: dict[str, list[int]] = {}
-
-    def flush():
-        path = tmp / f"part-{len(files):05d}.safetensors"
-        save_file(shards[-1], str(path), metadata={"format": "pt", "rarefy_format_version": str(FORMAT_VERSION)})
-        _fsync_file(path)
-        files.append(path)
-        keys.append(list(shards[-1]))
-        shards[-1], shard_bytes[-1] = {}, 0
 
     for name, t in tensors.items():
         if dtype is not None and t.is_floating_point():
@@ -286,43 +281,84 @@ def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor], compress: Callab
             c[1] += t.numel()
         else:
             parts = {name: t.cpu().contiguous()}
-        size = sum(v.numel() * v.element_size() for v in parts.values())
-        if shards[-1] and shard_bytes[-1] + size > shard_size:
-            flush()
-        shards[-1].update(parts)
-        shard_bytes[-1] += size
-        total += size
-    if shards[-1] or not files:
-        flush()
-
-    # Final names are known only now; renaming inside the temp dir keeps the write atomic.
-    weight_map = {}
-    if len(files) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-    for path, final in zip(files, names):
-        os.replace(path, tmp / final)
-    if len(files) > 1:
-        for final, shard_keys in zip(names, keys):
-            weight_map.update({k: final for k in shard_keys})
-        _write_json(tmp / "model.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        shards.add(parts)
+    names = shards.finish()
     zc = sum(v[0] for v in per_comp.values())
     nc = sum(v[1] for v in per_comp.values())
-    return {"files": names, "compressed": compressed, "bytes": total, "dense_bytes": dense_total,
+    return {"files": names, "compressed": compressed, "bytes": shards.total, "dense_bytes": dense_total,
             "dtypes": dtypes,
             "global_sparsity": zeros_all / max(numel_all, 1),
             "compressed_sparsity": zc / nc if nc else 0.0,
             "per_component": {k: v[0] / v[1] for k, v in sorted(per_comp.items())}}
 
 
+class ShardWriter:
+    """safetensors shards in `tmp` of at most `shard_size` bytes (a group larger than that gets
+    one to itself); the tensors of one `add` (the parts of one matrix) never split."""
+
+    def __init__(self, tmp: Path, shard_size: int, metadata: dict[str, str]):
+        self.tmp, self.shard_size, self.metadata = tmp, shard_size, metadata
+        self.files: list[Path] = []
+        self.keys: list[list[str]] = []
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.total = 0
+
+    def add(self, parts: dict[str, torch.Tensor]) -> int:
+        """Write `parts` (CPU, contiguous) into the current shard, or a new one; returns their bytes."""
+        size = sum(v.numel() * v.element_size() for v in parts.values())
+        if self.current and self.current_bytes + size > self.shard_size:
+            self._flush()
+        self.current.update(parts)
+        self.current_bytes += size
+        self.total += size
+        return size
+
+    def _flush(self) -> None:
+        path = self.tmp / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.current, str(path), metadata=self.metadata)
+        _fsync_file(path)
+        self.files.append(path)
+        self.keys.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Flush, give the shards their HF names (model.safetensors, or model-0000i-of-0000n +
+        model.safetensors.index.json); returns the names."""
+        if self.current or not self.files:
+            self._flush()
+        # Final names are known only now; renaming inside the temp dir keeps the write atomic.
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for path, final in zip(self.files, names):
+            os.replace(path, self.tmp / final)
+        if n > 1:
+            weight_map = {k: final for final, ks in zip(names, self.keys) for k in ks}
+            _write_json(self.tmp / "model.safetensors.index.json",
+                        {"metadata": {"total_size": self.total}, "weight_map": weight_map})
+        return names
+
+
 # -- config and metadata ---------------------------------------------------------------
 
-def _final_config(cfg: dict, stats: dict, tensors: dict, source: Path | None, meta: dict) -> dict:
+def base_config(cfg: dict, dtypes: set[str]) -> dict:
+    """The source's HF config without its quantization / compression / rarefy keys, its dtype
+    set to the saved floating tensors' one when they share one."""
     cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config", "rarefy")}
-    if len(stats["dtypes"]) == 1:
-        cfg["dtype" if "dtype" in cfg else "torch_dtype"] = next(iter(stats["dtypes"]))
+    if len(dtypes) == 1:
+        cfg["dtype" if "dtype" in cfg else "torch_dtype"] = next(iter(dtypes))
+    return cfg
+
+
+def rarefy_header(source: Path | None, weights_format: str) -> dict:
+    """The first keys of config.json["rarefy"]: format version, writer, date, source, weights format."""
+    return {"format_version": FORMAT_VERSION, "writer": f"rarefy {rarefy.__version__}",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source_model": str(source) if source is not None else None, "weights_format": weights_format}
+
+
+def _final_config(cfg: dict, stats: dict, tensors: dict, source: Path | None, meta: dict) -> dict:
+    cfg = base_config(cfg, stats["dtypes"])
     compressed = set(stats["compressed"])
     if compressed:
         # Linear modules in HF terms: the projections and lm_head (saved or tied).
@@ -343,11 +379,7 @@ def _final_config(cfg: dict, stats: dict, tensors: dict, source: Path | None, me
             "transform_config": {},
         }
     cfg["rarefy"] = {
-        "format_version": FORMAT_VERSION,
-        "writer": f"rarefy {rarefy.__version__}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": str(source) if source is not None else None,
-        "weights_format": "sparse-bitmask" if compressed else "dense",
+        **rarefy_header(source, "sparse-bitmask" if compressed else "dense"),
         **{k: v for k, v in meta.items() if k != "format_version"},
         "measured": {
             "compressed_tensors": len(compressed),

@@ -16,16 +16,13 @@ Loaded by rarefy.lowbit.composed.load_sparse_int8. Layout: docs/sparse-kernels.m
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-import rarefy
 from rarefy.errors import RarefyError
-from rarefy.formats.checkpoint import (COMPRESSED_TENSORS_VERSION, DEFAULT_SHARD_SIZE, FORMAT_VERSION, _fsync_file,
-                                       _write_json, _write_tokenizer, prepare_save, write_dir_atomically)
+from rarefy.formats.checkpoint import (COMPRESSED_TENSORS_VERSION, DEFAULT_SHARD_SIZE, FORMAT_VERSION, ShardWriter,
+                                       base_config, prepare_save, rarefy_header)
 from rarefy.formats.sparse_bitmask import encode_bitmask
 
 __all__ = ["save_sparse_int8", "SPARSE_INT8_FORMAT", "SPARSE_INT8_VERSION"]
@@ -97,22 +94,12 @@ def save_sparse_int8(model, out_dir: str | os.PathLike, *, source_path: str | os
             t = t.to(dtype)
         return {key: t.cpu().contiguous()}
 
-    def fill(tmp: Path) -> dict:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes, files, keys = [0], [], []
-        stats = {"bytes": 0, "sparse_int8_bytes": 0, "dense_bf16_bytes": 0, "dtypes": set()}
-
-        def flush():
-            path = tmp / f"part-{len(files):05d}.safetensors"
-            save_file(shards[-1], str(path), metadata={"format": "pt", "rarefy_format_version": str(FORMAT_VERSION)})
-            _fsync_file(path)
-            files.append(path)
-            keys.append(list(shards[-1]))
-            shards[-1], sizes[-1] = {}, 0
-
+    def write_weights(tmp: Path) -> dict:
+        shards = ShardWriter(tmp, shard_size_bytes, {"format": "pt", "rarefy_format_version": str(FORMAT_VERSION)})
+        stats = {"sparse_int8_bytes": 0, "dense_bf16_bytes": 0, "dtypes": set()}
         for key in groups:
             part = parts_of(key)
-            size = sum(v.numel() * v.element_size() for v in part.values())
+            size = shards.add(part)
             if key in sparse:
                 n, k = modules[key]["shape"]
                 stats["sparse_int8_bytes"] += size
@@ -121,37 +108,18 @@ def save_sparse_int8(model, out_dir: str | os.PathLike, *, source_path: str | os
                 for v in part.values():
                     if v.is_floating_point():
                         stats["dtypes"].add(str(v.dtype).removeprefix("torch."))
-            if shards[-1] and sizes[-1] + size > shard_size_bytes:
-                flush()
-            shards[-1].update(part)
-            sizes[-1] += size
-            stats["bytes"] += size
-        if shards[-1] or not files:
-            flush()
-        names = (["model.safetensors"] if len(files) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
-        for path, final in zip(files, names):
-            os.replace(path, tmp / final)
-        if len(files) > 1:
-            _write_json(tmp / "model.safetensors.index.json",
-                        {"metadata": {"total_size": stats["bytes"]},
-                         "weight_map": {k: final for final, ks in zip(names, keys) for k in ks}})
-        stats["files"] = names
-        _write_json(tmp / "config.json", _sparse_int8_config(io.cfg, stats, modules, io.source, io.meta))
-        if io.tok_src is not None:
-            _write_tokenizer(tmp, io.tok_src, io.gguf)
+        stats["files"] = shards.finish()
+        stats["bytes"] = shards.total
         return stats
 
-    stats = write_dir_atomically(io.out, fill)
+    stats = io.write(write_weights, lambda stats: _sparse_int8_config(io.cfg, stats, modules, io.source, io.meta))
     return {"out_dir": str(io.out), "files": stats["files"], "bytes": stats["bytes"],
             "sparse_int8_bytes": stats["sparse_int8_bytes"], "dense_bf16_bytes": stats["dense_bf16_bytes"],
             "modules": len(modules)}
 
 
 def _sparse_int8_config(cfg: dict, stats: dict, modules: dict, source: Path | None, meta: dict) -> dict:
-    cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config", "rarefy")}
-    if len(stats["dtypes"]) == 1:
-        cfg["dtype" if "dtype" in cfg else "torch_dtype"] = next(iter(stats["dtypes"]))
+    cfg = base_config(cfg, stats["dtypes"])
     targets = sorted(modules)
     cfg["quantization_config"] = {
         "quant_method": "compressed-tensors",
@@ -169,11 +137,7 @@ def _sparse_int8_config(cfg: dict, stats: dict, modules: dict, source: Path | No
     n_w = sum(s[0] * s[1] for s in (m["shape"] for m in modules.values()))
     nnz = sum(m["density"] * m["shape"][0] * m["shape"][1] for m in modules.values())
     cfg["rarefy"] = {
-        "format_version": FORMAT_VERSION,
-        "writer": f"rarefy {rarefy.__version__}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": str(source) if source is not None else None,
-        "weights_format": SPARSE_INT8_FORMAT,
+        **rarefy_header(source, SPARSE_INT8_FORMAT),
         "sparse_int8": {"format_version": SPARSE_INT8_VERSION, "scale": "per output row, symmetric, fp32",
                         **{k: v for k, v in meta.items() if k not in ("format_version", "modules")},
                         "modules": modules},

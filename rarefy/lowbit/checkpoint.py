@@ -16,17 +16,13 @@ never touch the input. Layout and keys: docs/lowbit-formats.md.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-import rarefy
 from rarefy.errors import RarefyError
-from rarefy.formats.checkpoint import (DEFAULT_SHARD_SIZE, _fsync_file, _write_json, _write_tokenizer, prepare_save,
-                                       write_dir_atomically)
+from rarefy.formats.checkpoint import DEFAULT_SHARD_SIZE, ShardWriter, base_config, prepare_save, rarefy_header
 from rarefy.layers.lowbit_linear import LOWBIT_CLASSES, MODES, is_lowbit, set_lowbit_mode
 from rarefy.lowbit import ternary
 from rarefy.models.safetensors_dir import read_rarefy_metadata
@@ -106,15 +102,8 @@ def save_lowbit(model: nn.Module, out_dir: str | os.PathLike, *,
                       meta_name="lowbit_meta")
     specs = module_specs(model)
     tensors = _state_tensors(model, specs)
-
-    def fill(tmp: Path) -> dict:
-        stats = _write_weights(tmp, tensors, specs, shard_size_bytes, dtype)
-        _write_json(tmp / "config.json", _final_config(io.cfg, stats, specs, io.source, io.meta))
-        if io.tok_src is not None:
-            _write_tokenizer(tmp, io.tok_src, io.gguf)
-        return stats
-
-    stats = write_dir_atomically(io.out, fill)
+    stats = io.write(lambda tmp: _write_weights(tmp, tensors, specs, shard_size_bytes, dtype),
+                     lambda stats: _final_config(io.cfg, stats, specs, io.source, io.meta))
     return {"out_dir": str(io.out), "files": stats["files"], "bytes": stats["bytes"],
             "lowbit_bytes": stats["lowbit_bytes"], "lowbit_bf16_bytes": stats["lowbit_bf16_bytes"],
             "lowbit_modules": len(specs)}
@@ -132,19 +121,9 @@ def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor], specs: dict, sha
     for name in tensors:  # group by module, in state_dict order
         mod = name.rpartition(".")[0] if _low_bit_part(name, specs) or name.rpartition(".")[0] in specs else name
         groups.setdefault(mod, []).append(name)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
-    files, keys = [], []
+    shards = ShardWriter(tmp, shard_size, {"format": "pt", "rarefy_lowbit_layout": str(ternary.LAYOUT_VERSION)})
     dtypes: set[str] = set()
-    total = lowbit_bytes = lowbit_bf16 = 0
-
-    def flush():
-        path = tmp / f"part-{len(files):05d}.safetensors"
-        save_file(shards[-1], str(path), metadata={"format": "pt", "rarefy_lowbit_layout": str(ternary.LAYOUT_VERSION)})
-        _fsync_file(path)
-        files.append(path)
-        keys.append(list(shards[-1]))
-        shards[-1], sizes[-1] = {}, 0
+    lowbit_bytes = lowbit_bf16 = 0
 
     for mod, names in groups.items():
         part = {}
@@ -155,34 +134,18 @@ def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor], specs: dict, sha
                     t = t.to(dtype)
                 dtypes.add(str(t.dtype).removeprefix("torch."))
             part[name] = t.cpu().contiguous()
-        size = sum(v.numel() * v.element_size() for v in part.values())
         if mod in specs:
             out_f, in_f = specs[mod]["shape"]
             lowbit_bf16 += out_f * in_f * 2  # what the matrix would cost in bf16
             lowbit_bytes += sum(v.numel() * v.element_size() for k, v in part.items() if _low_bit_part(k, specs))
-        if shards[-1] and sizes[-1] + size > shard_size:
-            flush()
-        shards[-1].update(part)
-        sizes[-1] += size
-        total += size
-    if shards[-1] or not files:
-        flush()
-    names = (["model.safetensors"] if len(files) == 1 else
-             [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
-    for path, final in zip(files, names):
-        os.replace(path, tmp / final)
-    if len(files) > 1:
-        weight_map = {k: final for final, ks in zip(names, keys) for k in ks}
-        _write_json(tmp / "model.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return {"files": names, "bytes": total, "lowbit_bytes": lowbit_bytes, "lowbit_bf16_bytes": lowbit_bf16,
+        shards.add(part)
+    names = shards.finish()
+    return {"files": names, "bytes": shards.total, "lowbit_bytes": lowbit_bytes, "lowbit_bf16_bytes": lowbit_bf16,
             "dtypes": dtypes}
 
 
 def _final_config(cfg: dict, stats: dict, specs: dict, source: Path | None, meta: dict) -> dict:
-    cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config", "rarefy")}
-    if len(stats["dtypes"]) == 1:
-        cfg["dtype" if "dtype" in cfg else "torch_dtype"] = next(iter(stats["dtypes"]))
+    cfg = base_config(cfg, stats["dtypes"])
     formats = sorted({s["format"] for s in specs.values()})
     lowbit = {
         "format_version": LOWBIT_FORMAT_VERSION,
@@ -192,11 +155,7 @@ def _final_config(cfg: dict, stats: dict, specs: dict, source: Path | None, meta
         "modules": specs,
     }
     cfg["rarefy"] = {
-        "format_version": 1,
-        "writer": f"rarefy {rarefy.__version__}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": str(source) if source is not None else None,
-        "weights_format": WEIGHTS_FORMAT,
+        **rarefy_header(source, WEIGHTS_FORMAT),
         "lowbit": lowbit,
         "measured": {"lowbit_modules": len(specs), "bytes": stats["bytes"],
                      "lowbit_bytes": stats["lowbit_bytes"], "lowbit_bf16_bytes": stats["lowbit_bf16_bytes"]},

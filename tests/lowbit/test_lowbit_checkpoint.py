@@ -190,7 +190,7 @@ def test_destination_rules_and_atomicity(src, tmp_path, monkeypatch):
     with pytest.raises(RarefyError, match="not empty"):
         save_lowbit(loaded.model, out, source_path=src)
     # a failure halfway leaves the old directory as it was and no temp directory behind
-    import rarefy.lowbit.checkpoint as ck
+    import rarefy.formats.checkpoint as ck  # where the savers write config.json
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
