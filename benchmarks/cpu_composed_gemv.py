@@ -36,7 +36,6 @@ import copy
 import datetime
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rarefy.bench.cpu_timing import bench_rotating  # noqa: E402
 from rarefy.bench.machine import cpu_name  # noqa: E402
 
 LLAMA3_8B = [(4096, 4096, "8B q/o_proj"), (1024, 4096, "8B k/v_proj"), (14336, 4096, "8B gate/up_proj"),
@@ -165,26 +165,10 @@ def ternary_act_variants(n: int, k: int, min_mb: float, seed: int) -> dict:
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process)
 
 
-def time_rotating(fn, x, ws, rounds: int) -> float:
-    t0 = CLOCK()
-    for _ in range(rounds):
-        for w in ws:
-            fn(x, w)
-    return (CLOCK() - t0) / (rounds * len(ws))
-
-
 def bench(variants: dict, repeats: int) -> dict:
-    rounds = {}
-    with torch.inference_mode():
-        for name, (fn, x, ws, _) in variants.items():
-            time_rotating(fn, x, ws, 1)
-            t = time_rotating(fn, x, ws, 1)
-            rounds[name] = max(1, round(0.02 / (t * len(ws))))
-        samples = {name: [] for name in variants}
-        for _ in range(repeats):
-            for name, (fn, x, ws, _) in variants.items():
-                samples[name].append(time_rotating(fn, x, ws, rounds[name]))
-    return {name: (statistics.median(samples[name]), variants[name][3]) for name in variants}
+    """name -> (median seconds per call, bytes of weights per call)."""
+    med = bench_rotating(variants, repeats, clock=CLOCK)
+    return {name: (med[name], variants[name][3]) for name in variants}
 
 
 def run_timing(a, make, base: str) -> list[str]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rarefy.bench.cpu_timing import time_rotating  # noqa: E402
 from rarefy.bench.machine import cpu_name  # noqa: E402
 
 from rarefy.kernels import gemv_cpu  # noqa: E402
@@ -50,15 +51,6 @@ def cpu_flags() -> str:
     except OSError:
         pass
     return ""
-
-
-def time_rotating(fn, xs, ws, rounds: int) -> float:
-    """Seconds per call, calling fn(x, w) over every weight copy `rounds` times."""
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        for w in ws:
-            fn(xs, w)
-    return (time.perf_counter() - t0) / (rounds * len(ws))
 
 
 def bench_shape(n: int, k: int, m: int, min_mb: float, repeats: int, with_f16_linear: bool):

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rarefy.bench.cpu_timing import bench_rotating  # noqa: E402
 from rarefy.bench.machine import cpu_name  # noqa: E402
 from rarefy.formats import gguf_blocks  # noqa: E402
 from rarefy.kernels import gemv_cpu, lowbit_cpu  # noqa: E402
@@ -138,31 +139,10 @@ def _gguf_call(x, w, qtype, shape):
     return lowbit_cpu.gguf_gemv_cpu(x, w, qtype, shape)
 
 
-def time_rotating(fn, x, ws, rounds: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        for w in ws:
-            fn(x, w)
-    return (time.perf_counter() - t0) / (rounds * len(ws))
-
-
 def bench(variants: dict, repeats: int) -> dict:
     """name -> (median seconds per call, GB/s of weights)."""
-    rounds = {}
-    with torch.inference_mode():
-        for name, (fn, x, ws, _) in variants.items():
-            time_rotating(fn, x, ws, 1)  # warm-up (first touch, thread pool)
-            t = time_rotating(fn, x, ws, 1)
-            rounds[name] = max(1, round(0.02 / (t * len(ws))))
-        samples = {name: [] for name in variants}
-        for _ in range(repeats):
-            for name, (fn, x, ws, _) in variants.items():
-                samples[name].append(time_rotating(fn, x, ws, rounds[name]))
-    out = {}
-    for name, (_, _, _, nbytes) in variants.items():
-        t = statistics.median(samples[name])
-        out[name] = (t, nbytes / t / 1e9)
-    return out
+    med = bench_rotating(variants, repeats)
+    return {name: (med[name], nbytes / med[name] / 1e9) for name, (_, _, _, nbytes) in variants.items()}
 
 
 def run_probe() -> str:

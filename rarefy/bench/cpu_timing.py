@@ -53,3 +53,32 @@ def cpu_copy_bandwidth_tbs(nbytes: int = 256 * 2**20, samples: int = 5) -> float
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times) / 1e12
+
+
+def time_rotating(fn, x, ws, rounds: int, clock=time.perf_counter) -> float:
+    """Seconds per call of ``fn(x, w)``, calling it on every weight copy in `ws`, `rounds` times
+    (copies enough to exceed the last-level cache make each call read its weight from DRAM)."""
+    t0 = clock()
+    for _ in range(rounds):
+        for w in ws:
+            fn(x, w)
+    return (clock() - t0) / (rounds * len(ws))
+
+
+def bench_rotating(variants: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each variant ``name -> (fn, x, ws, ...)`` (`time_rotating`).
+
+    One warm-up pass (first touch, thread pool), then a number of rounds per variant that makes
+    one measurement last about 20 ms, and `repeats` measurements interleaved over the variants:
+    short bursts of load from other processes spoil a few samples, which the median drops."""
+    rounds = {}
+    with torch.inference_mode():
+        for name, (fn, x, ws, *_) in variants.items():
+            time_rotating(fn, x, ws, 1, clock)
+            t = time_rotating(fn, x, ws, 1, clock)
+            rounds[name] = max(1, round(0.02 / (t * len(ws))))
+        samples = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, (fn, x, ws, *_) in variants.items():
+                samples[name].append(time_rotating(fn, x, ws, rounds[name], clock))
+    return {name: statistics.median(s) for name, s in samples.items()}
