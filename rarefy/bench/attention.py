@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from rarefy.bench.machine import device_copy_bandwidth_tbs
 from rarefy.errors import RarefyError
 
 DTYPES = ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8")
@@ -435,14 +436,7 @@ def run_bench(cfg: AttnBenchConfig, progress=None) -> dict:
     runner = _Runner(cfg, progress)
     info = device_info(runner.device)
     t0 = time.perf_counter()
-    if runner.cuda:
-        from rarefy.bench.gpu_timing import copy_bandwidth_tbs
-
-        runner.copy_tbs = copy_bandwidth_tbs(runner.device, cfg.copy_bytes or 2**30)
-    else:
-        from rarefy.bench.cpu_timing import cpu_copy_bandwidth_tbs
-
-        runner.copy_tbs = cpu_copy_bandwidth_tbs(cfg.copy_bytes or 256 * 2**20)
+    runner.copy_tbs = device_copy_bandwidth_tbs(runner.device, cfg.copy_bytes)
     info["copy_tbs"] = runner.copy_tbs
     with torch.no_grad():
         for ctx, batch in cfg.points:

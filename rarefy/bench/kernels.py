@@ -83,6 +83,7 @@ from .kernel_methods import (
     cpu_methods,
     gpu_methods,
 )
+from .machine import device_copy_bandwidth_tbs
 from .kernels_report import (
     SUMMARY_PATTERNS,
     _stderr_progress,
@@ -506,12 +507,7 @@ def run_bench(cfg: BenchConfig, progress=None, extra_methods: Optional[list[Meth
     runner = _Runner(cfg, all_methods, progress)
     info = device_info(runner.device)
     t0 = time.perf_counter()
-    if runner.cuda:
-        from rarefy.bench.gpu_timing import copy_bandwidth_tbs
-
-        runner.copy_tbs = copy_bandwidth_tbs(runner.device, cfg.copy_bytes or 2**30)
-    else:
-        runner.copy_tbs = cpu_copy_bandwidth_tbs(cfg.copy_bytes or 256 * 2**20)
+    runner.copy_tbs = device_copy_bandwidth_tbs(runner.device, cfg.copy_bytes)
     info.update(copy_tbs=runner.copy_tbs, cache_bytes=runner.cache_bytes, rotation_target_bytes=runner.target_bytes,
                 dtype=_dt(cfg.dtype), dense_reference="cuBLAS (F.linear)" if runner.cuda
                 else "torch F.linear, the faster of fp32 and " + _dt(cfg.dtype),
