@@ -8,7 +8,7 @@ replay over cache copies larger than L2).
 
 Variant labels: t<tokens per tile> w<warps = sub-streams> st<num_stages> dm|tm (V dim- or
 token-major), sw (the swapped products), r<register cap>, s<splits>, fr (fused
-split reduction), cp (Triton's own int8/fp8 conversion); "base" is the default kernel and plan. docs/results/attention.md ("Warp split").
+split reduction), nopdl (no programmatic dependent launch of the reduction), cp (Triton's own int8/fp8 conversion); "base" is the default kernel and plan. docs/results/attention.md ("Warp split").
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def parse_variant(label: str) -> dict:
             out["dm"] = part == "dm"
         elif part == "sw":
             out["swap"] = True
+        elif part == "nopdl":
+            out["pdl"] = False
         elif part == "fr":
             out["fused_reduce"] = True
         elif part == "cp":
@@ -92,13 +94,14 @@ def main(argv=None) -> int:
                             kw = parse_variant(label)
                             dm = kw.pop("dm", True)
                             sw = kw.pop("swap", False)
+                            pdl = kw.pop("pdl", None)
                             plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, **kw)
 
-                            def launch(i, p=plan, dm=dm, sw=sw):
+                            def launch(i, p=plan, dm=dm, sw=sw, pdl=pdl):
                                 q, kc, vc, ks, vs, bt, sl, kv = case.args(i)
                                 return paged_decode_attention_warpsplit(
                                     q, kc, v_dm if dm else vc, ks, vs, bt, sl, kv, case.sm_scale, plan=p,
-                                    v_dim_major=dm, swap=sw)
+                                    v_dim_major=dm, swap=sw, pdl=pdl)
                         r["plan"] = plan.describe()
                         y = launch(0)
                         r["err"] = _rel_err(y, ref)

@@ -52,6 +52,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rarefy.kernels.paged_attention.plan import DecodePlan, plan_decode
 
@@ -332,7 +333,10 @@ def _reduce_kernel(
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # launched early (programmatic dependent launch): wait for the decode kernel's partials
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     base = (b * NUM_HEADS + h).to(tl.int64) * num_splits
@@ -429,13 +433,23 @@ def launch_buffers(q, plan: DecodePlan, num_kv_heads: int, counters: torch.Tenso
     return out, po, plse, cnt, fused, chunk
 
 
-def launch_reduce(po, plse, out, splits: int, chunk: int) -> None:
-    """The separate split reduction: ``_reduce_kernel`` over (batch, num_heads)."""
+def pdl_available(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper or later, not under the interpreter."""
+    return (device.type == "cuda" and not _interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def launch_reduce(po, plse, out, splits: int, chunk: int, pdl: bool = False) -> None:
+    """The separate split reduction: ``_reduce_kernel`` over (batch, num_heads). With ``pdl``
+    it is launched as a programmatic dependent of the decode kernel (which must have called
+    ``gdc_launch_dependents``): its launch overlaps the decode kernel's tail, and it waits
+    for the decode kernel's writes in ``gdc_wait``."""
     batch, num_heads, head_dim = out.shape
     _reduce_kernel[(batch, num_heads)](
         po, plse, out, out.stride(0), out.stride(1), splits,
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, CHUNK=chunk,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, CHUNK=chunk, PDL=pdl,
         num_warps=4 if head_dim * chunk >= 2048 else 2,
+        **({"launch_pdl": True} if pdl else {}),
     )
 
 

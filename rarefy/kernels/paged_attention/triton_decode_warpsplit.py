@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from triton.language.extra.cuda import gdc_launch_dependents
+
 from rarefy.kernels.paged_attention.triton_decode import _to_dot, _write_result
 
 
@@ -239,9 +241,10 @@ def _swap_tile(t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_
         # fp16 P carries the V scales normalised by the tile's largest (fp16 would underflow on
         # the raw products); that factor becomes the accumulator's unit r, so the tile's
         # product still accumulates inside the MMA
-        v_top = tl.maximum(tl.max(v_s, axis=1), 1e-30) * KV_MUL
-        pq = (p * (v_s * KV_MUL / v_top[:, None])[:, :, None]).to(tl.float16)
-        acc = tl.dot(_to_dot(v_t, DOT, CONV), pq, acc * (alpha * (r / v_top)[:, None])[:, None, :])
+        # (kept 2-D, [SUB, 1], so it stays in the scores' layout: no shared-memory round trip)
+        v_top = tl.maximum(tl.max(v_s, axis=1, keep_dims=True), 1e-30) * KV_MUL
+        pq = (p * (v_s * KV_MUL / v_top)[:, :, None]).to(tl.float16)
+        acc = tl.dot(_to_dot(v_t, DOT, CONV), pq, acc * (alpha[:, None, :] * (r / v_top)[:, :, None]))
         r = v_top
     elif DOT == 1:
         acc = tl.dot(v_t.to(tl.bfloat16), p.to(tl.bfloat16), acc * alpha[:, None, :])
@@ -276,12 +279,15 @@ def _decode_swap_kernel(
     KV_MUL: tl.constexpr,
     V_DIM_MAJOR: tl.constexpr,
     V_FINITE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The warp split with the products transposed ("swap AB"): scores^T = K q^T
     ([SUB_N, GROUP_PAD] per sub-stream) and out^T = V^T P^T ([HEAD_DIM, GROUP_PAD]). The tokens
     and the head dim fill the MMA's 16-row side, the few query heads its 8-column side, so a
     GQA group of 4 pads to 8 columns instead of 16 rows: half the MMAs, and a [HEAD_DIM, 8]
     accumulator per warp instead of [16, HEAD_DIM]. V dim-major is V^T's natural layout."""
+    if PDL:  # the split reduction may launch now; it waits for this grid in gdc_wait
+        gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -309,7 +315,7 @@ def _decode_swap_kernel(
     m_i = tl.full([SUB, GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([SUB, GROUP_PAD], tl.float32)
     acc = tl.zeros([SUB, HEAD_DIM, GROUP_PAD], tl.float32)  # out^T in units of r (below)
-    r = tl.full([SUB], 1.0, tl.float32)
+    r = tl.full([SUB, 1], 1.0, tl.float32)
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     k_head = kvh.to(tl.int64) * stride_kh
@@ -361,7 +367,7 @@ def _decode_swap_kernel(
     m_use = tl.where(m > float("-inf"), m, 0.0)
     w = tl.exp2(m_i - m_use[None, :])
     l_tot = tl.sum(l_i * w, axis=0)
-    acc_tot = tl.trans(tl.sum(acc * (w * r[:, None])[:, None, :], axis=0))  # [GROUP_PAD, HEAD_DIM]
+    acc_tot = tl.trans(tl.sum(acc * w[:, None, :] * r[:, :, None], axis=0))  # [GROUP_PAD, HEAD_DIM]
     _write_result(acc_tot, m, l_tot, b, kvh, sp, heads, g_mask, offs_d, out_ptr, po_ptr, plse_ptr, cnt_ptr,
                   stride_ob, stride_oh, num_splits, GROUP, HEAD_DIM, SPLIT, FUSED, CHUNK)
 
@@ -378,12 +384,12 @@ def warpsplit_supported(plan, block_size: int, head_dim: int) -> bool:
 
 def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, kv_dtype,
                                      sm_scale, plan, v_dim_major: bool = False, counters=None,
-                                     swap: bool = False):
+                                     swap: bool = False, pdl: bool | None = None):
     """Launch ``_decode_warpsplit_kernel`` for ``plan`` (a :func:`plan_decode` result that
     :func:`warpsplit_supported` accepts). ``v_cache`` is ``[blocks, kv_heads, block_size,
     head_dim]``, or ``[blocks, kv_heads, head_dim, block_size]`` with ``v_dim_major``."""
     from rarefy.kernels.paged_attention.triton_decode import (
-        LOG2E, _QUANT, _interpreting, conv_code, launch_buffers, launch_reduce)
+        LOG2E, _QUANT, _interpreting, conv_code, launch_buffers, launch_reduce, pdl_available)
 
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
@@ -401,6 +407,11 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     vs = v_scale if quant else v_cache
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
     kernel = _decode_swap_kernel if swap else _decode_warpsplit_kernel
+    split_reduce = plan.num_splits > 1 and not fused
+    if pdl is None:
+        pdl = swap and split_reduce and pdl_available(q.device)
+    pdl = bool(pdl) and swap and split_reduce
+    extra = {"PDL": True} if pdl else {}
     group_pad = max(2, 1 << (plan.group - 1).bit_length()) if swap else plan.group_pad
     kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
@@ -417,8 +428,8 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
         QUANT=quant, DOT={"bf16": 1, "fp16": 2}[plan.dot_dtype], CHUNK=chunk, CONV=conv, KV_MUL=kv_mul,
         V_DIM_MAJOR=bool(v_dim_major), V_FINITE=kv_dtype == "int8" or conv == 2,  # the e4m3 bit trick drops NaN
         num_warps=plan.num_warps, num_stages=plan.num_stages,
-        **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}),
+        **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}), **extra,
     )
-    if plan.num_splits > 1 and not fused:
-        launch_reduce(po, plse, out, plan.num_splits, chunk)
+    if split_reduce:
+        launch_reduce(po, plse, out, plan.num_splits, chunk, pdl=pdl)
     return out
