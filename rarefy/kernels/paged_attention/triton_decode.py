@@ -302,26 +302,28 @@ def _load_cg(ptrs, mask, other, CG: tl.constexpr):
 def _combine(po_ptr, plse_ptr, o_ptr, base, num_splits, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
              CG: tl.constexpr):
     """out = sum_s exp2(lse_s - max) * po_s / sum_s exp2(lse_s - max) over one head's splits
-    (rows base .. base + num_splits of the workspaces); zeros when every split is empty."""
+    (rows base .. base + num_splits of the workspaces); zeros when every split is empty.
+
+    One pass, ``CHUNK`` splits at a time with a running maximum, so the LSEs and the partial
+    outputs of a chunk are loaded together: one dependent global round trip per chunk (the
+    launcher makes ``CHUNK`` cover every split when it can)."""
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
-
     m = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), axis=0)
-    for c in range(0, num_splits, CHUNK):
-        lse = _load_cg(plse_ptr + base + c + offs_c, c + offs_c < num_splits, float("-inf"), CG)
-        m = tl.maximum(m, tl.max(lse, axis=0))
-
-    m = tl.where(m > float("-inf"), m, 0.0)  # all splits empty (length 0): keep -inf - m finite-free
     acc = tl.zeros([HEAD_DIM], tl.float32)
     den = tl.sum(tl.zeros([CHUNK], tl.float32), axis=0)
     for c in range(0, num_splits, CHUNK):
         rows = c + offs_c
-        lse = _load_cg(plse_ptr + base + rows, rows < num_splits, float("-inf"), CG)
-        live = lse > float("-inf")
-        w = tl.exp2(lse - m)  # 0 for an empty split
-        part = _load_cg(po_ptr + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], live[:, None], 0.0, CG)
-        acc += tl.sum(w[:, None] * part, axis=0)
-        den += tl.sum(w, axis=0)
+        valid = rows < num_splits
+        lse = _load_cg(plse_ptr + base + rows, valid, float("-inf"), CG)
+        part = _load_cg(po_ptr + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], valid[:, None], 0.0, CG)
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # all empty so far: keep exp2 finite
+        w = tl.exp2(lse - m_use)  # 0 for an empty split (its partial is 0, never NaN: it was written)
+        rescale = tl.exp2(m - m_use)
+        acc = acc * rescale + tl.sum(w[:, None] * part, axis=0)
+        den = den * rescale + tl.sum(w, axis=0)
+        m = m_new
     o = acc / tl.where(den > 0.0, den, 1.0)
     tl.store(o_ptr + offs_d, o.to(o_ptr.dtype.element_ty))
 
@@ -429,7 +431,9 @@ def launch_buffers(q, plan: DecodePlan, num_kv_heads: int, counters: torch.Tenso
     if fused:
         cnt = counters if counters is not None else counters_for(q.device, batch * num_kv_heads)
         fused = cnt is not None
-    chunk = 16 if splits > 8 else 8  # few distinct values: no recompiles as the split count changes
+    # every split in one chunk (one round trip in the reduction) up to 64; few distinct values,
+    # so a changing split count rarely recompiles
+    chunk = min(64, max(8, 1 << (max(1, splits) - 1).bit_length()))
     return out, po, plse, cnt, fused, chunk
 
 
