@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     from rarefy.bench.attention import AttnBenchConfig, _Case, _rel_err, _Runner, kv_bytes
     from rarefy.kernels.paged_attention.plan import plan_decode
     from rarefy.kernels.paged_attention.torch_decode import paged_decode_attention_torch
-    from rarefy.kernels.paged_attention.triton_decode import paged_decode_attention_triton, sm_count_of
+    from rarefy.kernels.paged_attention.triton_decode import (
+        paged_decode_attention_triton, sm_count_of, v_is_dim_major)
     from rarefy.kernels.paged_attention.triton_decode_warpsplit import paged_decode_attention_warpsplit
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -81,26 +82,33 @@ def main(argv=None) -> int:
             case = _Case(cfg, ctx, batch, kvd, run.nbuf_for(nb["kv"] + nb["scales"]), dev)
             try:
                 ref = paged_decode_attention_torch(*case.args(0), case.sm_scale).float()
-                v_dm = case.v_cache.transpose(2, 3).contiguous()
+                # V both ways: a view of dim-major storage (the paged cache's layout for 8-bit
+                # caches) and token-major (the default kernel's "base" row reads it)
+                v_dm = case.v_cache if v_is_dim_major(case.v_cache) else \
+                    case.v_cache.transpose(2, 3).contiguous().transpose(2, 3)
+                v_tm = case.v_cache.contiguous()
                 for label in ["base"] + [v for v in a.variants.split(",") if v]:
                     r = dict(kvd=kvd, ctx=ctx, batch=batch, label=label, us=None, err=None, plan="", note="")
                     try:
                         if label == "base":
-                            plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms)
+                            plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, kernel="base")
 
                             def launch(i, p=plan):
-                                return paged_decode_attention_triton(*case.args(i), case.sm_scale, plan=p)
+                                q, kc, _, ks, vs, bt, sl, kv = case.args(i)
+                                return paged_decode_attention_triton(q, kc, v_tm, ks, vs, bt, sl, kv, case.sm_scale,
+                                                                     plan=p)
                         else:
                             kw = parse_variant(label)
                             dm = kw.pop("dm", True)
                             sw = kw.pop("swap", False)
                             pdl = kw.pop("pdl", None)
-                            plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, **kw)
+                            plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, kernel="swap" if sw else "base",
+                                               **kw)
 
                             def launch(i, p=plan, dm=dm, sw=sw, pdl=pdl):
                                 q, kc, vc, ks, vs, bt, sl, kv = case.args(i)
                                 return paged_decode_attention_warpsplit(
-                                    q, kc, v_dm if dm else vc, ks, vs, bt, sl, kv, case.sm_scale, plan=p,
+                                    q, kc, v_dm if dm else v_tm, ks, vs, bt, sl, kv, case.sm_scale, plan=p,
                                     v_dim_major=dm, swap=sw, pdl=pdl)
                         r["plan"] = plan.describe()
                         y = launch(0)
@@ -118,7 +126,7 @@ def main(argv=None) -> int:
                           f"{r['note']}", file=sys.stderr, flush=True)
             finally:
                 case = None
-                v_dm = None
+                v_dm = v_tm = None
                 run.free()
     if a.json:
         with open(a.json, "w") as f:

@@ -159,7 +159,9 @@ class _Case:
         sd = storage_dtype(kv_dtype)
         quant = is_quantized(kv_dtype)
         self.k_cache = torch.empty((total, hkv, bs, d), dtype=sd, device=device)
-        self.v_cache = torch.empty_like(self.k_cache)
+        # V as rarefy's paged cache stores it: dim-major for 8-bit caches (docs/kv-cache.md)
+        self.v_cache = torch.empty((total, hkv, d, bs), dtype=sd, device=device).transpose(2, 3) if quant \
+            else torch.empty_like(self.k_cache)
         self.k_scale = torch.empty((total, hkv, bs), dtype=torch.float16, device=device) if quant else None
         self.v_scale = torch.empty_like(self.k_scale) if quant else None
         step = max(1, (1 << 24) // (hkv * bs * d))  # blocks per fill chunk (bounded float32 temporaries)
@@ -295,9 +297,12 @@ class _Runner:
         cfg = self.cfg
         ref = paged_decode_attention_torch(*case.args(0), case.sm_scale).float()
         if self.cuda:
-            from rarefy.kernels.paged_attention.triton_decode import make_plan, paged_decode_attention_triton
+            from rarefy.kernels.paged_attention.triton_decode import (
+                make_plan, paged_decode_attention_triton, v_is_dim_major)
 
-            plan = make_plan(case.qs[0], case.k_cache, case.tables[0], case.kv_dtype, max_seq_len=case.ctx)
+            # the plan the dispatcher makes for this cache (dim-major V: the swap kernel)
+            plan = make_plan(case.qs[0], case.k_cache, case.tables[0], case.kv_dtype, max_seq_len=case.ctx,
+                             v_dim_major=v_is_dim_major(case.v_cache))
             row["plan"] = asdict(plan)
             row["plan_str"] = plan.describe()
             y, kernel = paged_decode_attention_triton(*case.args(0), case.sm_scale, plan=plan, return_kernel=True)
@@ -347,12 +352,14 @@ class _Runner:
     def _sweep(self, case: _Case, row: dict):
         """Time one-at-a-time changes to the plan (the default's output is the reference)."""
         from rarefy.kernels.paged_attention.plan import plan_decode
-        from rarefy.kernels.paged_attention.triton_decode import paged_decode_attention_triton, sm_count_of
+        from rarefy.kernels.paged_attention.triton_decode import (
+            paged_decode_attention_triton, sm_count_of, v_is_dim_major)
 
         cfg = self.cfg
         qd = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[cfg.q_dtype]
+        vdm = v_is_dim_major(case.v_cache)
         base = plan_decode(case.batch, case.ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, case.kv_dtype,
-                           cfg.block_size, sm_count_of(self.device), q_dtype=qd)
+                           cfg.block_size, sm_count_of(self.device), q_dtype=qd, v_dim_major=vdm)
         s = base.num_splits
         variants = {"default": {}}
         quant = case.kv_dtype in ("int8", "fp8_e4m3", "fp8_e5m2")
@@ -401,7 +408,7 @@ class _Runner:
                      frac_copy=None, plan_str=None, note="")
             try:
                 plan = plan_decode(case.batch, case.ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, case.kv_dtype,
-                                   cfg.block_size, sm_count_of(self.device), q_dtype=qd, **kw)
+                                   cfg.block_size, sm_count_of(self.device), q_dtype=qd, v_dim_major=vdm, **kw)
                 r["plan_str"] = plan.describe()
                 y = paged_decode_attention_triton(*case.args(0), case.sm_scale, plan=plan)
                 if ref is None:

@@ -94,7 +94,7 @@ class PagedKVCache:
             self.blocks = GroupedBlockManager(units, block_size, self.groups)
             shape = (units, num_kv_heads, block_size, head_dim)
             # one pool for every layer: each layer addresses it through its own block table
-            pool = [torch.zeros(shape, dtype=store, device=self.device) for _ in range(2)]
+            pool = [torch.zeros(shape, dtype=store, device=self.device), self._v_storage(shape, store)]
             self.k_cache, self.v_cache = [pool[0]] * num_layers, [pool[1]] * num_layers
             if quant.is_quantized(kv_dtype):
                 sp = [torch.ones(shape[:-1], dtype=quant.SCALE_DTYPE, device=self.device) for _ in range(2)]
@@ -107,7 +107,7 @@ class PagedKVCache:
             self.blocks = BlockManager(num_blocks, block_size, self.evict_policy)
             shape = (num_blocks, num_kv_heads, block_size, head_dim)
             self.k_cache = [torch.zeros(shape, dtype=store, device=self.device) for _ in range(num_layers)]
-            self.v_cache = [torch.zeros(shape, dtype=store, device=self.device) for _ in range(num_layers)]
+            self.v_cache = [self._v_storage(shape, store) for _ in range(num_layers)]
             if quant.is_quantized(kv_dtype):
                 sshape = shape[:-1]
                 self.k_scale = [torch.ones(sshape, dtype=quant.SCALE_DTYPE, device=self.device)
@@ -118,6 +118,16 @@ class PagedKVCache:
                 self.k_scale = self.v_scale = [None] * num_layers
         self.allocator = self.blocks.allocator
         self.meta: StepMeta | None = None
+
+    def _v_storage(self, shape, store) -> torch.Tensor:
+        """A zeroed V cache [blocks, heads, block_size, head_dim]. 8-bit caches keep it as a view
+        of dim-major storage [blocks, heads, head_dim, block_size] (docs/kv-cache.md): the
+        tokens, the reduction axis of P @ V, are then contiguous, which the swapped-product
+        decode kernel needs to feed 8-bit V to the tensor cores without byte loads."""
+        if quant.is_quantized(self.kv_dtype):
+            b, h, bs, d = shape
+            return torch.zeros((b, h, d, bs), dtype=store, device=self.device).transpose(2, 3)
+        return torch.zeros(shape, dtype=store, device=self.device)
 
     # ---- sizing -------------------------------------------------------------------------
 

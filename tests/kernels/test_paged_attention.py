@@ -495,10 +495,11 @@ types = dict(q_ptr="*bf16", k_ptr=ptr, v_ptr=ptr, ks_ptr="*fp16" if quant else p
 cx = dict(GROUP=p.group, GROUP_PAD=p.group_pad, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=p.tile_n,
           SPLIT=p.num_splits > 1, FUSED=p.fused_reduce, QUANT=quant, USE_DOT=p.use_dot,
           DOT=td.dot_code(torch.bfloat16, kvd), CHUNK=16 if p.num_splits > 8 else 8, CONV=td.conv_code(p, kvd),
-          QK_I8=p.qk_int8, KV_MUL=256.0 if td.conv_code(p, kvd) in (2, 3) else 1.0)
+          QK_I8=p.qk_int8, KV_MUL=256.0 if td.conv_code(p, kvd) in (2, 3) else 1.0,
+          stride_vd=1)  # a token-major V: Triton specialises an argument equal to 1
 fn = td._decode_kernel
 sig = {n: "constexpr" if n in cx else types.get(n, "i32") for n in fn.arg_names}
-div = [n for n in fn.arg_names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_btb")]
+div = [n for n in fn.arg_names if n.endswith("_ptr") or (n.startswith("stride") and n not in ("stride_btb", "stride_vd"))]
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
 k = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=p.num_warps, num_stages=p.num_stages))

@@ -35,7 +35,7 @@ def _run(ws, dec, c, sm_scale, v_dim_major, swap=False, **plan_kw):
     plan = dec.make_plan(q, kc, bt, kvd, **plan_kw)
     a = args(c)
     if v_dim_major:
-        a[2] = a[2].transpose(2, 3).contiguous()  # [blocks, heads, dim, slot]
+        a[2] = a[2].transpose(2, 3).contiguous().transpose(2, 3)  # a view of [blocks, heads, dim, slot]
     return ws.paged_decode_attention_warpsplit(*a, sm_scale, plan=plan, v_dim_major=v_dim_major, swap=swap)
 
 
@@ -86,3 +86,56 @@ def test_swap_other_group_sizes(ws, dec, group):
     ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.2)
     y = _run(ws, dec, c, 0.2, True, True, num_splits=2, tile_n=32, num_warps=2)
     assert rel_err(y, ref) < 3e-3
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_dispatcher_runs_swap_on_dim_major_v(dec, kv_dtype):
+    # the paged cache's own layout for 8-bit caches: V a view of dim-major storage; the default
+    # plan is then the swap kernel, and the base kernel (forced) reads the same view correctly
+    c = make_case([45, 1, 130, 0, 17], 8, 2, 64, 16, kv_dtype, seed=61, q_dtype=torch.float16)
+    a = args(c)
+    a[2] = a[2].transpose(2, 3).contiguous().transpose(2, 3)
+    assert dec.v_is_dim_major(a[2]) and not dec.v_is_dim_major(args(c)[2])
+    plan = dec.make_plan(c["q"], c["k_cache"], c["block_tables"], kv_dtype, v_dim_major=True)
+    assert plan.kernel == "swap" and plan.num_warps == 2 and plan.tile_n == 64
+    ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.1)
+    y = dec.paged_decode_attention_triton(*a, 0.1)  # the dispatcher's own plan
+    assert rel_err(y, ref) < 3e-3
+    base = dec.make_plan(c["q"], c["k_cache"], c["block_tables"], kv_dtype, num_splits=2, kernel="base")
+    y = dec.paged_decode_attention_triton(*a, 0.1, plan=base)
+    assert rel_err(y, ref) < 3e-3
+    # a float32 query cannot use the swap kernel: the dispatcher plans the base kernel
+    assert dec.make_plan(c["q"].float(), c["k_cache"], c["block_tables"], kv_dtype, v_dim_major=True).kernel == "base"
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "bf16"])
+def test_store_kernel_into_dim_major_v(kv_dtype):
+    """The Triton store kernel writes V through its strides: into a view of dim-major storage it
+    stores exactly what it stores into a contiguous V (compared as logical tensors)."""
+    from test_paged_attention import poison_cache
+
+    st = kernel_module("rarefy.kernels.paged_attention.triton_store", "_store_kernel")
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(9, 2, 32, generator=g), torch.randn(9, 2, 32, generator=g)
+    slots = torch.tensor([0, 5, 17, 31, 32, 40, 63, -1, 2], dtype=torch.int64)
+    kc, vc, ks, vs = (None if t is None else t.to(DEV) for t in poison_cache(4, 2, 16, 32, kv_dtype))
+    kc2, ks2, vs2 = kc.clone(), None if ks is None else ks.clone(), None if vs is None else vs.clone()
+    vc_dm = vc.transpose(2, 3).contiguous().transpose(2, 3)
+    k, v, slots = k.to(DEV), v.to(DEV), slots.to(DEV)
+    st.store_kv_triton(k, v, slots, kc, vc, ks, vs, kv_dtype)
+    st.store_kv_triton(k, v, slots, kc2, vc_dm, ks2, vs2, kv_dtype)
+    bits = (lambda t: t.view(torch.int8) if t.element_size() == 1 else t.view(torch.int16))
+    assert torch.equal(bits(vc_dm).cpu(), bits(vc).cpu()) and torch.equal(bits(kc2).cpu(), bits(kc).cpu())
+    if vs is not None:
+        assert torch.equal(vs2.view(torch.int16).cpu(), vs.view(torch.int16).cpu())
+
+
+def test_paged_cache_keeps_8bit_v_dim_major():
+    from rarefy.kv.paged import PagedKVCache
+
+    from rarefy.kernels.paged_attention.triton_decode import v_is_dim_major
+
+    for kvd, want in (("int8", True), ("fp8_e5m2", True), ("bf16", False)):
+        cache = PagedKVCache(2, 2, 32, 8, block_size=16, kv_dtype=kvd)
+        assert tuple(cache.v_cache[0].shape) == (8, 2, 16, 32)
+        assert v_is_dim_major(cache.v_cache[0]) == want

@@ -109,8 +109,10 @@ def _check_cache(k_cache, v_cache, k_scale, v_scale, kv_dtype, device) -> None:
             raise RarefyError(f"{name} is {c.dtype}, but kv_dtype {kv_dtype!r} is stored as {storage_dtype(kv_dtype)}")
         if c.device != device:
             raise RarefyError(f"{name} is on {c.device}, the query/keys on {device}")
-        if not c.is_contiguous():
-            raise RarefyError(f"{name} must be contiguous")
+        if not c.is_contiguous() and not (name == "v_cache" and c.transpose(2, 3).is_contiguous()):
+            raise RarefyError(f"{name} must be contiguous" + (
+                " (or, for v_cache, a [blocks, heads, block_size, head_dim] view of dim-major storage)"
+                if name == "v_cache" else ""))
     if k_cache.shape != v_cache.shape:
         raise RarefyError(f"k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)} differ in shape")
     if is_quantized(kv_dtype):

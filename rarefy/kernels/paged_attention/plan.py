@@ -155,6 +155,7 @@ class DecodePlan:
     convert: str = "plain"              # int8/fp8 -> dot dtype: "plain" (.to) or "bits" (packed bit tricks)
     qk_int8: bool = False               # q quantized per head to int8, q.K^T as an int8 MMA (int8 caches)
     max_regs: int | None = None         # ptxas register cap per thread (more resident programs per SM)
+    kernel: str = "base"                # "base" (_decode_kernel) or "swap" (triton_decode_warpsplit.py)
 
     @property
     def programs(self) -> int:
@@ -170,6 +171,8 @@ class DecodePlan:
             kind += " qk-int8"
         if self.max_regs:
             kind += f" regs<={self.max_regs}"
+        if self.kernel != "base":
+            kind = f"{self.kernel} kernel, " + kind
         return (f"grid {self.grid[0]}x{self.grid[1]}x{self.grid[2]} ({self.programs} programs), "
                 f"{self.tokens_per_split} tok/split, tile {self.tile_n}, {kind} g{self.group}->{self.group_pad}, "
                 f"warps {self.num_warps}, stages {self.num_stages}, smem~{self.smem_bytes // 1024} KiB{red}")
@@ -210,7 +213,8 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                 use_dot: bool | None = None, tile_n: int | None = None, num_stages: int | None = None,
                 num_warps: int | None = None, fused_reduce: bool = False, min_programs_per_sm: int = 2,
                 smem_per_sm: int = SMEM_PER_SM, q_dtype: str = "bf16", dot_dtype: str | None = None,
-                convert: str | None = None, qk_int8: bool = False, max_regs: int | None = None) -> DecodePlan:
+                convert: str | None = None, qk_int8: bool = False, max_regs: int | None = None,
+                v_dim_major: bool = False, kernel: str | None = None) -> DecodePlan:
     """The launch of the Triton decode kernel for this shape (see the module doc).
 
     ``max_seq_len`` is the longest context in the batch (the block-table capacity when it is
@@ -220,7 +224,9 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     "fp32"): a float32 query (or an fp32 cache) makes the products fp32 (IEEE) dots, which
     need 16-token tiles (and 8 warps for an fp32 query) to stay out of local memory.
     ``dot_dtype``, ``convert`` and ``qk_int8`` choose how int8/fp8 tiles reach the tensor cores
-    (module doc, "Quantized caches"); the defaults are the measured best.
+    (module doc, "Quantized caches"); the defaults are the measured best. ``v_dim_major``: V is
+    stored dim-major (8-bit caches, docs/kv-cache.md), which lets ``kernel`` "swap" (the
+    default then, "Swapped products" in the module doc) run; "base" forces _decode_kernel.
     """
     _validate(batch, max_seq_len, num_heads, num_kv_heads, head_dim, block_size, sm_count)
     kv_bytes = kv_storage_bytes(kv_dtype)
@@ -239,8 +245,24 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
         dot_dtype = "fp32" if fp32_dot else ("fp16" if quant else kv_dtype)
     if dot_dtype not in ("bf16", "fp16", "fp32"):
         raise RarefyError(f"dot_dtype must be bf16, fp16 or fp32, got {dot_dtype!r}")
+    if kernel not in (None, "base", "swap"):
+        raise RarefyError(f"kernel must be base or swap, got {kernel!r}")
+    swap_ok = (quant and use_dot and dot_dtype == "fp16" and not qk_int8 and group <= 8 and v_dim_major
+               and 32 % block_size == 0)
+    if kernel == "swap" and not (use_dot and dot_dtype in ("bf16", "fp16") and not qk_int8):
+        raise RarefyError("the swap kernel needs the tl.dot path in bf16 or fp16 and no qk_int8")
+    if kernel is None:
+        kernel = "swap" if swap_ok else "base"
+    if kernel == "swap":
+        # measured on the H100 (docs/results/attention.md, "Swapped products"): 64-token tiles
+        # over 2 warps (32 tokens each), two tiles in flight; e4m3 through the hardware
+        # conversion (cvt.f16x2.e4m3x2), int8 through the bit trick
+        tile_n = 64 if tile_n is None else tile_n
+        num_warps = 2 if num_warps is None else num_warps
+        num_stages = 5 if num_stages is None else num_stages
     if convert is None:
-        convert = "bits" if use_dot and dot_dtype == "fp16" and kv_dtype in ("int8", "fp8_e4m3") else "plain"
+        bit_tricks = ("int8",) if kernel == "swap" else ("int8", "fp8_e4m3")
+        convert = "bits" if use_dot and dot_dtype == "fp16" and kv_dtype in bit_tricks else "plain"
     if convert not in ("plain", "bits"):
         raise RarefyError(f"convert must be plain or bits, got {convert!r}")
     if convert == "bits" and (not use_dot or dot_dtype != "fp16" or kv_dtype not in ("int8", "fp8_e4m3")):
@@ -305,4 +327,4 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages, smem_bytes=smem,
                       occupancy=occupancy, fused_reduce=fused, reduce_grid=reduce_grid, workspace_bytes=workspace,
                       sm_count=sm_count, dot_dtype=dot_dtype, convert=convert, qk_int8=bool(qk_int8),
-                      max_regs=max_regs)
+                      max_regs=max_regs, kernel=kernel)

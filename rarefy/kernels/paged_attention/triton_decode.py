@@ -140,6 +140,7 @@ def _decode_kernel(
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_vd,
     stride_sb, stride_sh,
     stride_btb,
     stride_ob, stride_oh,
@@ -196,6 +197,7 @@ def _decode_kernel(
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     head_off = kvh.to(tl.int64) * stride_kh
+    v_head_off = kvh.to(tl.int64) * stride_vh
     scale_head_off = kvh.to(tl.int64) * stride_sh
 
     for t0 in range(start, end, TILE_N):
@@ -229,7 +231,8 @@ def _decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        v = tl.load(v_ptr + kv_offs, mask=t_mask[:, None], other=0.0)
+        v_offs = (blk * stride_vb + v_head_off + off * stride_vt)[:, None] + offs_d[None, :] * stride_vd
+        v = tl.load(v_ptr + v_offs, mask=t_mask[:, None], other=0.0)
         acc = acc * alpha[:, None]
         if QUANT and USE_DOT and DOT == 2:
             # fp16 P would underflow if it carried the per-token scales (p * 1e-4 * 1e-4), so
@@ -387,8 +390,16 @@ def conv_code(plan: DecodePlan, kv_dtype: str) -> int:
     return 3 if _interpreting() else 2
 
 
+def v_is_dim_major(v_cache: torch.Tensor) -> bool:
+    """Whether a [blocks, heads, block_size, head_dim] V cache is a view of dim-major storage
+    ([blocks, heads, head_dim, block_size], docs/kv-cache.md): tokens contiguous."""
+    return v_cache.dim() == 4 and v_cache.shape[2] > 1 and v_cache.stride(2) == 1 and \
+        v_cache.transpose(2, 3).is_contiguous()
+
+
 def make_plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, kv_dtype: str,
-              num_splits: int | None = None, max_seq_len: int | None = None, **overrides) -> DecodePlan:
+              num_splits: int | None = None, max_seq_len: int | None = None, v_dim_major: bool = False,
+              **overrides) -> DecodePlan:
     """plan_decode for these tensors (``max_seq_len`` defaults to the block table's capacity)."""
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
@@ -396,7 +407,8 @@ def make_plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor
         max_seq_len = block_tables.shape[1] * block_size
     q_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[q.dtype]
     return plan_decode(batch, max_seq_len, num_heads, num_kv_heads, head_dim, kv_dtype, block_size,
-                       sm_count_of(q.device), num_splits=num_splits, q_dtype=q_dtype, **overrides)
+                       sm_count_of(q.device), num_splits=num_splits, q_dtype=q_dtype, v_dim_major=v_dim_major,
+                       **overrides)
 
 
 _COUNTERS: dict = {}
@@ -468,8 +480,15 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
     """
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
+    v_dm = v_is_dim_major(v_cache)
     if plan is None:
-        plan = make_plan(q, k_cache, block_tables, kv_dtype, num_splits, max_seq_len)
+        plan = make_plan(q, k_cache, block_tables, kv_dtype, num_splits, max_seq_len, v_dim_major=v_dm)
+    if plan.kernel == "swap":
+        from rarefy.kernels.paged_attention.triton_decode_warpsplit import paged_decode_attention_warpsplit
+
+        return paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
+                                                kv_dtype, sm_scale, plan, v_dim_major=v_dm, counters=counters,
+                                                swap=True, return_kernel=return_kernel)
     quant = kv_dtype in _QUANT
     out, po, plse, cnt, fused, chunk = launch_buffers(q, plan, num_kv_heads, counters)
     splits = plan.num_splits
@@ -484,6 +503,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         float(sm_scale) * LOG2E * kv_mul,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         stride_sb, stride_sh,
         block_tables.stride(0),
         out.stride(0), out.stride(1),

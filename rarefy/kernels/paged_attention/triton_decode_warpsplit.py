@@ -383,13 +383,17 @@ def warpsplit_supported(plan, block_size: int, head_dim: int) -> bool:
 
 
 def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, kv_dtype,
-                                     sm_scale, plan, v_dim_major: bool = False, counters=None,
-                                     swap: bool = False, pdl: bool | None = None):
+                                     sm_scale, plan, v_dim_major: bool | None = None, counters=None,
+                                     swap: bool = False, pdl: bool | None = None, return_kernel: bool = False):
     """Launch ``_decode_warpsplit_kernel`` for ``plan`` (a :func:`plan_decode` result that
     :func:`warpsplit_supported` accepts). ``v_cache`` is ``[blocks, kv_heads, block_size,
-    head_dim]``, or ``[blocks, kv_heads, head_dim, block_size]`` with ``v_dim_major``."""
+    head_dim]``, contiguous or a view of dim-major storage (``v_dim_major``, found from the
+    strides when None)."""
     from rarefy.kernels.paged_attention.triton_decode import (
-        LOG2E, _QUANT, _interpreting, conv_code, launch_buffers, launch_reduce, pdl_available)
+        LOG2E, _QUANT, _interpreting, conv_code, launch_buffers, launch_reduce, pdl_available, v_is_dim_major)
+
+    if v_dim_major is None:
+        v_dim_major = v_is_dim_major(v_cache)
 
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
@@ -399,10 +403,7 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     out, po, plse, cnt, fused, chunk = launch_buffers(q, plan, num_kv_heads, counters)
     conv = conv_code(plan, kv_dtype)
     kv_mul = 256.0 if conv in (2, 3) else 1.0
-    if v_dim_major:
-        stride_vt, stride_vd = v_cache.stride(3), v_cache.stride(2)
-    else:
-        stride_vt, stride_vd = v_cache.stride(2), v_cache.stride(3)
+    stride_vt, stride_vd = v_cache.stride(2), v_cache.stride(3)
     ks = k_scale if quant else k_cache
     vs = v_scale if quant else v_cache
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
@@ -413,7 +414,7 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     pdl = bool(pdl) and swap and split_reduce
     extra = {"PDL": True} if pdl else {}
     group_pad = max(2, 1 << (plan.group - 1).bit_length()) if swap else plan.group_pad
-    kernel[plan.grid](
+    compiled = kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
         float(sm_scale) * LOG2E * kv_mul,
         q.stride(0), q.stride(1),
@@ -432,4 +433,6 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     )
     if split_reduce:
         launch_reduce(po, plse, out, plan.num_splits, chunk, pdl=pdl)
+    if return_kernel:
+        return out, compiled
     return out

@@ -90,6 +90,7 @@ def _store_kernel(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh,
     stride_cb, stride_ch, stride_ct,
+    stride_vcb, stride_vch, stride_vct, stride_vcd,
     stride_sb, stride_sh,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -116,7 +117,9 @@ def _store_kernel(
     k = tl.load(k_ptr + i.to(tl.int64) * stride_kn + h * stride_kh + offs_d, mask=d_mask, other=0.0)
     _quant_store(k, kc_ptr, dst, ks_ptr, sc, ok, QUANT, QMAXV, MIN_S, RINT, MBITS, EMIN, TO_BF16, d_mask)
     v = tl.load(v_ptr + i.to(tl.int64) * stride_vn + h * stride_vh + offs_d, mask=d_mask, other=0.0)
-    _quant_store(v, vc_ptr, dst, vs_ptr, sc, ok, QUANT, QMAXV, MIN_S, RINT, MBITS, EMIN, TO_BF16, d_mask)
+    # V may be dim-major storage (tokens contiguous, docs/kv-cache.md): its own strides
+    v_dst = blk * stride_vcb + h * stride_vch + off * stride_vct + offs_d * stride_vcd
+    _quant_store(v, vc_ptr, v_dst, vs_ptr, sc, ok, QUANT, QMAXV, MIN_S, RINT, MBITS, EMIN, TO_BF16, d_mask)
 
 
 def store_kv_triton(k, v, slot_mapping, k_cache, v_cache, k_scale, v_scale, kv_dtype: str) -> None:
@@ -135,6 +138,7 @@ def store_kv_triton(k, v, slot_mapping, k_cache, v_cache, k_scale, v_scale, kv_d
         k, v, slot_mapping, k_cache, v_cache, ks, vs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         ssb, ssh,
         HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         QUANT=qcode, QMAXV=float(QMAX.get(kv_dtype, 1.0)), MIN_S=float(MIN_SCALE), RINT=not interp,
