@@ -52,7 +52,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.language.extra.cuda import gdc_wait
 
 from rarefy.kernels.paged_attention.plan import DecodePlan, plan_decode
 
@@ -135,6 +135,19 @@ def _to_dot(x, DOT: tl.constexpr, CONV: tl.constexpr):
 
 
 @triton.jit
+def _split_range(sl_ptr, b, sp, tokens_per_split, num_splits):
+    """Tokens [start, end) of split ``sp`` of sequence ``b``; the last split takes the rest,
+    whatever the plan assumed."""
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = sp * tokens_per_split
+    if sp == num_splits - 1:
+        end = seq_len
+    else:
+        end = tl.minimum(start + tokens_per_split, seq_len)
+    return start, end
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, sl_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
     qk_scale,
@@ -164,12 +177,7 @@ def _decode_kernel(
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
 
-    seq_len = tl.load(sl_ptr + b).to(tl.int32)
-    start = sp * tokens_per_split
-    if sp == num_splits - 1:  # the last split takes the rest, whatever the plan assumed
-        end = seq_len
-    else:
-        end = tl.minimum(start + tokens_per_split, seq_len)
+    start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -488,7 +496,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
 
         return paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
                                                 kv_dtype, sm_scale, plan, v_dim_major=v_dm, counters=counters,
-                                                swap=True, return_kernel=return_kernel)
+                                                return_kernel=return_kernel)
     quant = kv_dtype in _QUANT
     out, po, plse, cnt, fused, chunk = launch_buffers(q, plan, num_kv_heads, counters)
     splits = plan.num_splits

@@ -6,16 +6,18 @@ memory and a block-wide barrier) every tile, and ``P`` goes through shared memor
 every warp can multiply it by its slice of ``V``. For 8-bit caches that chain, not the
 bytes, sets the time per tile (docs/results/attention.md, "Quantized caches").
 
-Here a tile is ``[SUB, SUB_N]`` tokens and every product is a batched 3-D ``tl.dot`` whose
-batch axis is ``SUB`` (= the warp count; Triton gives each batch slice its own warp), so
-sub-stream ``w`` keeps its own running max, sum and ``[GROUP_PAD, HEAD_DIM]`` accumulator
-and nothing crosses warps until the end, where the ``SUB`` partial softmaxes are merged by
-their maxima (the same log-sum-exp combine the splits use).
+Here (``_decode_swap_kernel``) a tile is ``[SUB, SUB_N]`` tokens and every product is a
+batched 3-D ``tl.dot`` whose batch axis is ``SUB`` (= the warp count; Triton gives each
+batch slice its own warp), so sub-stream ``w`` keeps its own running max, sum and
+accumulator and nothing crosses warps until the end, where the ``SUB`` partial softmaxes are
+merged by their maxima (the same log-sum-exp combine the splits use). The products are
+transposed (kernel doc). A first version with untransposed products (a [16, HEAD_DIM]
+accumulator per warp) was measured and replaced (docs/results/attention.md).
 
-V may be stored token-major (``[block, head, token, dim]``, the cache's layout) or
-dim-major (``[block, head, dim, token]``): the strides say which. Dim-major keeps the
-tokens, the reduction axis of ``P @ V``, contiguous, so an 8-bit V tile reaches the
-tensor cores with 4-byte shared-memory loads instead of byte loads.
+V may be token-major (``[block, head, token, dim]``) or a view of dim-major storage
+(``[block, head, dim, token]``, the paged cache's layout for 8-bit caches): the strides say
+which. Dim-major keeps the tokens, the reduction axis of ``P @ V``, contiguous, so an 8-bit
+V tile reaches the tensor cores with 4-byte shared-memory loads instead of byte loads.
 """
 
 from __future__ import annotations
@@ -25,137 +27,7 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from rarefy.kernels.paged_attention.triton_decode import _to_dot, _write_result
-
-
-@triton.jit
-def _decode_warpsplit_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, sl_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
-    qk_scale,
-    stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_sb, stride_sh,
-    stride_btb,
-    stride_ob, stride_oh,
-    tokens_per_split, num_splits,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    SUB: tl.constexpr,
-    SUB_N: tl.constexpr,
-    SPLIT: tl.constexpr,
-    FUSED: tl.constexpr,
-    QUANT: tl.constexpr,
-    DOT: tl.constexpr,
-    CHUNK: tl.constexpr,
-    CONV: tl.constexpr,
-    KV_MUL: tl.constexpr,
-    V_DIM_MAJOR: tl.constexpr,
-    V_FINITE: tl.constexpr,
-):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    sp = tl.program_id(2)
-
-    seq_len = tl.load(sl_ptr + b).to(tl.int32)
-    start = sp * tokens_per_split
-    if sp == num_splits - 1:
-        end = seq_len
-    else:
-        end = tl.minimum(start + tokens_per_split, seq_len)
-
-    offs_w = tl.arange(0, SUB)
-    offs_n = tl.arange(0, SUB_N)
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP
-    heads = kvh * GROUP + offs_g
-
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
-    if DOT == 1:
-        q = q.to(tl.bfloat16)
-    else:
-        q = q.to(tl.float16)
-    qb = tl.broadcast_to(q[None, :, :], (SUB, GROUP_PAD, HEAD_DIM))
-
-    m_i = tl.full([SUB, GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([SUB, GROUP_PAD], tl.float32)
-    acc = tl.zeros([SUB, GROUP_PAD, HEAD_DIM], tl.float32)
-
-    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    k_head = kvh.to(tl.int64) * stride_kh
-    v_head = kvh.to(tl.int64) * stride_vh
-    s_head = kvh.to(tl.int64) * stride_sh
-
-    PAGES: tl.constexpr = SUB_N // BLOCK_SIZE
-    offs_p = tl.arange(0, PAGES)
-    offs_b = tl.arange(0, BLOCK_SIZE)
-    for t0 in range(start, end, SUB * SUB_N):
-        # one block-table entry per page (tokens_per_split is a multiple of the tile, so t0 is
-        # page-aligned); addresses are built per (page, slot) so Triton sees each page's slots
-        # as one contiguous run, and reshaped to [SUB, SUB_N] (sub-stream w, its tokens)
-        pg = t0 // BLOCK_SIZE + offs_w[:, None] * PAGES + offs_p[None, :]
-        blk = tl.load(bt_row + pg, mask=pg * BLOCK_SIZE < end, other=0).to(tl.int64)[:, :, None]
-        tok3 = pg[:, :, None] * BLOCK_SIZE + offs_b[None, None, :]
-        t_mask = tl.reshape(tok3 < end, (SUB, SUB_N))
-        k_row = blk * stride_kb + k_head + offs_b[None, None, :] * stride_kt
-        # unmasked: slots past the end (pages past it read page 0) only produce scores that
-        # the token mask below replaces with -inf, NaN included
-        k = tl.load(k_ptr + k_row[:, :, :, None] + offs_d[None, None, None, :])
-        k = tl.reshape(k, (SUB, SUB_N, HEAD_DIM))
-        s = tl.dot(qb, tl.trans(_to_dot(k, DOT, CONV), (0, 2, 1)))  # [SUB, GROUP_PAD, SUB_N]
-        s = s * qk_scale
-        if QUANT:
-            srow = tl.reshape(blk * stride_sb + s_head + offs_b[None, None, :], (SUB, SUB_N))
-            k_s = tl.load(ks_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
-            s = s * k_s[:, None, :]
-        s = tl.where(t_mask[:, None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=2))
-        # a sub-stream whose tokens are all past the end has seen nothing yet: keep exp2 finite
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, axis=2)
-
-        v_row = blk * stride_vb + v_head + offs_b[None, None, :] * stride_vt
-        v_ptrs = v_ptr + v_row[:, :, :, None] + offs_d[None, None, None, :] * stride_vd
-        if V_DIM_MAJOR:
-            # a token mask along the contiguous axis would cost the vector loads: mask whole
-            # pages, then zero the slots past the end of the last one (P is 0 there, but an
-            # unwritten slot may hold a NaN pattern) unless every bit pattern is finite (int8)
-            v = tl.load(v_ptrs, mask=(pg * BLOCK_SIZE < end)[:, :, None, None], other=0.0)
-            v = tl.reshape(v, (SUB, SUB_N, HEAD_DIM))
-            if not V_FINITE:
-                v = tl.where(t_mask[:, :, None], v, tl.zeros_like(v))
-        else:
-            v = tl.load(v_ptrs, mask=(tok3 < end)[:, :, :, None], other=0.0)
-            v = tl.reshape(v, (SUB, SUB_N, HEAD_DIM))
-        acc = acc * alpha[:, :, None]
-        if QUANT:
-            # fp16 P carries the per-token V scales normalised by each sub-stream's largest
-            # (triton_decode.py: the unnormalised product would underflow)
-            v_s = tl.load(vs_ptr + srow, mask=t_mask, other=0.0).to(tl.float32)
-            v_top = tl.maximum(tl.max(v_s, axis=1), 1e-30)
-            pq = (p * (v_s / v_top[:, None])[:, None, :]).to(tl.float16)
-            acc += tl.dot(pq, _to_dot(v, DOT, CONV)) * (v_top * KV_MUL)[:, None, None]
-        elif DOT == 1:
-            acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc)
-        else:
-            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
-        m_i = m_new
-
-    # merge the SUB partial softmaxes by their maxima
-    m = tl.max(m_i, axis=0)
-    m_use = tl.where(m > float("-inf"), m, 0.0)
-    w = tl.exp2(m_i - m_use[None, :])
-    l_tot = tl.sum(l_i * w, axis=0)
-    acc_tot = tl.sum(acc * w[:, :, None], axis=0)
-    _write_result(acc_tot, m, l_tot, b, kvh, sp, heads, g_mask, offs_d, out_ptr, po_ptr, plse_ptr, cnt_ptr,
-                  stride_ob, stride_oh, num_splits, GROUP, HEAD_DIM, SPLIT, FUSED, CHUNK)
+from rarefy.kernels.paged_attention.triton_decode import _split_range, _to_dot, _write_result
 
 
 @triton.jit
@@ -292,12 +164,7 @@ def _decode_swap_kernel(
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
 
-    seq_len = tl.load(sl_ptr + b).to(tl.int32)
-    start = sp * tokens_per_split
-    if sp == num_splits - 1:
-        end = seq_len
-    else:
-        end = tl.minimum(start + tokens_per_split, seq_len)
+    start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -384,7 +251,7 @@ def warpsplit_supported(plan, block_size: int, head_dim: int) -> bool:
 
 def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, kv_dtype,
                                      sm_scale, plan, v_dim_major: bool | None = None, counters=None,
-                                     swap: bool = False, pdl: bool | None = None, return_kernel: bool = False):
+                                     pdl: bool | None = None, return_kernel: bool = False):
     """Launch ``_decode_warpsplit_kernel`` for ``plan`` (a :func:`plan_decode` result that
     :func:`warpsplit_supported` accepts). ``v_cache`` is ``[blocks, kv_heads, block_size,
     head_dim]``, contiguous or a view of dim-major storage (``v_dim_major``, found from the
@@ -407,13 +274,13 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     ks = k_scale if quant else k_cache
     vs = v_scale if quant else v_cache
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
-    kernel = _decode_swap_kernel if swap else _decode_warpsplit_kernel
+    kernel = _decode_swap_kernel
     split_reduce = plan.num_splits > 1 and not fused
     if pdl is None:
-        pdl = swap and split_reduce and pdl_available(q.device)
-    pdl = bool(pdl) and swap and split_reduce
+        pdl = split_reduce and pdl_available(q.device)
+    pdl = bool(pdl) and split_reduce
     extra = {"PDL": True} if pdl else {}
-    group_pad = max(2, 1 << (plan.group - 1).bit_length()) if swap else plan.group_pad
+    group_pad = max(2, 1 << (plan.group - 1).bit_length())
     compiled = kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
         float(sm_scale) * LOG2E * kv_mul,
