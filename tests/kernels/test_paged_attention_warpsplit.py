@@ -31,7 +31,7 @@ def dec():
 
 
 def _run(ws, dec, c, sm_scale, v_dim_major, **plan_kw):
-    q, kc, vc, bt, kvd = c["q"], c["k_cache"], c["v_cache"], c["block_tables"], c["kv_dtype"]
+    q, kc, bt, kvd = c["q"], c["k_cache"], c["block_tables"], c["kv_dtype"]
     plan = dec.make_plan(q, kc, bt, kvd, **plan_kw)
     a = args(c)
     if v_dim_major:
