@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 from test_paged_attention import DEV, args, make_case, rel_err  # noqa: E402
 from triton_interp import CUDA, kernel_module  # noqa: E402
 
+from rarefy.errors import RarefyError  # noqa: E402
 from rarefy.kernels.paged_attention import paged_decode_attention_ref  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def dec():
 
 def _run(ws, dec, c, sm_scale, v_dim_major, **plan_kw):
     q, kc, bt, kvd = c["q"], c["k_cache"], c["block_tables"], c["kv_dtype"]
-    plan = dec.make_plan(q, kc, bt, kvd, **plan_kw)
+    plan = dec.make_plan(q, kc, bt, kvd, **{"kernel": "swap", **plan_kw})
     a = args(c)
     if v_dim_major:
         a[2] = a[2].transpose(2, 3).contiguous().transpose(2, 3)  # a view of [blocks, heads, dim, slot]
@@ -75,7 +76,9 @@ def test_warpsplit_refuses_plans_it_cannot_run(ws, dec):
     c = make_case([20], 4, 2, 32, 16, "fp16", seed=1, q_dtype=torch.float16)
     with pytest.raises(ValueError, match="warp-split"):
         _run(ws, dec, c, 0.3, False, tile_n=16, num_warps=2)  # 8 tokens per sub-stream < a page
-    with pytest.raises(ValueError, match="warp-split"):
+    with pytest.raises(ValueError, match="warp-split"):  # a plan made for the base kernel
+        _run(ws, dec, c, 0.3, False, tile_n=32, num_warps=2, kernel="base")
+    with pytest.raises(RarefyError, match="swap kernel"):  # no tensor-core path: no swap plan at all
         _run(ws, dec, c, 0.3, False, tile_n=32, use_dot=False)
 
 

@@ -141,7 +141,7 @@ class DecodePlan:
     tile_n: int                         # tokens per inner iteration (pages_per_tile * block_size, or one page)
     pages_per_tile: int                 # tile_n / block_size, rounded up (a page larger than tile_n: 1)
     group: int                          # query heads per KV head
-    group_pad: int                      # query rows per program (>= 16 on the tl.dot path)
+    group_pad: int                      # query rows per program (>= 16 on the base tl.dot path)
     use_dot: bool                       # tensor-core tl.dot products, else broadcast FMA
     num_warps: int
     num_stages: int
@@ -253,6 +253,8 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
         raise RarefyError("the swap kernel needs the tl.dot path in bf16 or fp16 and no qk_int8")
     if kernel is None:
         kernel = "swap" if swap_ok else "base"
+    if kernel == "swap":  # the group sits on the MMA's column side: padded to a power of two only
+        group_pad = max(2, _next_pow2(group))
     if kernel == "swap":
         # measured on the H100 (docs/results/attention.md, "Swapped products"): 64-token tiles
         # over 2 warps (32 tokens each), two tiles in flight; e4m3 through the hardware

@@ -240,11 +240,12 @@ def _decode_swap_kernel(
 
 
 def warpsplit_supported(plan, block_size: int, head_dim: int) -> bool:
-    """Whether the warp-split kernel can run this plan: tensor-core products in bf16/fp16, whole
-    pages per sub-stream (``tile_n / num_warps`` a multiple of the page) and at least 16 tokens
-    per sub-stream (the smallest MMA reduction)."""
+    """Whether the swap kernel can run this plan: a plan made for it (``kernel == "swap"``, whose
+    group_pad is the column count), tensor-core products in bf16/fp16, whole pages per
+    sub-stream (``tile_n / num_warps`` a multiple of the page) and at least 16 tokens per
+    sub-stream (the smallest MMA reduction)."""
     sub_n = plan.tile_n // plan.num_warps
-    return (plan.use_dot and plan.dot_dtype in ("bf16", "fp16") and not plan.qk_int8
+    return (plan.kernel == "swap" and plan.use_dot and plan.dot_dtype in ("bf16", "fp16") and not plan.qk_int8
             and plan.tile_n % plan.num_warps == 0 and sub_n >= 16 and sub_n % block_size == 0
             and head_dim >= 16)
 
@@ -280,7 +281,6 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
         pdl = split_reduce and pdl_available(q.device)
     pdl = bool(pdl) and split_reduce
     extra = {"PDL": True} if pdl else {}
-    group_pad = max(2, 1 << (plan.group - 1).bit_length())
     compiled = kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
         float(sm_scale) * LOG2E * kv_mul,
@@ -291,7 +291,7 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         plan.tokens_per_split, plan.num_splits,
-        GROUP=plan.group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        GROUP=plan.group, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         SUB=plan.num_warps, SUB_N=plan.tile_n // plan.num_warps, SPLIT=plan.num_splits > 1, FUSED=fused,
         QUANT=quant, DOT={"bf16": 1, "fp16": 2}[plan.dot_dtype], CHUNK=chunk, CONV=conv, KV_MUL=kv_mul,
         V_DIM_MAJOR=bool(v_dim_major), V_FINITE=kv_dtype == "int8" or conv == 2,  # the e4m3 bit trick drops NaN
