@@ -8,7 +8,7 @@ replay over cache copies larger than L2).
 
 Variant labels: t<tokens per tile> w<warps = sub-streams> st<num_stages> dm|tm (V dim- or
 token-major), sw (accepted, no effect: every variant runs the swap kernel), r<register cap>, s<splits>, fr (fused
-split reduction), nopdl (no programmatic dependent launch of the reduction), cp (Triton's own int8/fp8 conversion); "base" is the default kernel and plan. docs/results/attention.md ("Warp split").
+split reduction), nopdl (no programmatic dependent launch of the decode kernel and the reduction; "base nopdl" is the default kernel so), cp (Triton's own int8/fp8 conversion); "base" is the default kernel and plan. docs/results/attention.md ("Warp split").
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def parse_variant(label: str) -> dict:
             out["dm"] = part == "dm"
         elif part == "sw":
             out["swap"] = True
+        elif part == "base":
+            pass
         elif part == "nopdl":
             out["pdl"] = False
         elif part == "fr":
@@ -86,16 +88,16 @@ def main(argv=None) -> int:
                 v_dm = case.v_cache if v_is_dim_major(case.v_cache) else \
                     case.v_cache.transpose(2, 3).contiguous().transpose(2, 3)
                 v_tm = case.v_cache.contiguous()
-                for label in ["base"] + [v for v in a.variants.split(",") if v]:
+                for label in ["base", "base nopdl"] + [v for v in a.variants.split(",") if v]:
                     r = dict(kvd=kvd, ctx=ctx, batch=batch, label=label, us=None, err=None, plan="", note="")
                     try:
-                        if label == "base":
+                        if label.startswith("base"):
                             plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, kernel="base")
 
-                            def launch(i, p=plan):
+                            def launch(i, p=plan, pdl=parse_variant(label).get("pdl")):
                                 q, kc, _, ks, vs, bt, sl, kv = case.args(i)
                                 return paged_decode_attention_triton(q, kc, v_tm, ks, vs, bt, sl, kv, case.sm_scale,
-                                                                     plan=p)
+                                                                     plan=p, pdl=pdl)
                         else:
                             kw = parse_variant(label)
                             dm = kw.pop("dm", True)

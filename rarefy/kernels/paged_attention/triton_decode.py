@@ -52,7 +52,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rarefy.kernels.paged_attention.plan import DecodePlan, plan_decode
 
@@ -135,6 +135,19 @@ def _to_dot(x, DOT: tl.constexpr, CONV: tl.constexpr):
 
 
 @triton.jit
+def _pdl_prologue(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
+    """Programmatic dependent launch (docs/attention-kernels.md, "PDL"). A kernel launched with
+    ``launch_pdl`` may start while the kernel before it still runs: ``WAIT`` blocks until that
+    grid has finished and its writes are visible, so nothing before this call may read what
+    it writes. ``TRIGGER`` then lets the next PDL-launched kernel start; it comes after the
+    wait so a chain of such kernels runs at most one ahead."""
+    if WAIT:
+        gdc_wait()
+    if TRIGGER:
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _split_range(sl_ptr, b, sp, tokens_per_split, num_splits):
     """Tokens [start, end) of split ``sp`` of sequence ``b``; the last split takes the rest,
     whatever the plan assumed."""
@@ -172,7 +185,10 @@ def _decode_kernel(
     CONV: tl.constexpr,
     QK_I8: tl.constexpr,
     KV_MUL: tl.constexpr,
+    PDL_WAIT: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    _pdl_prologue(PDL_WAIT, PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -348,8 +364,7 @@ def _reduce_kernel(
     CHUNK: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # launched early (programmatic dependent launch): wait for the decode kernel's partials
-        gdc_wait()
+    _pdl_prologue(PDL, PDL)  # launched early: wait for the decode kernel's partials
     b = tl.program_id(0)
     h = tl.program_id(1)
     base = (b * NUM_HEADS + h).to(tl.int64) * num_splits
@@ -463,28 +478,36 @@ def pdl_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def pdl_options(pdl: bool) -> dict:
+    """Launch options of a PDL-launched kernel (nothing without PDL)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 def launch_reduce(po, plse, out, splits: int, chunk: int, pdl: bool = False) -> None:
     """The separate split reduction: ``_reduce_kernel`` over (batch, num_heads). With ``pdl``
     it is launched as a programmatic dependent of the decode kernel (which must have called
     ``gdc_launch_dependents``): its launch overlaps the decode kernel's tail, and it waits
-    for the decode kernel's writes in ``gdc_wait``."""
+    for the decode kernel's writes in ``gdc_wait``; it then lets the next PDL kernel start."""
     batch, num_heads, head_dim = out.shape
     _reduce_kernel[(batch, num_heads)](
         po, plse, out, out.stride(0), out.stride(1), splits,
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, CHUNK=chunk, PDL=pdl,
         num_warps=4 if head_dim * chunk >= 2048 else 2,
-        **({"launch_pdl": True} if pdl else {}),
+        **pdl_options(pdl),
     )
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, kv_dtype,
                                   sm_scale, num_splits=None, max_seq_len=None, plan: DecodePlan | None = None,
-                                  return_kernel: bool = False, counters: torch.Tensor | None = None):
+                                  return_kernel: bool = False, counters: torch.Tensor | None = None,
+                                  pdl: bool | None = None):
     """Launch the kernels (inputs are validated by the dispatcher in ``__init__``).
 
     ``plan`` replaces :func:`make_plan`'s; ``return_kernel`` also returns the compiled main
     kernel (its ``metadata.shared`` is the real shared memory per program); ``counters``
-    (int32 zeros, >= batch * num_kv_heads) replaces the cached arrival counters.
+    (int32 zeros, >= batch * num_kv_heads) replaces the cached arrival counters. ``pdl``
+    (default: where the device has it) launches the decode kernel and the split reduction as
+    programmatic dependents of the kernel before each.
     """
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
@@ -496,7 +519,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
 
         return paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
                                                 kv_dtype, sm_scale, plan, v_dim_major=v_dm, counters=counters,
-                                                return_kernel=return_kernel)
+                                                pdl=pdl, return_kernel=return_kernel)
     quant = kv_dtype in _QUANT
     out, po, plse, cnt, fused, chunk = launch_buffers(q, plan, num_kv_heads, counters)
     splits = plan.num_splits
@@ -506,6 +529,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
     ks = k_scale if quant else k_cache
     vs = v_scale if quant else v_cache
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
+    pdl = pdl_available(q.device) if pdl is None else bool(pdl)
+    split_reduce = splits > 1 and not fused
     kernel = _decode_kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
         float(sm_scale) * LOG2E * kv_mul,
@@ -519,11 +544,12 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         GROUP=plan.group, GROUP_PAD=plan.group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE_N=plan.tile_n, SPLIT=splits > 1, FUSED=fused, QUANT=quant, USE_DOT=plan.use_dot,
         DOT=dot, CHUNK=chunk, CONV=conv, QK_I8=plan.qk_int8, KV_MUL=kv_mul,
+        PDL_WAIT=pdl, PDL=pdl and split_reduce,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
-        **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}),
+        **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}), **pdl_options(pdl),
     )
-    if splits > 1 and not fused:
-        launch_reduce(po, plse, out, splits, chunk)
+    if split_reduce:
+        launch_reduce(po, plse, out, splits, chunk, pdl=pdl)
     if return_kernel:
         return out, kernel
     return out

@@ -25,9 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents
-
-from rarefy.kernels.paged_attention.triton_decode import _split_range, _to_dot, _write_result
+from rarefy.kernels.paged_attention.triton_decode import _pdl_prologue, _split_range, _to_dot, _write_result
 
 
 @triton.jit
@@ -151,6 +149,7 @@ def _decode_swap_kernel(
     KV_MUL: tl.constexpr,
     V_DIM_MAJOR: tl.constexpr,
     V_FINITE: tl.constexpr,
+    PDL_WAIT: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     """The warp split with the products transposed ("swap AB"): scores^T = K q^T
@@ -158,8 +157,7 @@ def _decode_swap_kernel(
     and the head dim fill the MMA's 16-row side, the few query heads its 8-column side, so a
     GQA group of 4 pads to 8 columns instead of 16 rows: half the MMAs, and a [HEAD_DIM, 8]
     accumulator per warp instead of [16, HEAD_DIM]. V dim-major is V^T's natural layout."""
-    if PDL:  # the split reduction may launch now; it waits for this grid in gdc_wait
-        gdc_launch_dependents()
+    _pdl_prologue(PDL_WAIT, PDL)  # wait for the kernel before; the split reduction may launch
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -258,7 +256,8 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     head_dim]``, contiguous or a view of dim-major storage (``v_dim_major``, found from the
     strides when None)."""
     from rarefy.kernels.paged_attention.triton_decode import (
-        LOG2E, _QUANT, _interpreting, conv_code, launch_buffers, launch_reduce, pdl_available, v_is_dim_major)
+        LOG2E, _QUANT, _interpreting, conv_code, launch_buffers, launch_reduce, pdl_available, pdl_options,
+        v_is_dim_major)
 
     if v_dim_major is None:
         v_dim_major = v_is_dim_major(v_cache)
@@ -277,10 +276,7 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
     kernel = _decode_swap_kernel
     split_reduce = plan.num_splits > 1 and not fused
-    if pdl is None:
-        pdl = split_reduce and pdl_available(q.device)
-    pdl = bool(pdl) and split_reduce
-    extra = {"PDL": True} if pdl else {}
+    pdl = pdl_available(q.device) if pdl is None else bool(pdl)
     compiled = kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
         float(sm_scale) * LOG2E * kv_mul,
@@ -296,7 +292,8 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
         QUANT=quant, DOT={"bf16": 1, "fp16": 2}[plan.dot_dtype], CHUNK=chunk, CONV=conv, KV_MUL=kv_mul,
         V_DIM_MAJOR=bool(v_dim_major), V_FINITE=kv_dtype == "int8" or conv == 2,  # the e4m3 bit trick drops NaN
         num_warps=plan.num_warps, num_stages=plan.num_stages,
-        **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}), **extra,
+        PDL_WAIT=pdl, PDL=pdl and split_reduce,
+        **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}), **pdl_options(pdl),
     )
     if split_reduce:
         launch_reduce(po, plse, out, plan.num_splits, chunk, pdl=pdl)

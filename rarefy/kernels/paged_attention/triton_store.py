@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from rarefy.kv.quant import MIN_SCALE, QMAX
 
@@ -102,7 +103,10 @@ def _store_kernel(
     MBITS: tl.constexpr,
     EMIN: tl.constexpr,
     TO_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # the decode kernel after may launch now (programmatic dependent launch): it waits
+        gdc_launch_dependents()  # for this grid's writes in its gdc_wait
     i = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + i).to(tl.int64)
@@ -144,6 +148,7 @@ def store_kv_triton(k, v, slot_mapping, k_cache, v_cache, k_scale, v_scale, kv_d
         QUANT=qcode, QMAXV=float(QMAX.get(kv_dtype, 1.0)), MIN_S=float(MIN_SCALE), RINT=not interp,
         MBITS=_FP8.get(kv_dtype, (0, 0))[0], EMIN=_FP8.get(kv_dtype, (0, 0))[1],
         TO_BF16=kv_dtype == "bf16" and k.dtype != torch.bfloat16,
+        PDL=not interp and k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9,
         num_warps=1 if head_dim <= 128 else 2,
     )
 
