@@ -42,6 +42,7 @@
 // Registered as torch.ops.rarefy_actsparse.input_sparse_matmul.
 
 #include <ATen/Parallel.h>
+#include "../shape_str.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -457,12 +458,12 @@ at::Tensor input_sparse_matmul(const at::Tensor& x, const at::Tensor& wt, double
   const auto wdt = wt.scalar_type();
   TORCH_CHECK_VALUE(wdt == at::kHalf || wdt == at::kBFloat16 || wdt == at::kFloat, op,
                     ": wt must be float16, bfloat16 or float32, got ", wdt);
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(wt.dim() == 2, op, ": wt must be 2-D [K, N] (the weight transposed), got shape ", wt.sizes());
-  TORCH_CHECK_VALUE(x.size(1) == wt.size(0), op, ": K mismatch: x ", x.sizes(), " vs wt ", wt.sizes(),
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", rarefy::shape_str(x));
+  TORCH_CHECK_VALUE(wt.dim() == 2, op, ": wt must be 2-D [K, N] (the weight transposed), got shape ", rarefy::shape_str(wt));
+  TORCH_CHECK_VALUE(x.size(1) == wt.size(0), op, ": K mismatch: x ", rarefy::shape_str(x), " vs wt ", rarefy::shape_str(wt),
                     " (wt is [K, N], the transpose of nn.Linear.weight)");
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
-  TORCH_CHECK_VALUE(wt.is_contiguous(), op, ": wt must be contiguous [K, N] (got strides ", wt.strides(), ")");
+  TORCH_CHECK_VALUE(wt.is_contiguous(), op, ": wt must be contiguous [K, N] (got a strided view)");
   TORCH_CHECK_VALUE(std::isfinite(threshold) || threshold > 0, op, ": threshold must be a number >= 0, got ", threshold);
   TORCH_CHECK_VALUE(threshold >= 0, op, ": threshold must be >= 0, got ", threshold);
   TORCH_CHECK_VALUE(wt.size(0) < (int64_t(1) << 31), op, ": K too large");
@@ -472,7 +473,7 @@ at::Tensor input_sparse_matmul(const at::Tensor& x, const at::Tensor& wt, double
     const at::Tensor& b = *bias;
     TORCH_CHECK_VALUE(b.device().is_cpu(), op, ": bias must be a CPU tensor");
     TORCH_CHECK_VALUE(b.scalar_type() == at::kFloat, op, ": bias must be float32, got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, op, ": bias must be [N] = [", N, "], got ", b.sizes());
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, op, ": bias must be [N] = [", N, "], got ", rarefy::shape_str(b));
     TORCH_CHECK_VALUE(b.is_contiguous(), op, ": bias must be contiguous");
     bptr = b.data_ptr<float>();
   }

@@ -43,6 +43,7 @@
 // picked at run time (isa argument: -1 best, 0 scalar, 1 AVX2, 2 AVX-512).
 
 #include <ATen/Parallel.h>
+#include "../shape_str.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
@@ -854,12 +855,12 @@ at::Tensor lin_gemv(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
   if (group_size > 0) {
     TORCH_CHECK_VALUE(K % group_size == 0 && (!ter || group_size % 4 == 0), fn, ": bad group size ", group_size);
     TORCH_CHECK_VALUE(scale.size(0) == N && scale.size(1) == K / group_size, fn, ": scale must be [", N, ", ",
-                      K / group_size, "], got ", scale.sizes());
+                      K / group_size, "], got ", rarefy::shape_str(scale));
   } else if (ter) {
-    TORCH_CHECK_VALUE(scale.numel() == 1, fn, ": per-tensor scale must be [1, 1], got ", scale.sizes());
+    TORCH_CHECK_VALUE(scale.numel() == 1, fn, ": per-tensor scale must be [1, 1], got ", rarefy::shape_str(scale));
   } else {
     TORCH_CHECK_VALUE(scale.size(0) == N && scale.size(1) == 1, fn, ": per-channel scale must be [", N,
-                      ", 1], got ", scale.sizes());
+                      ", 1], got ", rarefy::shape_str(scale));
   }
   TORCH_CHECK_VALUE(K < (int64_t(1) << 24), fn, ": K = ", K, " is too large");
   const float* bptr = check_bias(bias, N, fn);

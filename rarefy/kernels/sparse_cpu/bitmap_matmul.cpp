@@ -33,6 +33,7 @@
 // (at::parallel_for); each output is summed by one thread in a fixed order.
 
 #include <ATen/Parallel.h>
+#include "../shape_str.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -381,13 +382,13 @@ at::Tensor bitmap_impl(const char* f, const at::Tensor& x, const at::Tensor& bit
                      "values must be float16, bfloat16 or float32, got ", vt);
   }
   TORCH_CHECK_VALUE(k >= 0, f, "k must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, f, "x must be [..., K] with K = k = ", k, ", got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, f, "x must be [..., K] with K = k = ", k, ", got ", rarefy::shape_str(x));
   const int64_t Kw = (k + 31) / 32;
   TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(1) == Kw, f, "bitmask must be [N, ceil(k/32)] = [N, ", Kw,
-                    "], got ", bitmask.sizes());
+                    "], got ", rarefy::shape_str(bitmask));
   const int64_t N = bitmask.size(0);
   TORCH_CHECK_VALUE(row_start.dim() == 1 && row_start.size(0) == N, f, "row_start must be [N] = [", N, "], got ",
-                    row_start.sizes());
+                    rarefy::shape_str(row_start));
   TORCH_CHECK_VALUE(x.is_contiguous() && bitmask.is_contiguous() && values.is_contiguous() &&
                         row_start.is_contiguous(), f, "x, bitmask, values and row_start must be contiguous");
   const float* sptr = nullptr;
@@ -396,7 +397,7 @@ at::Tensor bitmap_impl(const char* f, const at::Tensor& x, const at::Tensor& bit
     TORCH_CHECK_VALUE(s.device().is_cpu(), f, "scale must be a CPU tensor");
     TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, f, "scale must be float32, got ", s.scalar_type());
     TORCH_CHECK_VALUE(s.numel() == N && s.is_contiguous(), f, "scale must be contiguous with N = ", N,
-                      " elements (one per output row), got ", s.sizes());
+                      " elements (one per output row), got ", rarefy::shape_str(s));
     sptr = s.data_ptr<float>();
   }
   const float* bptr = nullptr;
@@ -405,7 +406,7 @@ at::Tensor bitmap_impl(const char* f, const at::Tensor& x, const at::Tensor& bit
     TORCH_CHECK_VALUE(b.device().is_cpu(), f, "bias must be a CPU tensor");
     TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat, f, "bias must be float32, got ", b.scalar_type());
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N && b.is_contiguous(), f,
-                      "bias must be contiguous [N] = [", N, "], got ", b.sizes());
+                      "bias must be contiguous [N] = [", N, "], got ", rarefy::shape_str(b));
     bptr = b.data_ptr<float>();
   }
   const int64_t best = best_isa();

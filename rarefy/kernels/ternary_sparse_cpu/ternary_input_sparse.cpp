@@ -42,6 +42,7 @@
 // Registered as torch.ops.rarefy_ternary_sparse.ternary_input_sparse.
 
 #include <ATen/Parallel.h>
+#include "../shape_str.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
@@ -223,14 +224,14 @@ at::Tensor ternary_input_sparse(const at::Tensor& x, const at::Tensor& wt, const
   TORCH_CHECK_VALUE(n >= 0, f, "n must be >= 0, got ", n);
   const int64_t Nb = (n + 3) / 4;
   TORCH_CHECK_VALUE(wt.dim() == 2 && wt.size(1) == Nb && wt.is_contiguous(), f,
-                    "wt must be contiguous [K, ceil(n/4)] = [K, ", Nb, "], got ", wt.sizes());
+                    "wt must be contiguous [K, ceil(n/4)] = [K, ", Nb, "], got ", rarefy::shape_str(wt));
   const int64_t K = wt.size(0);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, f, "x must be [..., K] with K = ", K, " (wt's rows), got ",
-                    x.sizes());
+                    rarefy::shape_str(x));
   TORCH_CHECK_VALUE(x.is_contiguous(), f, "x must be contiguous");
   TORCH_CHECK_VALUE(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf),
                     f, "scale must be one float32/float16 value (per-tensor scale), got ", scale.scalar_type(), " ",
-                    scale.sizes());
+                    rarefy::shape_str(scale));
   TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0, f, "threshold must be a finite number >= 0, got ",
                     threshold);
   const float* bptr = nullptr;
@@ -239,7 +240,7 @@ at::Tensor ternary_input_sparse(const at::Tensor& x, const at::Tensor& wt, const
     TORCH_CHECK_VALUE(b.device().is_cpu(), f, "bias must be a CPU tensor");
     TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat, f, "bias must be float32, got ", b.scalar_type());
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n && b.is_contiguous(), f, "bias must be contiguous [n] = [", n,
-                      "], got ", b.sizes());
+                      "], got ", rarefy::shape_str(b));
     bptr = b.data_ptr<float>();
   }
   const int64_t best = best_isa();

@@ -23,6 +23,7 @@
 // at::parallel_for (OpenMP, torch.get_num_threads()).
 
 #include <ATen/Parallel.h>
+#include "../shape_str.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -68,7 +69,7 @@ void check_row_matrix(const at::Tensor& t, const char* name, int64_t rows, int64
   TORCH_CHECK_VALUE(t.device().is_cpu(), "weight cache: ", name, " must be a CPU tensor");
   TORCH_CHECK_TYPE(t.scalar_type() == dt, "weight cache: ", name, " must be ", dt, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && t.size(1) == H, "weight cache: ", name,
-                    " must be [", rows < 0 ? "rows" : std::to_string(rows), ", ", H, "], got ", t.sizes());
+                    " must be [", rows < 0 ? "rows" : std::to_string(rows), ", ", H, "], got ", rarefy::shape_str(t));
   TORCH_CHECK_VALUE(t.stride(1) == 1 || H == 1, "weight cache: ", name, " rows must be contiguous");
 }
 
@@ -93,7 +94,7 @@ int64_t wc_update(const at::Tensor& mask, const c10::optional<at::Tensor>& score
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask.scalar_type());
   TORCH_CHECK_VALUE(mask.device().is_cpu(), "mask must be a CPU tensor");
   TORCH_CHECK_VALUE(mask.dim() == 1 && mask.size(0) == I, "mask must have shape [", I, "] (intermediate size), got ",
-                    mask.sizes());
+                    rarefy::shape_str(mask));
   TORCH_CHECK_VALUE(mask.is_contiguous(), "mask must be contiguous");
   // State tensors: built by the Python class; checked cheaply against misuse.
   TORCH_CHECK_VALUE(maps.scalar_type() == at::kInt && maps.is_contiguous() && maps.numel() == 1 + I + cap,
@@ -131,7 +132,7 @@ int64_t wc_update(const at::Tensor& mask, const c10::optional<at::Tensor>& score
     const at::Tensor& s = *scores;
     TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "scores must be float32, got ", s.scalar_type());
     TORCH_CHECK_VALUE(s.device().is_cpu() && s.dim() == 1 && s.size(0) == I && s.is_contiguous(),
-                      "scores must be a contiguous CPU tensor of shape [", I, "], got ", s.sizes());
+                      "scores must be a contiguous CPU tensor of shape [", I, "], got ", rarefy::shape_str(s));
     const float* sc = s.data_ptr<float>();
     std::vector<int32_t> act;
     act.reserve(count);
@@ -444,7 +445,7 @@ at::Tensor wc_mlp(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u,
   const int64_t H = x.size(-1);
   const at::ScalarType dt = d.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kFloat, "sparse mlp: weights must be float16 or float32, got ", dt);
-  TORCH_CHECK_VALUE(n >= 0 && d.dim() == 2 && n <= d.size(0), "sparse mlp: n = ", n, " out of range for ", d.sizes());
+  TORCH_CHECK_VALUE(n >= 0 && d.dim() == 2 && n <= d.size(0), "sparse mlp: n = ", n, " out of range for ", rarefy::shape_str(d));
   check_row_matrix(g, "gate rows", -1, H, dt);
   check_row_matrix(u, "up rows", -1, H, dt);
   check_row_matrix(d, "down^T rows", -1, H, dt);
