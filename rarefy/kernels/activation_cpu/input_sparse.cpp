@@ -42,7 +42,7 @@
 // Registered as torch.ops.rarefy_actsparse.input_sparse_matmul.
 
 #include <ATen/Parallel.h>
-#include "../shape_str.h"
+#include "../rarefy_check.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -453,33 +453,33 @@ at::Tensor input_sparse_matmul(const at::Tensor& x, const at::Tensor& wt, double
                                const c10::optional<at::Tensor>& bias, int64_t isa, int64_t group, int64_t pf,
                                int64_t ksplit) {
   const char* op = "input_sparse_matmul_cpu";
-  TORCH_CHECK_VALUE(x.device().is_cpu() && wt.device().is_cpu(), op, ": x and wt must be CPU tensors");
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  RAREFY_CHECK_VALUE(x.device().is_cpu() && wt.device().is_cpu(), op, ": x and wt must be CPU tensors");
+  RAREFY_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
   const auto wdt = wt.scalar_type();
-  TORCH_CHECK_VALUE(wdt == at::kHalf || wdt == at::kBFloat16 || wdt == at::kFloat, op,
+  RAREFY_CHECK_VALUE(wdt == at::kHalf || wdt == at::kBFloat16 || wdt == at::kFloat, op,
                     ": wt must be float16, bfloat16 or float32, got ", wdt);
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", rarefy::shape_str(x));
-  TORCH_CHECK_VALUE(wt.dim() == 2, op, ": wt must be 2-D [K, N] (the weight transposed), got shape ", rarefy::shape_str(wt));
-  TORCH_CHECK_VALUE(x.size(1) == wt.size(0), op, ": K mismatch: x ", rarefy::shape_str(x), " vs wt ", rarefy::shape_str(wt),
+  RAREFY_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", rarefy::shape_str(x));
+  RAREFY_CHECK_VALUE(wt.dim() == 2, op, ": wt must be 2-D [K, N] (the weight transposed), got shape ", rarefy::shape_str(wt));
+  RAREFY_CHECK_VALUE(x.size(1) == wt.size(0), op, ": K mismatch: x ", rarefy::shape_str(x), " vs wt ", rarefy::shape_str(wt),
                     " (wt is [K, N], the transpose of nn.Linear.weight)");
-  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
-  TORCH_CHECK_VALUE(wt.is_contiguous(), op, ": wt must be contiguous [K, N] (got a strided view)");
-  TORCH_CHECK_VALUE(std::isfinite(threshold) || threshold > 0, op, ": threshold must be a number >= 0, got ", threshold);
-  TORCH_CHECK_VALUE(threshold >= 0, op, ": threshold must be >= 0, got ", threshold);
-  TORCH_CHECK_VALUE(wt.size(0) < (int64_t(1) << 31), op, ": K too large");
+  RAREFY_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
+  RAREFY_CHECK_VALUE(wt.is_contiguous(), op, ": wt must be contiguous [K, N] (got a strided view)");
+  RAREFY_CHECK_VALUE(std::isfinite(threshold) || threshold > 0, op, ": threshold must be a number >= 0, got ", threshold);
+  RAREFY_CHECK_VALUE(threshold >= 0, op, ": threshold must be >= 0, got ", threshold);
+  RAREFY_CHECK_VALUE(wt.size(0) < (int64_t(1) << 31), op, ": K too large");
   const int64_t M = x.size(0), K = x.size(1), N = wt.size(1);
   const float* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.device().is_cpu(), op, ": bias must be a CPU tensor");
-    TORCH_CHECK_VALUE(b.scalar_type() == at::kFloat, op, ": bias must be float32, got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, op, ": bias must be [N] = [", N, "], got ", rarefy::shape_str(b));
-    TORCH_CHECK_VALUE(b.is_contiguous(), op, ": bias must be contiguous");
+    RAREFY_CHECK_VALUE(b.device().is_cpu(), op, ": bias must be a CPU tensor");
+    RAREFY_CHECK_VALUE(b.scalar_type() == at::kFloat, op, ": bias must be float32, got ", b.scalar_type());
+    RAREFY_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, op, ": bias must be [N] = [", N, "], got ", rarefy::shape_str(b));
+    RAREFY_CHECK_VALUE(b.is_contiguous(), op, ": bias must be contiguous");
     bptr = b.data_ptr<float>();
   }
   const int64_t best = best_isa();
   if (isa == kAuto) isa = best;
-  TORCH_CHECK_VALUE(isa >= kScalar && isa <= best, op, ": isa ", isa, " not available (best ", best, ")");
+  RAREFY_CHECK_VALUE(isa >= kScalar && isa <= best, op, ": isa ", isa, " not available (best ", best, ")");
   if (group <= 0) group = kDefaultGroup;
   if (pf < 0) pf = kDefaultPf;
 
@@ -570,9 +570,9 @@ at::Tensor input_sparse_matmul(const at::Tensor& x, const at::Tensor& wt, double
 }
 
 int64_t count_active(const at::Tensor& x, double threshold) {
-  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+  RAREFY_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
                     "count_active: x must be a contiguous float32 CPU tensor [M, K]");
-  TORCH_CHECK_VALUE(threshold >= 0, "count_active: threshold must be >= 0, got ", threshold);
+  RAREFY_CHECK_VALUE(threshold >= 0, "count_active: threshold must be >= 0, got ", threshold);
   const int64_t M = x.size(0), K = x.size(1);
   const float t = threshold_float(threshold);
   const float* xp = x.data_ptr<float>();

@@ -18,7 +18,7 @@
 // lighter headers roughly halve the build time.
 
 #include <ATen/Parallel.h>
-#include "../shape_str.h"
+#include "../rarefy_check.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -231,27 +231,27 @@ int64_t best_isa() { return has_avx512() ? kAvx512 : has_avx2() ? kAvx2 : kScala
 // ----------------------------------------------------------------------------- op
 at::Tensor gemv_f16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                     int64_t isa) {
-  TORCH_CHECK_VALUE(x.device().is_cpu() && w.device().is_cpu(), "gemv_f16: x and w must be CPU tensors");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "gemv_f16: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kHalf, "gemv_f16: w must be float16, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "gemv_f16: x must be [..., K], got a scalar");
-  TORCH_CHECK_VALUE(w.dim() == 2, "gemv_f16: w must be 2-D [N, K], got ", rarefy::shape_str(w));
-  TORCH_CHECK_VALUE(x.size(-1) == w.size(1), "gemv_f16: K mismatch: x ", rarefy::shape_str(x), " vs w ", rarefy::shape_str(w));
-  TORCH_CHECK_VALUE(x.is_contiguous(), "gemv_f16: x must be contiguous");
-  TORCH_CHECK_VALUE(w.is_contiguous(), "gemv_f16: w must be contiguous");
+  RAREFY_CHECK_VALUE(x.device().is_cpu() && w.device().is_cpu(), "gemv_f16: x and w must be CPU tensors");
+  RAREFY_CHECK_TYPE(x.scalar_type() == at::kFloat, "gemv_f16: x must be float32, got ", x.scalar_type());
+  RAREFY_CHECK_TYPE(w.scalar_type() == at::kHalf, "gemv_f16: w must be float16, got ", w.scalar_type());
+  RAREFY_CHECK_VALUE(x.dim() >= 1, "gemv_f16: x must be [..., K], got a scalar");
+  RAREFY_CHECK_VALUE(w.dim() == 2, "gemv_f16: w must be 2-D [N, K], got ", rarefy::shape_str(w));
+  RAREFY_CHECK_VALUE(x.size(-1) == w.size(1), "gemv_f16: K mismatch: x ", rarefy::shape_str(x), " vs w ", rarefy::shape_str(w));
+  RAREFY_CHECK_VALUE(x.is_contiguous(), "gemv_f16: x must be contiguous");
+  RAREFY_CHECK_VALUE(w.is_contiguous(), "gemv_f16: w must be contiguous");
   const float* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.device().is_cpu(), "gemv_f16: bias must be a CPU tensor");
-    TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat, "gemv_f16: bias must be float32, got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), "gemv_f16: bias must be [N] = [", w.size(0),
+    RAREFY_CHECK_VALUE(b.device().is_cpu(), "gemv_f16: bias must be a CPU tensor");
+    RAREFY_CHECK_TYPE(b.scalar_type() == at::kFloat, "gemv_f16: bias must be float32, got ", b.scalar_type());
+    RAREFY_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), "gemv_f16: bias must be [N] = [", w.size(0),
                       "], got ", rarefy::shape_str(b));
-    TORCH_CHECK_VALUE(b.is_contiguous(), "gemv_f16: bias must be contiguous");
+    RAREFY_CHECK_VALUE(b.is_contiguous(), "gemv_f16: bias must be contiguous");
     bptr = b.data_ptr<float>();
   }
   const int64_t best = best_isa();
   if (isa == kAuto) isa = best;
-  TORCH_CHECK_VALUE(isa >= kScalar && isa <= best, "gemv_f16: isa ", isa, " not available (best ", best, ")");
+  RAREFY_CHECK_VALUE(isa >= kScalar && isa <= best, "gemv_f16: isa ", isa, " not available (best ", best, ")");
 
   const int64_t N = w.size(0), K = w.size(1);
   int64_t M = 1;

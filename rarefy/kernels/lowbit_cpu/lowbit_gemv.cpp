@@ -43,7 +43,7 @@
 // picked at run time (isa argument: -1 best, 0 scalar, 1 AVX2, 2 AVX-512).
 
 #include <ATen/Parallel.h>
-#include "../shape_str.h"
+#include "../rarefy_check.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
@@ -808,9 +808,9 @@ bool lin_mode(Lin& L, int64_t group_size, int64_t scale_rows, Arena& A) {
 
 // x [..., K] float32 -> contiguous [M, K]; out_shape = [..., N]
 at::Tensor check_x(const at::Tensor& x, const char* fn, int64_t N, std::vector<int64_t>& out_shape) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), fn, ": x must be a CPU tensor");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, fn, ": x must be float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1, fn, ": x must be [M, K] (or [..., K]), got a scalar");
+  RAREFY_CHECK_VALUE(x.device().is_cpu(), fn, ": x must be a CPU tensor");
+  RAREFY_CHECK_TYPE(x.scalar_type() == at::kFloat, fn, ": x must be float32, got ", x.scalar_type());
+  RAREFY_CHECK_VALUE(x.dim() >= 1, fn, ": x must be [M, K] (or [..., K]), got a scalar");
   out_shape.assign(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t K = x.size(-1);
@@ -820,7 +820,7 @@ at::Tensor check_x(const at::Tensor& x, const char* fn, int64_t N, std::vector<i
 const float* check_bias(const c10::optional<at::Tensor>& bias, int64_t N, const char* fn) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
   const at::Tensor& b = *bias;
-  TORCH_CHECK_VALUE(b.device().is_cpu() && b.scalar_type() == at::kFloat && b.dim() == 1 && b.size(0) == N &&
+  RAREFY_CHECK_VALUE(b.device().is_cpu() && b.scalar_type() == at::kFloat && b.dim() == 1 && b.size(0) == N &&
                         b.is_contiguous(),
                     fn, ": bias must be a contiguous float32 CPU tensor [", N, "]");
   return b.data_ptr<float>();
@@ -828,41 +828,41 @@ const float* check_bias(const c10::optional<at::Tensor>& bias, int64_t N, const 
 int64_t pick_isa(int64_t isa, const char* fn) {
   const int64_t best = best_isa();
   if (isa == kAuto) return best;
-  TORCH_CHECK_VALUE(isa >= kScalar && isa <= best, fn, ": isa ", isa, " not available on this CPU (best ", best, ")");
+  RAREFY_CHECK_VALUE(isa >= kScalar && isa <= best, fn, ": isa ", isa, " not available on this CPU (best ", best, ")");
   return isa;
 }
 
 at::Tensor lin_gemv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale, int64_t group_size,
                     int64_t act, const c10::optional<at::Tensor>& bias, int64_t isa, bool ter) {
   const char* fn = ter ? "ternary_gemv" : "int8_gemv";
-  TORCH_CHECK_VALUE(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), fn,
+  RAREFY_CHECK_VALUE(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), fn,
                     ": weight must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK_TYPE(w.scalar_type() == (ter ? at::kByte : at::kChar), fn, ": weight must be ",
+  RAREFY_CHECK_TYPE(w.scalar_type() == (ter ? at::kByte : at::kChar), fn, ": weight must be ",
                    ter ? "uint8" : "int8", ", got ", w.scalar_type());
   std::vector<int64_t> out_shape;
   const at::Tensor x = check_x(x_in, fn, w.size(0), out_shape);
   const int64_t K = x.size(1);
   const int64_t N = w.size(0), kb = w.size(1);
-  TORCH_CHECK_VALUE(kb == (ter ? (K + 3) / 4 : K), fn, ": weight has ", kb, " bytes per row, expected ",
+  RAREFY_CHECK_VALUE(kb == (ter ? (K + 3) / 4 : K), fn, ": weight has ", kb, " bytes per row, expected ",
                     ter ? (K + 3) / 4 : K, " for K = ", K);
-  TORCH_CHECK_VALUE(act == kFixed16 || act == kInt8, fn, ": unknown activation mode ", act);
-  TORCH_CHECK_VALUE(scale.device().is_cpu() && scale.dim() == 2 && scale.is_contiguous(), fn,
+  RAREFY_CHECK_VALUE(act == kFixed16 || act == kInt8, fn, ": unknown activation mode ", act);
+  RAREFY_CHECK_VALUE(scale.device().is_cpu() && scale.dim() == 2 && scale.is_contiguous(), fn,
                     ": scale must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf, fn,
+  RAREFY_CHECK_TYPE(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf, fn,
                    ": scale must be float32 or float16, got ", scale.scalar_type());
-  TORCH_CHECK_VALUE(group_size == -1 || group_size > 0, fn, ": group size must be positive (or -1: none), got ",
+  RAREFY_CHECK_VALUE(group_size == -1 || group_size > 0, fn, ": group size must be positive (or -1: none), got ",
                     group_size);
   if (group_size > 0) {
-    TORCH_CHECK_VALUE(K % group_size == 0 && (!ter || group_size % 4 == 0), fn, ": bad group size ", group_size);
-    TORCH_CHECK_VALUE(scale.size(0) == N && scale.size(1) == K / group_size, fn, ": scale must be [", N, ", ",
+    RAREFY_CHECK_VALUE(K % group_size == 0 && (!ter || group_size % 4 == 0), fn, ": bad group size ", group_size);
+    RAREFY_CHECK_VALUE(scale.size(0) == N && scale.size(1) == K / group_size, fn, ": scale must be [", N, ", ",
                       K / group_size, "], got ", rarefy::shape_str(scale));
   } else if (ter) {
-    TORCH_CHECK_VALUE(scale.numel() == 1, fn, ": per-tensor scale must be [1, 1], got ", rarefy::shape_str(scale));
+    RAREFY_CHECK_VALUE(scale.numel() == 1, fn, ": per-tensor scale must be [1, 1], got ", rarefy::shape_str(scale));
   } else {
-    TORCH_CHECK_VALUE(scale.size(0) == N && scale.size(1) == 1, fn, ": per-channel scale must be [", N,
+    RAREFY_CHECK_VALUE(scale.size(0) == N && scale.size(1) == 1, fn, ": per-channel scale must be [", N,
                       ", 1], got ", rarefy::shape_str(scale));
   }
-  TORCH_CHECK_VALUE(K < (int64_t(1) << 24), fn, ": K = ", K, " is too large");
+  RAREFY_CHECK_VALUE(K < (int64_t(1) << 24), fn, ": K = ", K, " is too large");
   const float* bptr = check_bias(bias, N, fn);
   isa = pick_isa(isa, fn);
 
@@ -1280,16 +1280,16 @@ void gg_prep(GG& g, const float* x, int64_t isa, Arena& A) {
 at::Tensor gguf_gemv(const at::Tensor& x_in, const at::Tensor& blocks, int64_t qt, int64_t N, int64_t K, int64_t act,
                      const c10::optional<at::Tensor>& bias, int64_t isa) {
   const char* fn = "gguf_gemv";
-  TORCH_CHECK_VALUE(qt >= 0 && qt <= 2, fn, ": unknown block type ", qt);
-  TORCH_CHECK_VALUE(act == kFixed16 || act == kInt8, fn, ": unknown activation mode ", act);
-  TORCH_CHECK_VALUE(N >= 0 && K >= 0 && K % 32 == 0, fn, ": K = ", K, " must be a multiple of 32");
+  RAREFY_CHECK_VALUE(qt >= 0 && qt <= 2, fn, ": unknown block type ", qt);
+  RAREFY_CHECK_VALUE(act == kFixed16 || act == kInt8, fn, ": unknown activation mode ", act);
+  RAREFY_CHECK_VALUE(N >= 0 && K >= 0 && K % 32 == 0, fn, ": K = ", K, " must be a multiple of 32");
   std::vector<int64_t> out_shape;
   const at::Tensor x = check_x(x_in, fn, N, out_shape);
-  TORCH_CHECK_VALUE(x.size(1) == K, fn, ": x has ", x.size(1), " columns, the weight ", K);
-  TORCH_CHECK_VALUE(blocks.device().is_cpu() && blocks.is_contiguous(), fn, ": blocks must be a contiguous CPU tensor");
-  TORCH_CHECK_TYPE(blocks.scalar_type() == at::kByte, fn, ": blocks must be uint8, got ", blocks.scalar_type());
+  RAREFY_CHECK_VALUE(x.size(1) == K, fn, ": x has ", x.size(1), " columns, the weight ", K);
+  RAREFY_CHECK_VALUE(blocks.device().is_cpu() && blocks.is_contiguous(), fn, ": blocks must be a contiguous CPU tensor");
+  RAREFY_CHECK_TYPE(blocks.scalar_type() == at::kByte, fn, ": blocks must be uint8, got ", blocks.scalar_type());
   const int64_t nb = K / 32, rowbytes = nb * kBlockBytes[qt];
-  TORCH_CHECK_VALUE(blocks.numel() == N * rowbytes, fn, ": ", blocks.numel(), " bytes, expected ", N * rowbytes);
+  RAREFY_CHECK_VALUE(blocks.numel() == N * rowbytes, fn, ": ", blocks.numel(), " bytes, expected ", N * rowbytes);
   const float* bptr = check_bias(bias, N, fn);
   isa = pick_isa(isa, fn);
   const int64_t M = x.size(0);

@@ -33,7 +33,7 @@
 // (at::parallel_for); each output is summed by one thread in a fixed order.
 
 #include <ATen/Parallel.h>
-#include "../shape_str.h"
+#include "../rarefy_check.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -370,48 +370,48 @@ at::Tensor bitmap_impl(const char* f, const at::Tensor& x, const at::Tensor& bit
                        const at::Tensor& row_start, const at::Tensor* scale, int64_t k,
                        const c10::optional<at::Tensor>& bias, int64_t isa) {
   for (const at::Tensor* t : {&x, &bitmask, &values, &row_start})
-    TORCH_CHECK_VALUE(t->device().is_cpu(), f, "all tensors must be on the CPU, got ", t->device());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, f, "x must be float32, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(bitmask.scalar_type() == at::kInt, f, "bitmask must be int32, got ", bitmask.scalar_type());
-  TORCH_CHECK_TYPE(row_start.scalar_type() == at::kInt, f, "row_start must be int32, got ", row_start.scalar_type());
+    RAREFY_CHECK_VALUE(t->device().is_cpu(), f, "all tensors must be on the CPU, got ", t->device());
+  RAREFY_CHECK_TYPE(x.scalar_type() == at::kFloat, f, "x must be float32, got ", x.scalar_type());
+  RAREFY_CHECK_TYPE(bitmask.scalar_type() == at::kInt, f, "bitmask must be int32, got ", bitmask.scalar_type());
+  RAREFY_CHECK_TYPE(row_start.scalar_type() == at::kInt, f, "row_start must be int32, got ", row_start.scalar_type());
   const auto vt = values.scalar_type();
   if (scale) {
-    TORCH_CHECK_TYPE(vt == at::kChar, f, "values must be int8, got ", vt);
+    RAREFY_CHECK_TYPE(vt == at::kChar, f, "values must be int8, got ", vt);
   } else {
-    TORCH_CHECK_TYPE(vt == at::kHalf || vt == at::kBFloat16 || vt == at::kFloat, f,
+    RAREFY_CHECK_TYPE(vt == at::kHalf || vt == at::kBFloat16 || vt == at::kFloat, f,
                      "values must be float16, bfloat16 or float32, got ", vt);
   }
-  TORCH_CHECK_VALUE(k >= 0, f, "k must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, f, "x must be [..., K] with K = k = ", k, ", got ", rarefy::shape_str(x));
+  RAREFY_CHECK_VALUE(k >= 0, f, "k must be >= 0, got ", k);
+  RAREFY_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, f, "x must be [..., K] with K = k = ", k, ", got ", rarefy::shape_str(x));
   const int64_t Kw = (k + 31) / 32;
-  TORCH_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(1) == Kw, f, "bitmask must be [N, ceil(k/32)] = [N, ", Kw,
+  RAREFY_CHECK_VALUE(bitmask.dim() == 2 && bitmask.size(1) == Kw, f, "bitmask must be [N, ceil(k/32)] = [N, ", Kw,
                     "], got ", rarefy::shape_str(bitmask));
   const int64_t N = bitmask.size(0);
-  TORCH_CHECK_VALUE(row_start.dim() == 1 && row_start.size(0) == N, f, "row_start must be [N] = [", N, "], got ",
+  RAREFY_CHECK_VALUE(row_start.dim() == 1 && row_start.size(0) == N, f, "row_start must be [N] = [", N, "], got ",
                     rarefy::shape_str(row_start));
-  TORCH_CHECK_VALUE(x.is_contiguous() && bitmask.is_contiguous() && values.is_contiguous() &&
+  RAREFY_CHECK_VALUE(x.is_contiguous() && bitmask.is_contiguous() && values.is_contiguous() &&
                         row_start.is_contiguous(), f, "x, bitmask, values and row_start must be contiguous");
   const float* sptr = nullptr;
   if (scale) {
     const at::Tensor& s = *scale;
-    TORCH_CHECK_VALUE(s.device().is_cpu(), f, "scale must be a CPU tensor");
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, f, "scale must be float32, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.numel() == N && s.is_contiguous(), f, "scale must be contiguous with N = ", N,
+    RAREFY_CHECK_VALUE(s.device().is_cpu(), f, "scale must be a CPU tensor");
+    RAREFY_CHECK_TYPE(s.scalar_type() == at::kFloat, f, "scale must be float32, got ", s.scalar_type());
+    RAREFY_CHECK_VALUE(s.numel() == N && s.is_contiguous(), f, "scale must be contiguous with N = ", N,
                       " elements (one per output row), got ", rarefy::shape_str(s));
     sptr = s.data_ptr<float>();
   }
   const float* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.device().is_cpu(), f, "bias must be a CPU tensor");
-    TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat, f, "bias must be float32, got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N && b.is_contiguous(), f,
+    RAREFY_CHECK_VALUE(b.device().is_cpu(), f, "bias must be a CPU tensor");
+    RAREFY_CHECK_TYPE(b.scalar_type() == at::kFloat, f, "bias must be float32, got ", b.scalar_type());
+    RAREFY_CHECK_VALUE(b.dim() == 1 && b.size(0) == N && b.is_contiguous(), f,
                       "bias must be contiguous [N] = [", N, "], got ", rarefy::shape_str(b));
     bptr = b.data_ptr<float>();
   }
   const int64_t best = best_isa();
   if (isa == kAuto) isa = best;
-  TORCH_CHECK_VALUE(isa >= kScalar && isa <= best, f, "isa ", isa, " not available on this CPU (best ", best, ")");
+  RAREFY_CHECK_VALUE(isa >= kScalar && isa <= best, f, "isa ", isa, " not available on this CPU (best ", best, ")");
 
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
@@ -441,7 +441,7 @@ at::Tensor bitmap_impl(const char* f, const at::Tensor& x, const at::Tensor& bit
     if (!rows(p, n0, n1, &b)) bad.store(b);
   });
   if (const int64_t n = bad.load(); n >= 0)
-    TORCH_CHECK_VALUE(false, f, "row ", n, " needs values[", p.rs[n], " : ", p.rs[n] + row_count(p, n),
+    RAREFY_CHECK_VALUE(false, f, "row ", n, " needs values[", p.rs[n], " : ", p.rs[n] + row_count(p, n),
                       "] but values has ", p.nvals, " elements (bad row_start or bitmask)");
   return y;
 }

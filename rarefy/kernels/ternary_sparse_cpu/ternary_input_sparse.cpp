@@ -42,7 +42,7 @@
 // Registered as torch.ops.rarefy_ternary_sparse.ternary_input_sparse.
 
 #include <ATen/Parallel.h>
-#include "../shape_str.h"
+#include "../rarefy_check.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
@@ -217,35 +217,35 @@ at::Tensor ternary_input_sparse(const at::Tensor& x, const at::Tensor& wt, const
                                 int64_t ksplit) {
   const char* f = "ternary_input_sparse: ";
   for (const at::Tensor* t : {&x, &wt, &scale})
-    TORCH_CHECK_VALUE(t->device().is_cpu(), f, "all tensors must be on the CPU, got ", t->device());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, f, "x must be float32, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(wt.scalar_type() == at::kByte, f, "wt must be uint8 (transposed ternary layout), got ",
+    RAREFY_CHECK_VALUE(t->device().is_cpu(), f, "all tensors must be on the CPU, got ", t->device());
+  RAREFY_CHECK_TYPE(x.scalar_type() == at::kFloat, f, "x must be float32, got ", x.scalar_type());
+  RAREFY_CHECK_TYPE(wt.scalar_type() == at::kByte, f, "wt must be uint8 (transposed ternary layout), got ",
                    wt.scalar_type());
-  TORCH_CHECK_VALUE(n >= 0, f, "n must be >= 0, got ", n);
+  RAREFY_CHECK_VALUE(n >= 0, f, "n must be >= 0, got ", n);
   const int64_t Nb = (n + 3) / 4;
-  TORCH_CHECK_VALUE(wt.dim() == 2 && wt.size(1) == Nb && wt.is_contiguous(), f,
+  RAREFY_CHECK_VALUE(wt.dim() == 2 && wt.size(1) == Nb && wt.is_contiguous(), f,
                     "wt must be contiguous [K, ceil(n/4)] = [K, ", Nb, "], got ", rarefy::shape_str(wt));
   const int64_t K = wt.size(0);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, f, "x must be [..., K] with K = ", K, " (wt's rows), got ",
+  RAREFY_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, f, "x must be [..., K] with K = ", K, " (wt's rows), got ",
                     rarefy::shape_str(x));
-  TORCH_CHECK_VALUE(x.is_contiguous(), f, "x must be contiguous");
-  TORCH_CHECK_VALUE(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf),
+  RAREFY_CHECK_VALUE(x.is_contiguous(), f, "x must be contiguous");
+  RAREFY_CHECK_VALUE(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf),
                     f, "scale must be one float32/float16 value (per-tensor scale), got ", scale.scalar_type(), " ",
                     rarefy::shape_str(scale));
-  TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0, f, "threshold must be a finite number >= 0, got ",
+  RAREFY_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0, f, "threshold must be a finite number >= 0, got ",
                     threshold);
   const float* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.device().is_cpu(), f, "bias must be a CPU tensor");
-    TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat, f, "bias must be float32, got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n && b.is_contiguous(), f, "bias must be contiguous [n] = [", n,
+    RAREFY_CHECK_VALUE(b.device().is_cpu(), f, "bias must be a CPU tensor");
+    RAREFY_CHECK_TYPE(b.scalar_type() == at::kFloat, f, "bias must be float32, got ", b.scalar_type());
+    RAREFY_CHECK_VALUE(b.dim() == 1 && b.size(0) == n && b.is_contiguous(), f, "bias must be contiguous [n] = [", n,
                       "], got ", rarefy::shape_str(b));
     bptr = b.data_ptr<float>();
   }
   const int64_t best = best_isa();
   if (isa == kAuto) isa = best;
-  TORCH_CHECK_VALUE(isa >= kScalar && isa <= best, f, "isa ", isa, " not available on this CPU (best ", best, ")");
+  RAREFY_CHECK_VALUE(isa >= kScalar && isa <= best, f, "isa ", isa, " not available on this CPU (best ", best, ")");
 
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
@@ -255,7 +255,7 @@ at::Tensor ternary_input_sparse(const at::Tensor& x, const at::Tensor& wt, const
   if (M == 0 || n == 0) return y;
   const float s = scale.scalar_type() == at::kFloat ? scale.data_ptr<float>()[0]
                                                    : static_cast<float>(scale.data_ptr<c10::Half>()[0]);
-  TORCH_CHECK_VALUE(K < 32768, f, "K must be < 32768 (int32 sums of 16-bit activations), got ", K);
+  RAREFY_CHECK_VALUE(K < 32768, f, "K must be < 32768 (int32 sums of 16-bit activations), got ", K);
 
   // 1. compaction (union of the tokens' masks)
   const float* xd = x.data_ptr<float>();

@@ -23,7 +23,7 @@
 // at::parallel_for (OpenMP, torch.get_num_threads()).
 
 #include <ATen/Parallel.h>
-#include "../shape_str.h"
+#include "../rarefy_check.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -66,11 +66,11 @@ struct Job {
 };
 
 void check_row_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t H, at::ScalarType dt) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "weight cache: ", name, " must be a CPU tensor");
-  TORCH_CHECK_TYPE(t.scalar_type() == dt, "weight cache: ", name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && t.size(1) == H, "weight cache: ", name,
+  RAREFY_CHECK_VALUE(t.device().is_cpu(), "weight cache: ", name, " must be a CPU tensor");
+  RAREFY_CHECK_TYPE(t.scalar_type() == dt, "weight cache: ", name, " must be ", dt, ", got ", t.scalar_type());
+  RAREFY_CHECK_VALUE(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && t.size(1) == H, "weight cache: ", name,
                     " must be [", rows < 0 ? "rows" : std::to_string(rows), ", ", H, "], got ", rarefy::shape_str(t));
-  TORCH_CHECK_VALUE(t.stride(1) == 1 || H == 1, "weight cache: ", name, " rows must be contiguous");
+  RAREFY_CHECK_VALUE(t.stride(1) == 1 || H == 1, "weight cache: ", name, " rows must be contiguous");
 }
 
 // 8 bool bytes -> bit 0 of each byte set iff the byte is nonzero (torch bools are 0/1, but a
@@ -91,17 +91,17 @@ int64_t wc_update(const at::Tensor& mask, const c10::optional<at::Tensor>& score
   const int64_t I = prev.size(0);
   const int64_t cap = pool_d.size(0);
   const int64_t H = pool_d.size(1);
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask.scalar_type());
-  TORCH_CHECK_VALUE(mask.device().is_cpu(), "mask must be a CPU tensor");
-  TORCH_CHECK_VALUE(mask.dim() == 1 && mask.size(0) == I, "mask must have shape [", I, "] (intermediate size), got ",
+  RAREFY_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask.scalar_type());
+  RAREFY_CHECK_VALUE(mask.device().is_cpu(), "mask must be a CPU tensor");
+  RAREFY_CHECK_VALUE(mask.dim() == 1 && mask.size(0) == I, "mask must have shape [", I, "] (intermediate size), got ",
                     rarefy::shape_str(mask));
-  TORCH_CHECK_VALUE(mask.is_contiguous(), "mask must be contiguous");
+  RAREFY_CHECK_VALUE(mask.is_contiguous(), "mask must be contiguous");
   // State tensors: built by the Python class; checked cheaply against misuse.
-  TORCH_CHECK_VALUE(maps.scalar_type() == at::kInt && maps.is_contiguous() && maps.numel() == 1 + I + cap,
+  RAREFY_CHECK_VALUE(maps.scalar_type() == at::kInt && maps.is_contiguous() && maps.numel() == 1 + I + cap,
                     "weight cache: bad maps tensor");
-  TORCH_CHECK_VALUE(prev.scalar_type() == at::kBool && prev.is_contiguous(), "weight cache: bad prev tensor");
+  RAREFY_CHECK_VALUE(prev.scalar_type() == at::kBool && prev.is_contiguous(), "weight cache: bad prev tensor");
   const at::ScalarType dt = pool_d.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kFloat, "weight cache: pool must be float16 or float32");
+  RAREFY_CHECK_TYPE(dt == at::kHalf || dt == at::kFloat, "weight cache: pool must be float16 or float32");
   check_row_matrix(src_g, "gate source", I, H, dt);
   check_row_matrix(src_u, "up source", I, H, dt);
   check_row_matrix(src_d, "down^T source", I, H, dt);
@@ -130,8 +130,8 @@ int64_t wc_update(const at::Tensor& mask, const c10::optional<at::Tensor>& score
   if (count > cap) {
     if (!scores.has_value() || !scores->defined()) return -count;
     const at::Tensor& s = *scores;
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "scores must be float32, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.device().is_cpu() && s.dim() == 1 && s.size(0) == I && s.is_contiguous(),
+    RAREFY_CHECK_TYPE(s.scalar_type() == at::kFloat, "scores must be float32, got ", s.scalar_type());
+    RAREFY_CHECK_VALUE(s.device().is_cpu() && s.dim() == 1 && s.size(0) == I && s.is_contiguous(),
                       "scores must be a contiguous CPU tensor of shape [", I, "], got ", rarefy::shape_str(s));
     const float* sc = s.data_ptr<float>();
     std::vector<int32_t> act;
@@ -439,20 +439,20 @@ AVX512_TARGET void rows_avx512(const Mlp& p, int64_t j0, int64_t j1, float* y) {
 // y = sum_{j<n} silu(g_j . x) * (u_j . x) * d_j, x fp32 [..., H]; g, u, d: [>= n, H] rows.
 at::Tensor wc_mlp(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u, const at::Tensor& d, int64_t n,
                   int64_t isa) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "sparse mlp: x must be a CPU tensor");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "sparse mlp: x must be float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.is_contiguous(), "sparse mlp: x must be a contiguous [..., H] tensor");
+  RAREFY_CHECK_VALUE(x.device().is_cpu(), "sparse mlp: x must be a CPU tensor");
+  RAREFY_CHECK_TYPE(x.scalar_type() == at::kFloat, "sparse mlp: x must be float32, got ", x.scalar_type());
+  RAREFY_CHECK_VALUE(x.dim() >= 1 && x.is_contiguous(), "sparse mlp: x must be a contiguous [..., H] tensor");
   const int64_t H = x.size(-1);
   const at::ScalarType dt = d.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kFloat, "sparse mlp: weights must be float16 or float32, got ", dt);
-  TORCH_CHECK_VALUE(n >= 0 && d.dim() == 2 && n <= d.size(0), "sparse mlp: n = ", n, " out of range for ", rarefy::shape_str(d));
+  RAREFY_CHECK_TYPE(dt == at::kHalf || dt == at::kFloat, "sparse mlp: weights must be float16 or float32, got ", dt);
+  RAREFY_CHECK_VALUE(n >= 0 && d.dim() == 2 && n <= d.size(0), "sparse mlp: n = ", n, " out of range for ", rarefy::shape_str(d));
   check_row_matrix(g, "gate rows", -1, H, dt);
   check_row_matrix(u, "up rows", -1, H, dt);
   check_row_matrix(d, "down^T rows", -1, H, dt);
-  TORCH_CHECK_VALUE(g.size(0) >= n && u.size(0) >= n, "sparse mlp: fewer than n = ", n, " gate/up rows");
+  RAREFY_CHECK_VALUE(g.size(0) >= n && u.size(0) >= n, "sparse mlp: fewer than n = ", n, " gate/up rows");
   const int64_t best = best_isa();
   if (isa == kAuto) isa = best;
-  TORCH_CHECK_VALUE(isa >= kScalar && isa <= best, "sparse mlp: isa ", isa, " not available (best ", best, ")");
+  RAREFY_CHECK_VALUE(isa >= kScalar && isa <= best, "sparse mlp: isa ", isa, " not available (best ", best, ")");
 
   const int64_t M = x.numel() / std::max<int64_t>(1, H);
   at::Tensor y = at::empty(x.sizes(), x.options());
