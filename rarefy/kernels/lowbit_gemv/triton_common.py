@@ -63,7 +63,9 @@ def first_words(w_ptrs, u0, u_end, PREFETCH: tl.constexpr, EVEN: tl.constexpr):
         if EVEN:
             return tl.load(w_ptrs)
         return tl.load(w_ptrs, mask=u0 < u_end, other=0)
-    return tl.zeros(w_ptrs.shape, dtype=tl.int32)
+    # the words' own dtype (int32, or uint8 when the packed rows are not 4-byte aligned): the
+    # compiler requires every return of a helper to have one type, constexpr branches included
+    return tl.zeros(w_ptrs.shape, dtype=w_ptrs.dtype.element_ty)
 
 
 @triton.jit
