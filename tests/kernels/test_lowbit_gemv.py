@@ -365,7 +365,11 @@ from triton.compiler import ASTSource
 from rarefy.kernels.lowbit_gemv import plan as P, triton_ternary as tt, triton_int8 as ti
 
 kind, M, N, K = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-if kind == "ternary":
+if kind.startswith("ternary_bytes"):  # K % 16 != 0: byte-packed words; prefetch on or off
+    cfg = P.TernaryConfig("fma", 8, 128, 3, prefetch=kind.endswith("prefetch"))
+    pl = tt._plan(M, N, K, cfg, False, None, torch.bfloat16, False)
+    fn, w = tt._ternary_fma_kernel, "*u8"
+elif kind == "ternary":
     cfg = P.pick_ternary_config(M, N, K, None, "bf16")
     pl = tt._plan(M, N, K, cfg, True, None, torch.bfloat16, False)
     fn = tt._ternary_fma_kernel if cfg.path == "fma" else tt._ternary_dot_kernel
@@ -432,6 +436,27 @@ def test_compiles_for_sm90(kind, M):
         assert got["bar"] == 0 and got["ffma"] == weights and got["loop"] <= 3.1 * weights, got
     if kind == "int8":
         assert got["bar"] <= 2, got
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas is missing")
+@pytest.mark.parametrize("kind", ["ternary_bytes", "ternary_bytes_prefetch"])
+def test_byte_words_compile_for_sm90(kind):
+    """K % 16 != 0 packs 4 weights a byte: both word helpers (prefetch on and off) must build
+    for sm_90. The interpreter does not check that a helper's returns share one type; the
+    compiler does (a uint8 load against an int32 placeholder once broke this path on the GPU
+    only)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT, kind, "1", "200", "212"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["stack"] == 0, got
 
 
 # ----------------------------------------------------------------------------- GPU only
