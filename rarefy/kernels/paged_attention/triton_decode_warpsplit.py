@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rarefy.kernels.paged_attention.triton_decode import _pdl_prologue, _split_range, _to_dot, _write_result
+from rarefy.kernels.paged_attention.triton_decode import _split_range, _to_dot
+from rarefy.kernels.paged_attention.triton_splits import _pdl_prologue, _write_result
 
 
 @triton.jit
@@ -255,9 +256,9 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     :func:`warpsplit_supported` accepts). ``v_cache`` is ``[blocks, kv_heads, block_size,
     head_dim]``, contiguous or a view of dim-major storage (``v_dim_major``, found from the
     strides when None)."""
-    from rarefy.kernels.paged_attention.triton_decode import (
-        LOG2E, _QUANT, _interpreting, conv_code, launch_buffers, launch_reduce, pdl_available, pdl_options,
-        v_is_dim_major)
+    from rarefy.kernels.paged_attention.triton_decode import LOG2E, _QUANT, conv_code, v_is_dim_major
+    from rarefy.kernels.paged_attention.triton_splits import (
+        _interpreting, launch_buffers, launch_reduce, pdl_available, pdl_options)
 
     if v_dim_major is None:
         v_dim_major = v_is_dim_major(v_cache)
