@@ -346,6 +346,19 @@ def test_store_then_decode_end_to_end():
     assert rel_err(y, ref_of(c)) < 1e-5
 
 
+def test_pdl_request_is_ignored_where_unavailable(dec):
+    """pdl=True asks for programmatic dependent launch; where the device has none (the
+    interpreter, pre-Hopper GPUs) the kernels launch plainly and give the same result."""
+    from rarefy.kernels.paged_attention.triton_decode import paged_decode_attention_triton, pdl_available
+    if CUDA and pdl_available(torch.device("cuda")):
+        pytest.skip("this device has PDL (tests/kernels/test_paged_attention_pdl.py covers it)")
+    c = make_case([40, 7], 8, 2, 32, 8, "int8", seed=31)
+    a = args(c)
+    y = paged_decode_attention_triton(*a, 32 ** -0.5, pdl=True, num_splits=3)
+    assert torch.equal(y, paged_decode_attention_triton(*a, 32 ** -0.5, pdl=False, num_splits=3))
+    assert rel_err(y, ref_of(c)) < 1e-5
+
+
 # ----------------------------------------------------------------------------- plan
 
 

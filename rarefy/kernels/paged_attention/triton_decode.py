@@ -362,7 +362,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
     ks = k_scale if quant else k_cache
     vs = v_scale if quant else v_cache
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
-    pdl = pdl_available(q.device) if pdl is None else bool(pdl)
+    pdl = pdl_available(q.device) and (pdl is None or bool(pdl))  # asked for and available
     split_reduce = splits > 1 and not fused
     kernel = _decode_kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,

@@ -277,7 +277,7 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     stride_sb, stride_sh = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
     kernel = _decode_swap_kernel
     split_reduce = plan.num_splits > 1 and not fused
-    pdl = pdl_available(q.device) if pdl is None else bool(pdl)
+    pdl = pdl_available(q.device) and (pdl is None or bool(pdl))  # asked for and available
     compiled = kernel[plan.grid](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, out, po, plse, cnt if fused else seq_lens,
         float(sm_scale) * LOG2E * kv_mul,
