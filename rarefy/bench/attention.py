@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from rarefy.bench.attention_sweep import sweep_variants
 from rarefy.bench.machine import device_copy_bandwidth_tbs
 from rarefy.errors import RarefyError
 
@@ -360,48 +361,11 @@ class _Runner:
         vdm = v_is_dim_major(case.v_cache)
         base = plan_decode(case.batch, case.ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, case.kv_dtype,
                            cfg.block_size, sm_count_of(self.device), q_dtype=qd, v_dim_major=vdm)
-        s = base.num_splits
-        variants = {"default": {}}
         quant = case.kv_dtype in ("int8", "fp8_e4m3", "fp8_e5m2")
         if cfg.sweep_quant_only and not quant:
             return
-        sms, pairs = sm_count_of(self.device), max(1, case.batch * cfg.num_kv_heads)
-        for ns in [] if cfg.sweep_quant_only else sorted({1, max(1, s // 2), 2 * s, 4 * s, math.ceil(sms / pairs), math.ceil(2 * sms / pairs),
-                          math.ceil(3 * sms / pairs)} - {s}):
-            variants[f"splits={ns}"] = dict(num_splits=ns)
-        generic = not cfg.sweep_quant_only
-        for t in (32, 64, 128) if generic else ():
-            if t != base.tile_n:
-                variants[f"tile_n={t}"] = dict(tile_n=t)
-        for st in (3, 5, 7):
-            if st != base.num_stages:
-                variants[f"stages={st}"] = dict(num_stages=st)
-        for w in (4, 8) if generic else ():
-            if w != base.num_warps:
-                variants[f"warps={w}"] = dict(num_warps=w)
-        if generic:
-            variants["fma" if base.use_dot else "dot"] = dict(use_dot=not base.use_dot)
-        if s > 1 and generic:
-            variants["two kernels" if base.fused_reduce else "fused reduce"] = dict(fused_reduce=not base.fused_reduce)
-        if s > 1 and generic:  # combinations the one-at-a-time rows pointed to (H100, 2026-11-23)
-            for t in (64, 128):
-                for mult in (1, 2):
-                    for w in (4, 8):
-                        variants[f"2k t{t} s{mult * s} w{w}"] = dict(fused_reduce=False, tile_n=t,
-                                                                    num_splits=mult * s, num_warps=w)
-        if quant:  # how the tiles reach the tensor cores
-            variants["dot bf16 plain"] = dict(dot_dtype="bf16", convert="plain")
-            variants["dot fp16 plain"] = dict(dot_dtype="fp16", convert="plain")
-            if case.kv_dtype != "fp8_e5m2":
-                variants["dot fp16 bits"] = dict(dot_dtype="fp16", convert="bits")
-            if case.kv_dtype == "int8":
-                variants["qk int8"] = dict(qk_int8=True)
-                variants["qk int8 w8"] = dict(qk_int8=True, num_warps=8)
-                variants["qk int8 t128"] = dict(qk_int8=True, tile_n=128)
-            for w in (4, 8):
-                for t in (64, 128):
-                    for mult in (1, 2):
-                        variants[f"w{w} t{t} s{mult * s}"] = dict(num_warps=w, tile_n=t, num_splits=mult * s)
+        variants = sweep_variants(base, case.kv_dtype, case.batch, cfg.num_kv_heads, sm_count_of(self.device),
+                                  generic=not cfg.sweep_quant_only)
         ref = None
         for label, kw in variants.items():
             r = dict(kv_dtype=case.kv_dtype, ctx=case.ctx, batch=case.batch, variant=label, us=None, tbs=None,

@@ -555,3 +555,19 @@ def test_compiles_for_sm90_as_planned(kv_dtype, ctx, batch):
     assert got["stack"] == 0 and got["regs"] <= 168, got
     assert got["bufs"] == [max(1, (got["stages"] - 1) // 2)] * 2, got
     assert abs(got["shared"] - got["est"]) <= 2048, got
+
+
+def test_bench_sweep_variants():
+    """`rarefy bench attention --sweep` variants: all valid plans; --sweep-quant keeps only the
+    stage and 8-bit conversion variants."""
+    from rarefy.bench.attention_sweep import sweep_variants
+    for kvd in ("bf16", "int8", "fp8_e5m2"):
+        base = plan_decode(1, 32768, 32, 8, 128, kvd, 16, 132, kernel="base")
+        full = sweep_variants(base, kvd, 1, 8, 132)
+        assert full["default"] == {} and any(k.startswith("splits=") for k in full)
+        assert ("qk int8" in full) == (kvd == "int8") and ("dot fp16 bits" in full) == (kvd == "int8")
+        for kw in full.values():  # each one a plan plan_decode accepts
+            plan_decode(1, 32768, 32, 8, 128, kvd, 16, 132, kernel="base", **kw)
+        quant_only = sweep_variants(base, kvd, 1, 8, 132, generic=False)
+        assert not any(k.startswith(("splits=", "tile_n=", "warps=", "2k ")) for k in quant_only)
+        assert set(quant_only) <= set(full)
