@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from rarefy.engine.cpu_compile import CompiledCpuStep
 from rarefy.engine.stop import cut_at_stop, visible_length
 from rarefy.errors import RarefyError
 from rarefy.kv.cache import StaticKVCache
@@ -84,7 +85,7 @@ class Generator:
         # CPU: torch.compile the whole decode step (inductor fuses the norms, rotary, residuals
         # and attention glue around the opaque projection ops); the step always attends over
         # the whole static cache (masked) so its shapes never change and it compiles once.
-        self._cpu_step = torch.compile(model, dynamic=False) if (
+        self._cpu_step = CompiledCpuStep(model) if (
             cpu_compile and self.device.type == "cpu" and kv is None) else None
         if self.device.type == "cuda":
             model.fuse_projections()

@@ -31,5 +31,29 @@ def test_cpu_compiled_decode_equals_eager():
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     prompt = [[3, 17, 5, 42, 8]]
     (want,), _ = Generator(model, None).generate(prompt, params)
-    (got,), _ = Generator(model, None, cpu_compile=True).generate(prompt, params)
+    g = Generator(model, None, cpu_compile=True)
+    (got,), _ = g.generate(prompt, params)
     assert got.token_ids == want.token_ids
+    assert g._cpu_step.options == {"cpp_wrapper": True}  # inductor's C++ wrapper built (no fallback)
+
+
+def test_cpu_step_falls_back_to_the_python_wrapper(monkeypatch):
+    from rarefy.engine import cpu_compile
+
+    calls = []
+    real = torch.compile
+
+    def flaky(model, **kw):  # a C++ wrapper that fails to build on the first call
+        calls.append(kw.get("options"))
+        if kw.get("options"):
+            def broken(*a, **k):
+                raise RuntimeError("C++ wrapper build failed")
+            return broken
+        return real(model, **kw)
+
+    monkeypatch.setattr(cpu_compile.torch, "compile", flaky)
+    lin = nn.Linear(4, 3)
+    step = cpu_compile.CompiledCpuStep(lin)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(step(x), lin(x))
+    assert calls == [{"cpp_wrapper": True}, None] and step.options == {}
