@@ -73,7 +73,8 @@ class Generator:
                  compile: bool = False, kv: KVOptions | None = None, cpu_compile: bool = False):
         """On CUDA the decode step is captured as a graph (use_cuda_graph), after
         torch.compile fuses its small kernels (compile; slower warm-up). On the CPU,
-        cpu_compile runs the decode step through torch.compile (about 35 s once for the
+        cpu_compile runs the decode step through torch.compile with inductor's C++ wrapper
+        (rarefy/engine/cpu_compile.py; about 1-2 min once, cached on disk, for the
         embedded model; measured with GGUF blocks and low-bit layers, whose C++ ops have fake
         kernels -- a layer whose op has none cannot be traced). With `kv`
         the paged cache is used and decode runs eagerly."""
