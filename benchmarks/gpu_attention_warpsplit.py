@@ -8,7 +8,9 @@ replay over cache copies larger than L2).
 
 Variant labels: t<tokens per tile> w<warps = sub-streams> st<num_stages> dm|tm (V dim- or
 token-major), sw (accepted, no effect: every variant runs the swap kernel), r<register cap>, s<splits>, fr (fused
-split reduction), nopdl (no programmatic dependent launch of the decode kernel and the reduction; "base nopdl" is the default kernel so), cp (Triton's own int8/fp8 conversion); "base" is the default kernel and plan. docs/results/attention.md ("Warp split").
+split reduction), pf<pages> (the first pages of each split asked of L2 before the PDL wait; "base pf4" for the
+default kernel), bk / bb / bu (int8 through the x + 1152 conversion for K / K and V / K and V from
+offset-binary bytes, the benchmark flipping the cache's sign bits first), nopdl (no programmatic dependent launch of the decode kernel and the reduction; "base nopdl" is the default kernel so), cp (Triton's own int8/fp8 conversion); "base" is the default kernel and plan. docs/results/attention.md ("Warp split").
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def parse_variant(label: str) -> dict:
             out["pdl"] = False
         elif part == "fr":
             out["fused_reduce"] = True
+        elif part.startswith("pf"):
+            out["prefetch_pages"] = int(part[2:])
         elif part == "cp":
             out["convert"] = "plain"
+        elif part in ("bk", "bb", "bu"):
+            out["convert"] = {"bk": "bias_k", "bb": "bias", "bu": "bias_u8"}[part]
         elif part.startswith("r"):
             out["max_regs"] = int(part[1:])
         elif part.startswith("st"):
@@ -92,7 +98,8 @@ def main(argv=None) -> int:
                     r = dict(kvd=kvd, ctx=ctx, batch=batch, label=label, us=None, err=None, plan="", note="")
                     try:
                         if label.startswith("base"):
-                            plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, kernel="base")
+                            pf = parse_variant(label).get("prefetch_pages", 0)
+                            plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, kernel="base", prefetch_pages=pf)
 
                             def launch(i, p=plan, pdl=parse_variant(label).get("pdl")):
                                 q, kc, _, ks, vs, bt, sl, kv = case.args(i)
@@ -105,10 +112,15 @@ def main(argv=None) -> int:
                             pdl = kw.pop("pdl", None)
                             plan = plan_decode(batch, ctx, 32, 8, 128, kvd, 16, sms, kernel="swap", **kw)
 
-                            def launch(i, p=plan, dm=dm, pdl=pdl):
+                            kc_use, v_use = case.k_cache, (v_dm if dm else v_tm)
+                            if plan.convert == "bias_u8":  # offset-binary bytes: x + 128, the sign bit flipped
+                                kc_use = (case.k_cache.view(torch.uint8) ^ 0x80).view(torch.int8)
+                                v_use = (v_use.view(torch.uint8) ^ 0x80).view(torch.int8)
+
+                            def launch(i, p=plan, dm=dm, pdl=pdl, kc_use=kc_use, v_use=v_use):
                                 q, kc, vc, ks, vs, bt, sl, kv = case.args(i)
                                 return paged_decode_attention_warpsplit(
-                                    q, kc, v_dm if dm else v_tm, ks, vs, bt, sl, kv, case.sm_scale, plan=p,
+                                    q, kc_use, v_use, ks, vs, bt, sl, kv, case.sm_scale, plan=p,
                                     v_dim_major=dm, pdl=pdl)
                         r["plan"] = plan.describe()
                         y = launch(0)

@@ -150,6 +150,7 @@ class _Case:
     and one query per copy."""
 
     def __init__(self, cfg: AttnBenchConfig, ctx: int, batch: int, kv_dtype: str, nbuf: int, device):
+        from rarefy.kv.paged import stores_v_dim_major
         from rarefy.kv.quant import is_quantized, quantize, storage_dtype
 
         g = torch.Generator(device=device).manual_seed(cfg.seed + 7 * ctx + batch)
@@ -160,9 +161,9 @@ class _Case:
         sd = storage_dtype(kv_dtype)
         quant = is_quantized(kv_dtype)
         self.k_cache = torch.empty((total, hkv, bs, d), dtype=sd, device=device)
-        # V as rarefy's paged cache stores it: dim-major for 8-bit caches (docs/kv-cache.md)
-        self.v_cache = torch.empty((total, hkv, d, bs), dtype=sd, device=device).transpose(2, 3) if quant \
-            else torch.empty_like(self.k_cache)
+        # V as rarefy's paged cache stores it (stores_v_dim_major; docs/kv-cache.md)
+        self.v_cache = torch.empty((total, hkv, d, bs), dtype=sd, device=device).transpose(2, 3) \
+            if stores_v_dim_major(kv_dtype, device) else torch.empty_like(self.k_cache)
         self.k_scale = torch.empty((total, hkv, bs), dtype=torch.float16, device=device) if quant else None
         self.v_scale = torch.empty_like(self.k_scale) if quant else None
         step = max(1, (1 << 24) // (hkv * bs * d))  # blocks per fill chunk (bounded float32 temporaries)

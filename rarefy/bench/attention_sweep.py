@@ -30,6 +30,7 @@ def sweep_variants(base, kv_dtype: str, batch: int, num_kv_heads: int, sms: int,
             variants[f"warps={w}"] = dict(num_warps=w)
     if generic:
         variants["fma" if base.use_dot else "dot"] = dict(use_dot=not base.use_dot)
+        variants["no prefetch" if base.prefetch_pages else "prefetch 4"] = dict(prefetch_pages=0 if base.prefetch_pages else 4)
     if s > 1 and generic:
         variants["two kernels" if base.fused_reduce else "fused reduce"] = dict(fused_reduce=not base.fused_reduce)
     if s > 1 and generic:  # combinations the one-at-a-time rows pointed to (H100, 2026-11-23)

@@ -37,6 +37,19 @@ from rarefy.kv.blocks import KVCacheFull
 DEFAULT_BLOCK_SIZE = 16
 
 
+def stores_v_dim_major(kv_dtype: str, device) -> bool:
+    """Whether the paged cache keeps V as a view of dim-major storage [blocks, heads, head_dim,
+    block_size] (docs/kv-cache.md): the tokens, the reduction axis of P @ V, are then
+    contiguous, which the swapped-product decode kernel needs. 8-bit caches always (it feeds
+    8-bit V to the tensor cores without byte loads); bf16/fp16 on a GPU, where that kernel is
+    also the faster one (H100, seventh session: 1.02-1.25x the token-major kernel from 1k x 1 to
+    128k x 1 and batch 64; docs/results/attention.md). The CPU's torch path keeps 16-bit V
+    token-major."""
+    if quant.is_quantized(kv_dtype):
+        return True
+    return kv_dtype in ("bf16", "fp16") and torch.device(device).type == "cuda"
+
+
 @dataclass
 class StepMeta:
     seq_ids: list
@@ -120,11 +133,9 @@ class PagedKVCache:
         self.meta: StepMeta | None = None
 
     def _v_storage(self, shape, store) -> torch.Tensor:
-        """A zeroed V cache [blocks, heads, block_size, head_dim]. 8-bit caches keep it as a view
-        of dim-major storage [blocks, heads, head_dim, block_size] (docs/kv-cache.md): the
-        tokens, the reduction axis of P @ V, are then contiguous, which the swapped-product
-        decode kernel needs to feed 8-bit V to the tensor cores without byte loads."""
-        if quant.is_quantized(self.kv_dtype):
+        """A zeroed V cache [blocks, heads, block_size, head_dim], as a view of dim-major storage
+        [blocks, heads, head_dim, block_size] where :func:`stores_v_dim_major` says so."""
+        if stores_v_dim_major(self.kv_dtype, self.device):
             b, h, bs, d = shape
             return torch.zeros((b, h, d, bs), dtype=store, device=self.device).transpose(2, 3)
         return torch.zeros(shape, dtype=store, device=self.device)

@@ -509,6 +509,8 @@ cx = dict(GROUP=p.group, GROUP_PAD=p.group_pad, HEAD_DIM=128, BLOCK_SIZE=16, TIL
           SPLIT=p.num_splits > 1, FUSED=p.fused_reduce, QUANT=quant, USE_DOT=p.use_dot,
           DOT=td.dot_code(torch.bfloat16, kvd), CHUNK=16 if p.num_splits > 8 else 8, CONV=td.conv_code(p, kvd),
           QK_I8=p.qk_int8, KV_MUL=256.0 if td.conv_code(p, kvd) in (2, 3) else 1.0,
+          PDL_WAIT=True, PDL=p.num_splits > 1 and not p.fused_reduce, PREFETCH=p.prefetch_pages,
+          PAGE_LINES=16 * 128 * (2 if kvd == "bf16" else 1) // 128, LINE_ELEMS=128 // (2 if kvd == "bf16" else 1),
           stride_vd=1)  # a token-major V: Triton specialises an argument equal to 1
 fn = td._decode_kernel
 sig = {n: "constexpr" if n in cx else types.get(n, "i32") for n in fn.arg_names}

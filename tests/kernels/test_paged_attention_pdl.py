@@ -63,8 +63,10 @@ def _check(y, q, kc, vc, ks, vs, bt, sl, kv_dtype, tol):
 @pytest.mark.parametrize("kv_dtype", ["bf16", "int8", "fp8_e4m3"])
 @pytest.mark.parametrize("pdl", [True, False])
 @pytest.mark.parametrize("graph", [False, True])
-def test_decode_sees_the_token_stored_just_before(kv_dtype, pdl, graph):
-    from rarefy.kernels.paged_attention.triton_decode import paged_decode_attention_triton
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_decode_sees_the_token_stored_just_before(kv_dtype, pdl, graph, prefetch):
+    # prefetch: the first pages asked of L2 before the wait, while the store may still write them
+    from rarefy.kernels.paged_attention.triton_decode import make_plan, paged_decode_attention_triton, v_is_dim_major
     g = torch.Generator().manual_seed(5)
     batch, start_len, steps = 3, 3000, 6
     per_seq = (start_len + steps) // BS + 1
@@ -77,11 +79,11 @@ def test_decode_sees_the_token_stored_just_before(kv_dtype, pdl, graph):
     v_new = torch.empty_like(k_new)
     slots = torch.empty((batch,), dtype=torch.int64, device="cuda")
     cap = per_seq * BS
+    plan = make_plan(q, kc, bt, kv_dtype, max_seq_len=cap, v_dim_major=v_is_dim_major(vc), prefetch_pages=prefetch)
 
     def step():
         store_kv(k_new, v_new, slots, kc, vc, ks, vs, kv_dtype)
-        return paged_decode_attention_triton(q, kc, vc, ks, vs, bt, sl, kv_dtype, D ** -0.5, max_seq_len=cap,
-                                             pdl=pdl)
+        return paged_decode_attention_triton(q, kc, vc, ks, vs, bt, sl, kv_dtype, D ** -0.5, plan=plan, pdl=pdl)
 
     def load(t):
         k, v = _step_inputs(q, g, batch)

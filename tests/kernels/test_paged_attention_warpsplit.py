@@ -35,6 +35,8 @@ def _run(ws, dec, c, sm_scale, v_dim_major, **plan_kw):
     q, kc, bt, kvd = c["q"], c["k_cache"], c["block_tables"], c["kv_dtype"]
     plan = dec.make_plan(q, kc, bt, kvd, **{"kernel": "swap", **plan_kw})
     a = args(c)
+    if plan.convert == "bias_u8":  # the kernel reads offset-binary bytes (x + 128)
+        a[1], a[2] = [(t.view(torch.uint8) ^ 0x80).view(torch.int8) for t in (a[1], a[2])]
     if v_dim_major:
         a[2] = a[2].transpose(2, 3).contiguous().transpose(2, 3)  # a view of [blocks, heads, dim, slot]
     return ws.paged_decode_attention_warpsplit(*a, sm_scale, plan=plan, v_dim_major=v_dim_major)
@@ -59,6 +61,43 @@ def test_warpsplit_matches_reference(ws, dec, kv_dtype, q_dtype, tol, v_dim_majo
         assert y.dtype == q_dtype and y.shape == c["q"].shape
         assert rel_err(y, ref) < tol, (kw, rel_err(y, ref))
         assert float(y[3].abs().max()) == 0.0  # the empty sequence
+
+
+@pytest.mark.parametrize("convert", ["bias_k", "bias", "bias_u8"])
+@pytest.mark.parametrize("v_dim_major", [True, False])
+def test_int8_biased_conversions(ws, dec, convert, v_dim_major):
+    # K (and V) enter the MMA as x + 1152 and the bias is taken back out of the scores and the
+    # output: the same answer as the plain conversion, lengths 0/1/odd, empty splits, a
+    # partial tile, and large-magnitude queries (the bias term then dwarfs the true score)
+    c = make_case([45, 1, 130, 0, 17], 8, 2, 64, 8, "int8", seed=37, q_dtype=torch.float16)
+    c["q"] = c["q"] * 8
+    ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.05)
+    for kw in (dict(num_splits=1, tile_n=32, num_warps=2), dict(num_splits=3, tile_n=64, num_warps=4),
+               dict(num_splits=2, tile_n=32, num_warps=2, fused_reduce=True, max_seq_len=300)):
+        y = _run(ws, dec, c, 0.05, v_dim_major, convert=convert, **kw)
+        assert torch.isfinite(y).all()
+        assert rel_err(y, ref) < 3e-3, (kw, rel_err(y, ref))
+        assert float(y[3].abs().max()) == 0.0
+
+
+@pytest.mark.skipif(not CUDA, reason="long contexts need the GPU (the interpreter's products are exact anyway)")
+@pytest.mark.parametrize("convert", ["bits", "bias_k", "bias", "bias_u8"])
+def test_int8_biased_conversions_long_context_gpu(ws, dec, convert):
+    # one split over 20k near-uniform tokens: one accumulator takes every tile, the case where
+    # a bias carried across tiles lost the output in the MMA's accumulation (6.6e-2 at 128k)
+    c = make_case([20000], 8, 2, 128, 16, "int8", seed=41, q_dtype=torch.float16)
+    c["q"] = c["q"] * 0.05
+    ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=1 / 128 ** 0.5)
+    y = _run(ws, dec, c, 1 / 128 ** 0.5, True, convert=convert, num_splits=1, tile_n=64, num_warps=2)
+    assert rel_err(y, ref) < 4e-3, rel_err(y, ref)
+
+
+def test_int8_bias_needs_the_swap_kernel(dec):
+    from rarefy.kernels.paged_attention.plan import plan_decode
+    with pytest.raises(RarefyError, match="swap kernel"):
+        plan_decode(1, 4096, 32, 8, 128, "int8", 16, 132, kernel="base", convert="bias")
+    with pytest.raises(RarefyError, match="int8 cache"):
+        plan_decode(1, 4096, 32, 8, 128, "fp8_e4m3", 16, 132, v_dim_major=True, convert="bias_k")
 
 
 @pytest.mark.parametrize("v_dim_major", [True, False])
@@ -131,6 +170,18 @@ def test_store_kernel_into_dim_major_v(kv_dtype):
     assert torch.equal(bits(vc_dm).cpu(), bits(vc).cpu()) and torch.equal(bits(kc2).cpu(), bits(kc).cpu())
     if vs is not None:
         assert torch.equal(vs2.view(torch.int16).cpu(), vs.view(torch.int16).cpu())
+
+
+def test_which_caches_store_v_dim_major():
+    from rarefy.kv.paged import stores_v_dim_major
+    for kvd in ("int8", "fp8_e4m3", "fp8_e5m2"):
+        assert stores_v_dim_major(kvd, "cpu") and stores_v_dim_major(kvd, "cuda")
+    assert stores_v_dim_major("bf16", "cuda") and stores_v_dim_major("fp16", torch.device("cuda", 0))
+    assert not stores_v_dim_major("bf16", "cpu") and not stores_v_dim_major("fp32", "cuda")
+    from rarefy.kernels.paged_attention.plan import plan_decode
+    assert plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132, v_dim_major=True).kernel == "swap"
+    assert plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132).kernel == "base"
+    assert plan_decode(1, 32768, 32, 8, 128, "bf16", 16, 132, v_dim_major=True, q_dtype="fp32").kernel == "base"
 
 
 def test_paged_cache_keeps_8bit_v_dim_major():

@@ -152,10 +152,13 @@ class DecodePlan:
     workspace_bytes: int                # fp32 partial outputs + LSEs (0 with one split)
     sm_count: int
     dot_dtype: str = "bf16"             # tensor-core operand dtype: bf16, fp16 or fp32 (module doc)
-    convert: str = "plain"              # int8/fp8 -> dot dtype: "plain" (.to) or "bits" (packed bit tricks)
+    convert: str = "plain"              # int8/fp8 -> dot dtype: "plain" (.to), "bits" (packed bit tricks),
+                                        # "bias_k" / "bias" (int8, swap kernel: K / K and V as x + 1152);
+                                        # "bias_u8": "bias" over offset-binary bytes (x + 128)
     qk_int8: bool = False               # q quantized per head to int8, q.K^T as an int8 MMA (int8 caches)
     max_regs: int | None = None         # ptxas register cap per thread (more resident programs per SM)
     kernel: str = "base"                # "base" (_decode_kernel) or "swap" (triton_decode_warpsplit.py)
+    prefetch_pages: int = 0             # PDL launches: first pages of each split asked of L2 before the wait
 
     @property
     def programs(self) -> int:
@@ -171,6 +174,8 @@ class DecodePlan:
             kind += " qk-int8"
         if self.max_regs:
             kind += f" regs<={self.max_regs}"
+        if self.prefetch_pages:
+            kind += f" prefetch {self.prefetch_pages}"
         if self.kernel != "base":
             kind = f"{self.kernel} kernel, " + kind
         return (f"grid {self.grid[0]}x{self.grid[1]}x{self.grid[2]} ({self.programs} programs), "
@@ -214,7 +219,8 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                 num_warps: int | None = None, fused_reduce: bool = False, min_programs_per_sm: int = 2,
                 smem_per_sm: int = SMEM_PER_SM, q_dtype: str = "bf16", dot_dtype: str | None = None,
                 convert: str | None = None, qk_int8: bool = False, max_regs: int | None = None,
-                v_dim_major: bool = False, kernel: str | None = None) -> DecodePlan:
+                v_dim_major: bool = False, kernel: str | None = None,
+                prefetch_pages: int | None = None) -> DecodePlan:
     """The launch of the Triton decode kernel for this shape (see the module doc).
 
     ``max_seq_len`` is the longest context in the batch (the block-table capacity when it is
@@ -227,6 +233,8 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     (module doc, "Quantized caches"); the defaults are the measured best. ``v_dim_major``: V is
     stored dim-major (8-bit caches, docs/kv-cache.md), which lets ``kernel`` "swap" (the
     default then, "Swapped products" in the module doc) run; "base" forces _decode_kernel.
+    ``prefetch_pages``: with PDL launches, the first pages of every split are asked of L2 before
+    the wait for the kernel before (triton_splits.py, ``_prefetch_first_pages``).
     """
     _validate(batch, max_seq_len, num_heads, num_kv_heads, head_dim, block_size, sm_count)
     kv_bytes = kv_storage_bytes(kv_dtype)
@@ -247,8 +255,10 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
         raise RarefyError(f"dot_dtype must be bf16, fp16 or fp32, got {dot_dtype!r}")
     if kernel not in (None, "base", "swap"):
         raise RarefyError(f"kernel must be base or swap, got {kernel!r}")
-    swap_ok = (quant and use_dot and dot_dtype == "fp16" and not qk_int8 and group <= 8 and v_dim_major
-               and 32 % block_size == 0)
+    # the swap kernel wherever V is stored dim-major: 8-bit caches through fp16 products, 16-bit
+    # caches in their own dtype (H100: 1.02-1.25x the base kernel on token-major V)
+    swap_ok = (use_dot and not qk_int8 and group <= 8 and v_dim_major and 32 % block_size == 0
+               and ((quant and dot_dtype == "fp16") or (kv_dtype in ("bf16", "fp16") and dot_dtype == kv_dtype)))
     if kernel == "swap" and not (use_dot and dot_dtype in ("bf16", "fp16") and not qk_int8):
         raise RarefyError("the swap kernel needs the tl.dot path in bf16 or fp16 and no qk_int8")
     if kernel is None:
@@ -265,8 +275,15 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     if convert is None:
         bit_tricks = ("int8",) if kernel == "swap" else ("int8", "fp8_e4m3")
         convert = "bits" if use_dot and dot_dtype == "fp16" and kv_dtype in bit_tricks else "plain"
-    if convert not in ("plain", "bits"):
-        raise RarefyError(f"convert must be plain or bits, got {convert!r}")
+        if convert == "bits" and kernel == "swap" and kv_dtype == "int8":
+            # K and V enter the MMA as x + 1152, the bias taken back out of the products
+            # (H100, seventh session: 32k x 1 33.1 against 33.5 µs, 128k 104.3 against 107.0;
+            # docs/results/attention.md, "int8 without the subtraction")
+            convert = "bias"
+    if convert not in ("plain", "bits", "bias_k", "bias", "bias_u8"):
+        raise RarefyError(f"convert must be plain, bits, bias_k, bias or bias_u8, got {convert!r}")
+    if convert in ("bias_k", "bias", "bias_u8") and (kernel != "swap" or kv_dtype != "int8" or dot_dtype != "fp16"):
+        raise RarefyError(f"convert={convert!r} needs an int8 cache on the swap kernel with fp16 products")
     if convert == "bits" and (not use_dot or dot_dtype != "fp16" or kv_dtype not in ("int8", "fp8_e4m3")):
         raise RarefyError("convert='bits' needs an int8 or fp8_e4m3 cache and the tl.dot path in fp16")
     if qk_int8 and (kv_dtype != "int8" or not use_dot):
@@ -321,6 +338,12 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     by_regs = 65536 // ((max_regs or 128) * 32 * num_warps)
     occupancy = max(1, min(by_smem, by_regs))
 
+    if prefetch_pages is None:
+        # a tile's worth of pages asked of L2 before the PDL wait (H100, seventh session: 0.4-0.9
+        # µs off every decode call, most at short contexts; docs/results/attention.md, "L2 prefetch")
+        prefetch_pages = max(1, min(8, pages_per_tile))
+    if int(prefetch_pages) != prefetch_pages or prefetch_pages < 0 or prefetch_pages & (prefetch_pages - 1):
+        raise RarefyError(f"prefetch_pages must be 0 or a power of two, got {prefetch_pages!r}")
     fused = bool(fused_reduce) and num_splits > 1
     reduce_grid = (batch, num_heads) if num_splits > 1 and not fused else None
     workspace = batch * num_heads * num_splits * (head_dim + 1) * 4 if num_splits > 1 else 0
@@ -329,4 +352,4 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages, smem_bytes=smem,
                       occupancy=occupancy, fused_reduce=fused, reduce_grid=reduce_grid, workspace_bytes=workspace,
                       sm_count=sm_count, dot_dtype=dot_dtype, convert=convert, qk_int8=bool(qk_int8),
-                      max_regs=max_regs, kernel=kernel)
+                      max_regs=max_regs, kernel=kernel, prefetch_pages=prefetch_pages)

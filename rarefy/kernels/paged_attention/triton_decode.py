@@ -54,7 +54,8 @@ import triton.language as tl
 
 from rarefy.kernels.paged_attention.plan import DecodePlan, plan_decode
 from rarefy.kernels.paged_attention.triton_splits import (  # noqa: F401 (re-exported for the swap kernel)
-    _interpreting, _pdl_prologue, _write_result, launch_buffers, launch_reduce, pdl_available, pdl_options)
+    _interpreting, _pdl_prologue, _prefetch_first_pages, _write_result, launch_buffers, launch_reduce, pdl_available,
+    pdl_options, prefetch_constants)
 
 LOG2E = 1.4426950408889634
 
@@ -93,6 +94,36 @@ def _i8x4_to_f16(x):
         sub.f16x2 $1, b, m;
         }""",
         constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _i8_to_f16_plus1152(x, ASM: tl.constexpr, OFFSET: tl.constexpr = False):
+    """int8 x as the fp16 number x + 1152 (exact): the int8 bit trick without its subtraction,
+    which the caller takes back out of a product instead (``convert="bias"``). ``OFFSET``: the
+    bytes hold x in offset binary (x + 128, the sign bit flipped), so not even the XOR is
+    needed. ASM: the packed inline-PTX form (the interpreter has no inline assembly)."""
+    if ASM:
+        if OFFSET:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 c;
+                mov.b32 c, 0x64646464;
+                prmt.b32 $0, $2, c, 0x4140;
+                prmt.b32 $1, $2, c, 0x4342;
+                }""",
+                constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, c;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 c, 0x64646464;
+            prmt.b32 $0, t, c, 0x4140;
+            prmt.b32 $1, t, c, 0x4342;
+            }""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+    if OFFSET:
+        return (x.to(tl.uint8, bitcast=True).to(tl.float32) + 1024.0).to(tl.float16)
+    return (x.to(tl.float32) + 1152.0).to(tl.float16)
 
 
 @triton.jit
@@ -174,13 +205,21 @@ def _decode_kernel(
     KV_MUL: tl.constexpr,
     PDL_WAIT: tl.constexpr = False,
     PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
+    PAGE_LINES: tl.constexpr = 1,
+    LINE_ELEMS: tl.constexpr = 1,
 ):
-    _pdl_prologue(PDL_WAIT, PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-
-    start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
+    if PREFETCH > 0:  # the first pages asked of L2 while the kernel before still runs
+        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
+        _prefetch_first_pages(bt_ptr + b.to(tl.int64) * stride_btb, start, end, k_ptr, v_ptr,
+                              kvh.to(tl.int64) * stride_kh, kvh.to(tl.int64) * stride_vh, stride_kb, stride_vb,
+                              BLOCK_SIZE, PREFETCH, PAGE_LINES, LINE_ELEMS)
+    _pdl_prologue(PDL_WAIT, PDL)
+    if PREFETCH == 0:
+        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -302,6 +341,8 @@ def dot_code(q_dtype: torch.dtype, kv_dtype: str) -> int:
 def conv_code(plan: DecodePlan, kv_dtype: str) -> int:
     """The kernel's CONV code for a plan: the bit tricks need inline PTX, so the interpreter
     runs the plain conversion for int8 (exact either way) and the same value / 256 for e4m3."""
+    if plan.convert in ("bias_k", "bias", "bias_u8"):  # V through the bit trick unless biased too
+        return 0 if _interpreting() else 1
     if plan.convert != "bits":
         return 0
     if kv_dtype == "int8":
@@ -378,6 +419,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_t
         TILE_N=plan.tile_n, SPLIT=splits > 1, FUSED=fused, QUANT=quant, USE_DOT=plan.use_dot,
         DOT=dot, CHUNK=chunk, CONV=conv, QK_I8=plan.qk_int8, KV_MUL=kv_mul,
         PDL_WAIT=pdl, PDL=pdl and split_reduce,
+        **prefetch_constants(k_cache, v_cache, plan.prefetch_pages if pdl else 0),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
         **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}), **pdl_options(pdl),
     )

@@ -25,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rarefy.kernels.paged_attention.triton_decode import _split_range, _to_dot
-from rarefy.kernels.paged_attention.triton_splits import _pdl_prologue, _write_result
+from rarefy.kernels.paged_attention.triton_decode import _i8_to_f16_plus1152, _split_range, _to_dot
+from rarefy.kernels.paged_attention.triton_splits import _pdl_prologue, _prefetch_first_pages, _write_result
 
 
 @triton.jit
@@ -51,16 +51,20 @@ def _page_scales(s_ptr, blk, s_head, stride_sb, t0, end, SUB: tl.constexpr, SUB_
 
 
 @triton.jit
-def _swap_tile(t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_ptr, k_head, v_head,
+def _swap_tile(t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, q_bias, qk_scale, k_ptr, v_ptr, k_head, v_head,
                stride_kb, stride_kt, stride_vb, stride_vt, stride_vd,
                HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SUB: tl.constexpr, SUB_N: tl.constexpr,
                QUANT: tl.constexpr, DOT: tl.constexpr, CONV: tl.constexpr, KV_MUL: tl.constexpr,
-               V_DIM_MAJOR: tl.constexpr, V_FINITE: tl.constexpr, MASKED: tl.constexpr):
+               V_DIM_MAJOR: tl.constexpr, V_FINITE: tl.constexpr, MASKED: tl.constexpr,
+               K_BIAS: tl.constexpr, V_BIAS: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr):
     """One tile of ``_decode_swap_kernel``: tokens t0 .. t0 + SUB * SUB_N (sub-stream w takes
-    the w-th run of SUB_N), folded into the running (max, sum, accumulator, unit). ``blk``
-    [SUB, PAGES] holds the tile's page ids and ``k_s`` / ``v_s`` [SUB, SUB_N] its fp32 scales
-    (quantized caches), both loaded ahead by the caller. Without ``MASKED`` every token is
-    below ``end``."""
+    the w-th run of SUB_N), folded into the running (max, sum, accumulator, unit).
+    ``blk`` [SUB, PAGES] holds the tile's page ids and ``k_s`` / ``v_s`` [SUB, SUB_N] its fp32
+    scales (quantized caches), both loaded ahead by the caller. Without ``MASKED`` every token
+    is below ``end``. ``K_BIAS`` / ``V_BIAS`` (int8): the tile enters the MMA as x + 1152 (two
+    byte permutes per four values, no subtraction); the bias comes back out of the scores as
+    ``q_bias`` (1152 q.1 times the score scale, one FFMA with the scaling) and out of each
+    tile's output product (V_BIAS, below)."""
     PAGES: tl.constexpr = SUB_N // BLOCK_SIZE
     offs_w = tl.arange(0, SUB)
     offs_p = tl.arange(0, PAGES)
@@ -76,7 +80,10 @@ def _swap_tile(t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_
     # make scores that the token mask replaces with -inf, NaN included
     k_row = blk[:, :, None] * stride_kb + k_head + offs_b[None, None, :] * stride_kt
     k = tl.reshape(tl.load(k_ptr + k_row[:, :, :, None] + offs_d[None, None, None, :]), (SUB, SUB_N, HEAD_DIM))
-    s = tl.dot(_to_dot(k, DOT, CONV), qb) * qk_scale  # [SUB, SUB_N, GROUP_PAD]
+    if K_BIAS:
+        s = tl.dot(_i8_to_f16_plus1152(k, ASM, OFFSET), qb) * qk_scale - q_bias  # [SUB, SUB_N, GROUP_PAD]
+    else:
+        s = tl.dot(_to_dot(k, DOT, CONV), qb) * qk_scale  # [SUB, SUB_N, GROUP_PAD]
     if QUANT:
         s = s * k_s[:, :, None]
     if MASKED:
@@ -115,7 +122,17 @@ def _swap_tile(t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_
         # (kept 2-D, [SUB, 1], so it stays in the scores' layout: no shared-memory round trip)
         v_top = tl.maximum(tl.max(v_s, axis=1, keep_dims=True), 1e-30) * KV_MUL
         pq = (p * (v_s * KV_MUL / v_top)[:, :, None]).to(tl.float16)
-        acc = tl.dot(_to_dot(v_t, DOT, CONV), pq, acc * (alpha[:, None, :] * (r / v_top)[:, :, None]))
+        unit = alpha * (r / v_top)  # [SUB, GROUP_PAD]: the accumulator's rescale this tile
+        if V_BIAS:
+            # 1152 * (the exact sum of the fp16 P^T column the MMA multiplies) is what the bias
+            # adds this tile: taken out of the accumulator the MMA adds to (one FFMA instead of
+            # the FMUL), so the accumulator never carries the bias. Carried across tiles and
+            # taken out at the end, it dwarfs the output and the MMA's accumulation loses it
+            # (H100: 6.6e-2 relative error at 128k against 8.8e-4)
+            bias = 1152.0 * tl.sum(pq.to(tl.float32), axis=1)  # [SUB, GROUP_PAD]
+            acc = tl.dot(_i8_to_f16_plus1152(v_t, ASM, OFFSET), pq, acc * unit[:, None, :] - bias[:, None, :])
+        else:
+            acc = tl.dot(_to_dot(v_t, DOT, CONV), pq, acc * unit[:, None, :])
         r = v_top
     elif DOT == 1:
         acc = tl.dot(v_t.to(tl.bfloat16), p.to(tl.bfloat16), acc * alpha[:, None, :])
@@ -152,18 +169,30 @@ def _decode_swap_kernel(
     V_FINITE: tl.constexpr,
     PDL_WAIT: tl.constexpr = False,
     PDL: tl.constexpr = False,
+    K_BIAS: tl.constexpr = False,
+    V_BIAS: tl.constexpr = False,
+    ASM: tl.constexpr = True,
+    OFFSET: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
+    PAGE_LINES: tl.constexpr = 1,
+    LINE_ELEMS: tl.constexpr = 1,
 ):
     """The warp split with the products transposed ("swap AB"): scores^T = K q^T
     ([SUB_N, GROUP_PAD] per sub-stream) and out^T = V^T P^T ([HEAD_DIM, GROUP_PAD]). The tokens
     and the head dim fill the MMA's 16-row side, the few query heads its 8-column side, so a
     GQA group of 4 pads to 8 columns instead of 16 rows: half the MMAs, and a [HEAD_DIM, 8]
     accumulator per warp instead of [16, HEAD_DIM]. V dim-major is V^T's natural layout."""
-    _pdl_prologue(PDL_WAIT, PDL)  # wait for the kernel before; the split reduction may launch
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-
-    start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
+    if PREFETCH > 0:  # the first pages asked of L2 while the kernel before still runs
+        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
+        _prefetch_first_pages(bt_ptr + b.to(tl.int64) * stride_btb, start, end, k_ptr, v_ptr,
+                              kvh.to(tl.int64) * stride_kh, kvh.to(tl.int64) * stride_vh, stride_kb, stride_vb,
+                              BLOCK_SIZE, PREFETCH, PAGE_LINES, LINE_ELEMS)
+    _pdl_prologue(PDL_WAIT, PDL)  # wait for the kernel before; the split reduction may launch
+    if PREFETCH == 0:
+        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -177,6 +206,9 @@ def _decode_swap_kernel(
     else:
         q_t = q_t.to(tl.float16)
     qb = tl.broadcast_to(q_t[None, :, :], (SUB, HEAD_DIM, GROUP_PAD))
+    q_bias = tl.zeros([SUB, 1, GROUP_PAD], tl.float32)
+    if K_BIAS:  # what 1152 in every K value adds to a scaled score: 1152 * q.1 (the fp16 q the MMA sees)
+        q_bias = q_bias + (tl.sum(q_t.to(tl.float32), axis=0) * (1152.0 * qk_scale))[None, None, :]
 
     m_i = tl.full([SUB, GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([SUB, GROUP_PAD], tl.float32)
@@ -213,9 +245,10 @@ def _decode_swap_kernel(
             v_s_next = _page_scales(vs_ptr, blk_s, s_head, stride_sb, t0, end, SUB, SUB_N, BLOCK_SIZE, False)
         blk = _page_ids(bt_row, t0, full_end, SUB, PAGES, BLOCK_SIZE)
         m_i, l_i, acc, r = _swap_tile(
-            t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_ptr, k_head, v_head,
+            t0, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, q_bias, qk_scale, k_ptr, v_ptr, k_head, v_head,
             stride_kb, stride_kt, stride_vb, stride_vt, stride_vd,
-            HEAD_DIM, BLOCK_SIZE, SUB, SUB_N, QUANT, DOT, CONV, KV_MUL, V_DIM_MAJOR, V_FINITE, False)
+            HEAD_DIM, BLOCK_SIZE, SUB, SUB_N, QUANT, DOT, CONV, KV_MUL, V_DIM_MAJOR, V_FINITE, False,
+            K_BIAS, V_BIAS, ASM, OFFSET)
         blk_s = blk_s_next
         k_s = k_s_next
         v_s = v_s_next
@@ -225,9 +258,10 @@ def _decode_swap_kernel(
             k_s = _page_scales(ks_ptr, blk, s_head, stride_sb, full_end, end, SUB, SUB_N, BLOCK_SIZE, True)
             v_s = _page_scales(vs_ptr, blk, s_head, stride_sb, full_end, end, SUB, SUB_N, BLOCK_SIZE, True)
         m_i, l_i, acc, r = _swap_tile(
-            full_end, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, qk_scale, k_ptr, v_ptr, k_head, v_head,
+            full_end, end, blk, k_s, v_s, m_i, l_i, acc, r, qb, q_bias, qk_scale, k_ptr, v_ptr, k_head, v_head,
             stride_kb, stride_kt, stride_vb, stride_vt, stride_vd,
-            HEAD_DIM, BLOCK_SIZE, SUB, SUB_N, QUANT, DOT, CONV, KV_MUL, V_DIM_MAJOR, V_FINITE, True)
+            HEAD_DIM, BLOCK_SIZE, SUB, SUB_N, QUANT, DOT, CONV, KV_MUL, V_DIM_MAJOR, V_FINITE, True,
+            K_BIAS, V_BIAS, ASM, OFFSET)
 
     m = tl.max(m_i, axis=0)
     m_use = tl.where(m > float("-inf"), m, 0.0)
@@ -258,7 +292,7 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
     strides when None)."""
     from rarefy.kernels.paged_attention.triton_decode import LOG2E, _QUANT, conv_code, v_is_dim_major
     from rarefy.kernels.paged_attention.triton_splits import (
-        _interpreting, launch_buffers, launch_reduce, pdl_available, pdl_options)
+        _interpreting, launch_buffers, launch_reduce, pdl_available, pdl_options, prefetch_constants)
 
     if v_dim_major is None:
         v_dim_major = v_is_dim_major(v_cache)
@@ -293,7 +327,9 @@ def paged_decode_attention_warpsplit(q, k_cache, v_cache, k_scale, v_scale, bloc
         QUANT=quant, DOT={"bf16": 1, "fp16": 2}[plan.dot_dtype], CHUNK=chunk, CONV=conv, KV_MUL=kv_mul,
         V_DIM_MAJOR=bool(v_dim_major), V_FINITE=kv_dtype == "int8" or conv == 2,  # the e4m3 bit trick drops NaN
         num_warps=plan.num_warps, num_stages=plan.num_stages,
-        PDL_WAIT=pdl, PDL=pdl and split_reduce,
+        PDL_WAIT=pdl, PDL=pdl and split_reduce, K_BIAS=plan.convert in ("bias_k", "bias", "bias_u8"),
+        V_BIAS=plan.convert in ("bias", "bias_u8"), ASM=not _interpreting(), OFFSET=plan.convert == "bias_u8",
+        **prefetch_constants(k_cache, v_cache, plan.prefetch_pages if pdl else 0),
         **({"maxnreg": plan.max_regs} if plan.max_regs and not _interpreting() else {}), **pdl_options(pdl),
     )
     if split_reduce:

@@ -34,6 +34,30 @@ def _pdl_prologue(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
 
 
 @triton.jit
+def _l2_prefetch(ptrs):
+    """``prefetch.global.L2`` of every address (no result; kept because it is not pure)."""
+    tl.inline_asm_elementwise(asm="prefetch.global.L2 [$1];\n mov.u32 $0, 0;", constraints="=r,l",
+                              args=[ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_first_pages(bt_row, start, end, k_ptr, v_ptr, k_head, v_head, stride_kb, stride_vb,
+                          BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, PAGE_LINES: tl.constexpr,
+                          LINE_ELEMS: tl.constexpr):
+    """Ask L2 for the K and V pages of a split's first ``PAGES`` pages (each a contiguous
+    ``PAGE_LINES`` lines of 128 bytes, ``LINE_ELEMS`` elements each) before ``gdc_wait``:
+    their DRAM latency then overlaps the kernel before instead of starting the split's chain.
+    Only block tables and sequence lengths are read (host-written, never by the kernel before,
+    so they may be read before the wait); K/V lines the kernel before may still write are only
+    prefetched, and L2 is where every write lands, so a later load sees them."""
+    pg = start // BLOCK_SIZE + tl.arange(0, PAGES)
+    blk = tl.load(bt_row + pg, mask=pg * BLOCK_SIZE < end, other=0).to(tl.int64)
+    lines = (tl.arange(0, PAGE_LINES) * LINE_ELEMS)[None, :]
+    _l2_prefetch(k_ptr + (blk * stride_kb + k_head)[:, None] + lines)
+    _l2_prefetch(v_ptr + (blk * stride_vb + v_head)[:, None] + lines)
+
+
+@triton.jit
 def _write_result(acc, m_i, l_i, b, kvh, sp, heads, g_mask, offs_d, out_ptr, po_ptr, plse_ptr, cnt_ptr,
                   stride_ob, stride_oh, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                   SPLIT: tl.constexpr, FUSED: tl.constexpr, CHUNK: tl.constexpr):
@@ -162,6 +186,22 @@ def pdl_available(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper or later, not under the interpreter."""
     return (device.type == "cuda" and not _interpreting()
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def prefetch_constants(k_cache, v_cache, pages: int) -> dict:
+    """The kernels' PREFETCH constexprs: ``pages`` first pages of each split asked of L2 before
+    the PDL wait, when every (block, head) page of K and V is one contiguous run (the page
+    layouts rarefy's caches use); otherwise none."""
+    _, _, bs, d = k_cache.shape
+    elem = k_cache.element_size()
+    page_bytes = bs * d * elem
+    contiguous = (k_cache.stride(3) == 1 and k_cache.stride(2) == d
+                  and ((v_cache.stride(3) == 1 and v_cache.stride(2) == d)      # token-major
+                       or (v_cache.stride(2) == 1 and v_cache.stride(3) == bs)))  # dim-major
+    lines = page_bytes // 128
+    if pages <= 0 or pages & (pages - 1) or not contiguous or page_bytes % 128 or lines & (lines - 1):
+        return dict(PREFETCH=0, PAGE_LINES=1, LINE_ELEMS=1)
+    return dict(PREFETCH=pages, PAGE_LINES=lines, LINE_ELEMS=128 // elem)
 
 
 def pdl_options(pdl: bool) -> dict:
