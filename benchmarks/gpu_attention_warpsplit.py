@@ -9,7 +9,7 @@ replay over cache copies larger than L2).
 Variant labels: t<tokens per tile> w<warps = sub-streams> st<num_stages> dm|tm (V dim- or
 token-major), sw (accepted, no effect: every variant runs the swap kernel), r<register cap>, s<splits>, fr (fused
 split reduction), pf<pages> (the first pages of each split asked of L2 before the PDL wait; "base pf4" for the
-default kernel), bk / bb / bu (int8 through the x + 1152 conversion for K / K and V / K and V from
+default kernel), bt (int8 through the bit trick with its subtraction), bk / bb / bu (int8 through the x + 1152 conversion for K / K and V / K and V from
 offset-binary bytes, the benchmark flipping the cache's sign bits first), nopdl (no programmatic dependent launch of the decode kernel and the reduction; "base nopdl" is the default kernel so), cp (Triton's own int8/fp8 conversion); "base" is the default kernel and plan. docs/results/attention.md ("Warp split").
 """
 
@@ -43,8 +43,8 @@ def parse_variant(label: str) -> dict:
             out["prefetch_pages"] = int(part[2:])
         elif part == "cp":
             out["convert"] = "plain"
-        elif part in ("bk", "bb", "bu"):
-            out["convert"] = {"bk": "bias_k", "bb": "bias", "bu": "bias_u8"}[part]
+        elif part in ("bt", "bk", "bb", "bu"):
+            out["convert"] = {"bt": "bits", "bk": "bias_k", "bb": "bias", "bu": "bias_u8"}[part]
         elif part.startswith("r"):
             out["max_regs"] = int(part[1:])
         elif part.startswith("st"):
