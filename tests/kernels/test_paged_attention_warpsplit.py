@@ -139,7 +139,11 @@ def test_dispatcher_runs_swap_on_dim_major_v(dec, kv_dtype):
     a[2] = a[2].transpose(2, 3).contiguous().transpose(2, 3)
     assert dec.v_is_dim_major(a[2]) and not dec.v_is_dim_major(args(c)[2])
     plan = dec.make_plan(c["q"], c["k_cache"], c["block_tables"], kv_dtype, v_dim_major=True)
-    assert plan.kernel == "swap" and plan.num_warps == 2 and plan.tile_n == 64
+    # 130 tokens at most: one tile per split, so half tiles (twice the programs)
+    assert plan.kernel == "swap" and plan.num_warps == 2 and plan.tile_n == 32
+    from rarefy.kernels.paged_attention.plan import plan_decode
+    long = plan_decode(1, 32768, 32, 8, 128, kv_dtype, 16, 132, v_dim_major=True)
+    assert long.kernel == "swap" and long.tile_n == 64 and long.num_splits == 32
     ref = paged_decode_attention_ref(*args(c, "cpu"), sm_scale=0.1)
     y = dec.paged_decode_attention_triton(*a, 0.1)  # the dispatcher's own plan
     assert rel_err(y, ref) < 3e-3

@@ -265,6 +265,7 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
         kernel = "swap" if swap_ok else "base"
     if kernel == "swap":  # the group sits on the MMA's column side: padded to a power of two only
         group_pad = max(2, _next_pow2(group))
+    swap_auto_tile = kernel == "swap" and tile_n is None
     if kernel == "swap":
         # measured on the H100 (docs/results/attention.md, "Swapped products"): 64-token tiles
         # over 2 warps (32 tokens each), two tiles in flight; e4m3 through the hardware
@@ -312,6 +313,16 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
             tile_n = 64
             pages_per_tile = max(1, tile_n // block_size)
             num_splits, tps = choose_splits(batch, num_kv_heads, max_seq_len, tile_n, sm_count, min_programs_per_sm)
+        if (swap_auto_tile and tps <= tile_n and batch * num_kv_heads * num_splits < min_programs_per_sm * sm_count
+                and (tile_n // 2) % (num_warps * block_size) == 0):
+            # one tile per split and the GPU still not full: half tiles give twice the programs
+            # (H100, 1k x 1, seventh session: 6.3-7.1 against 8.2-8.7 µs; at 32k x 1, where
+            # splits hold 16 tiles, 32-token tiles lose: 39.7 against 32.3 µs for int8)
+            half = choose_splits(batch, num_kv_heads, max_seq_len, tile_n // 2, sm_count, min_programs_per_sm)
+            if half[0] > num_splits:
+                tile_n //= 2
+                pages_per_tile = max(1, tile_n // block_size)
+                num_splits, tps = half
     else:
         if num_splits < 1 or int(num_splits) != num_splits:
             raise RarefyError(f"num_splits must be a positive integer, got {num_splits}")
