@@ -262,6 +262,11 @@ def attention_plan(cfg: ModelConfig, batch: int, ctx: int, kv_dtype: str, gpu: G
     if gpu.smem_per_sm_kib and "smem_per_sm" in inspect.signature(plan_decode).parameters:
         kw["smem_per_sm"] = gpu.smem_per_sm_kib * 1024  # this GPU's, not the H100 default
     try:
+        from rarefy.kv.paged import stores_v_dim_major
+        kw["v_dim_major"] = stores_v_dim_major(kv_dtype, "cuda")  # the layout the GPU cache keeps
+    except ImportError:
+        pass
+    try:
         plan = plan_decode(batch, ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
                            BLOCK_SIZE, gpu.sm_count, **kw)
     except RarefyError as e:
