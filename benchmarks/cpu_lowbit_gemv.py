@@ -24,8 +24,8 @@ before and after each table.
 ``--e2e`` instead measures decode of the embedded Q4_1 GGUF end to end: rarefy with every
 projection and lm_head kept as GGUF blocks (``lowbit_cpu.gguf_linear.use_gguf_blocks``),
 rarefy's default fp16w and fp32 (dequantized) engines, and llama.cpp through
-llama-cpp-python (a benchmark peer, never a dependency of rarefy), on the same file and thread
-count, batch 1, 128 new tokens, greedy; plus WikiText-2 perplexity of the GGUF-kernel model
+llama-cpp-python (a benchmark peer, never a dependency of rarefy; llama_cpp_peer.py installs it
+when missing, ``--no-install-peer`` skips that), on the same file and thread count, batch 1, 128 new tokens, greedy; plus WikiText-2 perplexity of the GGUF-kernel model
 (kernel path forced for every row count) against the dequantized fp32 model.
 """
 
@@ -53,6 +53,9 @@ from rarefy.formats import gguf_blocks  # noqa: E402
 from rarefy.kernels import gemv_cpu, lowbit_cpu  # noqa: E402
 from rarefy.lowbit.int8 import quantize_int8  # noqa: E402
 from rarefy.lowbit.ternary import dequantize_ternary, pack_ternary  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llama_cpp_peer import PROMPT, ensure_llama_cpp, llama_cpp_rate, llama_cpp_version  # noqa: E402
 
 SHAPES = [  # (N, K, what)
     (4096, 4096, "4096 x 4096"),
@@ -157,33 +160,6 @@ def run_probe() -> str:
         return r.stdout.strip() if r.returncode == 0 else f"(probe failed: {r.stderr.strip()[:300]})"
 
 
-PROMPT = "The history of the city of Paris begins in the"
-
-
-def _llama_cpp_version() -> str:
-    import llama_cpp
-    return llama_cpp.__version__
-
-
-def llama_cpp_rate(path: str, threads: int, prompt: str, new_tokens: int) -> tuple[float, list[int]] | None:
-    """llama.cpp decode tok/s (time from the first to the last generated token) and its tokens."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
-                verbose=False, logits_all=False)
-    toks = llm.tokenize(prompt.encode(), add_bos=True)
-    out, stamps = [], []
-    for tok in llm.generate(toks, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-        stamps.append(time.perf_counter())
-        out.append(int(tok))
-        if len(out) == new_tokens:
-            break
-    del llm
-    return (new_tokens - 1) / (stamps[-1] - stamps[0]), out
-
-
 GGUF_EAGER = "rarefy GGUF blocks (gguf_gemv_cpu)"
 GGUF_A8 = "rarefy GGUF blocks, int8 activations"
 GGUF_COMPILED = "rarefy GGUF blocks, torch.compile decode"
@@ -274,7 +250,7 @@ def run_e2e(a) -> list[str]:
             (c,), st = g.generate([prompt], params)
             rates[k].append(st.decode_tok_s)
             tokens[k] = c.token_ids
-        r = llama_cpp_rate(path, threads, PROMPT, a.new_tokens)
+        r = llama_cpp_rate(path, threads, PROMPT, a.new_tokens) if getattr(a, "peer_ok", True) else None
         if r is not None:
             rates[LLAMA].append(r[0])
             tokens[LLAMA] = r[1]
@@ -314,7 +290,7 @@ def run_e2e(a) -> list[str]:
     L[-1] += ("torch.compile rows: `Generator(cpu_compile=True)`, compiled in a warm-up call ("
               + ", ".join(f"{k.split(',')[0].replace('rarefy ', '')}: {warm[k]:.0f} s" for k in gens
                           if 'compile' in k) + "), not in the rates.  ")
-    L[-1] += ("llama.cpp: llama-cpp-python" + (f" {_llama_cpp_version()}" if peer else " (not installed: no figure)")
+    L[-1] += ("llama.cpp: llama-cpp-python" + (f" {llama_cpp_version()}" if peer else " (not installed: no figure)")
               + ", same file, same threads; its decode rate is timed from the first to the last generated token.")
     L += ["",
           "| engine | decode tok/s | vs llama.cpp | greedy tokens equal to fp32 (dequantized) | WikiText-2 ppl |"
@@ -364,8 +340,12 @@ def main():
     ap.add_argument("--e2e-lowbit", nargs="*", default=["ternary", "A8", "int8"],
                     help="--e2e: low-bit rows to add (ternary, A8 = ternary with int8 activations, int8)")
     ap.add_argument("--append", default=None, help="--e2e: append the section to this file")
+    ap.add_argument("--no-install-peer", action="store_true",
+                    help="--e2e: do not pip-install llama-cpp-python when it is missing (no llama.cpp figure then)")
     a = ap.parse_args()
     if a.e2e:
+        from rarefy.models.default_model import default_model_path
+        a.peer_ok = ensure_llama_cpp(not a.no_install_peer, str(default_model_path()), max(a.threads))
         if a.threads == [1, 2]:
             a.threads = [2]
         lines = run_e2e(a)
