@@ -26,7 +26,7 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_swap(kv_dtype: str, ctx: int, batch: int, plan_kw: dict, pdl: bool = True, prefetch: int = 0):
+def compile_swap(kv_dtype: str, ctx: int, batch: int, plan_kw: dict, pdl: bool = True):
     """The compiled kernel (triton CompiledKernel) for this point's plan, for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -37,6 +37,7 @@ def compile_swap(kv_dtype: str, ctx: int, batch: int, plan_kw: dict, pdl: bool =
     from rarefy.kernels.paged_attention.plan import plan_decode
 
     p = plan_decode(batch, ctx, 32, 8, 128, kv_dtype, 16, 132, v_dim_major=True, **plan_kw)
+    prefetch = p.prefetch_pages if pdl else 0
     if p.kernel != "swap":
         raise SystemExit(f"{kv_dtype}: plan {p.describe()} is not the swap kernel")
     ptr = {"int8": "*i8", "fp8_e4m3": "*fp8e4nv", "fp8_e5m2": "*fp8e5"}[kv_dtype]
@@ -50,7 +51,7 @@ def compile_swap(kv_dtype: str, ctx: int, batch: int, plan_kw: dict, pdl: bool =
               KV_MUL=256.0 if conv in (2, 3) else 1.0, V_DIM_MAJOR=True,
               V_FINITE=kv_dtype == "int8" or conv == 2, PDL_WAIT=pdl, PDL=pdl and p.num_splits > 1 and not fused,
               K_BIAS=p.convert in ("bias_k", "bias", "bias_u8"), V_BIAS=p.convert in ("bias", "bias_u8"), ASM=True,
-              OFFSET=p.convert == "bias_u8", PREFETCH=prefetch, PAGE_LINES=16 if prefetch else 1,
+              OFFSET=p.convert == "bias_u8", PREFETCH=prefetch, PAGE_LINES=16 if prefetch else 1,  # 16 x 128 bytes
               LINE_ELEMS=128 if prefetch else 1,
               stride_vt=1)  # dim-major V: Triton specialises the unit token stride
     names = tw._decode_swap_kernel.arg_names
@@ -116,7 +117,6 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--plan", nargs="*", default=[], help="plan_decode overrides, key=value (ints or names)")
     ap.add_argument("--top", type=int, default=18)
-    ap.add_argument("--prefetch", type=int, default=0, help="pages asked of L2 before the PDL wait")
     ap.add_argument("--dump", default=None, help="write each kernel's SASS and TTGIR here")
     a = ap.parse_args()
     kw = {}
@@ -124,7 +124,7 @@ def main():
         key, _, val = item.partition("=")
         kw[key] = int(val) if val.lstrip("-").isdigit() else val
     for kv in a.kv.split(","):
-        p, k = compile_swap(kv, a.ctx, a.batch, kw, prefetch=a.prefetch)
+        p, k = compile_swap(kv, a.ctx, a.batch, kw)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()

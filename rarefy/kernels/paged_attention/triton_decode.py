@@ -54,7 +54,7 @@ import triton.language as tl
 
 from rarefy.kernels.paged_attention.plan import DecodePlan, plan_decode
 from rarefy.kernels.paged_attention.triton_splits import (  # noqa: F401 (re-exported for the swap kernel)
-    _interpreting, _pdl_prologue, _prefetch_first_pages, _write_result, launch_buffers, launch_reduce, pdl_available,
+    _begin_split, _interpreting, _pdl_prologue, _write_result, launch_buffers, launch_reduce, pdl_available,
     pdl_options, prefetch_constants)
 
 LOG2E = 1.4426950408889634
@@ -166,19 +166,6 @@ def _to_dot(x, DOT: tl.constexpr, CONV: tl.constexpr):
 
 
 @triton.jit
-def _split_range(sl_ptr, b, sp, tokens_per_split, num_splits):
-    """Tokens [start, end) of split ``sp`` of sequence ``b``; the last split takes the rest,
-    whatever the plan assumed."""
-    seq_len = tl.load(sl_ptr + b).to(tl.int32)
-    start = sp * tokens_per_split
-    if sp == num_splits - 1:
-        end = seq_len
-    else:
-        end = tl.minimum(start + tokens_per_split, seq_len)
-    return start, end
-
-
-@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, sl_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
     qk_scale,
@@ -212,14 +199,9 @@ def _decode_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    if PREFETCH > 0:  # the first pages asked of L2 while the kernel before still runs
-        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
-        _prefetch_first_pages(bt_ptr + b.to(tl.int64) * stride_btb, start, end, k_ptr, v_ptr,
-                              kvh.to(tl.int64) * stride_kh, kvh.to(tl.int64) * stride_vh, stride_kb, stride_vb,
-                              BLOCK_SIZE, PREFETCH, PAGE_LINES, LINE_ELEMS)
-    _pdl_prologue(PDL_WAIT, PDL)
-    if PREFETCH == 0:
-        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
+    start, end = _begin_split(sl_ptr, bt_ptr, k_ptr, v_ptr, b, kvh, sp, tokens_per_split, num_splits, stride_btb,
+                              stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_SIZE, PDL_WAIT, PDL, PREFETCH,
+                              PAGE_LINES, LINE_ELEMS)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rarefy.kernels.paged_attention.triton_decode import _i8_to_f16_plus1152, _split_range, _to_dot
-from rarefy.kernels.paged_attention.triton_splits import _pdl_prologue, _prefetch_first_pages, _write_result
+from rarefy.kernels.paged_attention.triton_decode import _i8_to_f16_plus1152, _to_dot
+from rarefy.kernels.paged_attention.triton_splits import _begin_split, _write_result
 
 
 @triton.jit
@@ -185,14 +185,9 @@ def _decode_swap_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    if PREFETCH > 0:  # the first pages asked of L2 while the kernel before still runs
-        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
-        _prefetch_first_pages(bt_ptr + b.to(tl.int64) * stride_btb, start, end, k_ptr, v_ptr,
-                              kvh.to(tl.int64) * stride_kh, kvh.to(tl.int64) * stride_vh, stride_kb, stride_vb,
-                              BLOCK_SIZE, PREFETCH, PAGE_LINES, LINE_ELEMS)
-    _pdl_prologue(PDL_WAIT, PDL)  # wait for the kernel before; the split reduction may launch
-    if PREFETCH == 0:
-        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
+    start, end = _begin_split(sl_ptr, bt_ptr, k_ptr, v_ptr, b, kvh, sp, tokens_per_split, num_splits, stride_btb,
+                              stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_SIZE, PDL_WAIT, PDL, PREFETCH,
+                              PAGE_LINES, LINE_ELEMS)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)

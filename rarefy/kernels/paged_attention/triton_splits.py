@@ -58,6 +58,36 @@ def _prefetch_first_pages(bt_row, start, end, k_ptr, v_ptr, k_head, v_head, stri
 
 
 @triton.jit
+def _split_range(sl_ptr, b, sp, tokens_per_split, num_splits):
+    """Tokens [start, end) of split ``sp`` of sequence ``b``; the last split takes the rest,
+    whatever the plan assumed."""
+    seq_len = tl.load(sl_ptr + b).to(tl.int32)
+    start = sp * tokens_per_split
+    if sp == num_splits - 1:
+        end = seq_len
+    else:
+        end = tl.minimum(start + tokens_per_split, seq_len)
+    return start, end
+
+
+@triton.jit
+def _begin_split(sl_ptr, bt_ptr, k_ptr, v_ptr, b, kvh, sp, tokens_per_split, num_splits, stride_btb,
+                 stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_SIZE: tl.constexpr, PDL_WAIT: tl.constexpr,
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, PAGE_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
+    """A decode program's start: its token range, the PDL wait (and trigger), and, with
+    ``PREFETCH`` pages, the L2 prefetch of its first pages issued before that wait."""
+    if PREFETCH > 0:  # the range is read before the wait: sequence lengths are host-written
+        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
+        _prefetch_first_pages(bt_ptr + b.to(tl.int64) * stride_btb, start, end, k_ptr, v_ptr,
+                              kvh.to(tl.int64) * stride_kh, kvh.to(tl.int64) * stride_vh, stride_kb, stride_vb,
+                              BLOCK_SIZE, PREFETCH, PAGE_LINES, LINE_ELEMS)
+    _pdl_prologue(PDL_WAIT, PDL)  # wait for the kernel before; the split reduction may launch
+    if PREFETCH == 0:
+        start, end = _split_range(sl_ptr, b, sp, tokens_per_split, num_splits)
+    return start, end
+
+
+@triton.jit
 def _write_result(acc, m_i, l_i, b, kvh, sp, heads, g_mask, offs_d, out_ptr, po_ptr, plse_ptr, cnt_ptr,
                   stride_ob, stride_oh, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                   SPLIT: tl.constexpr, FUSED: tl.constexpr, CHUNK: tl.constexpr):
