@@ -73,6 +73,9 @@ def main():
     ap.add_argument("--output", type=int, default=2048)
     ap.add_argument("--tpot-tokens", type=int, default=256)
     ap.add_argument("--kv-gb", type=float, default=40.0)
+    ap.add_argument("--no-gate", action="store_true",
+                    help="time even when the engine's first greedy token differs from Generator's (bf16 near-ties "
+                         "of random weights; docs/results/serving-h100.md, seventh session)")
     a = ap.parse_args()
     dev = torch.cuda.get_device_name()
     print(f"device {dev}, torch {torch.__version__}", flush=True)
@@ -95,7 +98,7 @@ def main():
     agree = sum(a_ == b_ for w, s in zip(want, got) for a_, b_ in zip(w, s.output_ids)) / (16 * len(check))
     first_ok = all(w[0] == s.output_ids[0] for w, s in zip(want, got))
     print(f"greedy agreement engine vs Generator: {agree:.1%} of tokens, first tokens equal: {first_ok}", flush=True)
-    if not first_ok:
+    if not first_ok and not a.no_gate:
         sys.exit("engine and Generator disagree on the first token; not timing")
     assert engine.cache.allocator.num_used == 0
 
