@@ -5,7 +5,7 @@
 
 No GPU needed: Triton's bundled ptxas/nvdisasm build and disassemble the kernel that
 ``plan_decode`` would launch on an H100 (132 SMs), and the script prints, per KV dtype, the
-registers, the shared memory, the instruction count of the main loop (the largest block that
+registers, the local memory (stack), the shared memory, the instruction count of the main loop (the largest block that
 ends in a backward branch) and its opcode histogram. The device time is the only measure of
 speed; this shows *why* one variant issues more than another before spending device time.
 """
@@ -40,19 +40,22 @@ def compile_swap(kv_dtype: str, ctx: int, batch: int, plan_kw: dict, pdl: bool =
     prefetch = p.prefetch_pages if pdl else 0
     if p.kernel != "swap":
         raise SystemExit(f"{kv_dtype}: plan {p.describe()} is not the swap kernel")
-    ptr = {"int8": "*i8", "fp8_e4m3": "*fp8e4nv", "fp8_e5m2": "*fp8e5"}[kv_dtype]
-    types = dict(q_ptr="*bf16", k_ptr=ptr, v_ptr=ptr, ks_ptr="*fp16", vs_ptr="*fp16", bt_ptr="*i32", sl_ptr="*i32",
+    ptr = {"int8": "*i8", "fp8_e4m3": "*fp8e4nv", "fp8_e5m2": "*fp8e5", "bf16": "*bf16", "fp16": "*fp16"}[kv_dtype]
+    quant = kv_dtype in ("int8", "fp8_e4m3", "fp8_e5m2")
+    elem = 1 if quant else 2
+    types = dict(q_ptr="*bf16", k_ptr=ptr, v_ptr=ptr, ks_ptr="*fp16" if quant else ptr,
+                 vs_ptr="*fp16" if quant else ptr, bt_ptr="*i32", sl_ptr="*i32",
                  out_ptr="*bf16", po_ptr="*fp32", plse_ptr="*fp32", cnt_ptr="*i32", qk_scale="fp32")
     conv = td.conv_code(p, kv_dtype)
     fused = p.fused_reduce
     cx = dict(GROUP=p.group, GROUP_PAD=p.group_pad, HEAD_DIM=128, BLOCK_SIZE=16, SUB=p.num_warps,
-              SUB_N=p.tile_n // p.num_warps, SPLIT=p.num_splits > 1, FUSED=fused, QUANT=True,
+              SUB_N=p.tile_n // p.num_warps, SPLIT=p.num_splits > 1, FUSED=fused, QUANT=quant,
               DOT={"bf16": 1, "fp16": 2}[p.dot_dtype], CHUNK=min(64, max(8, 1 << (max(1, p.num_splits) - 1).bit_length())), CONV=conv,
               KV_MUL=256.0 if conv in (2, 3) else 1.0, V_DIM_MAJOR=True,
               V_FINITE=kv_dtype == "int8" or conv == 2, PDL_WAIT=pdl, PDL=pdl and p.num_splits > 1 and not fused,
               K_BIAS=p.convert in ("bias_k", "bias", "bias_u8"), V_BIAS=p.convert in ("bias", "bias_u8"), ASM=True,
-              OFFSET=p.convert == "bias_u8", PREFETCH=prefetch, PAGE_LINES=16 if prefetch else 1,  # 16 x 128 bytes
-              LINE_ELEMS=128 if prefetch else 1,
+              OFFSET=p.convert == "bias_u8", PREFETCH=prefetch,
+              PAGE_LINES=16 * 128 * elem // 128 if prefetch else 1, LINE_ELEMS=128 // elem if prefetch else 1,
               stride_vt=1)  # dim-major V: Triton specialises the unit token stride
     names = tw._decode_swap_kernel.arg_names
     sig = {n: "constexpr" if n in cx else types.get(n, "i32") for n in names}
@@ -110,6 +113,26 @@ def main_loop(ins: list[tuple[int, str, str]], labels: dict[str, int]) -> list[t
     return best
 
 
+def report(kv_dtype: str, ctx: int = 32768, batch: int = 1, plan_kw: dict | None = None) -> dict:
+    """Registers, stack (local memory), shared memory, instruction counts and the main loop's
+    opcode histogram of the sm_90 build of this point's default (or overridden) plan."""
+    p, k = compile_swap(kv_dtype, ctx, batch, plan_kw or {})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    sass = sass_of(k.asm["cubin"])
+    ins, labels = instructions(sass)
+    loop = main_loop(ins, labels)
+    return dict(plan=p.describe(), regs=int(regs.group(1)) if regs else None,
+                stack=int(stack.group(1)) if stack else None, shared=k.metadata.shared, instructions=len(ins),
+                loop=len(loop), loop_ops=dict(collections.Counter(op.split(".")[0] for _, op, _ in loop)),
+                ops=dict(collections.Counter(op.split(".")[0] for _, op, _ in ins)), sass=sass, ttgir=k.asm["ttgir"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kv", default="int8,fp8_e4m3")
@@ -124,27 +147,17 @@ def main():
         key, _, val = item.partition("=")
         kw[key] = int(val) if val.lstrip("-").isdigit() else val
     for kv in a.kv.split(","):
-        p, k = compile_swap(kv, a.ctx, a.batch, kw)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                                   text=True).stdout
-        regs = re.search(r"REG:(\d+)", usage)
-        sass = sass_of(k.asm["cubin"])
-        ins, labels = instructions(sass)
-        loop = main_loop(ins, labels)
-        hist = collections.Counter(op.split(".")[0] for _, op, _ in loop)
-        print(f"== {kv}: {p.describe()}")
-        print(f"   regs {regs.group(1) if regs else '?'}, shared {k.metadata.shared} B, "
-              f"{len(ins)} instructions, main loop {len(loop)}")
+        r = report(kv, a.ctx, a.batch, kw)
+        hist = collections.Counter(r["loop_ops"])
+        print(f"== {kv}: {r['plan']}")
+        print(f"   regs {r['regs']}, stack {r['stack']} B, shared {r['shared']} B, {r['instructions']} instructions, "
+              f"main loop {r['loop']}")
         print("   loop: " + ", ".join(f"{o}:{c}" for o, c in hist.most_common(a.top)))
         if a.dump:
             os.makedirs(a.dump, exist_ok=True)
-            with open(os.path.join(a.dump, f"swap_{kv}.sass"), "w") as f:
-                f.write(sass)
-            with open(os.path.join(a.dump, f"swap_{kv}.ttgir"), "w") as f:
-                f.write(k.asm["ttgir"])
+            for ext in ("sass", "ttgir"):
+                with open(os.path.join(a.dump, f"swap_{kv}.{ext}"), "w") as f:
+                    f.write(r[ext])
     return 0
 
 
