@@ -11,7 +11,8 @@ Thresholds: calibrated here (uniform, windows of the second half of WikiText-2 v
 --thresholds gives a file from `rarefy calibrate-activations`. Perplexity: the first 8 chunks
 of 512 tokens of the first half (held out), with the same thresholds applied to every token.
 Decode: greedy, batch 1, 128 new tokens, the median of --repeats runs per load; dense and
-sparse loads interleaved so machine-load drift hits both alike.
+sparse loads interleaved so machine-load drift hits both alike. --compile runs both decode
+steps through torch.compile (the input-sparse op stays one opaque call).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def main():
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--skip-quality", action="store_true", help="speed only (the perplexity column stays empty)")
+    ap.add_argument("--q8-head", action="store_true",
+                    help="the tied lm_head (never sparsified) as the file's Q8_0 blocks in every row, as "
+                         "llama.cpp and the low-bit rows run it (default: fp16 like the projections)")
+    ap.add_argument("--compile", action="store_true",
+                    help="dense and sparse decode steps both through torch.compile (inductor's C++ wrapper)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.threads:
@@ -79,9 +85,13 @@ def main():
     for _round in range(2):
         for s in [0.0] + levels:
             loaded = load_model(None, gguf_blocks=False)
+            if a.q8_head:
+                from rarefy.kernels.lowbit_cpu import gguf_linear
+                from rarefy.models.default_model import default_model_path
+                assert gguf_linear.use_gguf_blocks(loaded.model, default_model_path(), only=("lm_head",)) == 1
             if s > 0:
                 use_activation_sparsity(loaded.model, th.for_sparsity(s))
-            r, out = rate(loaded, a.tokens, a.repeats)
+            r, out = rate(loaded, a.tokens, a.repeats, cpu_compile=a.compile)
             rows[s].append(r)
             outs.setdefault(s, out)
             print(f"level {s}: {r:.1f} tok/s", flush=True)
@@ -90,7 +100,7 @@ def main():
     load = os.getloadavg()[0]
     lines = [f"# CPU decode with activation sparsity ({datetime.date.today().isoformat()})", "",
              f"{cpu_name()}, {torch.get_num_threads()} threads, load average {load:.2f} at the end; embedded "
-             f"SmolLM2-135M-Instruct, fp16-stored weights; batch 1, greedy, {a.tokens} new tokens, median of "
+             f"SmolLM2-135M-Instruct, fp16-stored weights; {'compiled decode step (torch.compile, C++ wrapper)' if a.compile else 'eager decode'}; lm_head {'Q8_0 blocks' if a.q8_head else 'fp16'} in every row; batch 1, greedy, {a.tokens} new tokens, median of "
              f"{a.repeats} per load, two loads per row, interleaved. Thresholds: {source}. Perplexity: WikiText-2 "
              f"valid, first {a.chunks} chunks of 512 of the first half.", "",
              "| level | sparsity reached (all projection inputs) | perplexity | vs dense ppl | tok/s (per load) "

@@ -30,8 +30,10 @@ from rarefy.models.loader import load_model  # noqa: E402
 PROMPT = "The history of the city begins in the early middle ages, when"
 
 
-def rate(loaded, tokens: int, repeats: int) -> tuple[float, list[int]]:
-    gen = Generator(loaded.model, loaded.tokenizer)
+def rate(loaded, tokens: int, repeats: int, cpu_compile: bool = False) -> tuple[float, list[int]]:
+    """Median decode tok/s of ``repeats`` greedy runs after a warm-up (which also compiles the
+    step with ``cpu_compile``: torch.compile with inductor's C++ wrapper)."""
+    gen = Generator(loaded.model, loaded.tokenizer, cpu_compile=cpu_compile)
     ids = loaded.tokenizer.encode(PROMPT)
     gen.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     rates, out = [], None

@@ -304,3 +304,22 @@ def test_density_helpers():
         dense_crossover(0)
     with pytest.raises(ValueError):
         union_density(x, -1.0)
+
+
+def test_opaque_to_torch_compile():
+    # the op has a CPU kernel and a shape-only fake: a compiled decode step keeps it as one
+    # opaque call (fullgraph, no graph break) and gets the eager result bit for bit
+    from rarefy.kernels.activation_sparse import input_sparse_matmul
+    g = torch.Generator().manual_seed(11)
+    x, wt, b, t = _inputs(1, 96, 130, torch.float16, True, g)
+    wd = (torch.randn(65, 40, generator=g) / 8).to(torch.float16)
+
+    def mlp(x):
+        h = input_sparse_matmul(x, wt, t, glu=True)
+        return input_sparse_matmul(h, wd, 0.05, b[:40])
+
+    torch._dynamo.reset()
+    got = torch.compile(mlp, fullgraph=True, dynamic=False)(x)
+    assert torch.equal(got, mlp(x))
+    _check(mlp(x), torch.nn.functional.silu(input_sparse_matmul_cpu(x, wt, t)[:, :65])
+           * input_sparse_matmul_cpu(x, wt, t)[:, 65:], wd, 0.05, b[:40])

@@ -49,7 +49,13 @@ _NAME = "rarefy_actsparse"
 ISA_NAMES = {0: "scalar", 1: "avx2+f16c", 2: "avx512"}
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_ext = CppOp(_NAME, _SRC, "rarefy_actsparse", "input_sparse_matmul", "rarefy.kernels.activation_cpu")
+def _fake_matmul(x, wt, threshold, bias=None, isa=-1, group=0, pf=-1, ksplit=-1):
+    # shape-only: lets torch.compile keep the op opaque inside a compiled decode step
+    return x.new_empty(x.shape[0], wt.shape[1], dtype=torch.float32)
+
+
+_ext = CppOp(_NAME, _SRC, "rarefy_actsparse", "input_sparse_matmul", "rarefy.kernels.activation_cpu",
+             fakes={"input_sparse_matmul": _fake_matmul})
 _state = _ext.state  # tried / op / error / seconds
 
 # available(): builds/loads on this machine (never raises; logs why not, once);

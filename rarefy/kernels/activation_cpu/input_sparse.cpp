@@ -587,10 +587,16 @@ int64_t count_active(const at::Tensor& x, double threshold) {
 
 }  // namespace
 
+// The matmul's schema here, its kernel for the CPU key only: the op then stays opaque to
+// torch.compile, which traces it with the shape-only kernel registered in Python
+// (rarefy/kernels/activation_cpu/__init__.py) instead of calling into this code.
 TORCH_LIBRARY(rarefy_actsparse, m) {
   m.def("input_sparse_matmul(Tensor x, Tensor wt, float threshold, Tensor? bias=None, int isa=-1, "
-        "int group=0, int pf=-1, int ksplit=-1) -> Tensor",
-        &input_sparse_matmul);
+        "int group=0, int pf=-1, int ksplit=-1) -> Tensor");
   m.def("count_active(Tensor x, float threshold) -> int", &count_active);
   m.def("best_isa() -> int", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(rarefy_actsparse, CPU, m) {
+  m.impl("input_sparse_matmul", &input_sparse_matmul);
 }
