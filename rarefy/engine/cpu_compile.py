@@ -30,6 +30,12 @@ class CompiledCpuStep:
         self._fn = torch.compile(model, dynamic=False, options=self.options or None)
         self._ok = False
 
+    @property
+    def built(self) -> bool:
+        """Whether a call has compiled the step already (the first call builds it: seconds to
+        minutes, a warm-up rather than decode time)."""
+        return self._ok
+
     def __call__(self, *args, **kw):
         if self._ok:
             return self._fn(*args, **kw)

@@ -183,7 +183,14 @@ class Generator:
                 cache.begin_step(rows, [1] * B)
                 logits = self.model(step_ids, positions, cache)[:, -1]
             elif self._cpu_step is not None:
+                building = not self._cpu_step.built
+                t_step = time.perf_counter()
                 logits = self._cpu_step(step_ids, positions, cache, kv_len=cache.max_seq)[:, -1]
+                if building:  # the first call compiles the step: warm-up, not decode (nor its token)
+                    built_s = time.perf_counter() - t_step
+                    warmup_s += built_s
+                    t0 += built_s
+                    decode_tokens -= B
             else:
                 kv_len = max(lens) + step
                 logits = self.model(step_ids, positions, cache, kv_len=kv_len)[:, -1]

@@ -32,9 +32,13 @@ def test_cpu_compiled_decode_equals_eager():
     prompt = [[3, 17, 5, 42, 8]]
     (want,), _ = Generator(model, None).generate(prompt, params)
     g = Generator(model, None, cpu_compile=True)
-    (got,), _ = g.generate(prompt, params)
+    (got,), st = g.generate(prompt, params)
     assert got.token_ids == want.token_ids
     assert g._cpu_step.options == {"cpp_wrapper": True}  # inductor's C++ wrapper built (no fallback)
+    # the step that compiled is warm-up, not decode: its time and token leave the decode rate
+    assert st.warmup_s > 0 and st.decode_tokens == params.max_tokens - 2
+    (again,), st2 = g.generate(prompt, params)
+    assert again.token_ids == want.token_ids and st2.decode_tokens == params.max_tokens - 1
 
 
 def test_cpu_step_falls_back_to_the_python_wrapper(monkeypatch):
