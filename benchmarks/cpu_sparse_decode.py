@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", action="store_true",
+                    help="both decode steps through torch.compile (inductor's C++ wrapper; the sparse op opaque)")
     ap.add_argument("--no-autotune", action="store_true",
                     help="sparse wherever it saves bytes, without timing each matrix")
     a = ap.parse_args()
@@ -63,7 +65,7 @@ def main():
         else:
             loaded = load_model(a.model, sparse=mode)
         n_sparse = sum(isinstance(m, SparseLinear) for m in loaded.model.modules())
-        r, out = rate(loaded, a.tokens, a.repeats)
+        r, out = rate(loaded, a.tokens, a.repeats, cpu_compile=a.compile)
         outs[mode] = out
         rows.append((mode, n_sparse, r))
         print(f"sparse={mode}: {r:.1f} tok/s ({n_sparse} SparseLinear)", flush=True)
@@ -73,7 +75,7 @@ def main():
     load = os.getloadavg()[0]
     lines = [f"# CPU sparse decode ({datetime.date.today().isoformat()})", "",
              f"{cpu_name()}, {torch.get_num_threads()} threads, load average {load:.2f} at the end; "
-             f"model {a.model}; autotune {'off' if a.no_autotune else 'on'}; batch 1, greedy, {a.tokens} new tokens, median of {a.repeats} per load, "
+             f"model {a.model}; autotune {'off' if a.no_autotune else 'on'}; {'compiled' if a.compile else 'eager'} decode step; batch 1, greedy, {a.tokens} new tokens, median of {a.repeats} per load, "
              "two loads each, interleaved", "",
              "| run | SparseLinear layers | tok/s |", "| --- | --- | --- |"]
     lines += [f"| {'sparse' if m == 'on' else 'dense'} | {n} | {r:.1f} |" for m, n, r in rows]

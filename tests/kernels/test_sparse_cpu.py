@@ -233,3 +233,20 @@ def test_bad_inputs_raise_clearly():
 def test_isa_names():
     assert sparse_cpu.best_isa() in sparse_cpu.ISA_NAMES
     assert sparse_cpu.build_seconds() is not None
+
+
+def test_opaque_to_torch_compile():
+    # a CPU-only kernel plus a shape-only fake: a compiled decode step keeps the sparse matmul
+    # as one opaque call (fullgraph, no graph break) with the eager result bit for bit
+    g = torch.Generator().manual_seed(23)
+    w = _weight(70, 100, 0.5, torch.float16, g)
+    args = bitmap_args(TiledBitmap.from_dense(w))
+    x = torch.randn(1, 100, generator=g)
+
+    def step(x):
+        return bitmap_matmul(x, *args) * 2  # exact, so compiled == eager bit for bit
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, dynamic=False)(x)
+    assert torch.equal(got, step(x))
+    _check(bitmap_matmul(x, *args), x, args)

@@ -48,7 +48,12 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bitmap_matmul.c
 _NAME = "rarefy_sparse_bitmap"
 ISA_NAMES = {0: "scalar", 1: "avx512", 2: "avx512+vbmi2"}
 
-_ext = CppOp(_NAME, _SRC, "rarefy_sparse", "bitmap_matmul", "rarefy.kernels.sparse_cpu")
+def _rows_of_bitmask(x, bitmask, *rest):  # shape-only, for torch.compile: x's dtype, [..., N]
+    return x.new_empty(tuple(x.shape[:-1]) + (bitmask.shape[0],))
+
+
+_ext = CppOp(_NAME, _SRC, "rarefy_sparse", "bitmap_matmul", "rarefy.kernels.sparse_cpu",
+             fakes={"bitmap_matmul": _rows_of_bitmask, "bitmap_matmul_int8": _rows_of_bitmask})
 _state = _ext.state  # tried / op / error / seconds
 
 

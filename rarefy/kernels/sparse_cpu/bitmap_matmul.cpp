@@ -461,10 +461,18 @@ at::Tensor bitmap_matmul_int8(const at::Tensor& x, const at::Tensor& bitmask, co
 
 }  // namespace
 
+// Schemas here, the matmul kernels for the CPU key only: they then stay opaque to
+// torch.compile, which traces them with the shape-only kernels registered in Python
+// (rarefy/kernels/sparse_cpu/__init__.py) instead of calling into this code.
 TORCH_LIBRARY(rarefy_sparse, m) {
   m.def("bitmap_matmul_int8(Tensor x, Tensor bitmask, Tensor values, Tensor row_start, Tensor scale, int k, "
-        "Tensor? bias=None, int isa=-1) -> Tensor", &bitmap_matmul_int8);
+        "Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("bitmap_matmul(Tensor x, Tensor bitmask, Tensor values, Tensor row_start, int k, Tensor? bias=None, "
-        "int isa=-1) -> Tensor", &bitmap_matmul);
+        "int isa=-1) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(rarefy_sparse, CPU, m) {
+  m.impl("bitmap_matmul_int8", &bitmap_matmul_int8);
+  m.impl("bitmap_matmul", &bitmap_matmul);
 }
