@@ -350,7 +350,7 @@ def plan_decode(batch: int, max_seq_len: int, num_heads: int, num_kv_heads: int,
     occupancy = max(1, min(by_smem, by_regs))
 
     if prefetch_pages is None:
-        # a tile's worth of pages asked of L2 before the PDL wait (H100, seventh session: 0.4-0.9
+        # a tile's worth of pages asked of L2 before the PDL wait (H100, seventh session: 0.5-1.3
         # µs off every decode call, most at short contexts; docs/results/attention.md, "L2 prefetch")
         prefetch_pages = max(1, min(8, pages_per_tile))
     if int(prefetch_pages) != prefetch_pages or prefetch_pages < 0 or prefetch_pages & (prefetch_pages - 1):
