@@ -32,15 +32,10 @@ def main(argv=None) -> int:
     from rarefy.kernels.lowbit_gemv import ternary_matmul, ternary_matmul_int8act
     from rarefy.kernels.lowbit_gemv.triton_ternary_dp4a import (Dp4aConfig, pick_dp4a_config, quantize_act_dp4a,
                                                                ternary_dp4a_triton)
-    from rarefy.kernels.lowbit_gemv.triton_ternary_dp4a_rows import (Dp4aRowsConfig, pick_dp4a_rows_config,
-                                                                    ternary_dp4a_rows_triton)
     from rarefy.lowbit.ternary import pack_ternary, quantize_ternary_values
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--rows", default="r4w4p4,r8w4p2,r8w4p1,r4w1p8,r8w2p4",
-                    help="configurations of the rows kernel to time beside its default "
-                         "(r<rows a warp>w<warps a program>[p<programs an SM>])")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--api", action="store_true",
                     help="time the public calls on the decode engine's fused shapes (qkv, o, gate_up, down) instead")
@@ -91,19 +86,6 @@ def main(argv=None) -> int:
             res[f"dp4a {label} [{cfg.short()}]"] = t
             if best is None or t < best[0]:
                 best = (t, label, cfg)
-        rows_cfgs = {"rows default": pick_dp4a_rows_config(1, n, k, sms)}
-        for lab in filter(None, a.rows.split(",")):
-            r_, rest = lab[1:].split("w")
-            w_, p_ = (rest.split("p") + ["2"])[:2]
-            rows_cfgs[f"rows {lab}"] = Dp4aRowsConfig(int(r_), int(w_), int(p_), True)
-        for label, cfg in rows_cfgs.items():
-            e = err(ternary_dp4a_rows_triton(xq, xs, packed, s, config=cfg), ref8)
-            if not e < 1e-5:
-                print(f"{name} {label}: FAILED rel err {e:.2e}", flush=True)
-                continue
-            t = graph_time_us(lambda i, c=cfg: ternary_dp4a_rows_triton(xq, xs, packs[i], s, config=c), nbuf_t, dev,
-                              samples=5)
-            res[f"{label} [{cfg.short()}]"] = t
         bcfg = best[2]
         res["dp4a best + quant"] = graph_time_us(
             lambda i: ternary_dp4a_triton(*quantize_act_dp4a(x), packs[i], s, config=bcfg), nbuf_t, dev, samples=5)
