@@ -13,7 +13,12 @@ windows, seed 7), ``--bias W`` a constant correction of every sparsified input, 
 dropped part on W calibration windows (x ⊙ m + E[x ⊙ (1 - m)], i.e. a bias W E[...] on the
 projection output), ``--fdiag W`` a Fisher-diagonal criterion (|x_i| · sqrt(E[g_i²]), g the
 gradient of the sampled-label log-likelihood at the input, W windows, 4 label samples each),
-``--refine R`` R rounds of rarefy.sparsity.activation_refine.refine_measured. Prints the
+``--refine R`` R rounds of rarefy.sparsity.activation_refine.refine_measured, ``--lowrank R`` a
+rank-R compensation of every sparsified input's dropped part d = x - x_s (R-Sparse-like, Zhang et
+al., ICLR 2025): the projections see x_s + A d with A = S^1/2 V_r V_r^T S^-1/2, V_r the top R right
+singular vectors of W S^1/2 (W the stacked projections of that input, S = E[d d^T] on
+``--lr-windows`` calibration windows at that level), i.e. the best rank-R map of d through W; run
+time it costs R (d_in + d_out) weights per input, reported as "lowrank reads". Prints the
 perplexity and the sparsity reached; writes JSON-DIR/TAG.json.
 """
 # ruff: noqa: B023, I001, SIM115  (a scratch script: closures run within their loop iteration)
@@ -47,12 +52,15 @@ ap.add_argument("--match", type=int, default=0, help="--global-match rounds")
 ap.add_argument("--rblock", type=int, default=0)
 ap.add_argument("--fdiag", type=int, default=0, help="windows for Fisher-diagonal channel scales (criterion)")
 ap.add_argument("--ffloor", type=float, default=1e-3)
+ap.add_argument("--lowrank", type=int, default=0, help="rank of the dropped-part compensation per input (0: off)")
+ap.add_argument("--lr-windows", type=int, default=8)
+ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--block", type=int, default=5)
 ap.add_argument("--ref-windows", type=int, default=2)
 ap.add_argument("--ref-tokens", type=int, default=512)
 ap.add_argument("--ref-step", type=float, default=0.05)
 a = ap.parse_args()
-torch.set_num_threads(1)
+torch.set_num_threads(a.threads)
 t0 = time.time()
 loaded = load_model(None, dtype="fp16w")
 model = loaded.model
@@ -145,8 +153,55 @@ for s in levels:
                 model(torch.tensor([w]))
             for h in hs: h.remove()
         d = {n: (v[0] / v[1]).float() for n, v in acc.items()}
+    A = None
+    if a.lowrank:
+        acc = {n: [0, 0] for n in sites}
+        hs = []
+        def pre_rec(name):
+            def f(mod, args):
+                acc[name].append(args[0])
+            return f
+        def post_rec(name):
+            def f(mod, args):
+                x = acc[name].pop()
+                dd = (x - args[0]).reshape(-1, x.shape[-1]).double()
+                acc[name][0] = acc[name][0] + dd.t() @ dd
+                acc[name][1] += dd.shape[0]
+            return f
+        g = torch.Generator().manual_seed(11)
+        starts = torch.randint(0, len(calib) - 512, (a.lr_windows,), generator=g).tolist()
+        with torch.no_grad(), sparsify_activations(model, rules[s]):
+            for n, st in sites.items():
+                hs.append(st.hook.register_forward_pre_hook(pre_rec(n), prepend=True))
+                hs.append(st.hook.register_forward_pre_hook(post_rec(n)))
+            for st0 in starts:
+                model(torch.tensor([calib[st0:st0 + 512]]))
+            for h in hs: h.remove()
+        A, lr_reads = {}, 0
+        for n, st in sites.items():
+            S = acc[n][0] / max(1, acc[n][1])
+            ev_, U_ = torch.linalg.eigh(S)
+            ev_ = ev_.clamp_min(float(ev_.max()) * 1e-6)
+            Sh = (U_ * ev_.sqrt()) @ U_.t()
+            Shi = (U_ * ev_.rsqrt()) @ U_.t()
+            W = torch.cat([p.weight.detach().double() for p in st.projections], 0)
+            _, _, Vt = torch.linalg.svd(W @ Sh, full_matrices=False)
+            Vr = Vt[:a.lowrank].t()
+            A[n] = ((Sh @ Vr) @ (Vr.t() @ Shi)).float()
+            lr_reads += a.lowrank * (W.shape[1] + W.shape[0])
+        total_w = sum(input_weights(model).values())
+        print(f"lowrank {a.lowrank}: reads {lr_reads / total_w:.3%} of the gated weights  {time.time()-t0:.0f}s",
+              flush=True)
     hs = []
     with torch.no_grad(), sparsify_activations(model, rules[s]) as counts:
+        if A is not None:
+            keep_x = {}
+            for n, st in sites.items():
+                hs.append(st.hook.register_forward_pre_hook(
+                    lambda mod, args, n=n: keep_x.__setitem__(n, args[0]), prepend=True))
+                hs.append(st.hook.register_forward_pre_hook(
+                    lambda mod, args, n=n: (args[0] + ((keep_x[n] - args[0]).float() @ A[n].t()).to(args[0].dtype),)
+                    + tuple(args[1:])))
         if d is not None:
             for n, st in sites.items():
                 hs.append(st.hook.register_forward_pre_hook(
@@ -155,7 +210,10 @@ for s in levels:
         for h in hs: h.remove()
     rep = sparsity_report(counts, model)
     r = {"level": s, "weighted": rep["weighted"], "ppl": ppl, "vs_ref": ppl / 19.505 - 1, "vs_own": ppl / dense - 1}
+    if A is not None:
+        r["lowrank_reads"] = lr_reads / sum(input_weights(model).values())
+        r["net"] = rep["weighted"] - r["lowrank_reads"]
     res.append(r)
-    print(f"{a.tag} level {s}: weighted {rep['weighted']:.3f} ppl {ppl:.3f} vs 19.505 {ppl/19.505-1:+.1%} "
+    print(f"{a.tag} level {s}: weighted {rep['weighted']:.3f} net {r.get('net', rep['weighted']):.3f} ppl {ppl:.3f} vs 19.505 {ppl/19.505-1:+.1%} "
           f"vs own dense {ppl/dense-1:+.1%}  {time.time()-t0:.0f}s", flush=True)
 json.dump({"args": vars(a), "dense": dense, "rows": res}, open(os.path.join(a.json_dir, f"{a.tag or 'run'}.json"), "w"))

@@ -5,10 +5,11 @@ projections are quantized (lm_head and embeddings stay bf16, as `rarefy quantize
 default) and run through the fused Triton kernels (TernaryLinear / Int8Linear "fused" mode).
 Both sides use rarefy's Generator with CUDA graphs and torch.compile.
 
-    PYTHONPATH=. python3 benchmarks/gpu_lowbit_decode.py [--layers 32] [--formats ternary,int8,ternary+int8head,ternary_a8+int8head]
+    PYTHONPATH=. python3 benchmarks/gpu_lowbit_decode.py [--layers 32] [--formats ternary,int8,ternary+int8head,ternary_a8+int8head,ternary_a8+int8head+opquant]
 
 q/k/v and gate/up are stacked into one low-bit launch each (fuse_projections), as the bf16
-model's are. "+int8head" also quantizes the lm_head to int8.
+model's are. "+int8head" also quantizes the lm_head to int8; "+opquant" (W1.58A8) quantizes the activations in a
+Triton launch of its own instead of letting torch.compile fuse it into the producer.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def main():
         torch.cuda.empty_cache()
         model = random_model(a.layers)
         body, _, head = fmt.partition("+")
+        import rarefy.kernels.lowbit_gemv as lg
+        # "+opquant": the activations' int8 quantization as its own Triton launch (before the
+        # eighth session), else traced and fused by torch.compile into the kernel producing x
+        lg.TRACED_DP4A_QUANT = not head.endswith("opquant")
+        head = head.removesuffix("opquant").removesuffix("+")
         quantize_model(model, "ternary" if body == "ternary_a8" else body)
         if body == "ternary_a8":  # BitNet's W1.58A8: int8 activations per token (the dp4a kernel)
             for mod in model.modules():

@@ -54,6 +54,9 @@ def test_quantize_act_dp4a_matches_reference(td, m, k):
     rq, rs = R.quantize_act_int8_ref(x.float().cpu())
     assert torch.equal(xq.cpu(), td.dp4a_order(rq))
     assert torch.allclose(xs.cpu(), rs.reshape(-1).float(), rtol=0, atol=0)
+    # the torch-op version torch.compile traces (and fuses into x's producer) is the same
+    tq, ts = R.quantize_act_dp4a_ref(x.float().cpu())
+    assert torch.equal(tq, xq.cpu()) and torch.equal(ts, xs.cpu())
 
 
 @pytest.mark.parametrize("n,k,split,bn", [(7, 48, 1, 8), (33, 160, 2, 4), (5, 2048, 4, 8), (64, 512, 1, 16)])
@@ -122,3 +125,26 @@ def test_dp4a_llama_shapes_gpu(td, n, k):
     rq, rs = R.quantize_act_int8_ref(x.float().cpu())
     ref = (rq.double() @ q.double().t()) * s.double() * rs.double().reshape(-1, 1)
     assert torch.allclose(y.double().cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_compiled_int8act_traces_the_quantization_gpu():
+    """Under torch.compile the dp4a route quantizes with traced torch ops (fused by inductor into
+    the multiply that produces x here). fp32 x, so eager and compiled quantize the same values:
+    the same products but for the rounding of the odd activation."""
+    import rarefy.kernels.lowbit_gemv as lg
+    k, n = 4096, 1024
+    gen = torch.Generator().manual_seed(2)
+    packed, s, _ = _ternary(n, k, gen)
+    packed, s = packed.cuda(), s.cuda()
+    w = (torch.rand(k, generator=gen) + 0.5).cuda()
+    x = torch.randn(1, k, generator=gen).cuda()
+
+    def f(x):
+        return lg.ternary_matmul_int8act(x * w, packed, s, out_dtype=torch.float32)
+
+    eager = f(x)
+    assert lg.TRACED_DP4A_QUANT
+    compiled = torch.compile(f)(x)
+    assert torch.isfinite(compiled).all()
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-4

@@ -58,6 +58,7 @@ from .plan import (
 )
 from .ref import (
     int8_matmul_ref,
+    quantize_act_dp4a_ref,
     quantize_act_int8_ref,
     ternary_matmul_int8act_ref,
     ternary_matmul_ref,
@@ -236,6 +237,24 @@ def _(x2, packed, scale, out_code):
     return x2.new_empty((x2.shape[0], packed.shape[0]), dtype=_dt(out_code))
 
 
+@torch.library.custom_op("rarefy::lowbit_ternary_dp4a_q", mutates_args=())
+def _dp4a_q_op(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+               out_code: int) -> torch.Tensor:
+    from .triton_ternary_dp4a import ternary_dp4a_triton
+    return ternary_dp4a_triton(xq, xs, packed, scale, out_dtype=_dt(out_code))
+
+
+@_dp4a_q_op.register_fake
+def _(xq, xs, packed, scale, out_code):
+    return xq.new_empty((xq.shape[0], packed.shape[0]), dtype=_dt(out_code))
+
+
+# Under torch.compile the dp4a route quantizes x with traced torch ops, which inductor fuses into
+# the kernel that produces x (RMSNorm, SiLU * up): one launch less per projection input. Eager
+# calls keep the single Triton quantization kernel. False: always the Triton kernel (A/B runs).
+TRACED_DP4A_QUANT = True
+
+
 def _dp4a_ok(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> bool:
     """The dp4a kernel takes float x with K % 16 == 0, a per-tensor or per-row scale and few rows (one x
     row per program: beyond DP4A_MAX_M the weights would be re-read too often)."""
@@ -358,6 +377,9 @@ def ternary_matmul_int8act(x: torch.Tensor, packed: torch.Tensor, scale: torch.T
         return x.new_zeros((*lead, n), dtype=od)
     if x.dtype != torch.int8 and _use_triton(x2) and _dp4a_ok(x2, packed, scale, group_size):
         # quantize into the dp4a order and multiply on the integer dot-product unit
+        if TRACED_DP4A_QUANT and torch.compiler.is_compiling():
+            xq, xs = quantize_act_dp4a_ref(x2)
+            return _dp4a_q_op(xq, xs, packed, scale, _code(od)).reshape(*lead, n)
         return _dp4a_op(x2, packed, scale, _code(od)).reshape(*lead, n)
     if x.dtype == torch.int8:
         xq, xs = x2, x_scale.reshape(-1).float()

@@ -59,6 +59,21 @@ def quantize_act_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, amax / 127.0
 
 
+def dp4a_order(xq: torch.Tensor) -> torch.Tensor:
+    """Natural-order int8 ``[M, K]`` (``K % 16 == 0``) -> the order the dp4a kernel reads: each
+    group of 16 stored transposed as a 4 x 4 block (byte ``16 g + 4 t + i`` holds element
+    ``16 g + 4 i + t``)."""
+    m, k = xq.shape
+    return xq.reshape(m, k // 16, 4, 4).transpose(-1, -2).reshape(m, k).contiguous()
+
+
+def quantize_act_dp4a_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_act_int8_ref` in the dp4a order, in plain torch ops (so that
+    torch.compile can fuse it into the kernel that produces ``x``)."""
+    xq, xs = quantize_act_int8_ref(x)
+    return dp4a_order(xq), xs
+
+
 def ternary_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int | None = None,
                        *, out_dtype: torch.dtype | None = None,
                        compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:

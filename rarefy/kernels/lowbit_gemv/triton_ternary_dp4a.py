@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .ref import dp4a_order  # noqa: F401  (tests and callers import it from here too)
 from .triton_common import (
     cdiv,
     first_words,
@@ -156,13 +157,6 @@ def _round_i8(v):
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def dp4a_order(xq: torch.Tensor) -> torch.Tensor:
-    """Natural-order int8 ``[M, K]`` (``K % 16 == 0``) -> the dp4a order (for tests and for
-    callers that quantized elsewhere)."""
-    m, k = xq.shape
-    return xq.reshape(m, k // 16, 4, 4).transpose(-1, -2).reshape(m, k).contiguous()
 
 
 def quantize_act_dp4a(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
