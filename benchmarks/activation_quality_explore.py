@@ -55,6 +55,7 @@ ap.add_argument("--ffloor", type=float, default=1e-3)
 ap.add_argument("--lowrank", type=int, default=0, help="rank of the dropped-part compensation per input (0: off)")
 ap.add_argument("--lr-windows", type=int, default=8)
 ap.add_argument("--threads", type=int, default=1)
+ap.add_argument("--mode", default="threshold", help="threshold, topk or adaptive")
 ap.add_argument("--gwin", type=int, default=1, help="calibration windows the global allocation's curves run on")
 ap.add_argument("--gsamples", type=int, default=4, help="label samples per window for the fisher curves")
 ap.add_argument("--block", type=int, default=5)
@@ -113,7 +114,7 @@ if a.fdiag:
     a.criterion = "weighted"
     print(f"fisher diag scales {time.time()-t0:.0f}s", flush=True)
 data = collect_statistics(model, calib, seq_len=512, samples=16, keep_windows=max(2, a.gwin), criteria=(a.criterion,))
-th = calibrate_from_statistics(model, data, levels, "threshold", criterion=a.criterion, allocation=a.alloc,
+th = calibrate_from_statistics(model, data, levels, a.mode, criterion=a.criterion, allocation=a.alloc,
                                global_windows=a.gwin, global_tokens=512, global_match=a.match,
                                global_samples=a.gsamples)
 print(f"calibrated {time.time()-t0:.0f}s", flush=True)
