@@ -134,53 +134,40 @@ for s in levels:
                                    tokens=a.ref_tokens, progress=True)
         rules[s] = LevelRule("threshold", {n: stats[n].param("threshold", v) for n, v in new.items()}, a.criterion)
         print(f"refined {s} in {time.time()-t1:.0f}s", flush=True)
+
+def dropped_stats(sites, rule, windows, stat):
+    """{input: [sum over tokens of stat(dropped part d = x - x_s, float64 [tokens, width]), tokens]}
+    with every input sparsified by ``rule``, over ``windows`` (token id lists)."""
+    acc = {n: [0, 0] for n in sites}
+    seen = {}
+    hs = []
+    with torch.no_grad(), sparsify_activations(model, rule):
+        for n, st in sites.items():
+            hs.append(st.hook.register_forward_pre_hook(
+                lambda mod, args, n=n: seen.__setitem__(n, args[0]), prepend=True))
+
+            def fold(mod, args, n=n):
+                dd = (seen.pop(n) - args[0]).reshape(-1, args[0].shape[-1]).double()
+                acc[n][0] = acc[n][0] + stat(dd)
+                acc[n][1] += dd.shape[0]
+            hs.append(st.hook.register_forward_pre_hook(fold))
+        for w in windows:
+            model(torch.tensor([w]))
+        for h in hs:
+            h.remove()
+    return acc
+
+
 for s in levels:
     d = None
     if a.bias:
-        acc = {n: [0.0, 0] for n in sites}
-        hs = []
-        def pre_rec(name):
-            def f(mod, args):
-                acc[name].append(args[0])
-            return f
-        def post_rec(name):
-            def f(mod, args):
-                x = acc[name].pop()
-                acc[name][0] = acc[name][0] + (x - args[0]).reshape(-1, x.shape[-1]).double().sum(0)
-                acc[name][1] += x.numel() // x.shape[-1]
-            return f
-        with torch.no_grad(), sparsify_activations(model, rules[s]):
-            for n, st in sites.items():
-                hs.append(st.hook.register_forward_pre_hook(pre_rec(n), prepend=True))
-                hs.append(st.hook.register_forward_pre_hook(post_rec(n)))
-            for w in data.windows[:a.bias]:
-                model(torch.tensor([w]))
-            for h in hs: h.remove()
+        acc = dropped_stats(sites, rules[s], data.windows[:a.bias], lambda dd: dd.sum(0))
         d = {n: (v[0] / v[1]).float() for n, v in acc.items()}
     A = None
     if a.lowrank:
-        acc = {n: [0, 0] for n in sites}
-        hs = []
-        def pre_rec(name):
-            def f(mod, args):
-                acc[name].append(args[0])
-            return f
-        def post_rec(name):
-            def f(mod, args):
-                x = acc[name].pop()
-                dd = (x - args[0]).reshape(-1, x.shape[-1]).double()
-                acc[name][0] = acc[name][0] + dd.t() @ dd
-                acc[name][1] += dd.shape[0]
-            return f
         g = torch.Generator().manual_seed(11)
         starts = torch.randint(0, len(calib) - 512, (a.lr_windows,), generator=g).tolist()
-        with torch.no_grad(), sparsify_activations(model, rules[s]):
-            for n, st in sites.items():
-                hs.append(st.hook.register_forward_pre_hook(pre_rec(n), prepend=True))
-                hs.append(st.hook.register_forward_pre_hook(post_rec(n)))
-            for st0 in starts:
-                model(torch.tensor([calib[st0:st0 + 512]]))
-            for h in hs: h.remove()
+        acc = dropped_stats(sites, rules[s], [calib[st0:st0 + 512] for st0 in starts], lambda dd: dd.t() @ dd)
         A, lr_reads = {}, 0
         for n, st in sites.items():
             S = acc[n][0] / max(1, acc[n][1])

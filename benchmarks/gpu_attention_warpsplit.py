@@ -16,7 +16,6 @@ offset-binary bytes, the benchmark flipping the cache's sign bits first), nopdl 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -61,7 +60,9 @@ def parse_variant(label: str) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    from rarefy.bench.attention import AttnBenchConfig, _Case, _rel_err, _Runner, kv_bytes
+    from rarefy.bench.attention import (AttnBenchConfig, _Case, _Runner, check_then_time, failure_note, kv_bytes,
+                                        parse_points)
+    from rarefy.bench.attention_report import ab_finish, ab_progress
     from rarefy.kernels.paged_attention.plan import plan_decode
     from rarefy.kernels.paged_attention.torch_decode import paged_decode_attention_torch
     from rarefy.kernels.paged_attention.triton_decode import (
@@ -80,10 +81,7 @@ def main(argv=None) -> int:
     dev = run.device
     sms = sm_count_of(dev)
     rows = []
-    for pt in a.points.split(","):
-        c, b = pt.split(":")
-        ctx = int(c[:-1]) * 1024 if c.endswith("k") else int(c)
-        batch = int(b)
+    for ctx, batch in parse_points(a.points):
         for kvd in a.dtypes.split(","):
             nb = kv_bytes(kvd, batch, ctx, 8, 32, 128, 16, 2)
             case = _Case(cfg, ctx, batch, kvd, run.nbuf_for(nb["kv"] + nb["scales"]), dev)
@@ -123,37 +121,16 @@ def main(argv=None) -> int:
                                     q, kc_use, v_use, ks, vs, bt, sl, kv, case.sm_scale, plan=p,
                                     v_dim_major=dm, pdl=pdl)
                         r["plan"] = plan.describe()
-                        y = launch(0)
-                        r["err"] = _rel_err(y, ref)
-                        if not r["err"] < 2e-2:
-                            r["note"] = "FAILED check"
-                        else:
-                            r["us"], _ = run.time_us(launch, case.nbuf)
+                        check_then_time(run, r, launch, ref, case.nbuf)
                     except Exception as e:  # noqa: BLE001
-                        r["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                        torch.cuda.synchronize(dev)
+                        r["note"] = failure_note(e, dev)
                     rows.append(r)
-                    us = f"{r['us']:.1f}" if r["us"] else "-"
-                    print(f"{kvd:8s} {ctx // 1024}k x{batch:<3d} {label:18s} {us:>7s} µs  err {r['err'] or 0:.1e} "
-                          f"{r['note']}", file=sys.stderr, flush=True)
+                    print(ab_progress(r, "label"), file=sys.stderr, flush=True)
             finally:
                 case = None
                 v_dm = v_tm = None
                 run.free()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(dev), rows=rows), f, indent=1)
-    print(f"\n{torch.cuda.get_device_name(dev)}; vs bf16 = bf16 base µs / this µs at the same point")
-    print("kv        point    variant               µs  vs base  vs bf16  rel err")
-    for pt in sorted({(r["ctx"], r["batch"]) for r in rows}):
-        at = [r for r in rows if (r["ctx"], r["batch"]) == pt]
-        bf = next((r["us"] for r in at if r["kvd"] == "bf16" and r["label"] == "base" and r["us"]), None)
-        for r in at:
-            base = next((x["us"] for x in at if x["kvd"] == r["kvd"] and x["label"] == "base" and x["us"]), None)
-            vb = f"{base / r['us']:.2f}x" if base and r["us"] else "-"
-            vf = f"{bf / r['us']:.2f}x" if bf and r["us"] else "-"
-            print(f"{r['kvd']:8s}  {r['ctx'] // 1024}k x{r['batch']:<3d} {r['label']:18s} {r['us'] or 0:7.1f}  "
-                  f"{vb:>7s}  {vf:>7s}  {r['err'] or 0:.1e} {r['note']}")
+    ab_finish(rows, "label", "base", torch.cuda.get_device_name(dev), a.json)
     return 0
 
 

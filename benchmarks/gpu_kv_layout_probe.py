@@ -25,7 +25,6 @@ replay over cache copies larger than 4x L2).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -59,7 +58,8 @@ def _page_views(flat: torch.Tensor, nb: int, bs: int, sd: torch.dtype, with_scal
 
 class LayoutCase:
     def __init__(self, layout: str, kv_dtype: str, ctx: int, batch: int, nbuf: int, device, seed: int = 0):
-        from rarefy.kv.quant import is_quantized, quantize, storage_dtype
+        from rarefy.bench.attention import fill_random
+        from rarefy.kv.quant import is_quantized, storage_dtype
 
         g = torch.Generator(device=device).manual_seed(seed + 7 * ctx + batch)
         bs = 32 if layout == "b32" else 16
@@ -82,14 +82,8 @@ class LayoutCase:
             self.v_cache = torch.empty((total, HKV, D, bs), dtype=sd, device=device).transpose(2, 3)
             self.k_scale = torch.empty((total, HKV, bs), dtype=torch.float16, device=device) if quant else None
             self.v_scale = torch.empty_like(self.k_scale) if quant else None
-        step = max(1, (1 << 24) // (HKV * bs * D))
         for cache, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
-            for a in range(0, total, step):
-                x = torch.randn((min(step, total - a), HKV, bs, D), generator=g, device=device)
-                qx, sx = quantize(x, kv_dtype)
-                cache[a:a + qx.shape[0]] = qx
-                if quant:
-                    scale[a:a + qx.shape[0]] = sx
+            fill_random(cache, scale, kv_dtype, g)
         if layout == "s0" and quant:  # every block's scales: block 0's (always cached)
             self.k_scale = self.k_scale.as_strided(self.k_scale.shape, (0,) + self.k_scale.stride()[1:])
             self.v_scale = self.v_scale.as_strided(self.v_scale.shape, (0,) + self.v_scale.stride()[1:])
@@ -107,7 +101,9 @@ class LayoutCase:
 
 
 def main(argv=None) -> int:
-    from rarefy.bench.attention import AttnBenchConfig, _rel_err, _Runner, kv_bytes
+    from rarefy.bench.attention import (AttnBenchConfig, _Runner, check_then_time, failure_note, kv_bytes,
+                                        parse_points)
+    from rarefy.bench.attention_report import ab_finish, ab_progress
     from rarefy.kernels.paged_attention.torch_decode import paged_decode_attention_torch
     from rarefy.kernels.paged_attention.triton_decode import make_plan, paged_decode_attention_triton
 
@@ -122,10 +118,7 @@ def main(argv=None) -> int:
     run = _Runner(AttnBenchConfig(device="cuda", samples=a.samples), None)
     dev = run.device
     rows = []
-    for pt in a.points.split(","):
-        c, b = pt.split(":")
-        ctx = int(c[:-1]) * 1024 if c.endswith("k") else int(c)
-        batch = int(b)
+    for ctx, batch in parse_points(a.points):
         for kvd in a.dtypes.split(","):
             for layout in a.layouts.split(","):
                 nb = kv_bytes(kvd, batch, ctx, HKV, HQ, D, 16, 2)
@@ -143,36 +136,15 @@ def main(argv=None) -> int:
                     def launch(i, p=plan, case=case):
                         return paged_decode_attention_triton(*case.args(i), case.sm_scale, plan=p)
 
-                    r["err"] = _rel_err(launch(0), ref)
-                    if not r["err"] < 2e-2:
-                        r["note"] = "FAILED check"
-                    else:
-                        r["us"], _ = run.time_us(launch, case.nbuf)
+                    check_then_time(run, r, launch, ref, case.nbuf)
                 except Exception as e:  # noqa: BLE001
-                    r["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                    torch.cuda.synchronize(dev)
+                    r["note"] = failure_note(e, dev)
                 finally:
                     case = None
                     run.free()
                 rows.append(r)
-                us = f"{r['us']:.1f}" if r["us"] else "-"
-                print(f"{kvd:8s} {ctx // 1024}k x{batch:<3d} {layout:7s} {us:>7s} µs  err {r['err'] or 0:.1e} "
-                      f"{r['note']}", file=sys.stderr, flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(dev), rows=rows), f, indent=1)
-    print(f"\n{torch.cuda.get_device_name(dev)}; vs bf16 = bf16 'sep' µs / this µs at the same point")
-    print("kv        point    layout       µs   TB/s  vs sep  vs bf16  rel err")
-    for pt in sorted({(r["ctx"], r["batch"]) for r in rows}):
-        at = [r for r in rows if (r["ctx"], r["batch"]) == pt]
-        bf = next((r["us"] for r in at if r["kvd"] == "bf16" and r["layout"] == "sep" and r["us"]), None)
-        for r in at:
-            sep = next((x["us"] for x in at if x["kvd"] == r["kvd"] and x["layout"] == "sep" and x["us"]), None)
-            vs = f"{sep / r['us']:.2f}x" if sep and r["us"] else "-"
-            vf = f"{bf / r['us']:.2f}x" if bf and r["us"] else "-"
-            tbs = f"{r['mb'] / r['us']:.2f}" if r["us"] else "-"
-            print(f"{r['kvd']:8s}  {r['ctx'] // 1024}k x{r['batch']:<3d} {r['layout']:8s} {r['us'] or 0:7.1f} {tbs:>6s}"
-                  f"  {vs:>6s}  {vf:>7s}  {r['err'] or 0:.1e} {r['note']}")
+                print(ab_progress(r, "layout"), file=sys.stderr, flush=True)
+    ab_finish(rows, "layout", "sep", torch.cuda.get_device_name(dev), a.json)
     return 0
 
 

@@ -119,6 +119,17 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def parse_points(text: str) -> list[tuple[int, int]]:
+    """"32k:1,4k:32" -> [(32768, 1), (4096, 32)] (context:batch pairs)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        ctx, sep, batch = part.partition(":")
+        if not sep:
+            raise RarefyError(f"point {part!r}: give context:batch, e.g. 32k:1")
+        out.append((parse_ints(ctx, "context")[0], parse_ints(batch, "batch")[0]))
+    return out
+
+
 def parse_dtypes(text: str) -> tuple[str, ...]:
     from rarefy.kv.quant import check_kv_dtype
 
@@ -144,13 +155,28 @@ def kv_bytes(kv_dtype: str, batch: int, ctx: int, hkv: int, hq: int, d: int, blo
     return dict(kv=kv, scales=scales, tables=tables, q_out=qo, total=kv + scales + tables + qo)
 
 
+def fill_random(cache: torch.Tensor, scale, kv_dtype: str, g: torch.Generator) -> None:
+    """Fill a ``[blocks, heads, block_size, head_dim]`` cache view (and its scales, quantized
+    dtypes) with quantized standard normal values, a bounded chunk of blocks at a time."""
+    from rarefy.kv.quant import quantize
+
+    total, hkv, bs, d = cache.shape
+    step = max(1, (1 << 24) // (hkv * bs * d))  # blocks per chunk (bounded float32 temporaries)
+    for a in range(0, total, step):
+        x = torch.randn((min(step, total - a), hkv, bs, d), generator=g, device=cache.device)
+        qx, sx = quantize(x, kv_dtype)
+        cache[a:a + qx.shape[0]] = qx
+        if scale is not None:
+            scale[a:a + qx.shape[0]] = sx
+
+
 class _Case:
     """nbuf copies of a paged cache in one tensor (disjoint, shuffled blocks), one block table
     and one query per copy."""
 
     def __init__(self, cfg: AttnBenchConfig, ctx: int, batch: int, kv_dtype: str, nbuf: int, device):
         from rarefy.kv.paged import stores_v_dim_major
-        from rarefy.kv.quant import is_quantized, quantize, storage_dtype
+        from rarefy.kv.quant import is_quantized, storage_dtype
 
         g = torch.Generator(device=device).manual_seed(cfg.seed + 7 * ctx + batch)
         bs, hkv, d = cfg.block_size, cfg.num_kv_heads, cfg.head_dim
@@ -165,14 +191,8 @@ class _Case:
             if stores_v_dim_major(kv_dtype, device) else torch.empty_like(self.k_cache)
         self.k_scale = torch.empty((total, hkv, bs), dtype=torch.float16, device=device) if quant else None
         self.v_scale = torch.empty_like(self.k_scale) if quant else None
-        step = max(1, (1 << 24) // (hkv * bs * d))  # blocks per fill chunk (bounded float32 temporaries)
         for cache, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
-            for a in range(0, total, step):
-                x = torch.randn((min(step, total - a), hkv, bs, d), generator=g, device=device)
-                qx, sx = quantize(x, kv_dtype)
-                cache[a:a + qx.shape[0]] = qx
-                if quant:
-                    scale[a:a + qx.shape[0]] = sx
+            fill_random(cache, scale, kv_dtype, g)
         perm = torch.randperm(total, generator=g, device=device).to(torch.int32)
         self.tables = [perm[i * per_copy:(i + 1) * per_copy].view(batch, nblk).contiguous() for i in range(nbuf)]
         self.qs = [torch.randn((batch, cfg.num_heads, d), generator=g, device=device).to(cfg.q_dtype)
@@ -205,6 +225,23 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
         return math.inf
     y, ref = y.double(), ref.double()
     return ((y - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check_then_time(run: "_Runner", r: dict, launch, ref: torch.Tensor, nbuf: int, tol: float = 2e-2) -> None:
+    """For the probe scripts: r["err"] of launch(0) against ``ref``; then r["us"] (timed over
+    ``nbuf`` operand copies) when within ``tol``, else r["note"] = "FAILED check"."""
+    r["err"] = _rel_err(launch(0), ref)
+    if not r["err"] < tol:
+        r["note"] = "FAILED check"
+    else:
+        r["us"], _ = run.time_us(launch, nbuf)
+
+
+def failure_note(e: Exception, device) -> str:
+    """A probe row's note for an exception (the device synchronised first, so the next row starts clean)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 class _Runner:

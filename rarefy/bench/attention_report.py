@@ -135,3 +135,37 @@ def command_line(argv=None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     return "rarefy " + shlex.join(argv) if argv else "rarefy bench attention"
 
+
+
+def ab_table(rows: list[dict], key: str, base: str) -> list[str]:
+    """The A/B table of the attention probe scripts (benchmarks/gpu_attention_warpsplit.py,
+    gpu_kv_layout_probe.py): rows {kvd, ctx, batch, <key>, us, err, note}; "vs base" against the
+    same KV dtype's ``base`` row at that point, "vs bf16" against bf16's ``base`` row."""
+    cells = []
+    for pt in sorted({(r["ctx"], r["batch"]) for r in rows}):
+        at = [r for r in rows if (r["ctx"], r["batch"]) == pt]
+        bf = next((r["us"] for r in at if r["kvd"] == "bf16" and r[key] == base and r["us"]), None)
+        for r in at:
+            ref = next((x["us"] for x in at if x["kvd"] == r["kvd"] and x[key] == base and x["us"]), None)
+            cells.append([r["kvd"], f"{_ctx(r['ctx'])} x{r['batch']}", r[key], _f(r["us"], ".1f"),
+                          f"{ref / r['us']:.2f}x" if ref and r["us"] else "-",
+                          f"{bf / r['us']:.2f}x" if bf and r["us"] else "-", f"{r['err'] or 0:.1e}", r["note"]])
+    return _table(("kv", "point", key, "µs", "vs " + base, "vs bf16", "rel err", "note"), cells, right={3, 4, 5})
+
+
+def ab_progress(r: dict, key: str) -> str:
+    """One probe row as it finishes (stderr progress line)."""
+    us = _f(r["us"], ".1f")
+    return (f"{r['kvd']:8s} {_ctx(r['ctx'])} x{r['batch']:<3d} {r[key]:18s} {us:>7s} µs  err {r['err'] or 0:.1e} "
+            f"{r['note']}")
+
+
+def ab_finish(rows: list[dict], key: str, base: str, device_name: str, json_path: str | None = None) -> None:
+    """Write the probe's rows as JSON (when asked) and print its A/B table."""
+    import json
+
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(device=device_name, rows=rows), f, indent=1)
+    print(f"\n{device_name}; vs bf16 = bf16 '{base}' µs / this µs at the same point")
+    print("\n".join(ab_table(rows, key, base)))
