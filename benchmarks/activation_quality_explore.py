@@ -56,6 +56,8 @@ ap.add_argument("--lowrank", type=int, default=0, help="rank of the dropped-part
 ap.add_argument("--lr-windows", type=int, default=8)
 ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--mode", default="threshold", help="threshold, topk or adaptive")
+ap.add_argument("--dense-first", type=int, default=0,
+                help="positions at the start of each window left dense (a prompt's first tokens: prefill is dense)")
 ap.add_argument("--gwin", type=int, default=1, help="calibration windows the global allocation's curves run on")
 ap.add_argument("--gsamples", type=int, default=4, help="label samples per window for the fisher curves")
 ap.add_argument("--block", type=int, default=5)
@@ -185,6 +187,23 @@ for s in levels:
               flush=True)
     hs = []
     with torch.no_grad(), sparsify_activations(model, rules[s]) as counts:
+        if a.dense_first:
+            first = {}
+
+            def save_first(mod, args, n=None):
+                first[n] = args[0][:, :a.dense_first].clone()
+
+            def restore_first(mod, args, n=None):
+                x = args[0].clone()
+                k = first[n].shape[1]
+                # the restored entries were counted as dropped: take them back out of the count
+                counts[n][0] -= int(((x[:, :k] == 0) & (first[n] != 0)).sum())
+                x[:, :k] = first[n]
+                return (x,) + tuple(args[1:])
+            for n, st in sites.items():
+                hs.append(st.hook.register_forward_pre_hook(lambda mod, args, n=n: save_first(mod, args, n),
+                                                            prepend=True))
+                hs.append(st.hook.register_forward_pre_hook(lambda mod, args, n=n: restore_first(mod, args, n)))
         if A is not None:
             keep_x = {}
             for n, st in sites.items():
