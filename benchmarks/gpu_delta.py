@@ -40,11 +40,17 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", default="0.5,0.75,0.9")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of: " + ", ".join(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="more chunked configs")
+    ap.add_argument("--chunked", default="", help="chunked configs to time instead of the built-in list: "
+                    "n<rows a program>v<values a step>w<warps>[p] (p: prefetch), comma separated")
     a = ap.parse_args(argv)
     dev = torch.device("cuda")
     l2 = l2_bytes(dev)
     copy = copy_bandwidth_tbs(dev)
-    chunked = CHUNKED + ([(bn, bv, nw, pf) for bn, bv, nw, pf in itertools.product((1, 2), (128, 256, 512, 1024), (1, 2, 4), (False, True))]
+    import re
+
+    chunked = [(int(m[1]), int(m[2]), int(m[3]), bool(m[4])) for m in
+               (re.fullmatch(r"n(\d+)v(\d+)w(\d+)(p?)", c.strip()) for c in a.chunked.split(",") if c.strip())]
+    chunked = (chunked or CHUNKED) + ([(bn, bv, nw, pf) for bn, bv, nw, pf in itertools.product((1, 2), (128, 256, 512, 1024), (1, 2, 4), (False, True))]
                          if a.sweep else [])
     rows, summary = [], {}
     for sp in [float(s) for s in a.sparsity.split(",")]:
@@ -68,7 +74,8 @@ def main(argv=None) -> int:
             res = {"cuBLAS": t(lambda i: F.linear(x, dense[i]))}
             assert err(gemv(x, dense[0])) < 1e-2
             res["rarefy dense"] = t(lambda i: gemv(x, dense[i]))
-            cfgs = {f"scan n{bn} v{bv} w{nw}": DeltaConfig(bn, bv, 1, num_warps=nw) for bn, bv, nw in OLD}
+            cfgs = {} if a.chunked else {f"scan n{bn} v{bv} w{nw}": DeltaConfig(bn, bv, 1, num_warps=nw)
+                                         for bn, bv, nw in OLD}
             cfgs.update({f"chunk n{bn} v{bv} w{nw}{' pf' if pf else ''}":
                          DeltaConfig(bn, bv, 1, num_warps=nw, chunked=True, prefetch=pf) for bn, bv, nw, pf in chunked})
             for label, cfg in cfgs.items():
