@@ -39,3 +39,22 @@ def test_seed_reproducible():
 def test_bad_params(kw):
     with pytest.raises(RarefyError):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("v", [128256, 49152, 4097, 512])
+def test_two_stage_argmax_equals_argmax(v):
+    """The GPU's greedy path (argmax in two stages over chunks of the vocabulary) picks the same
+    index as argmax: ties go to the first index, across chunks and within one; a vocabulary that
+    is not a multiple of the chunk is padded with -inf."""
+    from rarefy.layers.sampler import argmax_two_stage
+
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(4, v, generator=g)
+    x[1, 3] = x[1, v - 1] = 50.0          # tie across chunks: the first wins
+    x[2] = 0.0                            # all equal: index 0
+    x[3, v - 1] = 60.0                    # the max in the padded last chunk
+    assert torch.equal(argmax_two_stage(x), x.argmax(-1))
+    assert argmax_two_stage(x)[1] == 3 and argmax_two_stage(x)[3] == v - 1
+    for dtype in (torch.bfloat16, torch.float16):
+        xd = x.to(dtype)
+        assert torch.equal(argmax_two_stage(xd), xd.argmax(-1))
