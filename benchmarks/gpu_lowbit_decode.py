@@ -64,16 +64,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print each format's top GPU kernels (torch.profiler)")
-    ap.add_argument("--sdpa", action="store_true",
-                    help="decode attention through torch SDPA over the static cache's slot bucket (before the eighth "
-                         "session) instead of the paged decode kernel")
     a = ap.parse_args()
     compile = not a.no_compile
-    if a.sdpa:
-        from rarefy.kv.cache import StaticKVCache
-        StaticKVCache.PAGED_DECODE = False
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, decode attention: "
-          f"{'SDPA over the slot bucket' if a.sdpa else 'paged decode kernel'}", flush=True)
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     rows = []
     model = random_model(a.layers)
     dense_bytes = weight_bytes(model)

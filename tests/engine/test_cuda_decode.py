@@ -75,4 +75,3 @@ def test_compiled_bf16_decode_step_matches_eager(random_checkpoint):
         got = step(nxt, pos).double()
     assert torch.isfinite(got).all()
     assert ((got - want).norm() / want.norm()).item() < 2e-2, kind
-
