@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--points", default="8k:1,32k:1,128k:1")
     ap.add_argument("--dtypes", default="bf16,int8,fp8_e4m3")
     ap.add_argument("--layouts", default="sep,seq,b32,colo,colo+s,s0")
-    ap.add_argument("--plan", default="", help="plan overrides for every row, e.g. scale_ahead=2")
+    ap.add_argument("--plan", default="", help="plan overrides for every row, e.g. prefetch_pages=0")
     ap.add_argument("--samples", type=int, default=7)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)

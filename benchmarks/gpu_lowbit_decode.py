@@ -20,6 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
+import rarefy.kernels.lowbit_gemv as lg  # noqa: E402
 from benchmarks.gpu_serve import random_model  # noqa: E402
 from rarefy.engine.generate import Generator  # noqa: E402
 from rarefy.layers.lowbit_linear import TernaryLinear, set_lowbit_mode  # noqa: E402
@@ -78,7 +79,6 @@ def main():
         torch.cuda.empty_cache()
         model = random_model(a.layers)
         body, _, head = fmt.partition("+")
-        import rarefy.kernels.lowbit_gemv as lg
         # "+opquant": the activations' int8 quantization as its own Triton launch (before the
         # eighth session), else traced and fused by torch.compile into the kernel producing x
         lg.TRACED_DP4A_QUANT = not head.endswith("opquant")

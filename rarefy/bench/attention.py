@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
