@@ -64,10 +64,6 @@ ap.add_argument("--block", type=int, default=5)
 ap.add_argument("--ref-windows", type=int, default=2)
 ap.add_argument("--ref-tokens", type=int, default=512)
 ap.add_argument("--ref-step", type=float, default=0.05)
-ap.add_argument("--search", type=int, default=0, help="generations of the evolutionary allocation search (0: off)")
-ap.add_argument("--search-windows", type=int, default=4)
-ap.add_argument("--search-offspring", type=int, default=8)
-ap.add_argument("--search-step", type=float, default=0.05)
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 t0 = time.time()
@@ -119,7 +115,7 @@ if a.fdiag:
     act.input_scales = lambda model, criterion: fscales if criterion == "weighted" else orig(model, criterion)
     a.criterion = "weighted"
     print(f"fisher diag scales {time.time()-t0:.0f}s", flush=True)
-data = collect_statistics(model, calib, seq_len=512, samples=16, keep_windows=max(2, a.gwin, a.search_windows if a.search else 0), criteria=(a.criterion,))
+data = collect_statistics(model, calib, seq_len=512, samples=16, keep_windows=max(2, a.gwin), criteria=(a.criterion,))
 th = calibrate_from_statistics(model, data, levels, a.mode, criterion=a.criterion, allocation=a.alloc,
                                global_windows=a.gwin, global_tokens=512, global_match=a.match,
                                global_samples=a.gsamples)
@@ -140,17 +136,6 @@ for s in levels:
                                    tokens=a.ref_tokens, progress=True)
         rules[s] = LevelRule("threshold", {n: stats[n].param("threshold", v) for n, v in new.items()}, a.criterion)
         print(f"refined {s} in {time.time()-t1:.0f}s", flush=True)
-    if a.search:
-        from rarefy.sparsity.activation_search import evolve_allocation
-        t1 = time.time()
-        stats = data.stats_for(a.criterion)
-        sc = data.scales.get(a.criterion)
-        new, log = evolve_allocation(model, data, a.mode, stats, sc, th.sparsity_of_inputs(s), s, a.search,
-                                     offspring=a.search_offspring, windows=a.search_windows, step=a.search_step,
-                                     progress=True)
-        rules[s] = LevelRule(a.mode, {n: stats[n].param(a.mode, v) for n, v in new.items()}, a.criterion)
-        print(f"searched {s} in {time.time()-t1:.0f}s: price {log['price']:.3f} start {log['start']} "
-              f"end {log['end']} accepted {log['accepted']}/{a.search}", flush=True)
 
 def dropped_stats(sites, rule, windows, stat):
     """{input: [sum over tokens of stat(dropped part d = x - x_s, float64 [tokens, width]), tokens]}

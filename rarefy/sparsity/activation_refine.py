@@ -44,19 +44,13 @@ def groups_of(names: list[str], block: int) -> dict[str, list[str]]:
 
 
 class _Runner:
-    """Sparsified forward passes over cached calibration windows, KL to the dense logits.
-
-    ``full`` / ``partial`` take an optional subset of the windows. After each call,
-    ``last_sparsity`` holds the weighted sparsity measured on the windows it ran (a partial
-    pass counts its first layers from the cache of the allocation that ``full(keep=True)`` ran).
-    """
+    """Sparsified forward passes over cached calibration windows, KL to the dense logits."""
 
     def __init__(self, model, data, mode, stats, scales, windows: int, tokens: int | None):
-        from rarefy.sparsity.activation import decoder_layers, input_sites, input_weights
+        from rarefy.sparsity.activation import decoder_layers, input_sites
 
         self.model, self.mode, self.stats, self.scales = model, mode, stats, scales
         self.sites = input_sites(model)
-        self.weights = input_weights(model)
         self.layers = decoder_layers(model)
         n_win = min(windows, len(data.layer_inputs[0]) if data.layer_inputs else 0)
         if n_win < 1:
@@ -65,9 +59,7 @@ class _Runner:
         self.h0 = [data.layer_inputs[0][w][:, :n] for w in range(n_win)]
         self.rope = [tuple(r[:, :n] for r in data.rope[w]) for w in range(n_win)]
         self.refs = [self._logprobs(self._tail(0, h, r)) for h, r in zip(self.h0, self.rope)]
-        self.cache: dict[int, list[torch.Tensor]] = {}
-        self.cache_counts: dict[int, dict[str, list[int]]] = {}
-        self.last_sparsity = 0.0
+        self.cache: list[list[torch.Tensor]] = []
 
     def _logprobs(self, h):
         return torch.log_softmax(self.model.lm_head(self.model.model.norm(h)).float(), dim=-1)
@@ -78,73 +70,46 @@ class _Runner:
             h = layer(h, cos, sin, pos, None, None, None)
         return h
 
-    def _hooks(self, alloc: dict[str, float], counts: dict[str, list[int]]):
+    def _hooks(self, alloc: dict[str, float]):
         hs = []
         for name, site in self.sites.items():
             p = self.stats[name].param(self.mode, alloc[name])
             sc = None if self.scales is None else self.scales[name]
-
-            def pre(mod, args, p=p, sc=sc, c=counts[name]):
-                y, dropped = apply_rule(self.mode, p, args[0], sc)
-                c[0] += int(dropped)
-                c[1] += args[0].numel()
-                return (y,) + tuple(args[1:])
-            hs.append(site.hook.register_forward_pre_hook(pre))
+            hs.append(site.hook.register_forward_pre_hook(
+                lambda mod, args, p=p, sc=sc: (apply_rule(self.mode, p, args[0], sc)[0],) + tuple(args[1:])))
         return hs
 
     def _kl(self, lp, ref) -> float:
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
-    def _which(self, windows):
-        return range(len(self.h0)) if windows is None else windows
-
-    def _finish(self, per_window: dict[int, dict[str, list[int]]]):
-        from rarefy.sparsity.activation import measured_sparsity
-
-        total = {n: [sum(c[n][0] for c in per_window.values()), sum(c[n][1] for c in per_window.values())]
-                 for n in self.sites}
-        self.last_sparsity = measured_sparsity(total, self.weights)
-
     @torch.no_grad()
-    def full(self, alloc: dict[str, float], keep: bool = False, windows=None) -> float:
-        """Mean KL with every input at `alloc`; `keep` caches every layer's input (and the counts)."""
-        kl, per_window = 0.0, {}
-        for w in self._which(windows):
-            counts = {n: [0, 0] for n in self.sites}
-            hs = self._hooks(alloc, counts)
-            if keep:
-                self.cache[w] = []
+    def full(self, alloc: dict[str, float], keep: bool = False) -> float:
+        """Mean KL with every input at `alloc`; `keep` caches every layer's input."""
+        hs = self._hooks(alloc)
+        if keep:
+            self.cache = [[] for _ in self.h0]
+            for w in range(len(self.h0)):
                 hs += [layer.register_forward_pre_hook(
                     lambda mod, args, w=w: self.cache[w].append(args[0].detach())) for layer in self.layers]
-            try:
-                kl += self._kl(self._logprobs(self._tail(0, self.h0[w], self.rope[w])), self.refs[w])
-            finally:
-                for h in hs:
-                    h.remove()
-            if keep:
-                self.cache_counts[w] = counts
-            per_window[w] = counts
-        self._finish(per_window)
-        return kl / len(per_window)
+        try:
+            kl = sum(self._kl(self._logprobs(self._tail(0, h, r)), ref)
+                     for h, r, ref in zip(self.h0, self.rope, self.refs))
+        finally:
+            for h in hs:
+                h.remove()
+        return kl / len(self.h0)
 
     @torch.no_grad()
-    def partial(self, alloc: dict[str, float], start: int, windows=None) -> float:
+    def partial(self, alloc: dict[str, float], start: int) -> float:
         """Mean KL with every input at `alloc`, run from layer `start` on the cached inputs."""
-        kl, per_window = 0.0, {}
-        for w in self._which(windows):
-            counts = {n: [0, 0] for n in self.sites}
-            hs = self._hooks(alloc, counts)
-            try:
-                kl += self._kl(self._logprobs(self._tail(start, self.cache[w][start], self.rope[w])), self.refs[w])
-            finally:
-                for h in hs:
-                    h.remove()
-            for n, c in self.cache_counts.get(w, {}).items():
-                if int(n.split(".")[0]) < start:
-                    counts[n] = list(c)
-            per_window[w] = counts
-        self._finish(per_window)
-        return kl / len(per_window)
+        hs = self._hooks(alloc)
+        try:
+            kl = sum(self._kl(self._logprobs(self._tail(start, self.cache[w][start], r)), ref)
+                     for w, (r, ref) in enumerate(zip(self.rope, self.refs)))
+        finally:
+            for h in hs:
+                h.remove()
+        return kl / len(self.h0)
 
 
 def _shift(alloc, groups, weights, delta: dict[str, float], hi: float) -> dict[str, float]:
