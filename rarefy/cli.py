@@ -10,12 +10,13 @@ import typer
 from rarefy.cli_common import (AttnPolicyOpt, DeviceOpt, DtypeOpt, JsonOpt, KvBlockOpt, KvCacheOpt, KvDtypeOpt,
                                KvMemoryOpt, ModelOpt, NoCompileOpt, SparseOpt, emit_json, kv_options,
                                load_for_cli, read_text_file, user_errors)
-from rarefy.commands.calibrate_activations import activation_context, activation_for_decode
+from rarefy.commands.calibrate_activations import activation_context, activation_for_decode, is_predictor_dir
 from rarefy.errors import RarefyError
 
 ActSparsityOpt = typer.Option(None, "--activation-sparsity",
-                              help="directory (or file) from `rarefy calibrate-activations`: zero small "
-                                   "projection inputs per layer")
+                              help="directory (or file) from `rarefy calibrate-activations` (zero small "
+                                   "projection inputs per layer), or from `rarefy train-predictors` (run only "
+                                   "the MLP neurons the predictors pick)")
 ActLevelOpt = typer.Option(None, "--activation-level", help="which calibrated sparsity to apply, e.g. 0.4")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -88,6 +89,9 @@ def generate(
     texts = [tk.apply_chat_template([{"role": "user", "content": p}]) if chat else p
              for p in prompts]
     ids = [tk.encode(t) for t in texts]
+    if cpu_compile and is_predictor_dir(act_dir):
+        raise RarefyError("--cpu-compile cannot trace the predictor MLPs (their weight cache changes every "
+                          "token): drop --cpu-compile to decode with predictors")
     act = activation_for_decode(loaded.model, act_dir, act_level)  # before the engine captures the model
     gen = Generator(loaded.model, tk, use_cuda_graph=not no_cuda_graph, compile=not no_compile, kv=kv,
                     cpu_compile=cpu_compile)
@@ -161,6 +165,13 @@ def eval_ppl(
         from rarefy.kv.simulate import configure_eval_attention
         configure_eval_attention(loaded.model, check_kv_dtype(kv_dtype or "bf16"),
                                  load_attention_policy(attention_policy))
+    if is_predictor_dir(act_dir):  # --activation-sparsity PREDICTORS: the same as --predictors
+        if predictors is not None:
+            raise RarefyError("give the predictors once: --predictors DIR or --activation-sparsity DIR")
+        if act_level is not None:
+            raise RarefyError(f"--activation-level picks a level of a threshold calibration; {act_dir} holds "
+                              "neuron predictors, trained for one sparsity")
+        predictors, act_dir = act_dir, None
     with activation_context(loaded.model, act_dir, act_level) as act_counts, \
             predictor_context(loaded.model, predictors) as neurons:
         res = perplexity(loaded.model, ids, ctx=ctx, max_chunks=chunks,

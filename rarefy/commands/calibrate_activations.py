@@ -210,10 +210,28 @@ def load_activation_level(model, directory: str, level: float | None):
     return th, level
 
 
+def is_predictor_dir(directory: str | None) -> bool:
+    """Whether --activation-sparsity DIR names neuron predictors (`rarefy train-predictors`)
+    rather than a calibration of thresholds."""
+    from rarefy.sparsity.predictors import META_FILE
+
+    return directory is not None and (Path(directory) / META_FILE).is_file()
+
+
+def _load_predictors_for(model, directory: str, level: float | None):
+    from rarefy.sparsity.predictors import load_predictors
+
+    if level is not None:
+        raise RarefyError(f"--activation-level picks a level of a threshold calibration; {directory} holds "
+                          "neuron predictors, trained for one sparsity")
+    return load_predictors(directory, model)
+
+
 def activation_context(model, directory: str | None, level: float | None):
     """The sparsify_activations context for --activation-sparsity DIR [--activation-level S]
     (whatever mode and allocation the file holds), or a no-op context when DIR is None.
-    Every token is sparsified, prompt included: the quality reference (eval ppl)."""
+    Every token is sparsified, prompt included: the quality reference (eval ppl).
+    A predictor directory gives predicted_mlp_sparsity instead (it yields neuron counts)."""
     import contextlib
 
     from rarefy.sparsity.activation import sparsify_activations
@@ -222,6 +240,9 @@ def activation_context(model, directory: str | None, level: float | None):
         if level is not None:
             raise RarefyError("--activation-level needs --activation-sparsity DIR")
         return contextlib.nullcontext()
+    if is_predictor_dir(directory):
+        from rarefy.sparsity.predictors import predicted_mlp_sparsity
+        return predicted_mlp_sparsity(model, _load_predictors_for(model, directory, level))
     th, level = load_activation_level(model, directory, level)
     return sparsify_activations(model, th.rule(level))
 
@@ -230,13 +251,19 @@ def activation_for_decode(model, directory: str | None, level: float | None):
     """For generation: threshold-mode files swap the projections for the input-sparse kernels
     (decode sparse, prompt dense; rarefy.layers.activation_sparse, or
     rarefy.layers.ternary_activation_sparse when the projections are ternary) and return a
-    no-op context; top-k and adaptive files have no kernel yet and run through the hooks."""
+    no-op context; top-k and adaptive files have no kernel yet and run through the hooks.
+    A predictor directory swaps the MLPs for PredictedMLP (rarefy.layers.predicted_mlp: the
+    prompt dense, decode through the differential weight cache on the CPU)."""
     import contextlib
 
     from rarefy.sparsity.activation import sparsify_activations
 
     if directory is None:
         return activation_context(model, directory, level)
+    if is_predictor_dir(directory):
+        from rarefy.layers.predicted_mlp import use_predicted_mlp
+        use_predicted_mlp(model, _load_predictors_for(model, directory, level))
+        return contextlib.nullcontext()
     th, level = load_activation_level(model, directory, level)
     if th.mode != "threshold":
         return sparsify_activations(model, th.rule(level))

@@ -1,0 +1,136 @@
+"""PredictedMLP: the prompt dense, decode through the weight cache (CPU, one row) or masked
+(several rows), every output against a float64 reference of down(mask * silu(gate) * up)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from rarefy.cli import app
+from rarefy.errors import RarefyError
+from rarefy.layers.predicted_mlp import PredictedMLP, use_predicted_mlp
+from rarefy.models.loader import load_model
+from rarefy.sparsity.predictors import new_predictors, predict_mask
+
+
+def _model(path, dtype="fp16w"):
+    return load_model(str(path), dtype=dtype, with_tokenizer=False).model
+
+
+def _reference(mlp, x, mask):
+    """down(mask * silu(gate x) * up x) in float64 from the MLP's own weights."""
+    f = mlp.intermediate_size
+    g, u, d = (w.detach().double() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+    x64 = x.double().reshape(-1, x.shape[-1])
+    act = F.silu(x64 @ g.T) * (x64 @ u.T) * mask.reshape(-1, f).double()
+    return (act @ d.T).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", ["fp16w", "fp32"])
+def test_decode_through_the_weight_cache_matches_the_masked_reference(tiny_model_dir, dtype):
+    model = _model(tiny_model_dir, dtype)
+    preds = new_predictors(model, 0.5, kind="swiglu")
+    mlps = [layer.mlp for layer in model.model.layers]
+    counts = use_predicted_mlp(model, preds)
+    layers = model.model.layers
+    assert all(isinstance(layer.mlp, PredictedMLP) and layer.mlp.cache is not None for layer in layers)
+    gen = torch.Generator().manual_seed(3)
+    h = model.config.hidden_size
+    with torch.no_grad():
+        for step in range(6):  # consecutive tokens: the cache copies only what changed
+            for i, layer in enumerate(layers):
+                x = torch.randn(1, 1, h, generator=gen)
+                y = layer.mlp(x)
+                mask = predict_mask(preds, i, x)
+                assert int(mask.sum()) == preds.keep and layer.mlp.cache.n_active == preds.keep
+                want = _reference(mlps[i], x, mask)
+                assert torch.isfinite(y).all()
+                err = ((y.double() - want).norm() / want.norm()).item()
+                assert err < 1e-5, (step, i, err)
+    assert all(c == [6 * (preds.intermediate_size - preds.keep), 6 * preds.intermediate_size]
+               for c in counts.values())
+
+
+def test_several_rows_masked_and_prompt_dense(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    preds = new_predictors(model, 0.75, kind="linear", seed=1)
+    mlp = model.model.layers[0].mlp
+    wrapped = PredictedMLP(mlp, preds, 0, {}, {})
+    gen = torch.Generator().manual_seed(5)
+    h = model.config.hidden_size
+    with torch.no_grad():
+        x = torch.randn(3, 1, h, generator=gen)  # three sequences decoding: one mask per row
+        mask = predict_mask(preds, 0, x)
+        y = wrapped(x)
+        want = _reference(mlp, x, mask)
+        assert ((y.double() - want).norm() / want.norm()).item() < 1e-5
+        prompt = torch.randn(1, 7, h, generator=gen)  # the prompt runs dense
+        assert torch.equal(wrapped(prompt), mlp(prompt))
+        sparse_prompt = PredictedMLP(mlp, preds, 0, {}, {}, sparse_prefill=True)(prompt)
+        want = _reference(mlp, prompt, predict_mask(preds, 0, prompt))
+        assert ((sparse_prompt.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_ahead_predictors_read_the_layer_before(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    preds = new_predictors(model, 0.5, kind="linear", ahead=True, seed=2)
+    use_predicted_mlp(model, preds)
+    l0, l1 = (layer.mlp for layer in model.model.layers[:2])
+    h = model.config.hidden_size
+    gen = torch.Generator().manual_seed(9)
+    x0, x1 = torch.randn(1, 1, h, generator=gen), torch.randn(1, 1, h, generator=gen)
+    with torch.no_grad():
+        l0(x0)
+        y1 = l1(x1)
+    want = _reference(l1.mlp, x1, predict_mask(preds, 1, x0))  # layer 1's mask from layer 0's input
+    assert ((y1.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_refuses_other_models_and_double_swaps(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    preds = new_predictors(model, 0.5, kind="linear")
+    preds.model = dict(preds.model, hidden_size=123)
+    with pytest.raises(RarefyError, match="another model"):
+        use_predicted_mlp(model, preds)
+    preds = new_predictors(model, 0.5, kind="linear")
+    use_predicted_mlp(model, preds)
+    with pytest.raises(RarefyError, match="already"):
+        use_predicted_mlp(model, preds)
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_activation_sparsity_takes_predictors(tiny_model_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("Sparse activations skip weight columns. The quick brown fox jumps over the lazy dog. " * 200)
+    pred = tmp_path / "pred"
+    r = _run("train-predictors", "--model", tiny_model_dir, "--calib", text, "--sparsity", 0.5,
+             "--samples", 4, "--seq-len", 32, "--out", pred)
+    assert r.exit_code == 0, r.output
+
+    base = ("generate", "--model", tiny_model_dir, "--max-tokens", 6, "--ignore-eos", "--json")
+    r = _run(*base, "--activation-sparsity", pred, "The quick brown")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == 6
+
+    # eval ppl: --activation-sparsity PREDICTORS is --predictors
+    ppl = ("eval", "ppl", "--model", tiny_model_dir, "--text", text, "--ctx", 32, "--chunks", 2, "--json")
+    a = json.loads(_run(*ppl, "--activation-sparsity", pred).stdout.strip().splitlines()[-1])
+    b = json.loads(_run(*ppl, "--predictors", pred).stdout.strip().splitlines()[-1])
+    assert a["ppl"] == b["ppl"] and a["mlp_neuron_sparsity"] == 0.5
+
+    for args, msg in [
+        ((*base, "--activation-sparsity", pred, "--activation-level", 0.5, "hi"), "--activation-level"),
+        ((*base, "--activation-sparsity", pred, "--cpu-compile", "hi"), "--cpu-compile"),
+        ((*ppl, "--activation-sparsity", pred, "--predictors", pred), "once"),
+    ]:
+        r = _run(*args)
+        assert r.exit_code != 0 and msg in r.output, (args, r.output)
+        assert "Traceback" not in r.output
