@@ -12,7 +12,10 @@ Thresholds: calibrated here (uniform, windows of the second half of WikiText-2 v
 of 512 tokens of the first half (held out), with the same thresholds applied to every token.
 Decode: greedy, batch 1, 128 new tokens, the median of --repeats runs per load; dense and
 sparse loads interleaved so machine-load drift hits both alike. --compile runs both decode
-steps through torch.compile (the input-sparse op stays one opaque call).
+steps through torch.compile (the input-sparse op stays one opaque call). --predictors DIR adds a
+row decoding with neuron predictors (`rarefy train-predictors`): every MLP a PredictedMLP, the
+predicted neurons run through the differential weight cache (eager: the cache cannot be traced);
+its perplexity masks every token's MLP with the predicted neurons, as `eval ppl --predictors` does.
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ from cpu_sparse_decode import rate  # noqa: E402  (same prompt, warm-up and medi
 from rarefy.bench.machine import cpu_name  # noqa: E402
 from rarefy.eval.perplexity import perplexity  # noqa: E402
 from rarefy.layers.activation_sparse import use_activation_sparsity  # noqa: E402
+from rarefy.layers.predicted_mlp import use_predicted_mlp  # noqa: E402
 from rarefy.models.loader import load_model  # noqa: E402
-from rarefy.sparsity.activation import (calibrate_thresholds, load_thresholds, measured_sparsity,  # noqa: E402
-                                        sparsify_activations)
+from rarefy.sparsity.activation import (calibrate_thresholds, input_weights, load_thresholds,  # noqa: E402
+                                        measured_sparsity, sparsify_activations)
+from rarefy.sparsity.predictors import load_predictors, neuron_sparsity, predicted_mlp_sparsity  # noqa: E402
 
+PRED = 2.0  # the predictor row's key among the levels
 VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
 
 
@@ -54,8 +60,11 @@ def main():
                          "llama.cpp and the low-bit rows run it (default: fp16 like the projections)")
     ap.add_argument("--compile", action="store_true",
                     help="dense and sparse decode steps both through torch.compile (inductor's C++ wrapper)")
+    ap.add_argument("--predictors", default=None, help="add a row with these neuron predictors (eager decode)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.predictors and a.compile:
+        ap.error("--predictors decodes eagerly (the weight cache cannot be traced): drop --compile")
     if a.threads:
         torch.set_num_threads(a.threads)
     levels = [float(v) for v in a.levels.split(",")]
@@ -79,6 +88,16 @@ def main():
                 p = perplexity(loaded.model, ids[:half], 512, a.chunks).ppl
             quality[s] = (p, measured_sparsity(counts))
             print(f"level {s}: ppl {p:.3f}, sparsity reached {quality[s][1]:.3f}", flush=True)
+        if a.predictors:
+            preds = load_predictors(a.predictors, loaded.model)
+            with predicted_mlp_sparsity(loaded.model, preds) as neurons:
+                p = float("nan") if a.skip_quality else perplexity(loaded.model, ids[:half], 512, a.chunks).ppl
+            w = input_weights(loaded.model)  # a skipped neuron skips its gate/up rows and down column
+            mlp_share = sum(v for n, v in w.items() if n.endswith(("mlp_in", "down_in"))) / sum(w.values())
+            quality[PRED] = (p, preds.sparsity * mlp_share)
+            print(f"predictors: ppl {p:.3f}, neuron sparsity {neuron_sparsity(neurons) if neurons else 0:.3f}",
+                  flush=True)
+            levels = levels + [PRED]
     del loaded
     rows = {0.0: [], **{s: [] for s in levels}}
     outs = {}
@@ -89,7 +108,9 @@ def main():
                 from rarefy.kernels.lowbit_cpu import gguf_linear
                 from rarefy.models.default_model import default_model_path
                 assert gguf_linear.use_gguf_blocks(loaded.model, default_model_path(), only=("lm_head",)) == 1
-            if s > 0:
+            if s == PRED:
+                use_predicted_mlp(loaded.model, load_predictors(a.predictors, loaded.model))
+            elif s > 0:
                 use_activation_sparsity(loaded.model, th.for_sparsity(s))
             r, out = rate(loaded, a.tokens, a.repeats, cpu_compile=a.compile)
             rows[s].append(r)
@@ -110,7 +131,8 @@ def main():
     for s in [0.0] + levels:
         r = statistics.median(rows[s])
         p, reached = quality[s]
-        lines.append(f"| {'dense' if s == 0 else f'{s:.0%}'} | {reached:.3f} | {p:.3f} | {p / p0 - 1:+.1%} | "
+        name = "dense" if s == 0 else "predictors" if s == PRED else f"{s:.0%}"
+        lines.append(f"| {name} | {reached:.3f} | {p:.3f} | {p / p0 - 1:+.1%} | "
                      f"{r:.1f} ({', '.join(f'{v:.1f}' for v in rows[s])}) | {r / dense:.2f}x | "
                      f"{outs[s][:16] == outs[0.0][:16]} |")
     text = "\n".join(lines) + "\n"
