@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rarefy.eval.perplexity import perplexity  # noqa: E402
 from rarefy.models.loader import load_model  # noqa: E402
-from rarefy.sparsity.predictors import (collect_mlp_inputs, fit_predictors, neuron_sparsity,  # noqa: E402
-                                        oracle_mlp_sparsity, predicted_mlp_sparsity)
+from rarefy.sparsity.predictor_training import collect_mlp_inputs, fit_predictors  # noqa: E402
+from rarefy.sparsity.predictors import neuron_sparsity, oracle_mlp_sparsity, predicted_mlp_sparsity  # noqa: E402
 
 VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
 DATE = "2026-11-23"

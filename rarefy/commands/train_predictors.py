@@ -43,7 +43,8 @@ def train_predictors_cmd(
     """Fit per-layer MLP neuron predictors (kind swiglu by default, or Deja Vu's linear) for a target
     neuron sparsity."""
     from rarefy.formats.checkpoint import check_destination
-    from rarefy.sparsity.predictors import KINDS, MODES, check_rank, check_sparsity, train_predictors
+    from rarefy.sparsity.predictor_training import train_predictors
+    from rarefy.sparsity.predictors import KINDS, MODES, check_rank, check_sparsity
 
     sparsity = check_sparsity(sparsity)
     if kind not in KINDS:

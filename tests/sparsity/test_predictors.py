@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from rarefy.config import ModelConfig
 from rarefy.errors import RarefyError
 from rarefy.models.llama import DecoderLM
-from rarefy.sparsity.predictors import (DEFAULT_KIND, LowRankPredictor, SwiGLUPredictor, _fit_layer,
-                                        collect_mlp_inputs, default_rank, fit_predictors, kept_neurons,
-                                        label_threshold, load_predictors, make_labels, mlp_activations,
-                                        mlp_gate_up_weights, neuron_sparsity, new_predictors,
-                                        oracle_mlp_sparsity, predict_mask, predicted_mlp_sparsity,
-                                        predictor_params, recall_precision, topk_mask, train_predictors)
+from rarefy.sparsity.predictor_training import (_fit_layer, collect_mlp_inputs, fit_predictors, label_threshold,
+                                                make_labels, recall_precision, train_predictors)
+from rarefy.sparsity.predictors import (DEFAULT_KIND, LowRankPredictor, SwiGLUPredictor, default_rank, kept_neurons,
+                                        load_predictors, mlp_activations, mlp_gate_up_weights, neuron_sparsity,
+                                        new_predictors, oracle_mlp_sparsity, predict_mask, predicted_mlp_sparsity,
+                                        predictor_params, topk_mask)
 
 
 def _model(layers=2, hidden=64, inter=160, seed=0, fuse=False):
