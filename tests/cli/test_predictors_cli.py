@@ -13,13 +13,19 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_train_then_eval(tiny_model_dir, tmp_path):
+def _train(model_dir, tmp_path, samples: int):
+    """(calibration text, predictors at 50%, the command's result) on the tiny checkpoint."""
     text = tmp_path / "calib.txt"
     text.write_text("Sparse activations skip weight columns. The quick brown fox jumps over the lazy dog. " * 300)
     out = tmp_path / "pred"
-    r = run("train-predictors", "--model", tiny_model_dir, "--calib", text, "--sparsity", 0.5,
-            "--samples", 8, "--seq-len", 32, "--out", out)
+    r = run("train-predictors", "--model", model_dir, "--calib", text, "--sparsity", 0.5,
+            "--samples", samples, "--seq-len", 32, "--out", out)
     assert r.exit_code == 0, r.output
+    return text, out, r
+
+
+def test_train_then_eval(tiny_model_dir, tmp_path):
+    text, out, r = _train(tiny_model_dir, tmp_path, 8)
     assert "layer   1  recall" in r.output and "mean" in r.output and "precision" in r.output
     assert sorted(p.name for p in out.iterdir()) == ["predictors.json", "predictors.safetensors"]
     meta = json.loads((out / "predictors.json").read_text())
@@ -103,3 +109,29 @@ def test_bad_input(tiny_model_dir, tmp_path):
     (busy / "keep.txt").write_text("x")
     r = run(*base, "--out", busy)
     assert r.exit_code != 0 and "not empty" in r.output and (busy / "keep.txt").exists()
+
+
+def test_cli_activation_sparsity_takes_predictors(tiny_model_dir, tmp_path):
+    """generate / eval ppl --activation-sparsity DIR with a predictor directory (PredictedMLP)."""
+    text, pred, _ = _train(tiny_model_dir, tmp_path, 4)
+
+    base = ("generate", "--model", tiny_model_dir, "--max-tokens", 6, "--ignore-eos", "--json")
+    r = run(*base, "--activation-sparsity", pred, "The quick brown")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == 6
+
+    # eval ppl: --activation-sparsity PREDICTORS is --predictors
+    ppl = ("eval", "ppl", "--model", tiny_model_dir, "--text", text, "--ctx", 32, "--chunks", 2, "--json")
+    a = json.loads(run(*ppl, "--activation-sparsity", pred).stdout.strip().splitlines()[-1])
+    b = json.loads(run(*ppl, "--predictors", pred).stdout.strip().splitlines()[-1])
+    assert a["ppl"] == b["ppl"] and a["mlp_neuron_sparsity"] == 0.5
+
+    for args, msg in [
+        ((*base, "--activation-sparsity", pred, "--activation-level", 0.5, "hi"), "--activation-level"),
+        ((*base, "--activation-sparsity", pred, "--cpu-compile", "hi"), "--cpu-compile"),
+        ((*ppl, "--activation-sparsity", pred, "--predictors", pred), "once"),
+    ]:
+        r = run(*args)
+        assert r.exit_code != 0 and msg in r.output, (args, r.output)
+        assert "Traceback" not in r.output

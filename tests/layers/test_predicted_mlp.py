@@ -3,14 +3,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
-
-from rarefy.cli import app
 from rarefy.errors import RarefyError
 from rarefy.layers.predicted_mlp import PredictedMLP, use_predicted_mlp
 from rarefy.models.loader import load_model
@@ -100,37 +95,3 @@ def test_refuses_other_models_and_double_swaps(tiny_model_dir):
     use_predicted_mlp(model, preds)
     with pytest.raises(RarefyError, match="already"):
         use_predicted_mlp(model, preds)
-
-
-def _run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def test_cli_activation_sparsity_takes_predictors(tiny_model_dir, tmp_path):
-    text = tmp_path / "calib.txt"
-    text.write_text("Sparse activations skip weight columns. The quick brown fox jumps over the lazy dog. " * 200)
-    pred = tmp_path / "pred"
-    r = _run("train-predictors", "--model", tiny_model_dir, "--calib", text, "--sparsity", 0.5,
-             "--samples", 4, "--seq-len", 32, "--out", pred)
-    assert r.exit_code == 0, r.output
-
-    base = ("generate", "--model", tiny_model_dir, "--max-tokens", 6, "--ignore-eos", "--json")
-    r = _run(*base, "--activation-sparsity", pred, "The quick brown")
-    assert r.exit_code == 0, r.output
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["token_ids"]) == 6
-
-    # eval ppl: --activation-sparsity PREDICTORS is --predictors
-    ppl = ("eval", "ppl", "--model", tiny_model_dir, "--text", text, "--ctx", 32, "--chunks", 2, "--json")
-    a = json.loads(_run(*ppl, "--activation-sparsity", pred).stdout.strip().splitlines()[-1])
-    b = json.loads(_run(*ppl, "--predictors", pred).stdout.strip().splitlines()[-1])
-    assert a["ppl"] == b["ppl"] and a["mlp_neuron_sparsity"] == 0.5
-
-    for args, msg in [
-        ((*base, "--activation-sparsity", pred, "--activation-level", 0.5, "hi"), "--activation-level"),
-        ((*base, "--activation-sparsity", pred, "--cpu-compile", "hi"), "--cpu-compile"),
-        ((*ppl, "--activation-sparsity", pred, "--predictors", pred), "once"),
-    ]:
-        r = _run(*args)
-        assert r.exit_code != 0 and msg in r.output, (args, r.output)
-        assert "Traceback" not in r.output
