@@ -41,8 +41,10 @@ def probe_gather(shapes: str, top: int) -> None:
         base = time_us([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in w], dev)
         t50 = threshold_for(x, 0.5)
         scores = []
-        for chunk, bn, bk, nw in itertools.product((256, 512, 1024), (128, 256), (16, 32), (4, 8)):
-            cfg = GatherConfig(chunk=chunk, block_n=bn, block_k=bk, num_warps=nw)
+        for chunk, bn, bk, nw, st in itertools.chain(
+                itertools.product((512, 1024), (128, 256), (16, 32), (4, 8), (0,)),
+                itertools.product((1024, 2048), (128, 256), (32, 64), (4, 8), (3, 4))):
+            cfg = GatherConfig(chunk=chunk, block_n=bn, block_k=bk, num_warps=nw, stages=st)
             try:
                 y = input_sparse_gemv_gather(x, wt[0], t50, glu=glu, config=cfg)
                 ref = input_sparse_matmul_triton(x.float(), wt[0].float(), t50, glu=glu)

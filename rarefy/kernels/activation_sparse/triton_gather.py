@@ -12,6 +12,11 @@ indices two steps ahead, the weights one step ahead.
 Every program of one K chunk computes the same compaction and writes the same values to
 the chunk's scratch, so the races are benign; each program reads back only after its own
 barrier. Split-K reduction and GLU epilogue: the shared ``_epilogue`` of triton.py.
+
+``stages`` > 0 replaces the hand-pipelined loop (one step of weights in flight) by a plain
+loop that Triton's software pipeliner runs with ``stages`` stages (``tl.range(num_stages=)``:
+the index and x loads, then the weight rows they address, several steps ahead), so that a
+program keeps more bytes in flight.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class GatherConfig:
     block_n: int = 128
     block_k: int = 16  # active rows per step
     num_warps: int = 4
+    stages: int = 0  # 0: hand-pipelined loop; >= 2: Triton's pipeliner with this many stages
 
 
 @triton.jit
@@ -51,6 +57,7 @@ def _gather_kernel(
     N, K, threshold, stride_wk, n_glu,
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, SPLIT: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -75,23 +82,37 @@ def _gather_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     if GLU:
         acc_u = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    idx_a, x_a, ok_a = _load_step(idx_ptr, xv_ptr, 0, count, cols, BLOCK_K)
-    idx_b, x_b, ok_b = _load_step(idx_ptr, xv_ptr, BLOCK_K, count, cols, BLOCK_K)
-    ptr_a = w_ptr + idx_a.to(tl.int64) * stride_wk + cols[None, :]
-    w_a = tl.load(ptr_a, mask=ok_a, other=0.0)
-    if GLU:
-        u_a = tl.load(ptr_a + n_glu, mask=ok_a, other=0.0)
-    for j in range(0, count, BLOCK_K):
-        idx_c, x_c, ok_c = _load_step(idx_ptr, xv_ptr, j + 2 * BLOCK_K, count, cols, BLOCK_K)
-        ptr_b = w_ptr + idx_b.to(tl.int64) * stride_wk + cols[None, :]
-        w_b = tl.load(ptr_b, mask=ok_b, other=0.0)
-        acc += w_a.to(tl.float32) * x_a
+    if STAGES > 0:
+        # 1-D index and x loads (a broadcast load in the tile's layout would be copied
+        # BLOCK_N times over by the pipeliner's asynchronous copies)
+        for j in tl.range(0, count, BLOCK_K, num_stages=STAGES):
+            r = j + tl.arange(0, BLOCK_K)
+            ok_r = r < count
+            idx_j = tl.load(idx_ptr + r, mask=ok_r, other=0)
+            x_j = tl.load(xv_ptr + r, mask=ok_r, other=0.0)[:, None]
+            ptr_j = w_ptr + idx_j.to(tl.int64)[:, None] * stride_wk + cols[None, :]
+            ok_j = ok_r[:, None] & (cols[None, :] >= 0)
+            acc += tl.load(ptr_j, mask=ok_j, other=0.0).to(tl.float32) * x_j
+            if GLU:
+                acc_u += tl.load(ptr_j + n_glu, mask=ok_j, other=0.0).to(tl.float32) * x_j
+    else:
+        idx_a, x_a, ok_a = _load_step(idx_ptr, xv_ptr, 0, count, cols, BLOCK_K)
+        idx_b, x_b, ok_b = _load_step(idx_ptr, xv_ptr, BLOCK_K, count, cols, BLOCK_K)
+        ptr_a = w_ptr + idx_a.to(tl.int64) * stride_wk + cols[None, :]
+        w_a = tl.load(ptr_a, mask=ok_a, other=0.0)
         if GLU:
-            u_b = tl.load(ptr_b + n_glu, mask=ok_b, other=0.0)
-            acc_u += u_a.to(tl.float32) * x_a
-            u_a = u_b
-        w_a, x_a = w_b, x_b
-        idx_b, x_b, ok_b = idx_c, x_c, ok_c
+            u_a = tl.load(ptr_a + n_glu, mask=ok_a, other=0.0)
+        for j in range(0, count, BLOCK_K):
+            idx_c, x_c, ok_c = _load_step(idx_ptr, xv_ptr, j + 2 * BLOCK_K, count, cols, BLOCK_K)
+            ptr_b = w_ptr + idx_b.to(tl.int64) * stride_wk + cols[None, :]
+            w_b = tl.load(ptr_b, mask=ok_b, other=0.0)
+            acc += w_a.to(tl.float32) * x_a
+            if GLU:
+                u_b = tl.load(ptr_b + n_glu, mask=ok_b, other=0.0)
+                acc_u += u_a.to(tl.float32) * x_a
+                u_a = u_b
+            w_a, x_a = w_b, x_b
+            idx_b, x_b, ok_b = idx_c, x_c, ok_c
 
     res = tl.sum(acc, axis=0)[None, :]
     res_u = res
@@ -157,5 +178,5 @@ def input_sparse_gemv_gather(x: torch.Tensor, wt: torch.Tensor, threshold: float
         x, wt, bias if bias is not None else out, out, ws_buf, cnt_buf, idx, xv,
         N, K, float(threshold), wt.stride(0), N if glu else 0,
         HAS_BIAS=bias is not None, GLU=glu, SPLIT=split, CHUNK=chunk, BLOCK_N=block_n,
-        BLOCK_K=cfg.block_k, EVEN_N=N % block_n == 0, num_warps=cfg.num_warps)
+        BLOCK_K=cfg.block_k, EVEN_N=N % block_n == 0, STAGES=cfg.stages, num_warps=cfg.num_warps)
     return out
