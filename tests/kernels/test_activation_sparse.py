@@ -105,6 +105,16 @@ def test_bf16_gpu(m):
     check(y, input_sparse_matmul_ref(x, wt, 0.67), 2e-2)
 
 
+@pytest.mark.skipif(not CUDA, reason="the batch-1 dispatch to the compacting kernel runs on CUDA")
+@pytest.mark.parametrize("k,n,glu", [(9000, 1030, False), (4096, 2 * 1400, True), (16384, 256, False)])
+@pytest.mark.parametrize("t", [0.0, 0.67, 1e9])
+def test_batch1_dispatch_to_gather_gpu(k, n, glu, t):
+    # deep matrices and GLU at one token take the pipelined compacting kernel (pick_gather_config)
+    x, wt = make(1, k, n, torch.bfloat16, seed=k + n)
+    y = input_sparse_matmul(x.cuda(), wt.cuda(), t, glu=glu)
+    check(y, input_sparse_matmul_ref(x, wt, t, glu=glu), 2e-2)
+
+
 @pytest.fixture(scope="module")
 def gather():
     return kernel_module("rarefy.kernels.activation_sparse.triton_gather", "_gather_kernel")

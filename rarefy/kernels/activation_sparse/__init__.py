@@ -34,6 +34,9 @@ def _torch_fallback(x, wt, threshold, bias):
     return y if bias is None else y + bias.to(y.dtype)
 
 
+GATHER_MIN_K = 8192  # batch-1 calls this deep go to the compacting kernel
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_impl():
     from rarefy.kernels.activation_sparse.triton import input_sparse_matmul_triton
@@ -45,9 +48,11 @@ def _triton_impl():
 @torch.library.custom_op("rarefy::input_sparse_matmul", mutates_args=())
 def _triton_op(x2: torch.Tensor, wt: torch.Tensor, threshold: float, bias: Optional[torch.Tensor],
                glu: bool) -> torch.Tensor:
-    if x2.shape[0] == 1 and glu:
-        # The MLP's gate/up at one token: the compacting kernel measured faster than the
-        # predicated one from 40% sparsity on (H100, docs/results/activation-gpu.md).
+    if x2.shape[0] == 1 and (glu or wt.shape[0] >= GATHER_MIN_K):
+        # One token through the MLP's gate/up or a deep matrix (down): the compacting kernel
+        # measured faster than the predicated one at every sparsity (H100, ninth session,
+        # docs/results/activation-gpu.md); at K = 4096 without GLU the two are even or the
+        # predicated one is ahead.
         from rarefy.kernels.activation_sparse.triton_gather import input_sparse_gemv_gather
         return input_sparse_gemv_gather(x2, wt, threshold, bias, glu=glu)
     return _triton_impl()(x2, wt, threshold, bias, glu=glu)

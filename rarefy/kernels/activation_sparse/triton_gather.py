@@ -138,7 +138,12 @@ def _scratch(device: torch.device, n: int):
 
 @functools.lru_cache(maxsize=1024)
 def pick_gather_config(N: int, K: int) -> GatherConfig:
-    return GatherConfig()
+    """Fitted to the H100 sweep of the ninth session (benchmarks/gpu_activation_probe.py --gather,
+    Llama-3-8B shapes at 50%): Triton's pipeliner with 32 rows a step and 4 warps; larger chunks
+    and tiles for the large matrices (gate/up 2x14336 wide, down 14336 deep)."""
+    big = max(N, K) >= 8192
+    return GatherConfig(chunk=2048 if big else 1024, block_n=256 if N >= 8192 else 128, block_k=32,
+                        num_warps=4, stages=4 if big else 3)
 
 
 def input_sparse_gemv_gather(x: torch.Tensor, wt: torch.Tensor, threshold: float,
