@@ -28,7 +28,16 @@ from rarefy.kernels.activation_sparse.triton_gather import GatherConfig, input_s
 from rarefy.sparse_compiler.compile import time_us  # noqa: E402
 
 
-def probe_gather(shapes: str, top: int) -> None:
+GATHER_GRIDS = {
+    # (chunk, block_n, block_k, num_warps, stages): the hand-pipelined loop, then the pipelined one
+    "default": list(itertools.chain(itertools.product((512, 1024), (128, 256), (16, 32), (4, 8), (0,)),
+                                    itertools.product((1024, 2048), (128, 256), (32, 64), (4, 8), (3, 4)))),
+    # one chunk per program (no split-K partials), narrow column tiles so every SM has work
+    "whole-k": list(itertools.product((4096,), (32, 64), (32, 64), (4, 8), (3, 4))),
+}
+
+
+def probe_gather(shapes: str, top: int, grid: str = "default") -> None:
     """The compacting (active rows only) kernel against the predicated heuristic and cuBLAS,
     at 0 / 40 / 50 / 90% sparsity."""
     dev = torch.device("cuda")
@@ -41,9 +50,7 @@ def probe_gather(shapes: str, top: int) -> None:
         base = time_us([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in w], dev)
         t50 = threshold_for(x, 0.5)
         scores = []
-        for chunk, bn, bk, nw, st in itertools.chain(
-                itertools.product((512, 1024), (128, 256), (16, 32), (4, 8), (0,)),
-                itertools.product((1024, 2048), (128, 256), (32, 64), (4, 8), (3, 4))):
+        for chunk, bn, bk, nw, st in GATHER_GRIDS[grid]:
             cfg = GatherConfig(chunk=chunk, block_n=bn, block_k=bk, num_warps=nw, stages=st)
             try:
                 y = input_sparse_gemv_gather(x, wt[0], t50, glu=glu, config=cfg)
@@ -85,9 +92,10 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--gather", action="store_true", help="probe the compacting kernel instead")
+    ap.add_argument("--grid", default="default", choices=sorted(GATHER_GRIDS), help="configs --gather sweeps")
     a = ap.parse_args()
     if a.gather:
-        probe_gather(a.shapes, a.top)
+        probe_gather(a.shapes, a.top, a.grid)
         return
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
