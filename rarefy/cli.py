@@ -10,7 +10,8 @@ import typer
 from rarefy.cli_common import (AttnPolicyOpt, DeviceOpt, DtypeOpt, JsonOpt, KvBlockOpt, KvCacheOpt, KvDtypeOpt,
                                KvMemoryOpt, ModelOpt, NoCompileOpt, SparseOpt, emit_json, kv_options,
                                load_for_cli, read_text_file, user_errors)
-from rarefy.commands.calibrate_activations import activation_context, activation_for_decode, is_predictor_dir
+from rarefy.commands.calibrate_activations import (activation_context, activation_for_decode, is_predictor_dir,
+                                                   refuse_predictor_level)
 from rarefy.errors import RarefyError
 
 ActSparsityOpt = typer.Option(None, "--activation-sparsity",
@@ -168,9 +169,7 @@ def eval_ppl(
     if is_predictor_dir(act_dir):  # --activation-sparsity PREDICTORS: the same as --predictors
         if predictors is not None:
             raise RarefyError("give the predictors once: --predictors DIR or --activation-sparsity DIR")
-        if act_level is not None:
-            raise RarefyError(f"--activation-level picks a level of a threshold calibration; {act_dir} holds "
-                              "neuron predictors, trained for one sparsity")
+        refuse_predictor_level(act_dir, act_level)
         predictors, act_dir = act_dir, None
     with activation_context(loaded.model, act_dir, act_level) as act_counts, \
             predictor_context(loaded.model, predictors) as neurons:

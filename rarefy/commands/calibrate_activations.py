@@ -218,12 +218,17 @@ def is_predictor_dir(directory: str | None) -> bool:
     return directory is not None and (Path(directory) / META_FILE).is_file()
 
 
-def _load_predictors_for(model, directory: str, level: float | None):
-    from rarefy.sparsity.predictors import load_predictors
-
+def refuse_predictor_level(directory: str, level: float | None) -> None:
+    """Predictors are trained for one sparsity: --activation-level does not apply to them."""
     if level is not None:
         raise RarefyError(f"--activation-level picks a level of a threshold calibration; {directory} holds "
                           "neuron predictors, trained for one sparsity")
+
+
+def _load_predictors_for(model, directory: str, level: float | None):
+    from rarefy.sparsity.predictors import load_predictors
+
+    refuse_predictor_level(directory, level)
     return load_predictors(directory, model)
 
 

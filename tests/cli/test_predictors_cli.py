@@ -131,6 +131,7 @@ def test_cli_activation_sparsity_takes_predictors(tiny_model_dir, tmp_path):
         ((*base, "--activation-sparsity", pred, "--activation-level", 0.5, "hi"), "--activation-level"),
         ((*base, "--activation-sparsity", pred, "--cpu-compile", "hi"), "--cpu-compile"),
         ((*ppl, "--activation-sparsity", pred, "--predictors", pred), "once"),
+        ((*ppl, "--activation-sparsity", pred, "--activation-level", 0.5), "--activation-level"),
     ]:
         r = run(*args)
         assert r.exit_code != 0 and msg in r.output, (args, r.output)
