@@ -2,8 +2,10 @@
 
 `use_predicted_mlp(model, predictors)` swaps every decoder layer's MLP for a PredictedMLP:
 
-- Prompt (more than one position per sequence): dense, as the issue asks ("prefill stays dense
-  unless asked"; ``sparse_prefill=True`` masks it too).
+- Calls of more than ``max_rows`` tokens (16: prompts; the engine packs a step's sequences into
+  one call, so a decode step of up to 16 sequences stays sparse) run dense, as the issue asks
+  ("prefill stays dense unless asked"; ``sparse_prefill=True`` masks them too). The threshold
+  layers draw the same line (rarefy.layers.activation_sparse.MAX_SPARSE_ROWS on the CPU).
 - Decode, one sequence, on the CPU with float weights: the predictor's top-k mask goes to a
   DifferentialWeightCache (rarefy.sparsity.weight_cache), which copies only the neurons that
   changed since the previous token into its compact pool, and the SwiGLU runs over the pool's
@@ -24,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rarefy.errors import RarefyError
+
+#: calls with more tokens than this are prompts and run dense (unless sparse_prefill)
+MAX_PREDICTED_ROWS = 16
 
 
 def _mlp_weights(mlp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -49,13 +54,14 @@ class PredictedMLP(nn.Module):
     """One decoder layer's MLP with predicted neuron sparsity at decode (see the module doc)."""
 
     def __init__(self, mlp: nn.Module, predictors, layer_idx: int, inputs: dict[int, torch.Tensor],
-                 counts: dict[str, list[int]], sparse_prefill: bool = False, use_cache: bool = True):
+                 counts: dict[str, list[int]], sparse_prefill: bool = False, use_cache: bool = True,
+                 max_rows: int = MAX_PREDICTED_ROWS):
         super().__init__()
         self.mlp = mlp
         self.intermediate_size = mlp.intermediate_size
         self.predictors, self.layer_idx = predictors, layer_idx
         self.inputs, self.counts = inputs, counts
-        self.sparse_prefill = sparse_prefill
+        self.sparse_prefill, self.max_rows = sparse_prefill, max_rows
         self.cache = None
         counts.setdefault(f"{layer_idx}.mlp_neurons", [0, 0])
         if use_cache:
@@ -79,8 +85,8 @@ class PredictedMLP(nn.Module):
         from rarefy.sparsity.predictors import predict_mask
 
         self.inputs[self.layer_idx] = x
-        if x.dim() == 3 and x.shape[1] > 1 and not self.sparse_prefill:
-            return self.mlp(x)  # the prompt runs dense
+        if x.numel() // x.shape[-1] > self.max_rows and not self.sparse_prefill:
+            return self.mlp(x)  # a prompt runs dense
         src = self.inputs[self.predictors.source_layer(self.layer_idx)]
         mask = predict_mask(self.predictors, self.layer_idx, src)  # [tokens, I]
         if not x.is_cuda:  # counting reads the mask back: no host syncs inside a CUDA graph

@@ -63,8 +63,11 @@ def test_several_rows_masked_and_prompt_dense(tiny_model_dir):
         y = wrapped(x)
         want = _reference(mlp, x, mask)
         assert ((y.double() - want).norm() / want.norm()).item() < 1e-5
-        prompt = torch.randn(1, 7, h, generator=gen)  # the prompt runs dense
+        prompt = torch.randn(1, 17, h, generator=gen)  # more than 16 tokens: a prompt, dense
         assert torch.equal(wrapped(prompt), mlp(prompt))
+        packed = torch.randn(1, 16, h, generator=gen)  # the engine's packed decode step: masked
+        want = _reference(mlp, packed, predict_mask(preds, 0, packed))
+        assert ((wrapped(packed).double() - want).norm() / want.norm()).item() < 1e-5
         sparse_prompt = PredictedMLP(mlp, preds, 0, {}, {}, sparse_prefill=True)(prompt)
         want = _reference(mlp, prompt, predict_mask(preds, 0, prompt))
         assert ((sparse_prompt.double() - want).norm() / want.norm()).item() < 1e-5
@@ -95,3 +98,23 @@ def test_refuses_other_models_and_double_swaps(tiny_model_dir):
     use_predicted_mlp(model, preds)
     with pytest.raises(RarefyError, match="already"):
         use_predicted_mlp(model, preds)
+
+
+def test_engine_decode_steps_run_the_predicted_neurons(tiny_model_dir):
+    from rarefy.engine.llm import LLM
+    from rarefy.engine.llm_engine import EngineOptions
+    from rarefy.layers.sampler import SamplingParams
+
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype=torch.float32)
+    preds = new_predictors(loaded.model, 0.5, kind="linear", seed=3)
+    counts = use_predicted_mlp(loaded.model, preds)
+    prompts = [[5 + i + j for j in range(20 + i)] for i in range(4)]  # 20-23 tokens: prompts run dense
+    params = [SamplingParams(max_tokens=6, ignore_eos=True) for _ in prompts]
+    # every prompt in the first step, then decode-only steps of 4 sequences (4 rows a call)
+    llm = LLM(loaded=loaded, options=EngineOptions(kv_dtype="fp32", block_size=8, max_step_tokens=128))
+    outs = llm.generate(prompts, params)
+    assert [len(o.token_ids) for o in outs] == [6] * 4
+    f = preds.intermediate_size
+    masked = counts["0.mlp_neurons"][1] // f  # tokens layer 0 ran with predicted neurons
+    assert masked == 4 * 5  # every decode token and no prompt token (the first token comes from the prompt)
+    assert counts["0.mlp_neurons"][0] == masked * (f - preds.keep)
