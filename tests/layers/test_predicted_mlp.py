@@ -118,3 +118,27 @@ def test_engine_decode_steps_run_the_predicted_neurons(tiny_model_dir):
     masked = counts["0.mlp_neurons"][1] // f  # tokens layer 0 ran with predicted neurons
     assert masked == 4 * 5  # every decode token and no prompt token (the first token comes from the prompt)
     assert counts["0.mlp_neurons"][0] == masked * (f - preds.keep)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_with_predictors(tiny_model_dir, compile):
+    from rarefy.engine.generate import Generator
+    from rarefy.layers.sampler import SamplingParams
+
+    def run(graph):
+        loaded = load_model(str(tiny_model_dir), device="cuda", dtype=torch.float32)
+        use_predicted_mlp(loaded.model, _on_cuda(new_predictors(loaded.model, 0.5, kind="linear", seed=4)))
+        gen = Generator(loaded.model, loaded.tokenizer, use_cuda_graph=graph, compile=compile and graph)
+        out, _ = gen.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=12, ignore_eos=True))
+        return out[0].token_ids
+
+    eager, graphed = run(False), run(True)
+    assert len(graphed) == 12
+    if not compile:  # the same kernels replayed: the same tokens
+        assert graphed == eager
+
+
+def _on_cuda(preds):
+    preds.nets.to("cuda")
+    return preds
