@@ -34,6 +34,8 @@ GATHER_GRIDS = {
                                     itertools.product((1024, 2048), (128, 256), (32, 64), (4, 8), (3, 4)))),
     # one chunk per program (no split-K partials), narrow column tiles so every SM has work
     "whole-k": list(itertools.product((4096,), (32, 64), (32, 64), (4, 8), (3, 4))),
+    # deeper pipelines for the large matrices
+    "deep": list(itertools.product((2048,), (128, 256), (32, 64), (4, 8), (4, 5, 6))),
 }
 
 
