@@ -102,8 +102,11 @@ def generate(
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    with act:
+    with act as neurons:  # predictor directories: MLP neuron counts, else None
         completions, stats = gen.generate(ids, params, on_text if streaming else None)
+    from rarefy.sparsity.predictors import neuron_sparsity
+    predicted = isinstance(neurons, dict) and any(k.endswith(".mlp_neurons") for k in neurons)
+    mlp_sparsity = neuron_sparsity(neurons) if predicted and any(c[1] for c in neurons.values()) else None
     if streaming:
         sys.stdout.write("\n")
     elif not as_json:
@@ -112,7 +115,8 @@ def generate(
     typer.echo(f"[{sum(stats.prompt_tokens)} prompt tokens, ttft {stats.ttft_s * 1000:.1f} ms, "
                f"decode {stats.decode_tok_s:.1f} tok/s per sequence"
                + (f", {stats.throughput_tok_s:.1f} tok/s total" if len(prompts) > 1 else "")
-               + (f", warm-up {stats.warmup_s:.2f} s" if stats.warmup_s > 0.001 else "") + "]",
+               + (f", warm-up {stats.warmup_s:.2f} s" if stats.warmup_s > 0.001 else "")
+               + (f", MLP neuron sparsity {mlp_sparsity:.3f}" if mlp_sparsity is not None else "") + "]",
                err=True)
     if as_json:
         one = len(prompts) == 1
@@ -125,7 +129,7 @@ def generate(
             "ttft_s": stats.ttft_s, "decode_tok_s": stats.decode_tok_s,
             "throughput_tok_s": stats.throughput_tok_s, "warmup_s": stats.warmup_s,
             "device": str(loaded.model.device), "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        })
+        } | ({} if mlp_sparsity is None else {"mlp_neuron_sparsity": mlp_sparsity}))
 
 
 @eval_app.command("ppl")

@@ -265,10 +265,9 @@ def activation_for_decode(model, directory: str | None, level: float | None):
 
     if directory is None:
         return activation_context(model, directory, level)
-    if is_predictor_dir(directory):
+    if is_predictor_dir(directory):  # the context yields the MLP neuron counts (CPU)
         from rarefy.layers.predicted_mlp import use_predicted_mlp
-        use_predicted_mlp(model, _load_predictors_for(model, directory, level))
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(use_predicted_mlp(model, _load_predictors_for(model, directory, level)))
     th, level = load_activation_level(model, directory, level)
     if th.mode != "threshold":
         return sparsify_activations(model, th.rule(level))

@@ -120,6 +120,7 @@ def test_cli_activation_sparsity_takes_predictors(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(out["token_ids"]) == 6
+    assert 0.3 < out["mlp_neuron_sparsity"] <= 0.5  # decode tokens at 0.5; a short prompt is masked too
 
     # eval ppl: --activation-sparsity PREDICTORS is --predictors
     ppl = ("eval", "ppl", "--model", tiny_model_dir, "--text", text, "--ctx", 32, "--chunks", 2, "--json")
