@@ -105,8 +105,8 @@ def generate(
     with act as neurons:  # predictor directories: MLP neuron counts, else None
         completions, stats = gen.generate(ids, params, on_text if streaming else None)
     from rarefy.sparsity.predictors import neuron_sparsity
-    predicted = isinstance(neurons, dict) and any(k.endswith(".mlp_neurons") for k in neurons)
-    mlp_sparsity = neuron_sparsity(neurons) if predicted and any(c[1] for c in neurons.values()) else None
+    mlp_sparsity = neuron_sparsity(neurons) if is_predictor_dir(act_dir) and any(
+        c[1] for c in neurons.values()) else None
     if streaming:
         sys.stdout.write("\n")
     elif not as_json:

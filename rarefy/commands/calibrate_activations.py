@@ -235,8 +235,8 @@ def _load_predictors_for(model, directory: str, level: float | None):
 def activation_context(model, directory: str | None, level: float | None):
     """The sparsify_activations context for --activation-sparsity DIR [--activation-level S]
     (whatever mode and allocation the file holds), or a no-op context when DIR is None.
-    Every token is sparsified, prompt included: the quality reference (eval ppl).
-    A predictor directory gives predicted_mlp_sparsity instead (it yields neuron counts)."""
+    Every token is sparsified, prompt included: the quality reference (eval ppl, which sends
+    a predictor directory to --predictors instead)."""
     import contextlib
 
     from rarefy.sparsity.activation import sparsify_activations
@@ -245,9 +245,6 @@ def activation_context(model, directory: str | None, level: float | None):
         if level is not None:
             raise RarefyError("--activation-level needs --activation-sparsity DIR")
         return contextlib.nullcontext()
-    if is_predictor_dir(directory):
-        from rarefy.sparsity.predictors import predicted_mlp_sparsity
-        return predicted_mlp_sparsity(model, _load_predictors_for(model, directory, level))
     th, level = load_activation_level(model, directory, level)
     return sparsify_activations(model, th.rule(level))
 
