@@ -31,25 +31,6 @@ from rarefy.errors import RarefyError
 MAX_PREDICTED_ROWS = 16
 
 
-def _mlp_weights(mlp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(gate [I, H], up [I, H], down [H, I]) float weights of a dense MLP (split or stacked
-    gate/up, fp32 or fp16-stored); None when the projections hold no plain float weight."""
-    f = mlp.intermediate_size
-    gu = getattr(mlp, "gate_up_proj", None)
-    parts = [gu] if gu is not None else [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
-    parts.append(getattr(mlp, "down_proj", None))
-    ws = []
-    for p in parts:
-        w = getattr(p, "weight", None)
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2 \
-                or getattr(p, "bias", None) is not None:
-            return None
-        ws.append(w.detach())
-    if gu is not None:
-        return ws[0][:f], ws[0][f:], ws[1]
-    return ws[0], ws[1], ws[2]
-
-
 class PredictedMLP(nn.Module):
     """One decoder layer's MLP with predicted neuron sparsity at decode (see the module doc)."""
 
@@ -64,12 +45,15 @@ class PredictedMLP(nn.Module):
         self.sparse_prefill, self.max_rows = sparse_prefill, max_rows
         self.cache = None
         counts.setdefault(f"{layer_idx}.mlp_neurons", [0, 0])
-        if use_cache:
-            w = _mlp_weights(mlp)
-            if w is not None and w[0].device.type == "cpu":
-                from rarefy.sparsity.weight_cache import DifferentialWeightCache
-                dtype = torch.float16 if w[0].dtype == torch.float16 else torch.float32
-                self.cache = DifferentialWeightCache(*w, predictors.keep / self.intermediate_size, dtype=dtype)
+        w = getattr(mlp.down_proj, "weight", None)
+        if use_cache and isinstance(w, torch.Tensor) and w.device.type == "cpu":
+            from rarefy.sparsity.weight_cache import DifferentialWeightCache
+            try:  # fp16-stored weights stay fp16 in the pool; other float weights go fp32
+                self.cache = DifferentialWeightCache.from_mlp(
+                    mlp, predictors.keep / self.intermediate_size,
+                    dtype=torch.float16 if w.dtype == torch.float16 else torch.float32)
+            except RarefyError:  # quantized or biased projections: decode runs masked
+                self.cache = None
 
     def fuse_projections(self) -> None:
         """The engine stacks projections on the GPU; the weight cache (CPU) keeps its own copies."""

@@ -129,12 +129,18 @@ class DifferentialWeightCache:
 
     @classmethod
     def from_mlp(cls, mlp, max_active_fraction: float, **kw) -> "DifferentialWeightCache":
-        """From a rarefy ``MLP`` with separate gate/up/down projections (dense or fp16-weight)."""
-        try:
-            g, u, d = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-        except AttributeError:
-            raise RarefyError("weight cache needs an MLP with separate dense gate/up/down projections "
-                              "(build it before fuse_projections())") from None
+        """From a rarefy ``MLP`` with plain float weights and no biases (dense or fp16-weight
+        projections; gate/up separate or stacked by fuse_projections())."""
+        f = mlp.intermediate_size
+        gu = getattr(mlp, "gate_up_proj", None)
+        parts = [gu, mlp.down_proj] if gu is not None else [getattr(mlp, "gate_proj", None),
+                                                           getattr(mlp, "up_proj", None), mlp.down_proj]
+        if any(not isinstance(getattr(p, "weight", None), torch.Tensor) or getattr(p, "bias", None) is not None
+               for p in parts):
+            raise RarefyError("weight cache needs an MLP whose gate/up/down projections hold plain weights "
+                              "and no biases")
+        ws = [p.weight.detach() for p in parts]
+        g, u, d = (ws[0][:f], ws[0][f:], ws[1]) if gu is not None else ws
         return cls(g, u, d, max_active_fraction, **kw)
 
     # ------------------------------------------------------------------ per token

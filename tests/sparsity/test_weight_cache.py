@@ -297,6 +297,11 @@ def test_reset_and_from_mlp():
     m[::3] = True
     c.update(m)
     _check_cache(c, m)
+    mlp.fuse_projections()  # stacked gate/up: the same cache
+    c2 = DifferentialWeightCache.from_mlp(mlp, 1.0, dtype=torch.float32)
+    c2.update(m)
+    _check_cache(c2, m)
+    assert _rel(c2.mlp(x), c.mlp(x).double()) < 1e-6
 
 
 def test_bool_view_with_nonzero_bytes():
