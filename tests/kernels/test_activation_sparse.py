@@ -131,8 +131,8 @@ def test_gather_kernel_matches_reference(gather, k, n, dtype, t, glu):
     n_cols = 2 * n if glu else n
     x, wt = make(1, k, n_cols, dtype, seed=k + n)
     bias = None if glu else torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype)
-    # many splits .. none; steps past the count; the hand-pipelined loop and Triton's pipeliner
-    for chunk, bk, stages in ((16, 16, 0), (64, 16, 0), (1024, 32, 0), (64, 16, 3), (1024, 32, 2)):
+    # many splits .. none; steps past the count; pipeline depths
+    for chunk, bk, stages in ((16, 16, 3), (64, 16, 1), (1024, 32, 2), (64, 16, 4), (1024, 32, 3)):
         cfg = gather.GatherConfig(chunk=chunk, block_n=32, block_k=bk, stages=stages)
         y = gather.input_sparse_gemv_gather(x.to(DEV), wt.to(DEV), t, None if bias is None else bias.to(DEV),
                                             glu=glu, config=cfg)

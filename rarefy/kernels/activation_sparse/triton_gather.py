@@ -6,17 +6,16 @@ with sparsity (docs/results/activation-gpu.md). Here each program first compacts
 chunk: it loads the chunk's x once, computes the mask from the threshold, and writes the
 active row indices and their x values, in order, to a small scratch (a prefix sum gives
 each active row its slot). It then loops over the active rows only, gathering whole
-weight-row segments (contiguous ``BLOCK_N`` columns). The loop is software-pipelined: the
-indices two steps ahead, the weights one step ahead.
+weight-row segments (contiguous ``BLOCK_N`` columns), ``BLOCK_K`` rows a step.
 
 Every program of one K chunk computes the same compaction and writes the same values to
 the chunk's scratch, so the races are benign; each program reads back only after its own
 barrier. Split-K reduction and GLU epilogue: the shared ``_epilogue`` of triton.py.
 
-``stages`` > 0 replaces the hand-pipelined loop (one step of weights in flight) by a plain
-loop that Triton's software pipeliner runs with ``stages`` stages (``tl.range(num_stages=)``:
-the index and x loads, then the weight rows they address, several steps ahead), so that a
-program keeps more bytes in flight.
+The loop is run by Triton's software pipeliner with ``stages`` stages (``tl.range(num_stages=)``:
+the index and x loads, then the weight rows they address, as 16-byte asynchronous copies several
+steps ahead). It replaced a hand-pipelined loop with one step of weights in flight, which the
+pipelined one beat on every Llama-3-8B shape (H100, docs/results/activation-gpu.md, ninth session).
 """
 
 from __future__ import annotations
@@ -38,17 +37,7 @@ class GatherConfig:
     block_n: int = 128
     block_k: int = 16  # active rows per step
     num_warps: int = 4
-    stages: int = 0  # 0: hand-pipelined loop; >= 2: Triton's pipeliner with this many stages
-
-
-@triton.jit
-def _load_step(idx_ptr, xv_ptr, j, count, cols, BLOCK_K: tl.constexpr):
-    """Indices and x of active rows j .. j + BLOCK_K, broadcast in the weight tile's layout."""
-    r = j + tl.arange(0, BLOCK_K)
-    ok = (r < count)[:, None] & (cols[None, :] >= 0)
-    idx = tl.load(idx_ptr + r[:, None] + 0 * cols[None, :], mask=ok, other=0)
-    xv = tl.load(xv_ptr + r[:, None] + 0 * cols[None, :], mask=ok, other=0.0)
-    return idx, xv, ok
+    stages: int = 3  # software-pipeline stages of the row loop
 
 
 @triton.jit
@@ -82,37 +71,18 @@ def _gather_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     if GLU:
         acc_u = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    if STAGES > 0:
-        # 1-D index and x loads (a broadcast load in the tile's layout would be copied
-        # BLOCK_N times over by the pipeliner's asynchronous copies)
-        for j in tl.range(0, count, BLOCK_K, num_stages=STAGES):
-            r = j + tl.arange(0, BLOCK_K)
-            ok_r = r < count
-            idx_j = tl.load(idx_ptr + r, mask=ok_r, other=0)
-            x_j = tl.load(xv_ptr + r, mask=ok_r, other=0.0)[:, None]
-            ptr_j = w_ptr + idx_j.to(tl.int64)[:, None] * stride_wk + cols[None, :]
-            ok_j = ok_r[:, None] & (cols[None, :] >= 0)
-            acc += tl.load(ptr_j, mask=ok_j, other=0.0).to(tl.float32) * x_j
-            if GLU:
-                acc_u += tl.load(ptr_j + n_glu, mask=ok_j, other=0.0).to(tl.float32) * x_j
-    else:
-        idx_a, x_a, ok_a = _load_step(idx_ptr, xv_ptr, 0, count, cols, BLOCK_K)
-        idx_b, x_b, ok_b = _load_step(idx_ptr, xv_ptr, BLOCK_K, count, cols, BLOCK_K)
-        ptr_a = w_ptr + idx_a.to(tl.int64) * stride_wk + cols[None, :]
-        w_a = tl.load(ptr_a, mask=ok_a, other=0.0)
+    # 1-D index and x loads (a broadcast load in the tile's layout would be copied BLOCK_N
+    # times over by the pipeliner's asynchronous copies)
+    for j in tl.range(0, count, BLOCK_K, num_stages=STAGES):
+        r = j + tl.arange(0, BLOCK_K)
+        ok_r = r < count
+        idx_j = tl.load(idx_ptr + r, mask=ok_r, other=0)
+        x_j = tl.load(xv_ptr + r, mask=ok_r, other=0.0)[:, None]
+        ptr_j = w_ptr + idx_j.to(tl.int64)[:, None] * stride_wk + cols[None, :]
+        ok_j = ok_r[:, None] & (cols[None, :] >= 0)
+        acc += tl.load(ptr_j, mask=ok_j, other=0.0).to(tl.float32) * x_j
         if GLU:
-            u_a = tl.load(ptr_a + n_glu, mask=ok_a, other=0.0)
-        for j in range(0, count, BLOCK_K):
-            idx_c, x_c, ok_c = _load_step(idx_ptr, xv_ptr, j + 2 * BLOCK_K, count, cols, BLOCK_K)
-            ptr_b = w_ptr + idx_b.to(tl.int64) * stride_wk + cols[None, :]
-            w_b = tl.load(ptr_b, mask=ok_b, other=0.0)
-            acc += w_a.to(tl.float32) * x_a
-            if GLU:
-                u_b = tl.load(ptr_b + n_glu, mask=ok_b, other=0.0)
-                acc_u += u_a.to(tl.float32) * x_a
-                u_a = u_b
-            w_a, x_a = w_b, x_b
-            idx_b, x_b, ok_b = idx_c, x_c, ok_c
+            acc_u += tl.load(ptr_j + n_glu, mask=ok_j, other=0.0).to(tl.float32) * x_j
 
     res = tl.sum(acc, axis=0)[None, :]
     res_u = res
@@ -163,6 +133,8 @@ def input_sparse_gemv_gather(x: torch.Tensor, wt: torch.Tensor, threshold: float
     if bias is not None and (glu or bias.shape != (N,)):
         raise ValueError("bias must be [N] and is not supported with glu")
     cfg = config or pick_gather_config(N, K)
+    if cfg.stages < 1:
+        raise ValueError(f"the gather kernel needs at least one pipeline stage, got {cfg.stages}")
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
     if N == 0:
         return out
