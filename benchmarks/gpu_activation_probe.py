@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu_activation_gemv import SHAPES, check, threshold_for, weight_copies  # noqa: E402
 
 from rarefy.kernels.activation_sparse.triton import (ActSparseConfig, _act_sparse_kernel,  # noqa: E402
-                                                     input_sparse_matmul_triton, pick_config)
+                                                     input_sparse_matmul_triton)
 from rarefy.kernels.activation_sparse.triton_gather import GatherConfig, input_sparse_gemv_gather  # noqa: E402
 from rarefy.sparse_compiler.compile import time_us  # noqa: E402
 
@@ -94,8 +94,6 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--gather", action="store_true", help="probe the compacting kernel instead")
-    ap.add_argument("--pipelined", action="store_true",
-                    help="sweep the predicated kernel's pipelined loop (stages 3/4) against its default plan")
     ap.add_argument("--grid", default="default", choices=sorted(GATHER_GRIDS), help="configs --gather sweeps")
     a = ap.parse_args()
     if a.gather:
@@ -113,13 +111,7 @@ def main():
         base = time_us([lambda w_=w_: torch.nn.functional.linear(x, w_) for w_ in w], dev)
         n_out = n // 2 if glu else n
         grid = [ActSparseConfig(block_n=128, block_k=16, iters=4, num_warps=4, xmode=1)]
-        if a.pipelined:  # the default plan, then Triton's pipeliner over the program's rows
-            grid = [pick_config(1, n_out, k)]
-            for bn, bk, nw, waves, st in itertools.product((64, 128), (32, 64), (4, 8), (1, 2), (3, 4)):
-                rows = max(2 * bk, k * -(-n_out // bn) // (waves * 132))
-                grid.append(ActSparseConfig(block_n=bn, block_k=bk, iters=-(-rows // bk), num_warps=nw, xmode=2,
-                                            stages=st))
-        for bn, bk, nw, waves in itertools.product((128, 256), (16, 32), (4, 8), (1, 2, 4)) if not a.pipelined else ():
+        for bn, bk, nw, waves in itertools.product((128, 256), (16, 32), (4, 8), (1, 2, 4)):
             tiles = -(-n_out // bn)
             rows = max(2 * bk, k * tiles // (waves * 132))
             grid.append(ActSparseConfig(block_n=bn, block_k=bk, iters=-(-rows // bk), num_warps=nw, xmode=1,
@@ -156,7 +148,7 @@ def main():
         for r in rows:
             c = r[4]
             print(f"{name}: {r[2]:.1f} {r[3]:.1f} {r[1]:.1f} {r[1] / r[2]:.2f}x bn={c.block_n} bk={c.block_k} "
-                  f"it={c.iters} w={c.num_warps} xmode={c.xmode} fold={c.fold} stages={c.stages} {r[5]}")
+                  f"it={c.iters} w={c.num_warps} xmode={c.xmode} fold={c.fold} {r[5]}")
 
 
 if __name__ == "__main__":

@@ -56,10 +56,6 @@ class ActSparseConfig:
     # M = 1: a rolled loop over the program's rows with x loaded two steps ahead and the
     # weight tile one step ahead (register double buffering), instead of the unrolled steps.
     prefetch: bool = False
-    # M = 1, xmode 2: a rolled loop over the program's rows run by Triton's software pipeliner
-    # with this many stages (x, then the active rows' weights, several steps ahead as 16-byte
-    # cp.async copies; inactive rows are not fetched). 0: the unrolled steps.
-    stages: int = 0
 
 
 @triton.jit
@@ -106,7 +102,6 @@ def _act_sparse_kernel(
     HAS_BIAS: tl.constexpr, GLU: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, ITERS: tl.constexpr, XMODE: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-    STAGES: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -141,22 +136,9 @@ def _act_sparse_kernel(
         tl.static_assert(not USE_DOT and not GLU and XMODE == 1, "prefetch: M = 1, no GLU, xmode 1")
         acc = _prefetch_loop(x_ptr + rows_m * stride_xm, w_ptr, cols, k_base, K, threshold, stride_wk,
                              ITERS, BLOCK_K, BLOCK_N)
-    if STAGES > 0:
-        tl.static_assert(not USE_DOT and not PREFETCH and not FOLD and XMODE == 2,
-                         "stages: M = 1, xmode 2, no fold or prefetch")
-        for i in tl.range(0, ITERS, num_stages=STAGES):
-            ks = k_base + i * BLOCK_K + offs_k
-            in_k = ks < K
-            x = tl.load(x_ptr + rows_m * stride_xm + ks[:, None], mask=in_k[:, None], other=0.0).to(tl.float32)
-            active = (tl.abs(x) >= threshold) & in_k[:, None]
-            x = tl.where(active, x, 0.0)
-            w_ptrs = w_ptr + ks[:, None].to(tl.int64) * stride_wk + cols[None, :]
-            acc += tl.load(w_ptrs, mask=active, other=0.0).to(tl.float32) * x
-            if GLU:
-                acc_u += tl.load(w_ptrs + n_glu, mask=active, other=0.0).to(tl.float32) * x
     # Unrolled, so the steps' x loads issue together, then their (mask-dependent) weight
     # loads: two memory latencies per program instead of two per step.
-    for i in tl.static_range(0 if PREFETCH or STAGES > 0 else ITERS):
+    for i in tl.static_range(0 if PREFETCH else ITERS):
         ks = k_base + i * BLOCK_K + offs_k
         in_k = ks < K
         if USE_DOT:
@@ -348,7 +330,5 @@ def input_sparse_matmul_triton(x: torch.Tensor, wt: torch.Tensor, threshold: flo
         HAS_BIAS=bias is not None, GLU=glu, USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
         SPLIT=split, ITERS=cfg.iters, XMODE=0 if cfg.use_dot else cfg.xmode, FOLD=cfg.fold and not cfg.use_dot and not cfg.prefetch,
         PREFETCH=cfg.prefetch and not cfg.use_dot and not glu and cfg.xmode == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_N=N % cfg.block_n == 0,
-        STAGES=cfg.stages if M == 1 and not cfg.use_dot and not cfg.prefetch and not cfg.fold and cfg.xmode == 2 else 0,
-        num_warps=cfg.num_warps)
+        EVEN_N=N % cfg.block_n == 0, num_warps=cfg.num_warps)
     return out
